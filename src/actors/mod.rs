@@ -1,0 +1,6 @@
+//! The actor tree: RootSupervisor → RegistryActor + SessionActor* → CommandActor* (see actors.md).
+
+pub mod command;
+pub mod registry;
+pub mod session;
+pub mod supervisor;

@@ -1,0 +1,477 @@
+//! RegistryActor: child of the root supervisor; the session table, admission (sessions and command slots), routing, the periodic sweep.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::command::ExecReply;
+use super::session::{ExecRequest, SessionActor, SessionArgs, SessionDescription, SessionMsg};
+use crate::context::Context;
+use crate::process::reaper;
+use crate::process::shell::EnvMap;
+use crate::process::table::SessionKey;
+use crate::protocol::{CreateResult, KilledBy, RequestError, seconds_param};
+use crate::stats::Stats;
+
+/// The admission point of the daemon: it alone decides `TOO_MANY_SESSIONS`,
+/// `CLIENT_SESSION_LIMIT`, `TOO_MANY_COMMANDS`, `SHUTTING_DOWN` and
+/// `SESSION_NOT_FOUND`, and it is the only router of Run/Cancel/Destroy to
+/// sessions. It never awaits a session: it forwards the reply port and moves on.
+/// Sessions are children of the root supervisor, not of the registry, so a
+/// registry failure loses no session: its successor rebuilds the table from them.
+pub struct RegistryActor;
+
+/// What a RegistryActor is started with.
+pub struct RegistryArgs {
+    pub ctx: Arc<Context>,
+    /// The root supervisor: parent of every SessionActor.
+    pub supervisor: ActorCell,
+    /// Rebuild the table from the supervisor's live sessions (after a restart).
+    pub recover: bool,
+}
+
+/// A validated `session.create`.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub cwd: Option<PathBuf>,
+    pub env: EnvMap,
+    pub timeout: Option<Duration>,
+}
+
+/// Messages of the RegistryActor.
+pub enum RegistryMsg {
+    Create {
+        uid: u32,
+        request: CreateRequest,
+        reply: RpcReplyPort<Result<CreateResult, RequestError>>,
+    },
+    Destroy {
+        uid: u32,
+        session_id: String,
+        reply: RpcReplyPort<Result<(), RequestError>>,
+    },
+    Run {
+        uid: u32,
+        session_id: String,
+        request: ExecRequest,
+        reply: ExecReply,
+    },
+    Cancel {
+        uid: u32,
+        session_id: String,
+        reply: RpcReplyPort<Result<bool, RequestError>>,
+    },
+    /// The sessions of `uid`, to be described by the caller (the registry never awaits them).
+    List {
+        uid: u32,
+        reply: RpcReplyPort<Vec<ActorRef<SessionMsg>>>,
+    },
+    /// A session found itself idle past `idle_timeout`.
+    SessionExpired { key: SessionKey },
+    /// A SessionActor stopped or failed (forwarded by the root supervisor).
+    SessionEnded { actor: ActorId, failed: bool },
+    /// Periodic: prune dead process groups, reap orphaned zombies.
+    Sweep,
+    /// Destroy every session with `killed_by: "shutdown"`; answer when all have ended.
+    Shutdown { reply: RpcReplyPort<()> },
+}
+
+struct SessionEntry {
+    key: SessionKey,
+    owner: u32,
+    actor: ActorRef<SessionMsg>,
+}
+
+/// The session table and its indexes. Bounded by `max_sessions`.
+pub struct RegistryState {
+    ctx: Arc<Context>,
+    supervisor: ActorCell,
+    sessions: HashMap<String, SessionEntry>,
+    by_actor: HashMap<ActorId, String>,
+    by_key: HashMap<SessionKey, String>,
+    per_uid: HashMap<u32, usize>,
+    next_key: SessionKey,
+    /// Sessions told to end whose actors have not stopped yet.
+    ending: HashMap<ActorId, ()>,
+    shutdown_waiters: Vec<RpcReplyPort<()>>,
+    shutting_down: bool,
+}
+
+impl Actor for RegistryActor {
+    type Msg = RegistryMsg;
+    type State = RegistryState;
+    type Arguments = RegistryArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RegistryMsg>,
+        args: RegistryArgs,
+    ) -> Result<RegistryState, ActorProcessingErr> {
+        let mut state = RegistryState {
+            ctx: args.ctx,
+            supervisor: args.supervisor,
+            sessions: HashMap::new(),
+            by_actor: HashMap::new(),
+            by_key: HashMap::new(),
+            per_uid: HashMap::new(),
+            next_key: 1,
+            ending: HashMap::new(),
+            shutdown_waiters: Vec::new(),
+            shutting_down: false,
+        };
+        if args.recover {
+            state.recover().await;
+        }
+        let interval = state.ctx.config.sessions.reap_interval;
+        myself.send_interval(interval, || RegistryMsg::Sweep);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RegistryMsg>,
+        msg: RegistryMsg,
+        state: &mut RegistryState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RegistryMsg::Create {
+                uid,
+                request,
+                reply,
+            } => {
+                let result = state.create(&myself, uid, request).await;
+                if result.is_err() {
+                    Stats::bump(&state.ctx.stats.sessions_rejected);
+                }
+                let _ = reply.send(result);
+            }
+            RegistryMsg::Destroy {
+                uid,
+                session_id,
+                reply,
+            } => match state.unlist(uid, &session_id) {
+                Ok(entry) => {
+                    Stats::bump(&state.ctx.stats.sessions_destroyed);
+                    state.end_session(entry, KilledBy::SessionDestroyed, Some(reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            RegistryMsg::Run {
+                uid,
+                session_id,
+                request,
+                reply,
+            } => state.route_run(uid, &session_id, request, reply),
+            RegistryMsg::Cancel {
+                uid,
+                session_id,
+                reply,
+            } => match state.lookup(uid, &session_id) {
+                // The session answers directly.
+                Ok(entry) => {
+                    if let Err(ractor::MessagingErr::SendErr(SessionMsg::Cancel { reply })) =
+                        entry.actor.cast(SessionMsg::Cancel { reply })
+                    {
+                        let _ = reply.send(Err(RequestError::SessionNotFound(session_id)));
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            RegistryMsg::List { uid, reply } => {
+                let refs = state
+                    .sessions
+                    .values()
+                    .filter(|e| e.owner == uid)
+                    .map(|e| e.actor.clone())
+                    .collect();
+                let _ = reply.send(refs);
+            }
+            RegistryMsg::SessionExpired { key } => {
+                if let Some(id) = state.by_key.get(&key).cloned() {
+                    let owner = state.sessions[&id].owner;
+                    if let Ok(entry) = state.unlist(owner, &id) {
+                        Stats::bump(&state.ctx.stats.sessions_expired);
+                        state.end_session(entry, KilledBy::SessionDestroyed, None);
+                    }
+                }
+            }
+            RegistryMsg::SessionEnded { actor, failed } => state.session_ended(actor, failed),
+            RegistryMsg::Sweep => state.sweep(),
+            RegistryMsg::Shutdown { reply } => {
+                state.shutting_down = true;
+                let all: Vec<(String, u32)> = state
+                    .sessions
+                    .iter()
+                    .map(|(id, e)| (id.clone(), e.owner))
+                    .collect();
+                for (id, owner) in all {
+                    if let Ok(entry) = state.unlist(owner, &id) {
+                        Stats::bump(&state.ctx.stats.sessions_destroyed);
+                        state.end_session(entry, KilledBy::Shutdown, None);
+                    }
+                }
+                state.shutdown_waiters.push(reply);
+                state.answer_shutdown_waiters();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RegistryState {
+    /// Admission of a new session, then its start.
+    async fn create(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        uid: u32,
+        request: CreateRequest,
+    ) -> Result<CreateResult, RequestError> {
+        let cfg = &self.ctx.config;
+        if self.ctx.draining() || self.shutting_down {
+            return Err(RequestError::ShuttingDown);
+        }
+        if self.sessions.len() >= cfg.sessions.max_sessions {
+            return Err(RequestError::TooManySessions {
+                limit: cfg.sessions.max_sessions as u64,
+            });
+        }
+        if self.per_uid.get(&uid).copied().unwrap_or(0) >= cfg.sessions.max_sessions_per_client {
+            return Err(RequestError::ClientSessionLimit {
+                limit: cfg.sessions.max_sessions_per_client as u64,
+            });
+        }
+        let max_timeout = request.timeout.unwrap_or(cfg.commands.max_timeout);
+        let default_timeout = cfg.commands.default_timeout.min(max_timeout);
+        let cwd = request.cwd.unwrap_or_else(|| self.ctx.default_cwd.clone());
+        let mut env = self.ctx.base_env.clone();
+        env.extend(request.env);
+
+        let key = self.next_key;
+        self.next_key += 1;
+        let id = format!("s-{}", uuid::Uuid::new_v4().simple());
+        let args = SessionArgs {
+            ctx: self.ctx.clone(),
+            key,
+            id: id.clone(),
+            owner: uid,
+            cwd,
+            env,
+            default_timeout,
+            max_timeout,
+        };
+        let _ = myself;
+        let (actor, _) = Actor::spawn_linked(None, SessionActor, args, self.supervisor.clone())
+            .await
+            .map_err(|e| RequestError::Internal(format!("cannot start the session: {e}")))?;
+        self.insert(
+            id.clone(),
+            SessionEntry {
+                key,
+                owner: uid,
+                actor,
+            },
+        );
+        Stats::bump(&self.ctx.stats.sessions_created);
+        tracing::info!(session = %id, uid, "session created");
+        Ok(CreateResult { session_id: id })
+    }
+
+    fn insert(&mut self, id: String, entry: SessionEntry) {
+        self.by_actor.insert(entry.actor.get_id(), id.clone());
+        self.by_key.insert(entry.key, id.clone());
+        *self.per_uid.entry(entry.owner).or_default() += 1;
+        self.sessions.insert(id, entry);
+        self.publish_count();
+    }
+
+    /// The caller's session, or `SESSION_NOT_FOUND` (also for another uid's: no hint it exists).
+    fn lookup(&self, uid: u32, session_id: &str) -> Result<&SessionEntry, RequestError> {
+        match self.sessions.get(session_id) {
+            Some(entry) if entry.owner == uid => Ok(entry),
+            _ => Err(RequestError::SessionNotFound(session_id.to_string())),
+        }
+    }
+
+    /// Removes the caller's session from the table, so nothing more is routed to it.
+    fn unlist(&mut self, uid: u32, session_id: &str) -> Result<SessionEntry, RequestError> {
+        self.lookup(uid, session_id)?;
+        let entry = self
+            .sessions
+            .remove(session_id)
+            .expect("looked up just above");
+        self.by_actor.remove(&entry.actor.get_id());
+        self.by_key.remove(&entry.key);
+        if let Some(n) = self.per_uid.get_mut(&entry.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_uid.remove(&entry.owner);
+            }
+        }
+        self.publish_count();
+        Ok(entry)
+    }
+
+    /// Tells an unlisted session to end; `reply` answers `session.destroy` once it has.
+    fn end_session(
+        &mut self,
+        entry: SessionEntry,
+        reason: KilledBy,
+        reply: Option<RpcReplyPort<Result<(), RequestError>>>,
+    ) {
+        self.ending.insert(entry.actor.get_id(), ());
+        // The session answers `reply` itself once its processes are dead.
+        if let Err(ractor::MessagingErr::SendErr(SessionMsg::Destroy { reply, .. })) =
+            entry.actor.cast(SessionMsg::Destroy { reason, reply })
+        {
+            // Already gone: its Drop guard killed its processes; destroyed either way.
+            self.ending.remove(&entry.actor.get_id());
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// Decides `SHUTTING_DOWN`, `SESSION_NOT_FOUND` and `TOO_MANY_COMMANDS`, then hands the
+    /// command and its slot to the session (which decides `SESSION_BUSY`).
+    fn route_run(&mut self, uid: u32, session_id: &str, request: ExecRequest, reply: ExecReply) {
+        if self.ctx.draining() || self.shutting_down {
+            let _ = reply.send(Err(RequestError::ShuttingDown));
+            return;
+        }
+        let entry = match self.lookup(uid, session_id) {
+            Ok(entry) => entry,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let Ok(permit) = self.ctx.command_slots.clone().try_acquire_owned() else {
+            Stats::bump(&self.ctx.stats.commands_rejected_capacity);
+            let _ = reply.send(Err(RequestError::TooManyCommands {
+                limit: self.ctx.config.commands.max_concurrent as u64,
+            }));
+            return;
+        };
+        if let Err(ractor::MessagingErr::SendErr(SessionMsg::Run { reply, .. })) =
+            entry.actor.cast(SessionMsg::Run {
+                request,
+                permit,
+                reply,
+            })
+        {
+            let _ = reply.send(Err(RequestError::SessionNotFound(session_id.to_string())));
+        }
+    }
+
+    fn session_ended(&mut self, actor: ActorId, failed: bool) {
+        self.ending.remove(&actor);
+        if let Some(id) = self.by_actor.get(&actor).cloned() {
+            // Ended without being told to: a failure (its Drop guard killed its processes).
+            let owner = self.sessions[&id].owner;
+            let _ = self.unlist(owner, &id);
+            Stats::bump(&self.ctx.stats.sessions_destroyed);
+            tracing::warn!(session = %id, failed, "session ended unexpectedly; unlisted");
+        }
+        self.answer_shutdown_waiters();
+    }
+
+    fn answer_shutdown_waiters(&mut self) {
+        if self.shutting_down && self.sessions.is_empty() && self.ending.is_empty() {
+            for waiter in self.shutdown_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Prunes dead process groups and reaps orphaned zombies, off the async workers.
+    fn sweep(&mut self) {
+        // Entries whose actor is gone without a supervision event reaching us.
+        let dead: Vec<(String, u32)> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| e.actor.get_status() >= ractor::ActorStatus::Stopping)
+            .map(|(id, e)| (id.clone(), e.owner))
+            .collect();
+        for (id, owner) in dead {
+            let _ = self.unlist(owner, &id);
+            Stats::bump(&self.ctx.stats.sessions_destroyed);
+        }
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || {
+            ctx.processes.prune_dead_groups();
+            let reaped = reaper::reap_orphans(&ctx.processes);
+            ctx.stats
+                .zombies_reaped
+                .fetch_add(reaped, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+
+    fn publish_count(&self) {
+        self.ctx.stats.sessions_active.store(
+            self.sessions.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// After a restart: rebuild the table from the sessions that are still alive.
+    async fn recover(&mut self) {
+        let cells = self.supervisor.get_children();
+        for cell in cells {
+            if cell.is_message_type_of::<SessionMsg>() != Some(true) {
+                continue;
+            }
+            let actor: ActorRef<SessionMsg> = cell.into();
+            let described = ractor::call_t!(actor, |reply| SessionMsg::Describe { reply }, 1000);
+            if let Ok(SessionDescription { key, owner, info }) = described {
+                self.next_key = self.next_key.max(key + 1);
+                self.insert(info.session_id, SessionEntry { key, owner, actor });
+            }
+        }
+        tracing::info!(
+            sessions = self.sessions.len(),
+            "registry recovered its table from live sessions"
+        );
+    }
+}
+
+/// Validates a `session.create`'s limits: they may only tighten.
+pub fn session_timeout(
+    limits: Option<&crate::protocol::SessionLimits>,
+    max_timeout: Duration,
+) -> Result<Option<Duration>, RequestError> {
+    let Some(limits) = limits else {
+        return Ok(None);
+    };
+    let unsupported = [
+        ("limits.memory_max_bytes", limits.memory_max_bytes.is_some()),
+        ("limits.cpu_max_cores", limits.cpu_max_cores.is_some()),
+        ("limits.pids_max", limits.pids_max.is_some()),
+        ("limits.rlimit_cpu_s", limits.rlimit_cpu_s.is_some()),
+        ("limits.rlimit_as_bytes", limits.rlimit_as_bytes.is_some()),
+        ("limits.rlimit_nofile", limits.rlimit_nofile.is_some()),
+        ("limits.rlimit_nproc", limits.rlimit_nproc.is_some()),
+    ];
+    if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(RequestError::InvalidRequest(format!(
+            "param `{name}`: not enforced by this build (rlimits and cgroups are not available yet)"
+        )));
+    }
+    let Some(secs) = limits.timeout_s else {
+        return Ok(None);
+    };
+    let timeout = seconds_param("limits.timeout_s", secs)?;
+    if timeout > max_timeout {
+        return Err(RequestError::InvalidRequest(format!(
+            "param `limits.timeout_s`: {secs}s would loosen max_timeout ({}s); limits may only tighten",
+            max_timeout.as_secs_f64()
+        )));
+    }
+    Ok(Some(timeout))
+}

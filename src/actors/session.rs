@@ -1,0 +1,365 @@
+//! SessionActor: child of the root supervisor, one per session; shell state, idle timer, busy check, parent of its CommandActors.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
+use super::registry::RegistryMsg;
+use crate::context::Context;
+use crate::process::ProcessTable;
+use crate::process::run::RunSpec;
+use crate::process::shell::{EnvMap, ShellState};
+use crate::process::table::SessionKey;
+use crate::protocol::{KeepOutput, KilledBy, RequestError, SessionInfo};
+use crate::stats::Stats;
+
+/// A validated `exec.run` on its way to a session.
+#[derive(Debug)]
+pub struct ExecRequest {
+    pub command: String,
+    /// As asked; the session resolves default and maximum.
+    pub timeout: Option<Duration>,
+    pub stdin: Option<Vec<u8>>,
+    pub env: EnvMap,
+    pub keep_output: KeepOutput,
+}
+
+/// One session. Supervision policy (`handle_supervisor_evt`): a CommandActor
+/// that ends — normally, killed or panicking — frees its slot and nothing
+/// else; a panic is counted and logged, its request answered `INTERNAL` by
+/// the dropped reply port, and the session stays usable. The session never
+/// restarts a command.
+pub struct SessionActor;
+
+/// What a SessionActor is started with.
+pub struct SessionArgs {
+    pub ctx: Arc<Context>,
+    pub key: SessionKey,
+    pub id: String,
+    pub owner: u32,
+    pub cwd: PathBuf,
+    pub env: EnvMap,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+}
+
+/// Messages of a SessionActor. Run, Cancel and Destroy come only through the
+/// registry, so a Destroy is always the last of them a session sees.
+pub enum SessionMsg {
+    /// Start a command holding `permit` (a global command slot), answer on `reply`.
+    Run {
+        request: ExecRequest,
+        permit: OwnedSemaphorePermit,
+        reply: ExecReply,
+    },
+    /// A CommandActor finished; `state` is the shell state it left, if it ended by itself.
+    CommandDone {
+        command: ActorId,
+        state: Option<ShellState>,
+    },
+    /// Kill every running command (`killed_by: "cancelled"`); answers whether any ran.
+    Cancel {
+        reply: RpcReplyPort<Result<bool, RequestError>>,
+    },
+    /// For `session.list` and for a restarted registry.
+    Describe {
+        reply: RpcReplyPort<SessionDescription>,
+    },
+    /// Kill everything, then stop. `reason` goes to running commands; `reply` when all is dead.
+    Destroy {
+        reason: KilledBy,
+        reply: Option<RpcReplyPort<Result<(), RequestError>>>,
+    },
+    /// The idle timer fired.
+    IdleCheck,
+    /// Destroy took too long: stop anyway (the Drop guard still kills).
+    ForceEnd,
+}
+
+/// What a session says of itself.
+#[derive(Debug, Clone)]
+pub struct SessionDescription {
+    pub key: SessionKey,
+    pub owner: u32,
+    pub info: SessionInfo,
+}
+
+/// Kills every process group of the session when dropped — on stop, kill or
+/// panic alike (ractor skips `post_stop` on a panic; `Drop` always runs).
+struct SessionProcesses {
+    table: Arc<ProcessTable>,
+    key: SessionKey,
+}
+
+impl Drop for SessionProcesses {
+    fn drop(&mut self) {
+        self.table.signal_session(self.key, Signal::SIGKILL);
+        self.table.forget_session(self.key);
+    }
+}
+
+/// State of one session.
+pub struct SessionState {
+    ctx: Arc<Context>,
+    key: SessionKey,
+    id: String,
+    owner: u32,
+    created: Instant,
+    last_active: Instant,
+    cwd: PathBuf,
+    env: EnvMap,
+    default_timeout: Duration,
+    max_timeout: Duration,
+    /// Commands running now; at most `max_per_session`.
+    running: HashMap<ActorId, ActorRef<CommandMsg>>,
+    /// Set once the session decided to expire: it refuses new commands.
+    expiring: bool,
+    /// Set by Destroy: waiting for running commands to end.
+    ending: Option<Option<RpcReplyPort<Result<(), RequestError>>>>,
+    _processes: SessionProcesses,
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        args: SessionArgs,
+    ) -> Result<SessionState, ActorProcessingErr> {
+        let idle = args.ctx.config.sessions.idle_timeout;
+        myself.send_after(idle, || SessionMsg::IdleCheck);
+        let now = Instant::now();
+        Ok(SessionState {
+            _processes: SessionProcesses {
+                table: args.ctx.processes.clone(),
+                key: args.key,
+            },
+            ctx: args.ctx,
+            key: args.key,
+            id: args.id,
+            owner: args.owner,
+            created: now,
+            last_active: now,
+            cwd: args.cwd,
+            env: args.env,
+            default_timeout: args.default_timeout,
+            max_timeout: args.max_timeout,
+            running: HashMap::new(),
+            expiring: false,
+            ending: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Run {
+                request,
+                permit,
+                reply,
+            } => state.run(&myself, request, permit, reply).await,
+            SessionMsg::CommandDone {
+                command,
+                state: shell,
+            } => {
+                state.running.remove(&command);
+                if let Some(shell) = shell {
+                    state.cwd = shell.cwd;
+                    state.env = shell.env;
+                }
+                state.last_active = Instant::now();
+                state.end_if_idle(&myself);
+            }
+            SessionMsg::Cancel { reply } => {
+                for command in state.running.values() {
+                    let _ = command.cast(CommandMsg::Kill(KilledBy::Cancelled));
+                }
+                let _ = reply.send(Ok(!state.running.is_empty()));
+            }
+            SessionMsg::Describe { reply } => {
+                let _ = reply.send(state.describe());
+            }
+            SessionMsg::Destroy { reason, reply } => {
+                for command in state.running.values() {
+                    let _ = command.cast(CommandMsg::Kill(reason));
+                }
+                // Background processes of earlier commands die now, not after the running ones.
+                state
+                    .ctx
+                    .processes
+                    .signal_session(state.key, Signal::SIGKILL);
+                state.ending = Some(reply);
+                let force_after = state.ctx.config.commands.kill_grace + Duration::from_secs(5);
+                myself.send_after(force_after, || SessionMsg::ForceEnd);
+                state.end_if_idle(&myself);
+            }
+            SessionMsg::IdleCheck => state.idle_check(&myself),
+            SessionMsg::ForceEnd => {
+                tracing::warn!(session = %state.id, "commands did not end after destroy; stopping the session anyway");
+                state.end(&myself);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        event: SupervisionEvent,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state.running.remove(&cell.get_id());
+                state.end_if_idle(&myself);
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                Stats::bump(&state.ctx.stats.actor_failures);
+                tracing::error!(session = %state.id, actor = %cell.get_id(), error = %err, "CommandActor failed; its request gets INTERNAL, the session goes on");
+                state.running.remove(&cell.get_id());
+                state.last_active = Instant::now();
+                state.end_if_idle(&myself);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl SessionState {
+    /// Decides `SESSION_BUSY` and the command's timeout, then starts a CommandActor.
+    async fn run(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        request: ExecRequest,
+        permit: OwnedSemaphorePermit,
+        reply: ExecReply,
+    ) {
+        if self.expiring || self.ending.is_some() {
+            let _ = reply.send(Err(RequestError::SessionNotFound(self.id.clone())));
+            return;
+        }
+        if self.running.len() >= self.ctx.config.commands.max_per_session {
+            Stats::bump(&self.ctx.stats.commands_rejected_busy);
+            let _ = reply.send(Err(RequestError::SessionBusy(self.id.clone())));
+            return;
+        }
+        let timeout = match request.timeout {
+            None => self.default_timeout,
+            Some(t) if t <= self.max_timeout => t,
+            Some(t) => {
+                let _ = reply.send(Err(RequestError::InvalidRequest(format!(
+                    "param `timeout_s`: {}s is over this session's maximum of {}s",
+                    t.as_secs_f64(),
+                    self.max_timeout.as_secs_f64()
+                ))));
+                return;
+            }
+        };
+        let commands = &self.ctx.config.commands;
+        let mut env = self.env.clone();
+        env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let spec = RunSpec {
+            shell: self.ctx.shell.clone(),
+            command: request.command,
+            cwd: self.cwd.clone(),
+            env,
+            stdin: request.stdin,
+            timeout,
+            kill_grace: commands.kill_grace,
+            max_output_bytes: commands.max_output_bytes.as_u64() as usize,
+            keep_output: request.keep_output,
+        };
+        let args = CommandArgs {
+            ctx: self.ctx.clone(),
+            session: myself.clone(),
+            session_key: self.key,
+            spec,
+            session_env: self.env.clone(),
+            request_env: request.env,
+            permit,
+            reply,
+        };
+        match Actor::spawn_linked(None, CommandActor, args, myself.get_cell()).await {
+            Ok((command, _)) => {
+                self.running.insert(command.get_id(), command);
+                self.last_active = Instant::now();
+            }
+            // pre_start cannot fail today; its args (and the reply port) are gone if it did,
+            // so the client sees INTERNAL.
+            Err(e) => {
+                tracing::error!(session = %self.id, error = %e, "could not start a CommandActor")
+            }
+        }
+    }
+
+    fn describe(&self) -> SessionDescription {
+        SessionDescription {
+            key: self.key,
+            owner: self.owner,
+            info: SessionInfo {
+                session_id: self.id.clone(),
+                created_ms_ago: self.created.elapsed().as_millis() as u64,
+                idle_ms: if self.running.is_empty() {
+                    self.last_active.elapsed().as_millis() as u64
+                } else {
+                    0
+                },
+                busy: !self.running.is_empty(),
+                cwd: self.cwd.to_string_lossy().into_owned(),
+            },
+        }
+    }
+
+    /// Idle timer: one pending timer per session, re-armed for the time left.
+    fn idle_check(&mut self, myself: &ActorRef<SessionMsg>) {
+        if self.expiring || self.ending.is_some() {
+            return;
+        }
+        let idle_timeout = self.ctx.config.sessions.idle_timeout;
+        let idle_for = self.last_active.elapsed();
+        if !self.running.is_empty() || idle_for < idle_timeout {
+            let left = if self.running.is_empty() {
+                idle_timeout - idle_for
+            } else {
+                idle_timeout
+            };
+            myself.send_after(left, || SessionMsg::IdleCheck);
+            return;
+        }
+        // Refuse commands from now on; the registry unlists us and sends Destroy.
+        self.expiring = true;
+        tracing::info!(session = %self.id, idle_ms = idle_for.as_millis() as u64, "session idle too long; expiring");
+        // Looked up now, not remembered: the registry may have been restarted since we started.
+        if let Some(registry) = self.ctx.registry() {
+            let _ = registry.cast(RegistryMsg::SessionExpired { key: self.key });
+        }
+    }
+
+    fn end_if_idle(&mut self, myself: &ActorRef<SessionMsg>) {
+        if self.ending.is_some() && self.running.is_empty() {
+            self.end(myself);
+        }
+    }
+
+    fn end(&mut self, myself: &ActorRef<SessionMsg>) {
+        self.ctx.processes.signal_session(self.key, Signal::SIGKILL);
+        if let Some(Some(reply)) = self.ending.take() {
+            let _ = reply.send(Ok(()));
+        }
+        myself.stop(Some("destroyed".into()));
+    }
+}

@@ -1,0 +1,438 @@
+//! Configuration: embedded defaults, the TOML file, validation → [`ConfigError`]; read once at start.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Everything the daemon can be told at start. Every field has a default, so
+/// the daemon runs with no file at all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The socket and the connections on it.
+    pub server: ServerConfig,
+    /// How many sessions, for how long, with which shell.
+    pub sessions: SessionsConfig,
+    /// How commands run: concurrency, timeouts, output and stdin caps, base environment.
+    pub commands: CommandsConfig,
+}
+
+/// `[server]`: the listening socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Socket path; `None` means `$XDG_RUNTIME_DIR/sessiond.sock`, else
+    /// `/tmp/sessiond-<uid>/sessiond.sock` (see [`Config::socket_path`]).
+    pub socket: Option<PathBuf>,
+    /// File mode of the socket; the socket is created with it, never wider.
+    pub socket_mode: u32,
+    /// Peer uids allowed to connect; empty means the daemon's own uid and root.
+    pub allowed_uids: Vec<u32>,
+    /// Open connections at once; the next one is refused with an error frame.
+    pub max_connections: usize,
+    /// Largest request frame; checked against the length prefix before allocating.
+    pub max_request_bytes: ByteSize,
+    /// After SIGTERM: how long running commands may finish before they are killed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[sessions]`: admission and lifetime of sessions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Live sessions at once, across all clients (`TOO_MANY_SESSIONS`).
+    pub max_sessions: usize,
+    /// Live sessions one client uid may hold (`CLIENT_SESSION_LIMIT`).
+    pub max_sessions_per_client: usize,
+    /// A session with no command for this long is destroyed (`expired_total`).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// The shell that runs each command as `shell -c`; falls back to /bin/sh when absent.
+    pub shell: PathBuf,
+    /// Where sessions start when `session.create` names no `cwd`; `None` means the daemon user's home.
+    pub default_cwd: Option<PathBuf>,
+    /// How often dead sessions, dead process groups and orphaned zombies are swept.
+    #[serde(with = "humantime_serde")]
+    pub reap_interval: Duration,
+}
+
+/// `[commands]`: how each command runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Commands running at once across all sessions (`TOO_MANY_COMMANDS`).
+    pub max_concurrent: usize,
+    /// Commands running at once in one session (`SESSION_BUSY`).
+    pub max_per_session: usize,
+    /// Timeout of a command whose request names none.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Largest timeout a request may ask for (`INVALID_REQUEST` above it).
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// SIGTERM to the process group, then SIGKILL after this.
+    #[serde(with = "humantime_serde")]
+    pub kill_grace: Duration,
+    /// Bytes kept per stream (stdout, stderr); the rest is drained and counted.
+    pub max_output_bytes: ByteSize,
+    /// Largest `stdin` a request may carry (`STDIN_TOO_LARGE`).
+    pub max_stdin_bytes: ByteSize,
+    /// When the daemon is root: run commands as this user. Not supported yet:
+    /// privilege drop comes with the subprocess-limits work; must be empty.
+    pub run_as_user: String,
+    /// The base environment of every command; the daemon's own is never passed on.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            socket_mode: 0o600,
+            allowed_uids: Vec::new(),
+            max_connections: 256,
+            max_request_bytes: ByteSize::mib(2),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 64,
+            max_sessions_per_client: 8,
+            idle_timeout: Duration::from_secs(3600),
+            shell: PathBuf::from("/bin/bash"),
+            default_cwd: None,
+            reap_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        let env = [
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            ("LANG", "C.UTF-8"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Self {
+            max_concurrent: 16,
+            max_per_session: 1,
+            default_timeout: Duration::from_secs(60),
+            max_timeout: Duration::from_secs(3600),
+            kill_grace: Duration::from_secs(2),
+            max_output_bytes: ByteSize::mib(4),
+            max_stdin_bytes: ByteSize::mib(1),
+            run_as_user: String::new(),
+            env,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            sessions: SessionsConfig::default(),
+            commands: CommandsConfig::default(),
+        }
+    }
+}
+
+/// Why a configuration was refused. Every variant names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value parsed but is not allowed.
+    #[error("config key `{key}` = {value}: {allowed}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+}
+
+fn invalid(key: &'static str, value: impl fmt::Debug, allowed: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: format!("{value:?}"),
+        allowed: allowed.into(),
+    }
+}
+
+impl Config {
+    /// Reads `path` (or the embedded defaults when `None`) and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every value that parsed but may still be wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.socket_mode & !0o777 != 0 || s.socket_mode & 0o600 != 0o600 {
+            return Err(invalid(
+                "server.socket_mode",
+                format!("{:o}", s.socket_mode),
+                "a permission mode like 0o600 or 0o660 that keeps the owner's read and write bits",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                s.max_connections,
+                "at least 1",
+            ));
+        }
+        if s.max_request_bytes.as_u64() < 1024 || s.max_request_bytes.as_u64() > u64::from(u32::MAX)
+        {
+            return Err(invalid(
+                "server.max_request_bytes",
+                s.max_request_bytes.as_u64(),
+                "between 1 KiB and 4 GiB - 1 (the frame length is a u32)",
+            ));
+        }
+        if let Some(socket) = &s.socket {
+            if !socket.is_absolute() {
+                return Err(invalid("server.socket", socket, "an absolute path"));
+            }
+        }
+
+        let ss = &self.sessions;
+        if ss.max_sessions == 0 {
+            return Err(invalid(
+                "sessions.max_sessions",
+                ss.max_sessions,
+                "at least 1",
+            ));
+        }
+        if ss.max_sessions_per_client == 0 {
+            return Err(invalid(
+                "sessions.max_sessions_per_client",
+                ss.max_sessions_per_client,
+                "at least 1",
+            ));
+        }
+        if ss.idle_timeout.is_zero() {
+            return Err(invalid(
+                "sessions.idle_timeout",
+                ss.idle_timeout,
+                "a duration above zero",
+            ));
+        }
+        if ss.reap_interval < Duration::from_millis(10) {
+            return Err(invalid(
+                "sessions.reap_interval",
+                ss.reap_interval,
+                "at least 10ms",
+            ));
+        }
+        if !ss.shell.is_absolute() {
+            return Err(invalid("sessions.shell", &ss.shell, "an absolute path"));
+        }
+        if let Some(cwd) = &ss.default_cwd {
+            if !cwd.is_absolute() || !cwd.is_dir() {
+                return Err(invalid(
+                    "sessions.default_cwd",
+                    cwd,
+                    "an absolute path to an existing directory",
+                ));
+            }
+        }
+
+        let c = &self.commands;
+        if c.max_concurrent == 0 {
+            return Err(invalid(
+                "commands.max_concurrent",
+                c.max_concurrent,
+                "at least 1",
+            ));
+        }
+        if c.max_per_session == 0 {
+            return Err(invalid(
+                "commands.max_per_session",
+                c.max_per_session,
+                "at least 1",
+            ));
+        }
+        if c.max_timeout.is_zero() {
+            return Err(invalid(
+                "commands.max_timeout",
+                c.max_timeout,
+                "a duration above zero",
+            ));
+        }
+        if c.default_timeout.is_zero() || c.default_timeout > c.max_timeout {
+            return Err(invalid(
+                "commands.default_timeout",
+                c.default_timeout,
+                format!(
+                    "above zero and at most commands.max_timeout ({})",
+                    humantime::format_duration(c.max_timeout)
+                ),
+            ));
+        }
+        if c.max_output_bytes.as_u64() < 2 {
+            return Err(invalid(
+                "commands.max_output_bytes",
+                c.max_output_bytes.as_u64(),
+                "at least 2 bytes",
+            ));
+        }
+        if !c.run_as_user.is_empty() {
+            return Err(invalid(
+                "commands.run_as_user",
+                &c.run_as_user,
+                "empty: this version runs commands as the daemon's own user",
+            ));
+        }
+        for (key, value) in &c.env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(invalid(
+                    "commands.env",
+                    key,
+                    "variable names that are non-empty and hold no '=' or NUL",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(invalid("commands.env", value, "values without NUL bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket path in force: the configured one, else the per-user default.
+    pub fn socket_path(&self) -> PathBuf {
+        if let Some(path) = &self.server.socket {
+            return path.clone();
+        }
+        default_socket_path()
+    }
+
+    /// The configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/sessiond.sock`, else `/tmp/sessiond-<uid>/sessiond.sock`.
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("sessiond.sock"),
+        _ => {
+            PathBuf::from(format!("/tmp/sessiond-{}", nix::unistd::getuid())).join("sessiond.sock")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_matches_the_defaults() {
+        let text = include_str!("../config.example.toml");
+        let parsed = Config::parse(text).expect("config.example.toml parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_in_both_forms() {
+        let c = Config::parse(
+            "[server]\nmax_request_bytes = \"512 KiB\"\nshutdown_grace = \"1m 30s\"\n\
+             [commands]\nmax_output_bytes = 4096\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.max_request_bytes.as_u64(), 512 * 1024);
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(90));
+        assert_eq!(c.commands.max_output_bytes.as_u64(), 4096);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = Config::parse("[sessions]\nmax_sesions = 3\n").unwrap_err();
+        assert!(err.contains("max_sesions"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_value() {
+        let err = Config::parse("[sessions]\nmax_sessions = \"many\"\n").unwrap_err();
+        assert!(
+            err.contains("max_sessions") && err.contains("many"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_is_refused() {
+        let err = Config::parse("[commands]\nkill_grace = \"soon\"\n").unwrap_err();
+        assert!(err.contains("kill_grace"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_key_value_and_allowed() {
+        let mut c = Config::default();
+        c.commands.default_timeout = Duration::from_secs(7200);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("commands.default_timeout"), "{err}");
+        assert!(err.contains("7200"), "{err}");
+        assert!(err.contains("at most commands.max_timeout"), "{err}");
+
+        let mut c = Config::default();
+        c.sessions.max_sessions = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("sessions.max_sessions") && err.contains("at least 1"),
+            "{err}"
+        );
+
+        let mut c = Config::default();
+        c.server.socket_mode = 0o200;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("server.socket_mode")
+        );
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+}

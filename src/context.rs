@@ -1,0 +1,135 @@
+//! What every actor and connection shares: the config in force, counters, the process table, command slots, draining flag.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use ractor::ActorRef;
+use tokio::sync::Semaphore;
+
+use crate::actors::registry::RegistryMsg;
+use crate::config::Config;
+use crate::process::ProcessTable;
+use crate::process::shell::EnvMap;
+use crate::stats::Stats;
+
+/// Shared, read-mostly state of one daemon.
+#[derive(Debug)]
+pub struct Context {
+    /// The validated configuration.
+    pub config: Config,
+    /// The shell commands run under (the configured one, or /bin/sh when it is absent).
+    pub shell: PathBuf,
+    /// Where sessions start when they name no cwd.
+    pub default_cwd: PathBuf,
+    /// `[commands.env]` plus HOME, USER and SHELL of the command user.
+    pub base_env: EnvMap,
+    /// Counters behind `system.stats`.
+    pub stats: Stats,
+    /// Pids and process groups the daemon owns.
+    pub processes: Arc<ProcessTable>,
+    /// One permit per running command, `max_concurrent` in all. A permit is
+    /// held by its CommandActor and returned on drop, even on panic.
+    pub command_slots: Arc<Semaphore>,
+    /// Set on SIGTERM: no new sessions or commands.
+    draining: AtomicBool,
+    /// When the daemon started, for `uptime_ms`.
+    pub started: Instant,
+    /// The current RegistryActor; replaced when the supervisor restarts it.
+    registry: RwLock<Option<ActorRef<RegistryMsg>>>,
+}
+
+impl Context {
+    /// Resolves shell, default cwd and base environment from `config`.
+    pub fn new(config: Config) -> Context {
+        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten();
+        let home = user
+            .as_ref()
+            .map(|u| u.dir.clone())
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let shell = if config.sessions.shell.exists() {
+            config.sessions.shell.clone()
+        } else {
+            tracing::warn!(
+                shell = %config.sessions.shell.display(),
+                "configured shell is absent; falling back to /bin/sh"
+            );
+            PathBuf::from("/bin/sh")
+        };
+        let default_cwd = config
+            .sessions
+            .default_cwd
+            .clone()
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(|| {
+                if home.is_dir() {
+                    home.clone()
+                } else {
+                    PathBuf::from("/")
+                }
+            });
+        let mut base_env: EnvMap = config
+            .commands
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone().into_bytes(), v.clone().into_bytes()))
+            .collect();
+        base_env.insert(b"HOME".to_vec(), home.into_os_string().into_encoded_bytes());
+        if let Some(u) = &user {
+            base_env.insert(b"USER".to_vec(), u.name.clone().into_bytes());
+        }
+        base_env.insert(
+            b"SHELL".to_vec(),
+            shell.clone().into_os_string().into_encoded_bytes(),
+        );
+        let slots = config.commands.max_concurrent;
+        Context {
+            config,
+            shell,
+            default_cwd,
+            base_env,
+            stats: Stats::default(),
+            processes: Arc::new(ProcessTable::default()),
+            command_slots: Arc::new(Semaphore::new(slots)),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            registry: RwLock::new(None),
+        }
+    }
+
+    /// Whether the daemon is draining after SIGTERM.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts draining: refuse new sessions and commands from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Commands running now.
+    pub fn running_commands(&self) -> u64 {
+        (self.config.commands.max_concurrent - self.command_slots.available_permits()) as u64
+    }
+
+    /// The registry in service, if any.
+    pub fn registry(&self) -> Option<ActorRef<RegistryMsg>> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs the registry the supervisor just (re)started.
+    pub fn set_registry(&self, registry: Option<ActorRef<RegistryMsg>>) {
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = registry;
+    }
+
+    /// Milliseconds since start.
+    pub fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}

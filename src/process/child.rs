@@ -1,0 +1,139 @@
+//! One spawned shell: waiting for its exit (pidfd + wait4 for rusage) and killing its process group.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+
+use super::table::ProcessTable;
+
+/// How a process ended and what it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code when it exited.
+    pub code: Option<i32>,
+    /// Signal number when a signal ended it.
+    pub signal: Option<i32>,
+    /// User + system CPU time of the process and its waited-for descendants.
+    pub cpu: Duration,
+    /// Peak resident set size (ru_maxrss), bytes.
+    pub max_rss_bytes: u64,
+}
+
+/// A spawned shell the daemon waits for. Dropping it before its exit was
+/// collected kills its whole process group and hands the pid to the reaper,
+/// so an aborted task or a panicking actor leaves nothing running.
+#[derive(Debug)]
+pub struct ChildProcess {
+    pid: Pid,
+    /// Becomes readable when the process exits (Linux ≥ 5.3). `None` when
+    /// pidfd_open is unavailable; then [`ChildProcess::wait`] polls.
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    table: Arc<ProcessTable>,
+    collected: bool,
+}
+
+impl ChildProcess {
+    /// Takes ownership of a freshly spawned, already recorded child.
+    pub(crate) fn adopt(pid: Pid, table: Arc<ProcessTable>) -> Self {
+        let pidfd = pidfd_open(pid).and_then(|fd| {
+            // SAFETY: an OwnedFd stays open and keeps returning the same fd
+            // until the AsyncFd that owns it is dropped.
+            unsafe { AsyncFd::register(fd) }.ok()
+        });
+        ChildProcess {
+            pid,
+            pidfd,
+            table,
+            collected: false,
+        }
+    }
+
+    /// The shell's pid, which is also its process group id.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Sends `signal` to the shell's whole process group.
+    pub fn signal_group(&self, signal: Signal) -> bool {
+        !matches!(killpg(self.pid, signal), Err(Errno::ESRCH))
+    }
+
+    /// Whether any process of the group is still alive (zombies count until reaped).
+    pub fn group_alive(&self) -> bool {
+        !matches!(killpg(self.pid, None), Err(Errno::ESRCH))
+    }
+
+    /// Waits for the shell to exit and collects its status and rusage. Cancel-safe.
+    pub async fn wait(&mut self) -> std::io::Result<ExitInfo> {
+        loop {
+            if let Some(info) = self.try_collect()? {
+                return Ok(info);
+            }
+            match &self.pidfd {
+                Some(fd) => {
+                    let mut guard = fd.readable().await?;
+                    guard.clear_ready();
+                }
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    fn try_collect(&mut self) -> std::io::Result<Option<ExitInfo>> {
+        if self.collected {
+            return Err(std::io::Error::other("exit status already collected"));
+        }
+        let mut status: libc::c_int = 0;
+        // SAFETY: rusage is plain data; all-zero is valid.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers to locals; WNOHANG never blocks.
+        let rc = unsafe { libc::wait4(self.pid.as_raw(), &mut status, libc::WNOHANG, &mut usage) };
+        if rc == 0 {
+            return Ok(None);
+        }
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                return Ok(None);
+            }
+            return Err(err);
+        }
+        self.collected = true;
+        self.table.release(self.pid);
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+        Ok(Some(ExitInfo {
+            code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+            signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+            cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+            max_rss_bytes: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+        }))
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if !self.collected {
+            // Abandoned before its exit was seen: kill the tree, let the reaper collect the zombie.
+            let _ = killpg(self.pid, Signal::SIGKILL);
+            self.table.release(self.pid);
+        }
+    }
+}
+
+fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    // pidfds are always close-on-exec.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    debug_assert!(fd.as_raw_fd() >= 0);
+    Some(fd)
+}

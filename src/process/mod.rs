@@ -1,0 +1,12 @@
+//! Processes under the CommandActor: spawn, shell state, capped output, the run loop (timeout, kill), the process table and reaper.
+
+pub mod child;
+pub mod output;
+pub mod reaper;
+pub mod run;
+pub mod shell;
+pub mod spawn;
+pub mod table;
+
+pub use child::{ChildProcess, ExitInfo};
+pub use table::ProcessTable;

@@ -1,0 +1,232 @@
+//! Runs one command to its end: spawn, feed stdin, capture capped output, and enforce the timeout and kill requests.
+//!
+//! This is where a command's timeout is enforced ([`supervise`]) and where
+//! "done" is decided: the shell process exited. Background children that keep
+//! the pipes open get [`DRAIN_AFTER_EXIT`] more, then the pipes are dropped
+//! (design-rules: waiting for EOF took as long as `sleep 2 &`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::watch;
+
+use super::child::{ChildProcess, ExitInfo};
+use super::output::CappedOutput;
+use super::shell::{self, EnvMap, ShellState};
+use super::spawn::{self, SpawnError, SpawnRequest};
+use super::table::{ProcessTable, SessionKey};
+use crate::protocol::{ExecResult, KeepOutput, KilledBy};
+
+/// How long output is still read after the shell exited, for what it wrote
+/// last; a background child holding the pipe open does not hold the answer.
+pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
+
+/// Bound on the shell-state report (cwd + exported env); a larger one is ignored.
+pub const STATE_REPORT_MAX: usize = 1 << 20;
+
+/// Size of each read from a pipe.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Everything needed to run one command.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub shell: PathBuf,
+    pub command: String,
+    pub cwd: PathBuf,
+    /// The complete environment of the command.
+    pub env: EnvMap,
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    pub max_output_bytes: usize,
+    pub keep_output: KeepOutput,
+}
+
+/// A finished command: its result and, when it ended by itself, the shell state it left.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub result: ExecResult,
+    pub state: Option<ShellState>,
+}
+
+/// Why a command could not be run to an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Spawn(#[from] SpawnError),
+    #[error("working directory {0} does not exist or is not a directory")]
+    CwdGone(PathBuf),
+    #[error("{0}")]
+    BadCommand(String),
+    #[error("waiting for the command failed: {0}")]
+    Wait(std::io::Error),
+}
+
+/// Runs `spec` in a group of `session`. `kill` carries a kill request
+/// (cancel, session destroyed, shutdown); the timeout is enforced here.
+pub async fn run_command(
+    table: &Arc<ProcessTable>,
+    session: SessionKey,
+    spec: RunSpec,
+    mut kill: watch::Receiver<Option<KilledBy>>,
+) -> Result<RunOutcome, RunError> {
+    if !spec.cwd.is_dir() {
+        return Err(RunError::CwdGone(spec.cwd));
+    }
+    let argv = shell::wrapper_argv(&spec.shell, &spec.command).map_err(RunError::BadCommand)?;
+    let envp = shell::envp(&spec.env, &spec.cwd);
+    let program = argv[0].clone();
+    let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
+        .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
+
+    let started = Instant::now();
+    let (mut child, pipes) = spawn::spawn(
+        table,
+        session,
+        &SpawnRequest {
+            program: &program,
+            argv: &argv,
+            envp: &envp,
+            cwd: &cwd,
+            with_stdin: spec.stdin.is_some(),
+        },
+    )?;
+
+    let mut stdout = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
+    let mut stderr = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
+    let mut report = CappedOutput::new(STATE_REPORT_MAX, KeepOutput::Head);
+
+    let (exit, killed_by) = {
+        let io = async {
+            tokio::join!(
+                pump(pipes.stdout, &mut stdout),
+                pump(pipes.stderr, &mut stderr),
+                pump(pipes.state, &mut report),
+                feed(pipes.stdin, spec.stdin.as_deref()),
+            )
+        };
+        tokio::pin!(io);
+        let ended = supervise(&mut child, spec.timeout, spec.kill_grace, &mut kill);
+        tokio::pin!(ended);
+        let mut io_done = false;
+        let ended = loop {
+            tokio::select! {
+                r = &mut ended => break r,
+                _ = &mut io, if !io_done => io_done = true,
+            }
+        };
+        if !io_done {
+            let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut io).await;
+        }
+        ended.map_err(RunError::Wait)?
+    };
+    let duration = started.elapsed();
+
+    let state = match (killed_by, exit.code) {
+        (None, Some(_)) if !report.truncated() => shell::parse_report(&report.into_bytes()),
+        _ => None,
+    };
+    let cwd = state
+        .as_ref()
+        .map_or(&spec.cwd, |s| &s.cwd)
+        .to_string_lossy()
+        .into_owned();
+    let result = ExecResult {
+        exit_code: exit.code,
+        signal: exit.signal,
+        timed_out: killed_by == Some(KilledBy::Timeout),
+        killed_by,
+        stdout_truncated: stdout.truncated(),
+        stderr_truncated: stderr.truncated(),
+        stdout_total_bytes: stdout.total(),
+        stderr_total_bytes: stderr.total(),
+        stdout: ByteBuf::from(stdout.into_bytes()),
+        stderr: ByteBuf::from(stderr.into_bytes()),
+        duration_ms: duration.as_millis() as u64,
+        cpu_ms: Some(exit.cpu.as_millis() as u64),
+        max_rss_bytes: Some(exit.max_rss_bytes),
+        cwd,
+    };
+    Ok(RunOutcome { result, state })
+}
+
+/// Waits for the shell to exit, or ends it: on timeout or a kill request,
+/// SIGTERM to its process group, then SIGKILL after `grace` (at once for
+/// session destroy and shutdown, whose grace was already given).
+async fn supervise(
+    child: &mut ChildProcess,
+    timeout: Duration,
+    grace: Duration,
+    kill: &mut watch::Receiver<Option<KilledBy>>,
+) -> std::io::Result<(ExitInfo, Option<KilledBy>)> {
+    let reason = tokio::select! {
+        r = child.wait() => return Ok((r?, None)),
+        _ = tokio::time::sleep(timeout) => KilledBy::Timeout,
+        r = kill_requested(kill) => r,
+    };
+    let mut exited = None;
+    if !matches!(reason, KilledBy::SessionDestroyed | KilledBy::Shutdown) {
+        child.signal_group(Signal::SIGTERM);
+        let grace_end = tokio::time::Instant::now() + grace;
+        tokio::select! {
+            r = child.wait() => exited = Some(r?),
+            _ = tokio::time::sleep_until(grace_end) => {}
+            _ = kill_requested(kill) => {}
+        }
+        // The shell is gone; the rest of its group gets what is left of the grace.
+        while exited.is_some() && child.group_alive() && tokio::time::Instant::now() < grace_end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    child.signal_group(Signal::SIGKILL);
+    let info = match exited {
+        Some(info) => info,
+        None => child.wait().await?,
+    };
+    Ok((info, Some(reason)))
+}
+
+/// Resolves when a kill is requested (at once if one already was); never when the sender is gone.
+async fn kill_requested(kill: &mut watch::Receiver<Option<KilledBy>>) -> KilledBy {
+    loop {
+        if let Some(reason) = *kill.borrow_and_update() {
+            return reason;
+        }
+        if kill.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Reads a pipe to EOF into `out`, which keeps what its cap allows and counts the rest.
+async fn pump(fd: std::os::fd::OwnedFd, out: &mut CappedOutput) {
+    let Ok(mut rx) = pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => out.push(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes stdin and closes it so the command sees EOF; a command that exits
+/// without reading makes the write fail with EPIPE, which is fine.
+async fn feed(fd: Option<std::os::fd::OwnedFd>, data: Option<&[u8]>) {
+    let (Some(fd), Some(data)) = (fd, data) else {
+        return;
+    };
+    let Ok(mut tx) = pipe::Sender::from_owned_fd(fd) else {
+        return;
+    };
+    let _ = tx.write_all(data).await;
+}

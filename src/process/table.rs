@@ -1,0 +1,131 @@
+//! The daemon-wide table of the processes it owns: pids a waiter will collect, and process groups per session.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// Identifies a session inside the daemon (cheaper than its string id).
+pub type SessionKey = u64;
+
+/// What the daemon owns, shared by spawners, the reaper and shutdown.
+///
+/// 1. `waited`: pids whose exit status a [`super::ChildProcess`] will collect.
+///    The reaper never touches them (design-rules "Reaping": a `waitpid(-1)`
+///    stole statuses; reaping only zombies outside this set got 50/50 right).
+/// 2. `groups`: every process group a command of a session started (one per
+///    command, pgid = the shell's pid). Background children stay in their
+///    command's group after the shell exits, so destroying a session kills
+///    every group recorded for it; groups found empty are pruned.
+///
+/// The lock is held across `posix_spawn` so the reaper can never see a fresh
+/// child's zombie before its pid is in `waited`.
+#[derive(Debug, Default)]
+pub struct ProcessTable {
+    inner: Mutex<TableInner>,
+}
+
+#[derive(Debug, Default)]
+struct TableInner {
+    waited: HashSet<i32>,
+    groups: HashMap<i32, SessionKey>,
+}
+
+impl ProcessTable {
+    /// Runs `spawn` under the table lock and records the child it returns
+    /// as waited-for and as the leader of a group of `session`.
+    pub fn spawn_owned<E>(
+        &self,
+        session: SessionKey,
+        spawn: impl FnOnce() -> Result<Pid, E>,
+    ) -> Result<Pid, E> {
+        let mut inner = self.lock();
+        let pid = spawn()?;
+        inner.waited.insert(pid.as_raw());
+        inner.groups.insert(pid.as_raw(), session);
+        Ok(pid)
+    }
+
+    /// The waiter collected `pid`'s status (or gave up on it: the reaper may take it now).
+    pub fn release(&self, pid: Pid) {
+        self.lock().waited.remove(&pid.as_raw());
+    }
+
+    /// Whether a waiter will collect `pid`; the reaper leaves such pids alone.
+    pub fn is_waited(&self, pid: i32) -> bool {
+        self.lock().waited.contains(&pid)
+    }
+
+    /// Runs `f` with the table locked, for the reaper: no spawn can happen meanwhile.
+    pub fn with_locked<R>(&self, f: impl FnOnce(&dyn Fn(i32) -> bool) -> R) -> R {
+        let inner = self.lock();
+        f(&|pid| inner.waited.contains(&pid))
+    }
+
+    /// Sends `signal` to every group of `session`; returns how many groups were still alive.
+    pub fn signal_session(&self, session: SessionKey, signal: Signal) -> usize {
+        let mut inner = self.lock();
+        let mut alive = 0;
+        inner.groups.retain(|&pgid, &mut owner| {
+            if owner != session {
+                return true;
+            }
+            match killpg(Pid::from_raw(pgid), signal) {
+                Err(Errno::ESRCH) => false,
+                _ => {
+                    alive += 1;
+                    true
+                }
+            }
+        });
+        alive
+    }
+
+    /// Forgets every group of `session` (after its final kill).
+    pub fn forget_session(&self, session: SessionKey) {
+        self.lock().groups.retain(|_, owner| *owner != session);
+    }
+
+    /// Sends `signal` to every group the daemon ever started that may still be alive.
+    pub fn signal_all(&self, signal: Signal) -> usize {
+        let mut inner = self.lock();
+        let mut alive = 0;
+        inner
+            .groups
+            .retain(|&pgid, _| match killpg(Pid::from_raw(pgid), signal) {
+                Err(Errno::ESRCH) => false,
+                _ => {
+                    alive += 1;
+                    true
+                }
+            });
+        alive
+    }
+
+    /// Drops groups with no process left (signal 0 probes without killing).
+    pub fn prune_dead_groups(&self) {
+        self.lock().groups.retain(|&pgid, _| {
+            !matches!(
+                nix::sys::signal::killpg(Pid::from_raw(pgid), None),
+                Err(Errno::ESRCH)
+            )
+        });
+    }
+
+    /// How many groups of `session` may still hold processes.
+    pub fn group_count(&self, session: SessionKey) -> usize {
+        self.lock()
+            .groups
+            .values()
+            .filter(|s| **s == session)
+            .count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
+        // A panic while holding this lock cannot leave the sets half-updated
+        // (each operation is one insert/remove/retain), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

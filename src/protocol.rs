@@ -1,0 +1,362 @@
+//! The wire schema: method names, typed params and results shared by the daemon and the client.
+
+pub mod error;
+pub mod frame;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_bytes::ByteBuf;
+
+pub use error::{RequestError, WireError};
+
+/// Bumped on any breaking change to this schema; reported by `system.ping`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Every method the daemon knows.
+pub mod method {
+    pub const PING: &str = "system.ping";
+    pub const STATS: &str = "system.stats";
+    pub const SESSION_CREATE: &str = "session.create";
+    pub const SESSION_DESTROY: &str = "session.destroy";
+    pub const SESSION_LIST: &str = "session.list";
+    pub const EXEC_RUN: &str = "exec.run";
+    pub const EXEC_CANCEL: &str = "exec.cancel";
+}
+
+/// Decodes a request's `params` map into `T`; a wrong type is an
+/// `INVALID_REQUEST` whose message names the param (its path, e.g. `limits.timeout_s`).
+pub fn parse_params<T: DeserializeOwned>(params: rmpv::Value) -> Result<T, RequestError> {
+    let params = match params {
+        rmpv::Value::Nil => rmpv::Value::Map(Vec::new()),
+        other => other,
+    };
+    // rmp_serde, not rmpv's Value deserializer: only the former reads a unit
+    // enum variant (`"tail"`) from a string.
+    let mut bytes = Vec::new();
+    rmpv::encode::write_value(&mut bytes, &params)
+        .map_err(|e| RequestError::InvalidRequest(format!("params: {e}")))?;
+    let mut de = rmp_serde::Deserializer::new(&bytes[..]);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            RequestError::InvalidRequest(format!("params: {inner}"))
+        } else {
+            RequestError::InvalidRequest(format!("param `{path}`: {inner}"))
+        }
+    })
+}
+
+/// A duration param in seconds (int or float), checked to be finite and above zero.
+pub fn seconds_param(name: &str, secs: f64) -> Result<Duration, RequestError> {
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(RequestError::InvalidRequest(format!(
+            "param `{name}`: {secs} is not a duration in seconds above zero"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `session.create` params.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateParams {
+    /// Working directory of the first command; default: the configured `default_cwd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Added to the base environment of every command of the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Limits that may only tighten the configured ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<SessionLimits>,
+}
+
+/// Per-session tightening of the configured limits.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionLimits {
+    /// This session's default and maximum command timeout, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    /// cgroup memory limit (not enforced by this build: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_bytes: Option<u64>,
+    /// cgroup CPU limit (not enforced by this build: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max_cores: Option<f64>,
+    /// cgroup pids limit (not enforced by this build: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<u64>,
+    /// RLIMIT_CPU (not enforced by this build: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rlimit_cpu_s: Option<u64>,
+    /// RLIMIT_AS (not enforced by this build: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rlimit_as_bytes: Option<u64>,
+    /// RLIMIT_NOFILE (not enforced by this build: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rlimit_nofile: Option<u64>,
+    /// RLIMIT_NPROC (not enforced by this build: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rlimit_nproc: Option<u64>,
+}
+
+/// Params of the methods that name only a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionIdParams {
+    pub session_id: String,
+}
+
+/// What to keep of a stream longer than `max_output_bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepOutput {
+    /// The first bytes.
+    #[default]
+    Head,
+    /// The last bytes.
+    Tail,
+    /// The first half and the last half of the cap; the middle is dropped.
+    Both,
+}
+
+/// `exec.run` params.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecParams {
+    pub session_id: String,
+    /// Run by the session's shell as `shell -c`.
+    pub command: String,
+    /// Seconds; default `default_timeout` (or the session's `timeout_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    /// Bytes fed to the command's stdin, then EOF. `bin` or `str` on the wire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<ByteBuf>,
+    /// Environment for this command only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Which part of an over-long stream to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_output: Option<KeepOutput>,
+}
+
+/// `system.ping` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub pong: bool,
+    pub version: String,
+    pub protocol: u32,
+    pub uptime_ms: u64,
+}
+
+/// `system.stats` result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsResult {
+    pub sessions: SessionStats,
+    pub commands: CommandStats,
+    pub clients: ClientStats,
+    pub runtime: RuntimeStats,
+}
+
+/// `system.stats` → `sessions`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionStats {
+    pub active: u64,
+    pub max: u64,
+    pub created_total: u64,
+    pub destroyed_total: u64,
+    pub expired_total: u64,
+    pub rejected_total: u64,
+}
+
+/// `system.stats` → `commands`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandStats {
+    pub running: u64,
+    pub max: u64,
+    pub started_total: u64,
+    pub completed_total: u64,
+    pub timed_out_total: u64,
+    pub killed_total: u64,
+    pub rejected_busy_total: u64,
+    pub rejected_capacity_total: u64,
+    pub output_truncated_total: u64,
+    pub oom_killed_total: u64,
+    pub spawn_failed_total: u64,
+}
+
+/// `system.stats` → `clients`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientStats {
+    pub connections: u64,
+    pub connections_total: u64,
+    pub connections_refused_total: u64,
+    pub rate_limited_total: u64,
+    pub bad_frames_total: u64,
+    pub requests_total: u64,
+    pub errors_total: u64,
+}
+
+/// `system.stats` → `runtime`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeStats {
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub rss_bytes: u64,
+    pub cgroups: String,
+    pub actor_failures_total: u64,
+    pub zombies_reaped_total: u64,
+    pub draining: bool,
+}
+
+/// `session.create` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateResult {
+    pub session_id: String,
+}
+
+/// `session.destroy` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestroyResult {
+    pub destroyed: bool,
+}
+
+/// One entry of `session.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_id: String,
+    pub created_ms_ago: u64,
+    pub idle_ms: u64,
+    pub busy: bool,
+    pub cwd: String,
+}
+
+/// `session.list` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListResult {
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// Why the daemon killed a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KilledBy {
+    Timeout,
+    CpuLimit,
+    MemoryLimit,
+    Cancelled,
+    SessionDestroyed,
+    Shutdown,
+}
+
+/// `exec.run` result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Exit code, or nil when killed by a signal.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the shell, if any.
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub killed_by: Option<KilledBy>,
+    pub stdout: ByteBuf,
+    pub stderr: ByteBuf,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub stdout_total_bytes: u64,
+    pub stderr_total_bytes: u64,
+    pub duration_ms: u64,
+    pub cpu_ms: Option<u64>,
+    pub max_rss_bytes: Option<u64>,
+    /// The session's working directory after the command.
+    pub cwd: String,
+}
+
+/// `exec.cancel` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelResult {
+    pub cancelled: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(entries: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
+        rmpv::Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+
+    #[test]
+    fn wrong_type_names_the_param() {
+        let err = parse_params::<ExecParams>(value(vec![
+            ("session_id", "s".into()),
+            ("command", 5.into()),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.code(), "INVALID_REQUEST");
+        assert!(err.to_string().contains("command"), "{err}");
+    }
+
+    #[test]
+    fn nested_param_path_is_named() {
+        let err = parse_params::<CreateParams>(value(vec![(
+            "limits",
+            value(vec![("timeout_s", "soon".into())]),
+        )]))
+        .unwrap_err();
+        assert!(err.to_string().contains("limits.timeout_s"), "{err}");
+    }
+
+    #[test]
+    fn stdin_accepts_bin_and_str_and_unknown_params_are_ignored() {
+        let p: ExecParams = parse_params(value(vec![
+            ("session_id", "s".into()),
+            ("command", "cat".into()),
+            ("stdin", "text".into()),
+            ("whatever", 1.into()),
+        ]))
+        .unwrap();
+        assert_eq!(p.stdin.unwrap().as_slice(), b"text");
+        let p: ExecParams = parse_params(value(vec![
+            ("session_id", "s".into()),
+            ("command", "cat".into()),
+            ("stdin", rmpv::Value::Binary(vec![0, 1])),
+            ("timeout_s", 2.into()),
+        ]))
+        .unwrap();
+        assert_eq!(p.stdin.unwrap().as_slice(), &[0, 1]);
+        assert_eq!(p.timeout_s, Some(2.0));
+    }
+
+    #[test]
+    fn keep_output_values() {
+        let p: ExecParams = parse_params(value(vec![
+            ("session_id", "s".into()),
+            ("command", "x".into()),
+            ("keep_output", "tail".into()),
+        ]))
+        .unwrap();
+        assert_eq!(p.keep_output, Some(KeepOutput::Tail));
+        let err = parse_params::<ExecParams>(value(vec![
+            ("session_id", "s".into()),
+            ("command", "x".into()),
+            ("keep_output", "middle".into()),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("keep_output"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_param_is_named() {
+        let err = parse_params::<ExecParams>(value(vec![("session_id", "s".into())])).unwrap_err();
+        assert!(err.to_string().contains("command"), "{err}");
+    }
+
+    #[test]
+    fn seconds_must_be_positive_and_finite() {
+        assert!(seconds_param("timeout_s", 0.5).is_ok());
+        assert!(seconds_param("timeout_s", 0.0).is_err());
+        assert!(seconds_param("timeout_s", -1.0).is_err());
+        assert!(seconds_param("timeout_s", f64::NAN).is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! The one mapping from internal refusals and failures to wire error codes.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a request was refused or failed. Every refusal the daemon makes is one
+/// of these; [`RequestError::to_wire`] is the only place that turns them into
+/// protocol codes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// Malformed frame, missing or mistyped param, bad value.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The method name is not known.
+    #[error("unknown method `{0}`")]
+    UnknownMethod(String),
+    /// The request frame's length prefix is over `max_request_bytes`.
+    #[error("request frame is over the limit of {limit} bytes")]
+    FrameTooLarge { limit: u64 },
+    /// `stdin` is over `max_stdin_bytes`.
+    #[error("stdin of {size} bytes is over the limit of {limit} bytes")]
+    StdinTooLarge { size: u64, limit: u64 },
+    /// `max_sessions` live sessions already.
+    #[error("the daemon already holds its maximum of {limit} sessions")]
+    TooManySessions { limit: u64 },
+    /// This client already holds `max_sessions_per_client`.
+    #[error("this client already holds its maximum of {limit} sessions")]
+    ClientSessionLimit { limit: u64 },
+    /// Unknown, destroyed, expired, or another client's session.
+    #[error("no session `{0}`")]
+    SessionNotFound(String),
+    /// The session runs its maximum of commands.
+    #[error("session `{0}` already runs its maximum of commands")]
+    SessionBusy(String),
+    /// `max_concurrent` commands run across the daemon.
+    #[error("the daemon already runs its maximum of {limit} commands")]
+    TooManyCommands { limit: u64 },
+    /// The daemon is draining after SIGTERM.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// The command could not be started.
+    #[error("{0}")]
+    SpawnFailed(String),
+    /// The peer's uid may not use this daemon.
+    #[error("uid {0} is not allowed to use this daemon")]
+    PermissionDenied(u32),
+    /// `max_connections` connections are open.
+    #[error("the daemon already serves its maximum of {limit} connections")]
+    TooManyConnections { limit: u64 },
+    /// The actor serving the request failed; the daemon goes on.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The `error` member of a failure response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Stable machine-readable code, e.g. `SESSION_BUSY`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The limit that was hit, for the codes that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// For `RATE_LIMITED`: when to try again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl RequestError {
+    /// The protocol code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::InvalidRequest(_) => "INVALID_REQUEST",
+            RequestError::UnknownMethod(_) => "UNKNOWN_METHOD",
+            RequestError::FrameTooLarge { .. } => "FRAME_TOO_LARGE",
+            RequestError::StdinTooLarge { .. } => "STDIN_TOO_LARGE",
+            RequestError::TooManySessions { .. } => "TOO_MANY_SESSIONS",
+            RequestError::ClientSessionLimit { .. } => "CLIENT_SESSION_LIMIT",
+            RequestError::SessionNotFound(_) => "SESSION_NOT_FOUND",
+            RequestError::SessionBusy(_) => "SESSION_BUSY",
+            RequestError::TooManyCommands { .. } => "TOO_MANY_COMMANDS",
+            RequestError::ShuttingDown => "SHUTTING_DOWN",
+            RequestError::SpawnFailed(_) => "SPAWN_FAILED",
+            RequestError::PermissionDenied(_) => "PERMISSION_DENIED",
+            RequestError::TooManyConnections { .. } => "TOO_MANY_CONNECTIONS",
+            RequestError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The limit carried in the error frame, where the code has one.
+    fn limit(&self) -> Option<u64> {
+        match self {
+            RequestError::FrameTooLarge { limit }
+            | RequestError::StdinTooLarge { limit, .. }
+            | RequestError::TooManySessions { limit }
+            | RequestError::ClientSessionLimit { limit }
+            | RequestError::TooManyCommands { limit }
+            | RequestError::TooManyConnections { limit } => Some(*limit),
+            _ => None,
+        }
+    }
+
+    /// The error as it goes on the wire.
+    pub fn to_wire(&self) -> WireError {
+        WireError {
+            code: self.code().to_string(),
+            message: self.to_string(),
+            limit: self.limit(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_travel_with_their_codes() {
+        let w = RequestError::TooManySessions { limit: 3 }.to_wire();
+        assert_eq!(w.code, "TOO_MANY_SESSIONS");
+        assert_eq!(w.limit, Some(3));
+        let w = RequestError::SessionBusy("s".into()).to_wire();
+        assert_eq!(w.code, "SESSION_BUSY");
+        assert_eq!(w.limit, None);
+    }
+}

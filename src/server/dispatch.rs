@@ -1,0 +1,259 @@
+//! Request routing: method name → params check → registry (or an inline answer) → encoded response. One function per method.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ractor::RpcReplyPort;
+
+use crate::actors::registry::{CreateRequest, RegistryMsg, session_timeout};
+use crate::actors::session::{ExecRequest, SessionMsg};
+use crate::context::Context;
+use crate::process::shell::EnvMap;
+use crate::protocol::frame::{Request, encode_error, encode_result};
+use crate::protocol::{
+    CancelResult, ClientStats, CommandStats, CreateParams, DestroyResult, ExecParams, ListResult,
+    PROTOCOL_VERSION, PingResult, RequestError, RuntimeStats, SessionIdParams, SessionStats,
+    StatsResult, method, parse_params, seconds_param,
+};
+use crate::stats::{Stats, rss_bytes};
+
+/// How long `session.list` waits for one session to describe itself.
+const DESCRIBE_TIMEOUT_MS: u64 = 1000;
+
+/// Whether `method` is answered on the connection's own task (cheap, never waits on an actor).
+pub fn is_inline(method: &str) -> bool {
+    method == method::PING || method == method::STATS
+}
+
+/// Answers one request from client `uid`: the encoded response frame body.
+pub async fn dispatch(ctx: &Arc<Context>, uid: u32, request: Request) -> Bytes {
+    let id = request.id;
+    Stats::bump(&ctx.stats.requests);
+    let answer = match request.method.as_str() {
+        method::PING => Ok(encode_result(id, &ping(ctx))),
+        method::STATS => Ok(encode_result(id, &stats(ctx))),
+        method::SESSION_CREATE => create(ctx, uid, request.params)
+            .await
+            .map(|r| encode_result(id, &r)),
+        method::SESSION_DESTROY => destroy(ctx, uid, request.params)
+            .await
+            .map(|r| encode_result(id, &r)),
+        method::SESSION_LIST => list(ctx, uid).await.map(|r| encode_result(id, &r)),
+        method::EXEC_RUN => exec_run(ctx, uid, request.params)
+            .await
+            .map(|r| encode_result(id, &r)),
+        method::EXEC_CANCEL => cancel(ctx, uid, request.params)
+            .await
+            .map(|r| encode_result(id, &r)),
+        other => Err(RequestError::UnknownMethod(other.to_string())),
+    };
+    answer.unwrap_or_else(|e| {
+        Stats::bump(&ctx.stats.errors);
+        encode_error(Some(id), &e)
+    })
+}
+
+/// Sends a message built around a fresh reply port to the registry and awaits the answer.
+/// A registry that is gone or drops the port (its actor failed) is `INTERNAL`.
+async fn ask<T>(
+    ctx: &Context,
+    build: impl FnOnce(RpcReplyPort<T>) -> RegistryMsg,
+) -> Result<T, RequestError> {
+    let registry = ctx
+        .registry()
+        .ok_or_else(|| RequestError::Internal("the registry is restarting; try again".into()))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    registry
+        .cast(build(tx.into()))
+        .map_err(|_| RequestError::Internal("the registry is restarting; try again".into()))?;
+    rx.await
+        .map_err(|_| RequestError::Internal("the actor serving this request failed".into()))
+}
+
+fn ping(ctx: &Context) -> PingResult {
+    PingResult {
+        pong: true,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: PROTOCOL_VERSION,
+        uptime_ms: ctx.uptime_ms(),
+    }
+}
+
+fn stats(ctx: &Context) -> StatsResult {
+    let s = &ctx.stats;
+    let g = Stats::get;
+    StatsResult {
+        sessions: SessionStats {
+            active: g(&s.sessions_active),
+            max: ctx.config.sessions.max_sessions as u64,
+            created_total: g(&s.sessions_created),
+            destroyed_total: g(&s.sessions_destroyed),
+            expired_total: g(&s.sessions_expired),
+            rejected_total: g(&s.sessions_rejected),
+        },
+        commands: CommandStats {
+            running: ctx.running_commands(),
+            max: ctx.config.commands.max_concurrent as u64,
+            started_total: g(&s.commands_started),
+            completed_total: g(&s.commands_completed),
+            timed_out_total: g(&s.commands_timed_out),
+            killed_total: g(&s.commands_killed),
+            rejected_busy_total: g(&s.commands_rejected_busy),
+            rejected_capacity_total: g(&s.commands_rejected_capacity),
+            output_truncated_total: g(&s.output_truncated),
+            oom_killed_total: g(&s.oom_killed),
+            spawn_failed_total: g(&s.spawn_failed),
+        },
+        clients: ClientStats {
+            connections: g(&s.connections),
+            connections_total: g(&s.connections_total),
+            connections_refused_total: g(&s.connections_refused),
+            rate_limited_total: g(&s.rate_limited),
+            bad_frames_total: g(&s.bad_frames),
+            requests_total: g(&s.requests),
+            errors_total: g(&s.errors),
+        },
+        runtime: RuntimeStats {
+            pid: std::process::id(),
+            uptime_ms: ctx.uptime_ms(),
+            rss_bytes: rss_bytes(),
+            cgroups: "off".to_string(),
+            actor_failures_total: g(&s.actor_failures),
+            zombies_reaped_total: g(&s.zombies_reaped),
+            draining: ctx.draining(),
+        },
+    }
+}
+
+/// Checks an `env` param: names non-empty without `=` or NUL, values without NUL.
+fn env_param(name: &str, env: Option<BTreeMap<String, String>>) -> Result<EnvMap, RequestError> {
+    let mut out = EnvMap::new();
+    for (k, v) in env.unwrap_or_default() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(RequestError::InvalidRequest(format!(
+                "param `{name}`: variable {k:?} must have a non-empty name without '=' or NUL and a value without NUL"
+            )));
+        }
+        out.insert(k.into_bytes(), v.into_bytes());
+    }
+    Ok(out)
+}
+
+async fn create(
+    ctx: &Context,
+    uid: u32,
+    params: rmpv::Value,
+) -> Result<crate::protocol::CreateResult, RequestError> {
+    let p: CreateParams = parse_params(params)?;
+    let cwd = match p.cwd {
+        None => None,
+        Some(cwd) => {
+            let path = PathBuf::from(&cwd);
+            if !path.is_absolute() || !path.is_dir() {
+                return Err(RequestError::InvalidRequest(format!(
+                    "param `cwd`: {cwd:?} is not an absolute path to an existing directory"
+                )));
+            }
+            Some(path)
+        }
+    };
+    let request = CreateRequest {
+        cwd,
+        env: env_param("env", p.env)?,
+        timeout: session_timeout(p.limits.as_ref(), ctx.config.commands.max_timeout)?,
+    };
+    ask(ctx, |reply| RegistryMsg::Create {
+        uid,
+        request,
+        reply,
+    })
+    .await?
+}
+
+async fn destroy(
+    ctx: &Context,
+    uid: u32,
+    params: rmpv::Value,
+) -> Result<DestroyResult, RequestError> {
+    let p: SessionIdParams = parse_params(params)?;
+    ask(ctx, |reply| RegistryMsg::Destroy {
+        uid,
+        session_id: p.session_id,
+        reply,
+    })
+    .await??;
+    Ok(DestroyResult { destroyed: true })
+}
+
+async fn list(ctx: &Context, uid: u32) -> Result<ListResult, RequestError> {
+    let sessions = ask(ctx, |reply| RegistryMsg::List { uid, reply }).await?;
+    let mut out = Vec::with_capacity(sessions.len());
+    for session in sessions {
+        // A session that ends meanwhile is simply not listed.
+        if let Ok(d) = ractor::call_t!(
+            session,
+            |reply| SessionMsg::Describe { reply },
+            DESCRIBE_TIMEOUT_MS
+        ) {
+            out.push(d.info);
+        }
+    }
+    out.sort_by(|a, b| b.created_ms_ago.cmp(&a.created_ms_ago));
+    Ok(ListResult { sessions: out })
+}
+
+async fn exec_run(
+    ctx: &Context,
+    uid: u32,
+    params: rmpv::Value,
+) -> Result<crate::protocol::ExecResult, RequestError> {
+    let p: ExecParams = parse_params(params)?;
+    let limit = ctx.config.commands.max_stdin_bytes.as_u64();
+    if let Some(stdin) = &p.stdin {
+        if stdin.len() as u64 > limit {
+            return Err(RequestError::StdinTooLarge {
+                size: stdin.len() as u64,
+                limit,
+            });
+        }
+    }
+    if p.command.contains('\0') {
+        return Err(RequestError::InvalidRequest(
+            "param `command`: holds a NUL byte".into(),
+        ));
+    }
+    let request = ExecRequest {
+        command: p.command,
+        timeout: p
+            .timeout_s
+            .map(|s| seconds_param("timeout_s", s))
+            .transpose()?,
+        stdin: p.stdin.map(|b| b.into_vec()),
+        env: env_param("env", p.env)?,
+        keep_output: p.keep_output.unwrap_or_default(),
+    };
+    ask(ctx, |reply| RegistryMsg::Run {
+        uid,
+        session_id: p.session_id,
+        request,
+        reply,
+    })
+    .await?
+}
+
+async fn cancel(
+    ctx: &Context,
+    uid: u32,
+    params: rmpv::Value,
+) -> Result<CancelResult, RequestError> {
+    let p: SessionIdParams = parse_params(params)?;
+    let cancelled = ask(ctx, |reply| RegistryMsg::Cancel {
+        uid,
+        session_id: p.session_id,
+        reply,
+    })
+    .await??;
+    Ok(CancelResult { cancelled })
+}
