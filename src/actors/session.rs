@@ -196,11 +196,9 @@ impl Actor for SessionActor {
                 for command in state.running.values() {
                     let _ = command.cast(CommandMsg::Kill(reason));
                 }
-                // Background processes of earlier commands die now, not after the running ones.
-                state
-                    .ctx
-                    .processes
-                    .signal_session(state.key, Signal::SIGKILL);
+                // Background groups of earlier commands die in `end`, after the running
+                // commands: killing a running shell's group first would orphan its
+                // setsid'd children before its CommandActor could walk its tree.
                 state.ending = Some(reply);
                 let force_after = state.ctx.config.commands.kill_grace + Duration::from_secs(5);
                 myself.send_after(force_after, || SessionMsg::ForceEnd);

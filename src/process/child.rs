@@ -63,6 +63,21 @@ impl ChildProcess {
         !matches!(killpg(self.pid, signal), Err(Errno::ESRCH))
     }
 
+    /// Sends `signal` to the shell's process group and to every descendant of
+    /// the shell that left the group (`setsid`, `setpgid`) while still below it.
+    /// A descendant already orphaned by an earlier command's exit is out of
+    /// reach without cgroups (see README "Limits of process-group kill").
+    pub async fn signal_tree(&self, signal: Signal) {
+        let root = self.pid.as_raw();
+        let escaped = tokio::task::spawn_blocking(move || descendants_outside_group(root))
+            .await
+            .unwrap_or_default();
+        for pid in escaped {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+        }
+        self.signal_group(signal);
+    }
+
     /// Whether any process of the group is still alive (zombies count until reaped).
     pub fn group_alive(&self) -> bool {
         !matches!(killpg(self.pid, None), Err(Errno::ESRCH))
@@ -123,6 +138,49 @@ impl Drop for ChildProcess {
             self.table.release(self.pid);
         }
     }
+}
+
+/// Descendants of `root` (by parent links in /proc) whose process group is not `root`'s.
+fn descendants_outside_group(root: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: std::collections::HashMap<i32, Vec<(i32, i32)>> = Default::default();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after "(comm)": state ppid pgrp ...
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut f = after.split_whitespace().skip(1);
+        let (Some(ppid), Some(pgrp)) = (
+            f.next().and_then(|v| v.parse::<i32>().ok()),
+            f.next().and_then(|v| v.parse::<i32>().ok()),
+        ) else {
+            continue;
+        };
+        children.entry(ppid).or_default().push((pid, pgrp));
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(parent) = todo.pop() {
+        for &(pid, pgrp) in children.get(&parent).map(Vec::as_slice).unwrap_or(&[]) {
+            if pgrp != root {
+                out.push(pid);
+            }
+            todo.push(pid);
+        }
+    }
+    out
 }
 
 fn pidfd_open(pid: Pid) -> Option<OwnedFd> {

@@ -171,7 +171,7 @@ async fn supervise(
     };
     let mut exited = None;
     if !matches!(reason, KilledBy::SessionDestroyed | KilledBy::Shutdown) {
-        child.signal_group(Signal::SIGTERM);
+        child.signal_tree(Signal::SIGTERM).await;
         let grace_end = tokio::time::Instant::now() + grace;
         tokio::select! {
             r = child.wait() => exited = Some(r?),
@@ -183,7 +183,11 @@ async fn supervise(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    child.signal_group(Signal::SIGKILL);
+    if exited.is_none() {
+        child.signal_tree(Signal::SIGKILL).await;
+    } else {
+        child.signal_group(Signal::SIGKILL);
+    }
     let info = match exited {
         Some(info) => info,
         None => child.wait().await?,

@@ -1,0 +1,348 @@
+//! Test support: start the real daemon in a temp dir, talk to it (client library or raw frames), wait on conditions, check for leaks.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use sessiond::client::Client;
+
+/// Waits until `cond` holds, polling, or panics after `limit` naming `what`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Async form of [`wait_until`] for conditions that need the client.
+pub async fn wait_until_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A real `sessiond serve` on a socket in its own temp dir. Every command it
+/// runs carries `SESSIOND_TEST_TAG=<unique>` in its environment, so the test
+/// can find any process it leaked, whatever became of its parent.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub tag: String,
+    child: Option<Child>,
+    pub stderr_path: PathBuf,
+}
+
+fn merge(base: &mut toml::Table, extra: toml::Table) {
+    for (k, v) in extra {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(e)) => merge(b, e),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+impl TestDaemon {
+    /// Starts a daemon with test defaults plus `extra` (TOML, merged over them).
+    pub fn start(extra: &str) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("sessiond.sock");
+        let tag = format!("t{}", uuid::Uuid::new_v4().simple());
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let mut config: toml::Table = toml::from_str(&format!(
+            r#"
+[server]
+socket = "{socket}"
+shutdown_grace = "5s"
+[sessions]
+default_cwd = "{work}"
+[commands]
+kill_grace = "300ms"
+[commands.env]
+PATH = "/usr/local/bin:/usr/bin:/bin"
+LANG = "C.UTF-8"
+SESSIOND_TEST_TAG = "{tag}"
+"#,
+            socket = socket.display(),
+            work = work.display(),
+        ))
+        .unwrap();
+        merge(
+            &mut config,
+            toml::from_str(extra).expect("extra config is TOML"),
+        );
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        let daemon = Self::spawn(dir, socket, tag, &config_path);
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn spawn(dir: tempfile::TempDir, socket: PathBuf, tag: String, config: &Path) -> TestDaemon {
+        let stderr_path = dir.path().join("daemon.log");
+        let log = std::fs::File::create(&stderr_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            // Must NOT reach commands: they get only the configured base env.
+            .env("SESSIOND_DAEMON_SECRET", "leak")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sessiond");
+        TestDaemon {
+            dir,
+            socket,
+            tag,
+            child: Some(child),
+            stderr_path,
+        }
+    }
+
+    fn wait_ready(&self) {
+        wait_until(
+            "the daemon accepts connections",
+            Duration::from_secs(10),
+            || UnixStream::connect(&self.socket).is_ok(),
+        );
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// The working directory sessions start in.
+    pub fn work_dir(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// A client-library connection.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect")
+    }
+
+    /// A raw-frame connection.
+    pub fn raw(&self) -> RawConn {
+        let stream = UnixStream::connect(&self.socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        RawConn { stream }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits for the daemon to exit (after a signal), with a deadline.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit within {limit:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then checks the clean exit: status 0, socket gone, no process left.
+    pub fn stop(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "daemon exit status {status:?}\n{}",
+            self.log()
+        );
+        assert!(!self.socket.exists(), "socket file left behind");
+        self.assert_no_leaks();
+    }
+
+    /// Panics when any process started by this daemon's commands is still alive.
+    pub fn assert_no_leaks(&self) {
+        // SIGKILLed processes may take a moment to disappear; zombies of init's are reaped by it.
+        let tag = self.tag.clone();
+        let mut left = Vec::new();
+        let ok = (0..300).any(|_| {
+            left = tagged_pids(&tag);
+            if left.is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            false
+        });
+        assert!(ok, "processes leaked by the daemon: {left:?}");
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Whatever a failed test left behind dies here, by pid.
+        for pid in tagged_pids(&self.tag) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Live (non-zombie) processes whose environment holds `SESSIOND_TEST_TAG=tag`.
+pub fn tagged_pids(tag: &str) -> Vec<i32> {
+    let needle = format!("SESSIOND_TEST_TAG={tag}");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if !env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            continue;
+        }
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// A connection speaking raw frames: for malformed input the client library would never send.
+pub struct RawConn {
+    pub stream: UnixStream,
+}
+
+impl RawConn {
+    /// Writes raw bytes as they are.
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Writes one frame: length prefix, then `body`.
+    pub fn write_frame(&mut self, body: &[u8]) {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        self.write_bytes(&frame);
+    }
+
+    /// Writes a request given as an rmpv map.
+    pub fn send(&mut self, request: &rmpv::Value) {
+        let mut body = Vec::new();
+        rmpv::encode::write_value(&mut body, request).unwrap();
+        self.write_frame(&body);
+    }
+
+    /// Reads one frame and decodes it; `None` on EOF.
+    pub fn read(&mut self) -> Option<rmpv::Value> {
+        let mut len = [0u8; 4];
+        if self.stream.read_exact(&mut len).is_err() {
+            return None;
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut body).ok()?;
+        Some(rmpv::decode::read_value(&mut &body[..]).expect("daemon sends valid MessagePack"))
+    }
+
+    /// True when the daemon closed the connection.
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0))
+    }
+}
+
+/// Builds a request map.
+pub fn request(
+    id: impl Into<rmpv::Value>,
+    method: &str,
+    params: Vec<(&str, rmpv::Value)>,
+) -> rmpv::Value {
+    rmpv::Value::Map(vec![
+        ("id".into(), id.into()),
+        ("method".into(), method.into()),
+        (
+            "params".into(),
+            rmpv::Value::Map(params.into_iter().map(|(k, v)| (k.into(), v)).collect()),
+        ),
+    ])
+}
+
+/// `value[key]` of a map.
+pub fn get<'a>(value: &'a rmpv::Value, key: &str) -> &'a rmpv::Value {
+    value
+        .as_map()
+        .and_then(|m| {
+            m.iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v)
+        })
+        .unwrap_or(&rmpv::Value::Nil)
+}
+
+/// The error code of a response, if it is an error.
+pub fn error_code(value: &rmpv::Value) -> Option<String> {
+    get(get(value, "error"), "code")
+        .as_str()
+        .map(str::to_string)
+}
