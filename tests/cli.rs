@@ -1,0 +1,122 @@
+//! The `sessiond` command line against a real daemon.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::TestDaemon;
+
+fn sessiond(d: &TestDaemon, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(args)
+        .env("SESSIOND_SOCKET", &d.socket)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn run_prints_output_and_exits_with_the_command_code() {
+    let d = TestDaemon::start("");
+    let o = sessiond(&d, &["run", "--", "echo", "hi"]);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o), "hi\n");
+
+    let o = sessiond(&d, &["run", "--", "echo oops >&2; exit 3"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "oops\n");
+
+    let o = sessiond(&d, &["run", "--timeout", "0.2", "--", "sleep", "30"]);
+    assert_eq!(o.status.code(), Some(128 + 15));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("killed (Timeout)"),
+        "{o:?}"
+    );
+
+    let input = d.dir.path().join("input.txt");
+    std::fs::write(&input, "a\nb\nc\n").unwrap();
+    let o = sessiond(
+        &d,
+        &["run", "--stdin", input.to_str().unwrap(), "--", "wc", "-l"],
+    );
+    assert_eq!(stdout(&o).trim(), "3");
+
+    // Fresh sessions made by `run` are destroyed after.
+    let o = sessiond(&d, &["session", "list"]);
+    assert_eq!(stdout(&o), "");
+    d.stop();
+}
+
+#[test]
+fn session_subcommands_and_health() {
+    let d = TestDaemon::start("");
+    let o = sessiond(&d, &["session", "create"]);
+    assert!(o.status.success());
+    let id = stdout(&o).trim().to_string();
+    let o = sessiond(&d, &["run", "--session", &id, "--", "cd /tmp"]);
+    assert!(o.status.success());
+    let o = sessiond(&d, &["run", "--session", &id, "--", "pwd"]);
+    assert_eq!(stdout(&o), "/tmp\n");
+    assert!(stdout(&sessiond(&d, &["session", "list"])).contains(&id));
+    assert!(sessiond(&d, &["session", "destroy", &id]).status.success());
+    let o = sessiond(&d, &["session", "destroy", &id]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("SESSION_NOT_FOUND"));
+
+    assert!(stdout(&sessiond(&d, &["ping"])).starts_with("pong"));
+    let o = sessiond(&d, &["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["sessions"]["created_total"], 1);
+    d.stop();
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[commands]\ndefault_timeout = \"2h\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("commands.default_timeout") && err.contains("max_timeout"),
+        "{err}"
+    );
+
+    std::fs::write(&bad, "[server]\nsokcet = \"/x\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sokcet"));
+
+    // Without a file: the embedded defaults, which parse back to themselves.
+    let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let printed = String::from_utf8_lossy(&o.stdout);
+    let parsed = sessiond::config::Config::parse(&printed).unwrap();
+    assert_eq!(
+        parsed.commands,
+        sessiond::config::Config::default().commands
+    );
+
+    // A serve with a bad config refuses to start, with the same message.
+    let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}

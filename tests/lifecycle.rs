@@ -1,0 +1,210 @@
+//! The daemon's lifetime: graceful and forced shutdown, socket ownership, connection admission.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use sessiond::protocol::{CreateParams, KilledBy};
+use support::{TestDaemon, alive, wait_until, wait_until_async};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_running_commands_finish_within_the_grace() {
+    let mut d = TestDaemon::start("[server]\nshutdown_grace = \"20s\"\n");
+    let c = Arc::new(d.client().await);
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let runner = {
+        let (c, s) = (c.clone(), s.clone());
+        tokio::spawn(async move {
+            c.run(
+                &s,
+                "touch started; while [ ! -e finish ]; do sleep 0.02; done; echo finished",
+            )
+            .await
+        })
+    };
+    wait_until("the command runs", Duration::from_secs(10), || {
+        d.work_dir().join("started").exists()
+    });
+    d.signal(Signal::SIGTERM);
+    wait_until_async("the daemon drains", Duration::from_secs(10), || async {
+        c.stats().await.unwrap().runtime.draining
+    })
+    .await;
+    // Draining: health checks answer, new work is refused.
+    assert!(c.ping().await.unwrap().pong);
+    let e = c.create_session(CreateParams::default()).await.unwrap_err();
+    assert_eq!(e.code(), Some("SHUTTING_DOWN"));
+    let other = c.create_session(CreateParams::default()).await.unwrap_err();
+    assert_eq!(other.code(), Some("SHUTTING_DOWN"));
+    let e = c.run(&s, "true").await.unwrap_err();
+    assert_eq!(e.code(), Some("SHUTTING_DOWN"));
+    // The running command finishes normally.
+    std::fs::write(d.work_dir().join("finish"), "").unwrap();
+    let r = runner.await.unwrap().unwrap();
+    assert_eq!(r.exit_code, Some(0));
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "finished\n");
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(!d.socket.exists());
+    d.assert_no_leaks();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_kills_what_outlives_the_grace_with_killed_by_shutdown() {
+    let mut d = TestDaemon::start("[server]\nshutdown_grace = \"300ms\"\n");
+    let c = Arc::new(d.client().await);
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
+    let background: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let runner = {
+        let (c, s) = (c.clone(), s.clone());
+        tokio::spawn(async move { c.run(&s, "echo $$ > shell.pid; sleep 300").await })
+    };
+    wait_until("the command runs", Duration::from_secs(10), || {
+        d.work_dir().join("shell.pid").exists()
+    });
+    d.signal(Signal::SIGTERM);
+    let r = runner.await.unwrap().unwrap();
+    assert_eq!(r.killed_by, Some(KilledBy::Shutdown));
+    assert_eq!(r.signal, Some(9));
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(!d.socket.exists());
+    assert!(!alive(background));
+    d.assert_no_leaks();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_exits_at_once_and_still_kills_every_child() {
+    let mut d = TestDaemon::start("[server]\nshutdown_grace = \"60s\"\n");
+    let c = Arc::new(d.client().await);
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let runner = {
+        let (c, s) = (c.clone(), s.clone());
+        tokio::spawn(async move { c.run(&s, "echo $$ > shell.pid; sleep 300").await })
+    };
+    wait_until("the command runs", Duration::from_secs(10), || {
+        d.work_dir().join("shell.pid").exists()
+    });
+    d.signal(Signal::SIGTERM);
+    wait_until_async("the daemon drains", Duration::from_secs(10), || async {
+        c.stats().await.unwrap().runtime.draining
+    })
+    .await;
+    d.signal(Signal::SIGINT);
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "a forced stop exits 1");
+    assert!(!d.socket.exists());
+    d.assert_no_leaks();
+    // The client sees the connection end instead of an answer.
+    assert!(runner.await.unwrap().is_err());
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+    let d = TestDaemon::start("");
+    // A second daemon on the same live socket refuses to start.
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["serve", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already serving"),
+        "{out:?}"
+    );
+    // ...and left the first one's socket alone.
+    let mut conn = d.raw();
+    conn.send(&support::request(1, "system.ping", vec![]));
+    assert!(conn.read().is_some());
+    drop(conn);
+    d.stop();
+
+    // A socket file nobody listens on (a daemon that died) is replaced.
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["serve", "--socket"])
+        .arg(&stale)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the daemon serves on the stale path",
+        Duration::from_secs(10),
+        || std::os::unix::net::UnixStream::connect(&stale).is_ok(),
+    );
+    let mode = std::fs::metadata(&stale).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "default socket mode");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(!stale.exists());
+}
+
+#[test]
+fn connections_over_the_limit_get_an_error_frame() {
+    let d = TestDaemon::start("[server]\nmax_connections = 2\n");
+    let mut a = d.raw();
+    let mut b = d.raw();
+    for conn in [&mut a, &mut b] {
+        conn.send(&support::request(1, "system.ping", vec![]));
+        assert!(conn.read().is_some());
+    }
+    let mut c = d.raw();
+    let r = c.read().expect("an error frame, not a silent close");
+    assert_eq!(
+        support::error_code(&r).as_deref(),
+        Some("TOO_MANY_CONNECTIONS")
+    );
+    assert_eq!(
+        support::get(support::get(&r, "error"), "limit").as_u64(),
+        Some(2)
+    );
+    assert!(c.is_closed());
+    // A slot frees when a connection ends.
+    drop(a);
+    wait_until("a slot frees", Duration::from_secs(10), || {
+        let mut conn = d.raw();
+        conn.send(&support::request(2, "system.ping", vec![]));
+        conn.read()
+            .is_some_and(|r| support::error_code(&r).is_none())
+    });
+    drop((b, c));
+    d.stop();
+}
+
+#[test]
+fn a_uid_that_is_not_allowed_gets_permission_denied() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to connect as another uid");
+        return;
+    }
+    let d = TestDaemon::start("[server]\nsocket_mode = 0o666\n");
+    // Let uid 65534 reach the socket through the temp dir.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["ping", "--socket"])
+        .arg(&d.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"),
+        "{out:?}"
+    );
+    d.stop();
+}
