@@ -105,7 +105,15 @@ impl Client {
             }
             pending.waiting.insert(id, tx);
         }
-        self.writer.lock().await.send(Bytes::from(body)).await?;
+        if let Err(write_error) = self.writer.lock().await.send(Bytes::from(body)).await {
+            // The daemon may have refused the connection (PERMISSION_DENIED,
+            // TOO_MANY_CONNECTIONS) and closed it before our write: prefer its
+            // error frame, which the reader hands to every waiting call.
+            return match tokio::time::timeout(std::time::Duration::from_secs(1), rx).await {
+                Ok(Ok(answer)) => answer,
+                _ => Err(ClientError::Io(write_error)),
+            };
+        }
         rx.await.map_err(|_| ClientError::Closed)?
     }
 

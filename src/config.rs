@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Everything the daemon can be told at start. Every field has a default, so
 /// the daemon runs with no file at all.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The socket and the connections on it.
@@ -134,16 +134,6 @@ impl Default for CommandsConfig {
             max_stdin_bytes: ByteSize::mib(1),
             run_as_user: String::new(),
             env,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            sessions: SessionsConfig::default(),
-            commands: CommandsConfig::default(),
         }
     }
 }

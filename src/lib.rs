@@ -19,6 +19,8 @@ pub mod actors;
 pub mod client;
 pub mod config;
 pub mod context;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod process;
 pub mod protocol;
 pub mod server;

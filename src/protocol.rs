@@ -23,6 +23,9 @@ pub mod method {
     pub const SESSION_LIST: &str = "session.list";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_CANCEL: &str = "exec.cancel";
+    /// Only with the `fault-injection` feature; else `UNKNOWN_METHOD`.
+    #[cfg(feature = "fault-injection")]
+    pub const DEBUG_FAULT: &str = "debug.fault";
 }
 
 /// Decodes a request's `params` map into `T`; a wrong type is an

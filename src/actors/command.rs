@@ -46,6 +46,9 @@ pub enum CommandMsg {
     Kill(KilledBy),
     /// The run task finished (sent by the task itself).
     Finished(Result<RunOutcome, RunFailure>),
+    /// Fault injection: strike this actor's handler.
+    #[cfg(feature = "fault-injection")]
+    Fault(crate::fault::Fault),
 }
 
 /// Why the run task produced no outcome.
@@ -137,6 +140,8 @@ impl Actor for CommandActor {
                     }
                 });
             }
+            #[cfg(feature = "fault-injection")]
+            CommandMsg::Fault(fault) => return fault.strike("CommandActor").await,
             CommandMsg::Finished(finished) => {
                 state.finish(myself.get_id(), finished);
                 myself.stop(None);

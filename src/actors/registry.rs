@@ -77,6 +77,15 @@ pub enum RegistryMsg {
     Sweep,
     /// Destroy every session with `killed_by: "shutdown"`; answer when all have ended.
     Shutdown { reply: RpcReplyPort<()> },
+    /// Fault injection: strike the registry itself, or pass the fault to a session.
+    #[cfg(feature = "fault-injection")]
+    Fault {
+        uid: u32,
+        target: crate::fault::FaultTarget,
+        session_id: String,
+        fault: crate::fault::Fault,
+        reply: RpcReplyPort<Result<u64, RequestError>>,
+    },
 }
 
 struct SessionEntry {
@@ -204,6 +213,31 @@ impl Actor for RegistryActor {
             }
             RegistryMsg::SessionEnded { actor, failed } => state.session_ended(actor, failed),
             RegistryMsg::Sweep => state.sweep(),
+            #[cfg(feature = "fault-injection")]
+            RegistryMsg::Fault {
+                uid,
+                target,
+                session_id,
+                fault,
+                reply,
+            } => {
+                if target == crate::fault::FaultTarget::Registry {
+                    let _ = reply.send(Ok(1));
+                    return fault.strike("RegistryActor").await;
+                }
+                match state.lookup(uid, &session_id) {
+                    Ok(entry) => {
+                        let _ = entry.actor.cast(SessionMsg::Fault {
+                            target,
+                            fault,
+                            reply,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             RegistryMsg::Shutdown { reply } => {
                 state.shutting_down = true;
                 let all: Vec<(String, u32)> = state
@@ -247,8 +281,11 @@ impl RegistryState {
                 limit: cfg.sessions.max_sessions_per_client as u64,
             });
         }
-        let max_timeout = request.timeout.unwrap_or(cfg.commands.max_timeout);
-        let default_timeout = cfg.commands.default_timeout.min(max_timeout);
+        // `limits.timeout_s` is the session's default and maximum timeout.
+        let (default_timeout, max_timeout) = match request.timeout {
+            Some(t) => (t, t),
+            None => (cfg.commands.default_timeout, cfg.commands.max_timeout),
+        };
         let cwd = request.cwd.unwrap_or_else(|| self.ctx.default_cwd.clone());
         let mut env = self.ctx.base_env.clone();
         env.extend(request.env);

@@ -80,6 +80,13 @@ pub enum SessionMsg {
     IdleCheck,
     /// Destroy took too long: stop anyway (the Drop guard still kills).
     ForceEnd,
+    /// Fault injection: strike this session, or its running commands.
+    #[cfg(feature = "fault-injection")]
+    Fault {
+        target: crate::fault::FaultTarget,
+        fault: crate::fault::Fault,
+        reply: RpcReplyPort<Result<u64, RequestError>>,
+    },
 }
 
 /// What a session says of itself.
@@ -205,6 +212,21 @@ impl Actor for SessionActor {
                 state.end_if_idle(&myself);
             }
             SessionMsg::IdleCheck => state.idle_check(&myself),
+            #[cfg(feature = "fault-injection")]
+            SessionMsg::Fault {
+                target,
+                fault,
+                reply,
+            } => {
+                if target == crate::fault::FaultTarget::Session {
+                    let _ = reply.send(Ok(1));
+                    return fault.strike("SessionActor").await;
+                }
+                for command in state.running.values() {
+                    let _ = command.cast(CommandMsg::Fault(fault));
+                }
+                let _ = reply.send(Ok(state.running.len() as u64));
+            }
             SessionMsg::ForceEnd => {
                 tracing::warn!(session = %state.id, "commands did not end after destroy; stopping the session anyway");
                 state.end(&myself);

@@ -84,6 +84,14 @@ pub async fn run_command(
     let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
 
+    #[cfg(feature = "fault-injection")]
+    if crate::fault::take_spawn_failure() {
+        return Err(RunError::Spawn(SpawnError::Spawn {
+            program: spec.shell.display().to_string(),
+            cwd: spec.cwd.display().to_string(),
+            errno: nix::errno::Errno::EAGAIN,
+        }));
+    }
     let started = Instant::now();
     let (mut child, pipes) = spawn::spawn(
         table,

@@ -47,6 +47,10 @@ pub async fn dispatch(ctx: &Arc<Context>, uid: u32, request: Request) -> Bytes {
         method::EXEC_CANCEL => cancel(ctx, uid, request.params)
             .await
             .map(|r| encode_result(id, &r)),
+        #[cfg(feature = "fault-injection")]
+        method::DEBUG_FAULT => fault(ctx, uid, request.params)
+            .await
+            .map(|r| encode_result(id, &r)),
         other => Err(RequestError::UnknownMethod(other.to_string())),
     };
     answer.unwrap_or_else(|e| {
@@ -200,7 +204,7 @@ async fn list(ctx: &Context, uid: u32) -> Result<ListResult, RequestError> {
             out.push(d.info);
         }
     }
-    out.sort_by(|a, b| b.created_ms_ago.cmp(&a.created_ms_ago));
+    out.sort_by_key(|s| std::cmp::Reverse(s.created_ms_ago));
     Ok(ListResult { sessions: out })
 }
 
@@ -256,4 +260,33 @@ async fn cancel(
     })
     .await??;
     Ok(CancelResult { cancelled })
+}
+
+/// `debug.fault`: delivers an injected fault (feature `fault-injection` only).
+#[cfg(feature = "fault-injection")]
+async fn fault(
+    ctx: &Context,
+    uid: u32,
+    params: rmpv::Value,
+) -> Result<crate::fault::FaultResult, RequestError> {
+    use crate::fault::{FAIL_NEXT_SPAWN, Fault, FaultParams, FaultResult, FaultTarget};
+    let p: FaultParams = parse_params(params)?;
+    let fault = Fault {
+        action: p.action,
+        stall: std::time::Duration::from_millis(p.stall_ms.unwrap_or(1000)),
+    };
+    if p.target == FaultTarget::Spawn {
+        FAIL_NEXT_SPAWN.store(true, std::sync::atomic::Ordering::SeqCst);
+        return Ok(FaultResult { injected: 1 });
+    }
+    let session_id = p.session_id.unwrap_or_default();
+    let injected = ask(ctx, |reply| RegistryMsg::Fault {
+        uid,
+        target: p.target,
+        session_id,
+        fault,
+        reply,
+    })
+    .await??;
+    Ok(FaultResult { injected })
 }
