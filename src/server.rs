@@ -268,16 +268,36 @@ async fn accept_loop(
             continue;
         };
         Stats::bump(&ctx.stats.connections_total);
+        let open = OpenConnection::new(ctx.clone(), slot);
+        let (ctx, stop) = (ctx.clone(), stop.clone());
+        tokio::spawn(async move {
+            connection::serve(ctx, stream, uid, stop).await;
+            drop(open);
+        });
+    }
+}
+
+/// Counts an open connection and holds its slot; released on drop, so even a
+/// connection task that panics gives both back.
+struct OpenConnection {
+    ctx: Arc<Context>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(ctx: Arc<Context>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
         ctx.stats
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (ctx, stop) = (ctx.clone(), stop.clone());
-        tokio::spawn(async move {
-            connection::serve(ctx.clone(), stream, uid, stop).await;
-            ctx.stats
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            drop(slot);
-        });
+        OpenConnection { ctx, _slot: slot }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.ctx
+            .stats
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -36,11 +36,15 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
     let (read_half, write_half) = stream.into_split();
     let max = ctx.config.server.max_request_bytes.as_u64() as usize;
     let mut frames = FramedRead::new(read_half, request_codec(max));
-    let (tx, mut rx) = mpsc::channel::<Bytes>(RESPONSE_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(RESPONSE_QUEUE);
     let writer = tokio::spawn(async move {
         let mut sink = FramedWrite::new(write_half, response_codec());
-        while let Some(frame) = rx.recv().await {
-            if sink.send(frame).await.is_err() {
+        while let Some(out) = rx.recv().await {
+            let (frame, last) = match out {
+                Outgoing::Frame(frame) => (frame, false),
+                Outgoing::Last(frame) => (frame, true),
+            };
+            if sink.send(frame).await.is_err() || last {
                 break;
             }
         }
@@ -58,7 +62,9 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
             Some(Err(e)) if is_frame_too_large(&e) => {
                 Stats::bump(&ctx.stats.bad_frames);
                 let error = RequestError::FrameTooLarge { limit: max as u64 };
-                let _ = tx.send(encode_error(None, &error)).await;
+                // The last frame: the writer closes the connection after it, and
+                // answers of requests still in flight are dropped.
+                let _ = tx.send(Outgoing::Last(encode_error(None, &error))).await;
                 break;
             }
             Some(Err(_)) => break,
@@ -67,14 +73,22 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
             Ok(request) => request,
             Err(bad) => {
                 Stats::bump(&ctx.stats.bad_frames);
-                if tx.send(encode_error(bad.id, &bad.error)).await.is_err() {
+                if tx
+                    .send(Outgoing::Frame(encode_error(bad.id, &bad.error)))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 continue;
             }
         };
         if is_inline(&request.method) {
-            if tx.send(dispatch(&ctx, uid, request).await).await.is_err() {
+            if tx
+                .send(Outgoing::Frame(dispatch(&ctx, uid, request).await))
+                .await
+                .is_err()
+            {
                 break;
             }
             continue;
@@ -85,7 +99,7 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
         let (ctx, tx) = (ctx.clone(), tx.clone());
         tokio::spawn(async move {
             let answer = dispatch(&ctx, uid, request).await;
-            let _ = tx.send(answer).await;
+            let _ = tx.send(Outgoing::Frame(answer)).await;
             drop(permit);
         });
     }
@@ -103,6 +117,13 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
     // answers are dropped (documented in docs/protocol.md).
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// A response on its way to the socket.
+enum Outgoing {
+    Frame(Bytes),
+    /// Write it, then close the connection.
+    Last(Bytes),
 }
 
 /// Answers a connection that will not be served with one error frame, then closes it.
