@@ -156,12 +156,24 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
 #[test]
 fn connections_over_the_limit_get_an_error_frame() {
     let d = TestDaemon::start("[server]\nmax_connections = 2\n");
-    let mut a = d.raw();
-    let mut b = d.raw();
-    for conn in [&mut a, &mut b] {
-        conn.send(&support::request(1, "system.ping", vec![]));
-        assert!(conn.read().is_some());
-    }
+    // Fill both slots (the harness's readiness probe may hold one for a moment).
+    let mut served = Vec::new();
+    wait_until(
+        "two connections are served",
+        Duration::from_secs(10),
+        || {
+            let mut conn = d.raw();
+            if conn.try_send(&support::request(1, "system.ping", vec![]))
+                && conn
+                    .read()
+                    .is_some_and(|r| support::error_code(&r).is_none())
+            {
+                served.push(conn);
+            }
+            served.len() == 2
+        },
+    );
+    let (a, b) = (served.remove(0), served.remove(0));
     let mut c = d.raw();
     let r = c.read().expect("an error frame, not a silent close");
     assert_eq!(
@@ -177,9 +189,11 @@ fn connections_over_the_limit_get_an_error_frame() {
     drop(a);
     wait_until("a slot frees", Duration::from_secs(10), || {
         let mut conn = d.raw();
-        conn.send(&support::request(2, "system.ping", vec![]));
-        conn.read()
-            .is_some_and(|r| support::error_code(&r).is_none())
+        // Until the slot is free, this one is refused and may be closed before we write.
+        conn.try_send(&support::request(2, "system.ping", vec![]))
+            && conn
+                .read()
+                .is_some_and(|r| support::error_code(&r).is_none())
     });
     drop((b, c));
     d.stop();

@@ -294,6 +294,15 @@ impl RawConn {
         self.write_frame(&body);
     }
 
+    /// Like [`RawConn::send`], but a connection the daemon already closed is `false`, not a panic.
+    pub fn try_send(&mut self, request: &rmpv::Value) -> bool {
+        let mut body = Vec::new();
+        rmpv::encode::write_value(&mut body, request).unwrap();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.stream.write_all(&frame).is_ok()
+    }
+
     /// Reads one frame and decodes it; `None` on EOF.
     pub fn read(&mut self) -> Option<rmpv::Value> {
         let mut len = [0u8; 4];
