@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_bytes::ByteBuf;
 use sessiond::protocol::{CreateParams, ExecParams, KeepOutput, KilledBy};
-use support::{TestDaemon, alive, wait_until, wait_until_async};
+use support::{TestDaemon, alive, spawn_run, wait_running, wait_until};
 
 fn exec(session: &str, command: &str) -> ExecParams {
     ExecParams {
@@ -319,16 +319,8 @@ async fn cancel_kills_the_running_command() {
     let c = std::sync::Arc::new(d.client().await);
     let s = c.create_session(CreateParams::default()).await.unwrap();
     assert!(!c.cancel(&s).await.unwrap(), "nothing to cancel yet");
-    let runner = {
-        let (c, s) = (c.clone(), s.clone());
-        tokio::spawn(async move { c.run(&s, "echo going; sleep 60").await })
-    };
-    wait_until_async(
-        "the command is running",
-        Duration::from_secs(10),
-        || async { c.stats().await.unwrap().commands.running == 1 },
-    )
-    .await;
+    let runner = spawn_run(&c, &s, "echo going; sleep 60");
+    wait_running(&c, 1).await;
     assert!(c.cancel(&s).await.unwrap());
     let r = runner.await.unwrap().unwrap();
     assert_eq!(r.killed_by, Some(KilledBy::Cancelled));
@@ -347,13 +339,7 @@ async fn destroy_mid_command_answers_session_destroyed() {
     let d = TestDaemon::start("");
     let c = std::sync::Arc::new(d.client().await);
     let s = c.create_session(CreateParams::default()).await.unwrap();
-    let runner = {
-        let (c, s) = (c.clone(), s.clone());
-        tokio::spawn(async move {
-            c.run(&s, "setsid sleep 60 & echo $! > bg.pid; sleep 60")
-                .await
-        })
-    };
+    let runner = spawn_run(&c, &s, "setsid sleep 60 & echo $! > bg.pid; sleep 60");
     wait_until(
         "the command started its child",
         Duration::from_secs(10),
@@ -374,16 +360,8 @@ async fn a_busy_session_refuses_a_second_command() {
     let d = TestDaemon::start("");
     let c = std::sync::Arc::new(d.client().await);
     let s = c.create_session(CreateParams::default()).await.unwrap();
-    let runner = {
-        let (c, s) = (c.clone(), s.clone());
-        tokio::spawn(async move { c.run(&s, "sleep 60").await })
-    };
-    wait_until_async(
-        "the first command runs",
-        Duration::from_secs(10),
-        || async { c.stats().await.unwrap().commands.running == 1 },
-    )
-    .await;
+    let runner = spawn_run(&c, &s, "sleep 60");
+    wait_running(&c, 1).await;
     let e = c.run(&s, "true").await.unwrap_err();
     assert_eq!(e.code(), Some("SESSION_BUSY"));
     assert_eq!(c.stats().await.unwrap().commands.rejected_busy_total, 1);
@@ -400,16 +378,8 @@ async fn the_global_command_cap_refuses_with_its_limit() {
     let c = std::sync::Arc::new(d.client().await);
     let s1 = c.create_session(CreateParams::default()).await.unwrap();
     let s2 = c.create_session(CreateParams::default()).await.unwrap();
-    let runner = {
-        let (c, s) = (c.clone(), s1.clone());
-        tokio::spawn(async move { c.run(&s, "sleep 60").await })
-    };
-    wait_until_async(
-        "the first command runs",
-        Duration::from_secs(10),
-        || async { c.stats().await.unwrap().commands.running == 1 },
-    )
-    .await;
+    let runner = spawn_run(&c, &s1, "sleep 60");
+    wait_running(&c, 1).await;
     let e = c.run(&s2, "true").await.unwrap_err();
     assert_eq!(e.code(), Some("TOO_MANY_COMMANDS"));
     match &e {
@@ -465,14 +435,8 @@ async fn a_ping_is_answered_while_a_long_exec_runs_on_the_same_connection() {
     let d = TestDaemon::start("");
     let c = std::sync::Arc::new(d.client().await);
     let s = c.create_session(CreateParams::default()).await.unwrap();
-    let runner = {
-        let (c, s) = (c.clone(), s.clone());
-        tokio::spawn(async move { c.run(&s, "sleep 60").await })
-    };
-    wait_until_async("the exec runs", Duration::from_secs(10), || async {
-        c.stats().await.unwrap().commands.running == 1
-    })
-    .await;
+    let runner = spawn_run(&c, &s, "sleep 60");
+    wait_running(&c, 1).await;
     // Same connection, sent after the exec: answered while the exec is still running.
     assert!(c.ping().await.unwrap().pong);
     assert!(!runner.is_finished());

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use sessiond::protocol::{CreateParams, KilledBy};
-use support::{TestDaemon, alive, wait_until, wait_until_async};
+use support::{TestDaemon, alive, spawn_run, wait_until, wait_until_async};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_running_commands_finish_within_the_grace() {
@@ -61,10 +61,7 @@ async fn sigterm_kills_what_outlives_the_grace_with_killed_by_shutdown() {
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
     let background: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
-    let runner = {
-        let (c, s) = (c.clone(), s.clone());
-        tokio::spawn(async move { c.run(&s, "echo $$ > shell.pid; sleep 300").await })
-    };
+    let runner = spawn_run(&c, &s, "echo $$ > shell.pid; sleep 300");
     wait_until("the command runs", Duration::from_secs(10), || {
         d.work_dir().join("shell.pid").exists()
     });
@@ -84,10 +81,7 @@ async fn a_second_signal_exits_at_once_and_still_kills_every_child() {
     let mut d = TestDaemon::start("[server]\nshutdown_grace = \"60s\"\n");
     let c = Arc::new(d.client().await);
     let s = c.create_session(CreateParams::default()).await.unwrap();
-    let runner = {
-        let (c, s) = (c.clone(), s.clone());
-        tokio::spawn(async move { c.run(&s, "echo $$ > shell.pid; sleep 300").await })
-    };
+    let runner = spawn_run(&c, &s, "echo $$ > shell.pid; sleep 300");
     wait_until("the command runs", Duration::from_secs(10), || {
         d.work_dir().join("shell.pid").exists()
     });

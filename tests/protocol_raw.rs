@@ -24,12 +24,7 @@ fn every_method_answers_by_id_over_raw_frames() {
         Some(env!("CARGO_PKG_VERSION"))
     );
 
-    conn.send(&request(2, "session.create", vec![]));
-    let r = conn.read().unwrap();
-    let sid = get(get(&r, "result"), "session_id")
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sid = conn.create_session(2);
 
     // stdin as str is accepted; stdout comes back as bin.
     conn.send(&request(
@@ -153,11 +148,7 @@ fn every_method_answers_by_id_over_raw_frames() {
 fn pipelined_requests_are_answered_by_id_in_any_order() {
     let d = TestDaemon::start("");
     let mut conn = d.raw();
-    conn.send(&request(10, "session.create", vec![]));
-    let sid = get(get(&conn.read().unwrap(), "result"), "session_id")
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sid = conn.create_session(10);
     // A slow exec first, then pings on the same connection without waiting.
     conn.send(&request(
         11,
@@ -308,11 +299,7 @@ fn a_truncated_frame_then_disconnect_harms_nobody() {
 fn refusals_carry_named_codes_over_the_wire() {
     let d = TestDaemon::start("[commands]\nmax_stdin_bytes = 8\n");
     let mut conn = d.raw();
-    conn.send(&request(1, "session.create", vec![]));
-    let sid = get(get(&conn.read().unwrap(), "result"), "session_id")
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sid = conn.create_session(1);
     conn.send(&request(
         2,
         "exec.run",

@@ -9,6 +9,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 
+use super::procfs::{self, ProcStat};
 use super::table::ProcessTable;
 
 /// How a process ended and what it used.
@@ -142,42 +143,18 @@ impl Drop for ChildProcess {
 
 /// Descendants of `root` (by parent links in /proc) whose process group is not `root`'s.
 fn descendants_outside_group(root: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut children: std::collections::HashMap<i32, Vec<(i32, i32)>> = Default::default();
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after "(comm)": state ppid pgrp ...
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut f = after.split_whitespace().skip(1);
-        let (Some(ppid), Some(pgrp)) = (
-            f.next().and_then(|v| v.parse::<i32>().ok()),
-            f.next().and_then(|v| v.parse::<i32>().ok()),
-        ) else {
-            continue;
-        };
-        children.entry(ppid).or_default().push((pid, pgrp));
+    let mut children: std::collections::HashMap<i32, Vec<ProcStat>> = Default::default();
+    for p in procfs::all_processes() {
+        children.entry(p.ppid).or_default().push(p);
     }
     let mut out = Vec::new();
     let mut todo = vec![root];
     while let Some(parent) = todo.pop() {
-        for &(pid, pgrp) in children.get(&parent).map(Vec::as_slice).unwrap_or(&[]) {
-            if pgrp != root {
-                out.push(pid);
+        for p in children.get(&parent).map(Vec::as_slice).unwrap_or(&[]) {
+            if p.pgrp != root {
+                out.push(p.pid);
             }
-            todo.push(pid);
+            todo.push(p.pid);
         }
     }
     out

@@ -2,6 +2,7 @@
 
 pub mod child;
 pub mod output;
+pub mod procfs;
 pub mod reaper;
 pub mod run;
 pub mod shell;

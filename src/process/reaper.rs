@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::procfs;
 use super::table::ProcessTable;
 
 /// Collects every zombie child of this process whose pid is not waited for by
@@ -36,31 +37,9 @@ pub fn reap_orphans(table: &Arc<ProcessTable>) -> u64 {
 }
 
 fn zombie_children(parent: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut fields = after.split_whitespace();
-        let state = fields.next();
-        let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
-        if state == Some("Z") && ppid == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
+    procfs::all_processes()
+        .into_iter()
+        .filter(|p| p.ppid == parent && p.is_zombie())
+        .map(|p| p.pid)
+        .collect()
 }

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use sessiond::client::Client;
+use std::sync::Arc;
+
+use sessiond::client::{Client, ClientError};
+use sessiond::process::procfs;
+use sessiond::protocol::ExecResult;
 
 /// Waits until `cond` holds, polling, or panics after `limit` naming `what`.
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
@@ -229,44 +233,40 @@ impl Drop for TestDaemon {
 /// Live (non-zombie) processes whose environment holds `SESSIOND_TEST_TAG=tag`.
 pub fn tagged_pids(tag: &str) -> Vec<i32> {
     let needle = format!("SESSIOND_TEST_TAG={tag}");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if !env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-            continue;
-        }
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if !zombie {
-            out.push(pid);
-        }
-    }
-    out
+    procfs::all_processes()
+        .into_iter()
+        .filter(|p| !p.is_zombie())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{}/environ", p.pid))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+    procfs::stat(pid).is_some_and(|p| !p.is_zombie())
+}
+
+/// Starts `exec.run` of `command` in `session` on its own task; await the handle for the result.
+pub fn spawn_run(
+    client: &Arc<Client>,
+    session: &str,
+    command: &str,
+) -> tokio::task::JoinHandle<Result<ExecResult, ClientError>> {
+    let (client, session, command) = (client.clone(), session.to_string(), command.to_string());
+    tokio::spawn(async move { client.run(&session, &command).await })
+}
+
+/// Waits until the daemon reports `n` running commands.
+pub async fn wait_running(client: &Client, n: u64) {
+    wait_until_async(
+        &format!("{n} command(s) running"),
+        Duration::from_secs(10),
+        || async { client.stats().await.unwrap().commands.running == n },
+    )
+    .await;
 }
 
 /// A connection speaking raw frames: for malformed input the client library would never send.
@@ -301,6 +301,16 @@ impl RawConn {
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
         self.stream.write_all(&frame).is_ok()
+    }
+
+    /// `session.create` with request id `id`; returns the session id.
+    pub fn create_session(&mut self, id: u64) -> String {
+        self.send(&request(id, "session.create", vec![]));
+        let r = self.read().expect("an answer");
+        get(get(&r, "result"), "session_id")
+            .as_str()
+            .expect("a session id")
+            .to_string()
     }
 
     /// Reads one frame and decodes it; `None` on EOF.
