@@ -1,7 +1,7 @@
 //! What every actor and connection shares: the config in force, counters, the process table, command slots, draining flag.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use crate::actors::registry::RegistryMsg;
 use crate::config::Config;
 use crate::process::ProcessTable;
 use crate::process::shell::EnvMap;
+use crate::process::table::SessionKey;
 use crate::stats::Stats;
 
 /// Shared, read-mostly state of one daemon.
@@ -38,6 +39,9 @@ pub struct Context {
     pub started: Instant,
     /// The current RegistryActor; replaced when the supervisor restarts it.
     registry: RwLock<Option<ActorRef<RegistryMsg>>>,
+    /// Source of session keys. Outside the registry, so a restarted registry
+    /// can never hand out a key a live session still holds.
+    next_session_key: AtomicU64,
 }
 
 impl Context {
@@ -97,6 +101,7 @@ impl Context {
             draining: AtomicBool::new(false),
             started: Instant::now(),
             registry: RwLock::new(None),
+            next_session_key: AtomicU64::new(1),
         }
     }
 
@@ -126,6 +131,11 @@ impl Context {
     /// Installs the registry the supervisor just (re)started.
     pub fn set_registry(&self, registry: Option<ActorRef<RegistryMsg>>) {
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = registry;
+    }
+
+    /// A session key never used before in this daemon's life.
+    pub fn new_session_key(&self) -> SessionKey {
+        self.next_session_key.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Milliseconds since start.

@@ -129,6 +129,7 @@ fn main() -> ExitCode {
 
 fn serve(config_path: Option<PathBuf>, socket: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
     ensure_standard_fds();
+    close_inherited_fds_on_exec();
     init_logging(log_format);
     let mut config = match Config::load(config_path.as_deref()) {
         Ok(c) => c,
@@ -186,8 +187,27 @@ fn ensure_standard_fds() {
     }
 }
 
+/// Whatever fds the daemon inherited beyond 0-2 (from a careless parent) must
+/// not reach the commands: mark them close-on-exec. Ours are all created so.
+fn close_inherited_fds_on_exec() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        let _ = nix::fcntl::fcntl(
+            unsafe_borrow(fd),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}
+
 fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: only used with F_GETFD, which tolerates a closed fd (EBADF).
+    // SAFETY: only used with F_GETFD/F_SETFD, which tolerate a closed fd (EBADF).
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 

@@ -28,19 +28,13 @@ pub mod method {
     pub const DEBUG_FAULT: &str = "debug.fault";
 }
 
-/// Decodes a request's `params` map into `T`; a wrong type is an
-/// `INVALID_REQUEST` whose message names the param (its path, e.g. `limits.timeout_s`).
-pub fn parse_params<T: DeserializeOwned>(params: rmpv::Value) -> Result<T, RequestError> {
-    let params = match params {
-        rmpv::Value::Nil => rmpv::Value::Map(Vec::new()),
-        other => other,
-    };
-    // rmp_serde, not rmpv's Value deserializer: only the former reads a unit
-    // enum variant (`"tail"`) from a string.
-    let mut bytes = Vec::new();
-    rmpv::encode::write_value(&mut bytes, &params)
-        .map_err(|e| RequestError::InvalidRequest(format!("params: {e}")))?;
-    let mut de = rmp_serde::Deserializer::new(&bytes[..]);
+/// Decodes a request's `params` (MessagePack bytes of a map, or empty) into
+/// `T`; a wrong type is an `INVALID_REQUEST` whose message names the param
+/// (its path, e.g. `limits.timeout_s`).
+pub fn parse_params<T: DeserializeOwned>(params: &[u8]) -> Result<T, RequestError> {
+    const EMPTY_MAP: &[u8] = &[0x80];
+    let bytes = if params.is_empty() { EMPTY_MAP } else { params };
+    let mut de = rmp_serde::Deserializer::new(bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -62,6 +56,45 @@ pub fn seconds_param(name: &str, secs: f64) -> Result<Duration, RequestError> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Most variables an `env` param may carry.
+pub const MAX_ENV_VARS: usize = 4096;
+
+/// Deserializes an optional `env` map, refusing more than [`MAX_ENV_VARS`]
+/// entries while it reads (before they are all allocated).
+fn bounded_env<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct EnvVisitor;
+    impl<'de> serde::de::Visitor<'de> for EnvVisitor {
+        type Value = Option<BTreeMap<String, String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a map of at most {MAX_ENV_VARS} string variables")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if out.len() >= MAX_ENV_VARS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_ENV_VARS} variables"
+                    )));
+                }
+                out.insert(k, v);
+            }
+            Ok(Some(out))
+        }
+    }
+    de.deserialize_any(EnvVisitor)
+}
+
 /// `session.create` params.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateParams {
@@ -69,7 +102,11 @@ pub struct CreateParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
     /// Added to the base environment of every command of the session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "bounded_env"
+    )]
     pub env: Option<BTreeMap<String, String>>,
     /// Limits that may only tighten the configured ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,7 +174,11 @@ pub struct ExecParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<ByteBuf>,
     /// Environment for this command only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "bounded_env"
+    )]
     pub env: Option<BTreeMap<String, String>>,
     /// Which part of an over-long stream to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,6 +328,12 @@ mod tests {
 
     fn value(entries: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
         rmpv::Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+
+    fn parse_params<T: DeserializeOwned>(v: rmpv::Value) -> Result<T, RequestError> {
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &v).unwrap();
+        super::parse_params(&bytes)
     }
 
     #[test]

@@ -469,3 +469,113 @@ async fn a_client_that_disconnects_mid_exec_leaks_nothing() {
     drop(c);
     d.stop(); // kills the still-running command; checks no process is left
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_gives_the_command_its_kill_grace() {
+    let d = TestDaemon::start("[commands]\nkill_grace = \"10s\"\n");
+    let c = std::sync::Arc::new(d.client().await);
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let runner = spawn_run(
+        &c,
+        &s,
+        "trap 'sleep 0.2; echo cleaned up; exit 3' TERM; touch ready; sleep 30 & wait",
+    );
+    wait_until(
+        "the command installed its trap",
+        Duration::from_secs(10),
+        || d.work_dir().join("ready").exists(),
+    );
+    assert!(c.cancel(&s).await.unwrap());
+    let r = runner.await.unwrap().unwrap();
+    assert_eq!(r.killed_by, Some(KilledBy::Cancelled));
+    assert_eq!(r.exit_code, Some(3), "the TERM trap ran to its end: {r:?}");
+    assert_eq!(text(&r.stdout), "cleaned up\n");
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_background_child_survives_writing_after_the_answer() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c
+        .run(
+            &s,
+            "(sleep 0.3; echo tick; echo tock >&2; touch wrote; sleep 300) & echo $!",
+        )
+        .await
+        .unwrap();
+    let pid: i32 = text(&r.stdout).trim().parse().unwrap();
+    // `touch` runs only if the writes before it did not kill the child (SIGPIPE).
+    wait_until(
+        "the child wrote after the answer",
+        Duration::from_secs(10),
+        || d.work_dir().join("wrote").exists(),
+    );
+    assert!(alive(pid));
+    c.destroy_session(&s).await.unwrap();
+    wait_until(
+        "the child dies with its session",
+        Duration::from_secs(5),
+        || !alive(pid),
+    );
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_kills_setsid_descendants_that_ignore_sigterm() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c
+        .exec(ExecParams {
+            timeout_s: Some(0.5),
+            ..exec(
+                &s,
+                "setsid bash -c 'trap \"\" TERM; echo $$ > escaped.pid; while :; do sleep 0.05; done' & \
+                 while [ ! -s escaped.pid ]; do sleep 0.01; done; sleep 30",
+            )
+        })
+        .await
+        .unwrap();
+    assert!(r.timed_out);
+    let escaped: i32 = std::fs::read_to_string(d.work_dir().join("escaped.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(
+        "the escaped descendant is killed",
+        Duration::from_secs(5),
+        || !alive(escaped),
+    );
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_commands_and_env_are_invalid_not_spawn_failures() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let e = c.run(&s, &"x".repeat(200_000)).await.unwrap_err();
+    assert_eq!(e.code(), Some("INVALID_REQUEST"));
+    assert!(e.to_string().contains("command"), "{e}");
+    // A variable the kernel could not pass to exec is not carried to the next command.
+    c.run(
+        &s,
+        "export SMALL=1; export BIG=$(head -c 200000 /dev/zero | tr '\\0' x)",
+    )
+    .await
+    .unwrap();
+    let r = c.run(&s, "echo ${SMALL-unset} ${#BIG}").await.unwrap();
+    assert_eq!(
+        text(&r.stdout),
+        "unset 0\n",
+        "the state with BIG was refused as a whole"
+    );
+    drop(c);
+    d.stop();
+}

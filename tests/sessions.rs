@@ -171,18 +171,15 @@ async fn a_session_timeout_limit_is_its_default_and_maximum() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_sessions_expire_and_their_processes_die() {
-    let d = TestDaemon::start("[sessions]\nidle_timeout = \"400ms\"\n");
-    let c = d.client().await;
-    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let d = TestDaemon::start("[sessions]\nidle_timeout = \"1s\"\n");
+    let c = std::sync::Arc::new(d.client().await);
     let keep = c.create_session(CreateParams::default()).await.unwrap();
+    // A running command is activity: this session outlives its idle timeout.
+    let busy = support::spawn_run(&c, &keep, "sleep 3; echo alive");
+    support::wait_running(&c, 1).await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
     let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
-    // Keep the second session busy: a running command is activity.
-    let busy = {
-        let c = d.client().await;
-        let keep = keep.clone();
-        tokio::spawn(async move { c.run(&keep, "sleep 1.5; echo alive").await })
-    };
     wait_until_async(
         "the idle session expires",
         Duration::from_secs(10),

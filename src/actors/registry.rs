@@ -8,7 +8,9 @@ use std::time::Duration;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::command::ExecReply;
-use super::session::{ExecRequest, SessionActor, SessionArgs, SessionDescription, SessionMsg};
+use super::session::{
+    ExecRequest, SessionActor, SessionArgs, SessionDescription, SessionMsg, SessionPhase,
+};
 use crate::context::Context;
 use crate::process::reaper;
 use crate::process::shell::EnvMap;
@@ -102,7 +104,6 @@ pub struct RegistryState {
     by_actor: HashMap<ActorId, String>,
     by_key: HashMap<SessionKey, String>,
     per_uid: HashMap<u32, usize>,
-    next_key: SessionKey,
     /// Sessions told to end whose actors have not stopped yet.
     ending: HashMap<ActorId, ()>,
     shutdown_waiters: Vec<RpcReplyPort<()>>,
@@ -126,7 +127,6 @@ impl Actor for RegistryActor {
             by_actor: HashMap::new(),
             by_key: HashMap::new(),
             per_uid: HashMap::new(),
-            next_key: 1,
             ending: HashMap::new(),
             shutdown_waiters: Vec::new(),
             shutting_down: false,
@@ -202,15 +202,7 @@ impl Actor for RegistryActor {
                     .collect();
                 let _ = reply.send(refs);
             }
-            RegistryMsg::SessionExpired { key } => {
-                if let Some(id) = state.by_key.get(&key).cloned() {
-                    let owner = state.sessions[&id].owner;
-                    if let Ok(entry) = state.unlist(owner, &id) {
-                        Stats::bump(&state.ctx.stats.sessions_expired);
-                        state.end_session(entry, KilledBy::SessionDestroyed, None);
-                    }
-                }
-            }
+            RegistryMsg::SessionExpired { key } => state.expire(key),
             RegistryMsg::SessionEnded { actor, failed } => state.session_ended(actor, failed),
             RegistryMsg::Sweep => state.sweep(),
             #[cfg(feature = "fault-injection")]
@@ -290,8 +282,7 @@ impl RegistryState {
         let mut env = self.ctx.base_env.clone();
         env.extend(request.env);
 
-        let key = self.next_key;
-        self.next_key += 1;
+        let key = self.ctx.new_session_key();
         let id = format!("s-{}", uuid::Uuid::new_v4().simple());
         let args = SessionArgs {
             ctx: self.ctx.clone(),
@@ -458,23 +449,63 @@ impl RegistryState {
     }
 
     /// After a restart: rebuild the table from the sessions that are still alive.
+    ///
+    /// A live session is listed again; an expiring one is listed and expired at
+    /// once; one that is ending is only awaited (it is already unlisted and
+    /// counted). A session that does not describe itself in time is stuck: it
+    /// is killed, and its Drop guard kills its processes.
     async fn recover(&mut self) {
         let cells = self.supervisor.get_children();
+        let mut expired = Vec::new();
         for cell in cells {
             if cell.is_message_type_of::<SessionMsg>() != Some(true) {
                 continue;
             }
-            let actor: ActorRef<SessionMsg> = cell.into();
+            let actor: ActorRef<SessionMsg> = cell.clone().into();
             let described = ractor::call_t!(actor, |reply| SessionMsg::Describe { reply }, 1000);
-            if let Ok(SessionDescription { key, owner, info }) = described {
-                self.next_key = self.next_key.max(key + 1);
-                self.insert(info.session_id, SessionEntry { key, owner, actor });
+            match described {
+                Ok(SessionDescription {
+                    key,
+                    owner,
+                    phase,
+                    info,
+                }) => match phase {
+                    SessionPhase::Ending => {
+                        self.ending.insert(actor.get_id(), ());
+                    }
+                    SessionPhase::Live | SessionPhase::Expiring => {
+                        if phase == SessionPhase::Expiring {
+                            expired.push(key);
+                        }
+                        self.insert(info.session_id, SessionEntry { key, owner, actor });
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(actor = %cell.get_id(), error = %e, "session did not describe itself to the new registry; killing it");
+                    Stats::bump(&self.ctx.stats.sessions_destroyed);
+                    cell.kill();
+                }
             }
+        }
+        for key in expired {
+            self.expire(key);
         }
         tracing::info!(
             sessions = self.sessions.len(),
             "registry recovered its table from live sessions"
         );
+    }
+
+    /// Unlists an idle-expired session and tells it to end.
+    fn expire(&mut self, key: SessionKey) {
+        let Some(id) = self.by_key.get(&key).cloned() else {
+            return;
+        };
+        let owner = self.sessions[&id].owner;
+        if let Ok(entry) = self.unlist(owner, &id) {
+            Stats::bump(&self.ctx.stats.sessions_expired);
+            self.end_session(entry, KilledBy::SessionDestroyed, None);
+        }
     }
 }
 

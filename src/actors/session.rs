@@ -94,8 +94,24 @@ pub enum SessionMsg {
 pub struct SessionDescription {
     pub key: SessionKey,
     pub owner: u32,
+    pub phase: SessionPhase,
     pub info: SessionInfo,
 }
+
+/// Where a session is in its life, for a registry rebuilding its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionPhase {
+    /// Serving commands.
+    Live,
+    /// Idle past its timeout, waiting for the registry's Destroy.
+    Expiring,
+    /// Destroy received: killing its commands, then stopping.
+    Ending,
+}
+
+/// While expiring, how often the session repeats `SessionExpired` until the
+/// registry (perhaps a restarted one) answers with Destroy.
+const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 
 /// Kills every process group of the session when dropped — on stop, kill or
 /// panic alike (ractor skips `post_stop` on a panic; `Drop` always runs).
@@ -127,8 +143,10 @@ pub struct SessionState {
     running: HashMap<ActorId, ActorRef<CommandMsg>>,
     /// Set once the session decided to expire: it refuses new commands.
     expiring: bool,
-    /// Set by Destroy: waiting for running commands to end.
-    ending: Option<Option<RpcReplyPort<Result<(), RequestError>>>>,
+    /// Set by the first Destroy: waiting for running commands to end.
+    ending: bool,
+    /// Everyone waiting for the end (a destroy may be asked twice across a registry restart).
+    end_waiters: Vec<RpcReplyPort<Result<(), RequestError>>>,
     _processes: SessionProcesses,
 }
 
@@ -162,7 +180,8 @@ impl Actor for SessionActor {
             max_timeout: args.max_timeout,
             running: HashMap::new(),
             expiring: false,
-            ending: None,
+            ending: false,
+            end_waiters: Vec::new(),
         })
     }
 
@@ -206,9 +225,12 @@ impl Actor for SessionActor {
                 // Background groups of earlier commands die in `end`, after the running
                 // commands: killing a running shell's group first would orphan its
                 // setsid'd children before its CommandActor could walk its tree.
-                state.ending = Some(reply);
-                let force_after = state.ctx.config.commands.kill_grace + Duration::from_secs(5);
-                myself.send_after(force_after, || SessionMsg::ForceEnd);
+                state.end_waiters.extend(reply);
+                if !state.ending {
+                    state.ending = true;
+                    let force_after = state.ctx.config.commands.kill_grace + Duration::from_secs(5);
+                    myself.send_after(force_after, || SessionMsg::ForceEnd);
+                }
                 state.end_if_idle(&myself);
             }
             SessionMsg::IdleCheck => state.idle_check(&myself),
@@ -268,7 +290,7 @@ impl SessionState {
         permit: OwnedSemaphorePermit,
         reply: ExecReply,
     ) {
-        if self.expiring || self.ending.is_some() {
+        if self.expiring || self.ending {
             let _ = reply.send(Err(RequestError::SessionNotFound(self.id.clone())));
             return;
         }
@@ -330,6 +352,13 @@ impl SessionState {
         SessionDescription {
             key: self.key,
             owner: self.owner,
+            phase: if self.ending {
+                SessionPhase::Ending
+            } else if self.expiring {
+                SessionPhase::Expiring
+            } else {
+                SessionPhase::Live
+            },
             info: SessionInfo {
                 session_id: self.id.clone(),
                 created_ms_ago: self.created.elapsed().as_millis() as u64,
@@ -346,7 +375,12 @@ impl SessionState {
 
     /// Idle timer: one pending timer per session, re-armed for the time left.
     fn idle_check(&mut self, myself: &ActorRef<SessionMsg>) {
-        if self.expiring || self.ending.is_some() {
+        if self.ending {
+            return;
+        }
+        if self.expiring {
+            // The registry has not answered yet (it may have been restarted): say it again.
+            self.report_expiry(myself);
             return;
         }
         let idle_timeout = self.ctx.config.sessions.idle_timeout;
@@ -363,21 +397,27 @@ impl SessionState {
         // Refuse commands from now on; the registry unlists us and sends Destroy.
         self.expiring = true;
         tracing::info!(session = %self.id, idle_ms = idle_for.as_millis() as u64, "session idle too long; expiring");
+        self.report_expiry(myself);
+    }
+
+    /// Tells the registry we expired, and checks again later in case the message is lost.
+    fn report_expiry(&self, myself: &ActorRef<SessionMsg>) {
         // Looked up now, not remembered: the registry may have been restarted since we started.
         if let Some(registry) = self.ctx.registry() {
             let _ = registry.cast(RegistryMsg::SessionExpired { key: self.key });
         }
+        myself.send_after(EXPIRY_RETRY, || SessionMsg::IdleCheck);
     }
 
     fn end_if_idle(&mut self, myself: &ActorRef<SessionMsg>) {
-        if self.ending.is_some() && self.running.is_empty() {
+        if self.ending && self.running.is_empty() {
             self.end(myself);
         }
     }
 
     fn end(&mut self, myself: &ActorRef<SessionMsg>) {
         self.ctx.processes.signal_session(self.key, Signal::SIGKILL);
-        if let Some(Some(reply)) = self.ending.take() {
+        for reply in self.end_waiters.drain(..) {
             let _ = reply.send(Ok(()));
         }
         myself.stop(Some("destroyed".into()));

@@ -68,15 +68,21 @@ impl ChildProcess {
     /// the shell that left the group (`setsid`, `setpgid`) while still below it.
     /// A descendant already orphaned by an earlier command's exit is out of
     /// reach without cgroups (see README "Limits of process-group kill").
-    pub async fn signal_tree(&self, signal: Signal) {
+    /// Returns the process groups of those escaped descendants.
+    pub async fn signal_tree(&self, signal: Signal) -> Vec<i32> {
         let root = self.pid.as_raw();
         let escaped = tokio::task::spawn_blocking(move || descendants_outside_group(root))
             .await
             .unwrap_or_default();
-        for pid in escaped {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+        let mut groups = Vec::new();
+        for p in escaped {
+            let _ = nix::sys::signal::kill(Pid::from_raw(p.pid), signal);
+            if !groups.contains(&p.pgrp) {
+                groups.push(p.pgrp);
+            }
         }
         self.signal_group(signal);
+        groups
     }
 
     /// Whether any process of the group is still alive (zombies count until reaped).
@@ -104,23 +110,29 @@ impl ChildProcess {
         if self.collected {
             return Err(std::io::Error::other("exit status already collected"));
         }
-        let mut status: libc::c_int = 0;
-        // SAFETY: rusage is plain data; all-zero is valid.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: valid pointers to locals; WNOHANG never blocks.
-        let rc = unsafe { libc::wait4(self.pid.as_raw(), &mut status, libc::WNOHANG, &mut usage) };
-        if rc == 0 {
-            return Ok(None);
-        }
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EINTR) {
-                return Ok(None);
+        let pid = self.pid;
+        let mut failure = None;
+        let collected = self.table.collect(pid, || {
+            let mut status: libc::c_int = 0;
+            // SAFETY: rusage is plain data; all-zero is valid.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: valid pointers to locals; WNOHANG never blocks.
+            let rc = unsafe { libc::wait4(pid.as_raw(), &mut status, libc::WNOHANG, &mut usage) };
+            if rc < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::EINTR) {
+                    failure = Some(err);
+                }
             }
+            (rc > 0).then_some((status, usage))
+        });
+        if let Some(err) = failure {
             return Err(err);
         }
+        let Some((status, usage)) = collected else {
+            return Ok(None);
+        };
         self.collected = true;
-        self.table.release(self.pid);
         let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
         Ok(Some(ExitInfo {
             code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
@@ -142,7 +154,7 @@ impl Drop for ChildProcess {
 }
 
 /// Descendants of `root` (by parent links in /proc) whose process group is not `root`'s.
-fn descendants_outside_group(root: i32) -> Vec<i32> {
+fn descendants_outside_group(root: i32) -> Vec<ProcStat> {
     let mut children: std::collections::HashMap<i32, Vec<ProcStat>> = Default::default();
     for p in procfs::all_processes() {
         children.entry(p.ppid).or_default().push(p);
@@ -152,7 +164,7 @@ fn descendants_outside_group(root: i32) -> Vec<i32> {
     while let Some(parent) = todo.pop() {
         for p in children.get(&parent).map(Vec::as_slice).unwrap_or(&[]) {
             if p.pgrp != root {
-                out.push(p.pid);
+                out.push(*p);
             }
             todo.push(p.pid);
         }

@@ -75,46 +75,56 @@ pub async fn run_command(
     spec: RunSpec,
     mut kill: watch::Receiver<Option<KilledBy>>,
 ) -> Result<RunOutcome, RunError> {
-    if !spec.cwd.is_dir() {
-        return Err(RunError::CwdGone(spec.cwd));
-    }
     let argv = shell::wrapper_argv(&spec.shell, &spec.command).map_err(RunError::BadCommand)?;
     let envp = shell::envp(&spec.env, &spec.cwd);
-    let program = argv[0].clone();
     let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
+    let (table, cwd_path, with_stdin) = (table.clone(), spec.cwd.clone(), spec.stdin.is_some());
 
-    #[cfg(feature = "fault-injection")]
-    if crate::fault::take_spawn_failure() {
-        return Err(RunError::Spawn(SpawnError::Spawn {
-            program: spec.shell.display().to_string(),
-            cwd: spec.cwd.display().to_string(),
-            errno: nix::errno::Errno::EAGAIN,
-        }));
-    }
     let started = Instant::now();
-    let (mut child, pipes) = spawn::spawn(
-        table,
-        session,
-        &SpawnRequest {
-            program: &program,
+    // Off the async workers: a cwd on a stalled mount must hang this spawn
+    // only, never the runtime (stat and chdir can block indefinitely).
+    let spawned = tokio::task::spawn_blocking(move || {
+        if !cwd_path.is_dir() {
+            return Err(RunError::CwdGone(cwd_path));
+        }
+        #[cfg(feature = "fault-injection")]
+        if crate::fault::take_spawn_failure() {
+            return Err(RunError::Spawn(SpawnError::Spawn {
+                program: argv[0].to_string_lossy().into_owned(),
+                cwd: cwd_path.display().to_string(),
+                errno: nix::errno::Errno::EAGAIN,
+            }));
+        }
+        let request = SpawnRequest {
+            program: &argv[0],
             argv: &argv,
             envp: &envp,
             cwd: &cwd,
-            with_stdin: spec.stdin.is_some(),
-        },
-    )?;
+            with_stdin,
+        };
+        Ok(spawn::spawn(&table, session, &request)?)
+    })
+    .await
+    .map_err(|e| RunError::Wait(std::io::Error::other(e)))?;
+    let (mut child, pipes) = spawned?;
 
+    let receiver = |fd| pipe::Receiver::from_owned_fd(fd).map_err(RunError::Wait);
+    let (mut stdout_rx, mut stderr_rx, mut state_rx) = (
+        receiver(pipes.stdout)?,
+        receiver(pipes.stderr)?,
+        receiver(pipes.state)?,
+    );
     let mut stdout = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
     let mut stderr = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
     let mut report = CappedOutput::new(STATE_REPORT_MAX, KeepOutput::Head);
 
-    let (exit, killed_by) = {
+    let (exit, killed_by, io_done) = {
         let io = async {
             tokio::join!(
-                pump(pipes.stdout, &mut stdout),
-                pump(pipes.stderr, &mut stderr),
-                pump(pipes.state, &mut report),
+                pump(&mut stdout_rx, &mut stdout),
+                pump(&mut stderr_rx, &mut stderr),
+                pump(&mut state_rx, &mut report),
                 feed(pipes.stdin, spec.stdin.as_deref()),
             )
         };
@@ -129,10 +139,19 @@ pub async fn run_command(
             }
         };
         if !io_done {
-            let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut io).await;
+            io_done = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut io)
+                .await
+                .is_ok();
         }
-        ended.map_err(RunError::Wait)?
+        let (exit, killed_by) = ended.map_err(RunError::Wait)?;
+        (exit, killed_by, io_done)
     };
+    if !io_done {
+        // Background children still hold the pipes. Closing our ends would kill
+        // them with SIGPIPE at their next write, so keep reading and discarding
+        // until they exit (or the session's end kills them).
+        tokio::spawn(discard_until_eof([stdout_rx, stderr_rx]));
+    }
     let duration = started.elapsed();
 
     let state = match (killed_by, exit.code) {
@@ -178,13 +197,17 @@ async fn supervise(
         r = kill_requested(kill) => r,
     };
     let mut exited = None;
+    // Groups of descendants that left the shell's group (setsid); found while
+    // the shell is alive, killed at the end even if the shell is gone by then.
+    let mut escaped = Vec::new();
     if !matches!(reason, KilledBy::SessionDestroyed | KilledBy::Shutdown) {
-        child.signal_tree(Signal::SIGTERM).await;
+        escaped.extend(child.signal_tree(Signal::SIGTERM).await);
         let grace_end = tokio::time::Instant::now() + grace;
         tokio::select! {
             r = child.wait() => exited = Some(r?),
             _ = tokio::time::sleep_until(grace_end) => {}
-            _ = kill_requested(kill) => {}
+            // Only an escalation (destroy, shutdown) changes the value now; it ends the grace.
+            _ = escalation(kill) => {}
         }
         // The shell is gone; the rest of its group gets what is left of the grace.
         while exited.is_some() && child.group_alive() && tokio::time::Instant::now() < grace_end {
@@ -192,15 +215,24 @@ async fn supervise(
         }
     }
     if exited.is_none() {
-        child.signal_tree(Signal::SIGKILL).await;
-    } else {
-        child.signal_group(Signal::SIGKILL);
+        escaped.extend(child.signal_tree(Signal::SIGKILL).await);
+    }
+    child.signal_group(Signal::SIGKILL);
+    for pgid in escaped {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
     }
     let info = match exited {
         Some(info) => info,
         None => child.wait().await?,
     };
     Ok((info, Some(reason)))
+}
+
+/// Resolves when the kill request changes after it was first seen; never when the sender is gone.
+async fn escalation(kill: &mut watch::Receiver<Option<KilledBy>>) {
+    if kill.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Resolves when a kill is requested (at once if one already was); never when the sender is gone.
@@ -215,11 +247,20 @@ async fn kill_requested(kill: &mut watch::Receiver<Option<KilledBy>>) -> KilledB
     }
 }
 
+/// Reads what background children write after their command answered, and drops it.
+async fn discard_until_eof(pipes: [pipe::Receiver; 2]) {
+    let mut buf = vec![0u8; 4096];
+    for mut rx in pipes {
+        while let Ok(n) = rx.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
 /// Reads a pipe to EOF into `out`, which keeps what its cap allows and counts the rest.
-async fn pump(fd: std::os::fd::OwnedFd, out: &mut CappedOutput) {
-    let Ok(mut rx) = pipe::Receiver::from_owned_fd(fd) else {
-        return;
-    };
+async fn pump(rx: &mut pipe::Receiver, out: &mut CappedOutput) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         match rx.read(&mut buf).await {

@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 /// An environment: names to values, as raw bytes (values need not be UTF-8).
 pub type EnvMap = BTreeMap<Vec<u8>, Vec<u8>>;
 
+/// Longest single argument or `NAME=value` string the kernel accepts at exec
+/// (MAX_ARG_STRLEN, including the NUL): one longer makes every spawn fail with E2BIG.
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+
 /// Variables that describe the shell process itself and must not be carried
 /// from one command to the next (SHLVL would grow by one per command).
 const NOT_CARRIED: &[&[u8]] = &[b"SHLVL", b"_"];
@@ -89,6 +93,10 @@ pub fn parse_report(report: &[u8]) -> Option<ShellState> {
         let (entry, after) = parse_export_line(rest)?;
         rest = after;
         if let Some((name, value)) = entry {
+            if name.len() + 1 + value.len() > MAX_ARG_BYTES {
+                // Carrying it would make every later command fail to start.
+                return None;
+            }
             if !NOT_CARRIED.contains(&name.as_slice()) {
                 env.insert(name, value);
             }
@@ -275,6 +283,14 @@ mod tests {
         let report = b"/\0export A='it'\\''s'\nexport B='two\nlines'\n";
         let state = parse_report(report).unwrap();
         assert_eq!(state.env, env_of(&[("A", b"it's"), ("B", b"two\nlines")]));
+    }
+
+    #[test]
+    fn a_variable_too_long_to_exec_is_not_carried() {
+        let mut report = b"/\0declare -x BIG=\"".to_vec();
+        report.extend(std::iter::repeat_n(b'x', MAX_ARG_BYTES));
+        report.extend_from_slice(b"\"\n");
+        assert!(parse_report(&report).is_none());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The daemon-wide table of the processes it owns: pids a waiter will collect, and process groups per session.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
@@ -20,10 +20,15 @@ pub type SessionKey = u64;
 ///    command's group after the shell exits, so destroying a session kills
 ///    every group recorded for it; groups found empty are pruned.
 ///
-/// The lock is held across `posix_spawn` so the reaper can never see a fresh
-/// child's zombie before its pid is in `waited`.
+/// Two locks, so a spawn that hangs (a cwd on a stalled mount) blocks nobody
+/// but the reaper: spawners hold `spawn_gate` for reading across the spawn,
+/// the reaper holds it for writing, so it never sees a fresh child's zombie
+/// before its pid is in `waited`. `inner` is only held for quick updates and
+/// for `wait4(WNOHANG)`, so a pid is collected and forgotten atomically (it
+/// cannot be reused by a new child in between).
 #[derive(Debug, Default)]
 pub struct ProcessTable {
+    spawn_gate: RwLock<()>,
     inner: Mutex<TableInner>,
 }
 
@@ -34,21 +39,33 @@ struct TableInner {
 }
 
 impl ProcessTable {
-    /// Runs `spawn` under the table lock and records the child it returns
-    /// as waited-for and as the leader of a group of `session`.
+    /// Runs `spawn` (blocking: call it off the async workers) and records the
+    /// child it returns as waited-for and as the leader of a group of `session`.
     pub fn spawn_owned<E>(
         &self,
         session: SessionKey,
         spawn: impl FnOnce() -> Result<Pid, E>,
     ) -> Result<Pid, E> {
-        let mut inner = self.lock();
+        let _gate = self.spawn_gate.read().unwrap_or_else(|p| p.into_inner());
         let pid = spawn()?;
+        let mut inner = self.lock();
         inner.waited.insert(pid.as_raw());
         inner.groups.insert(pid.as_raw(), session);
         Ok(pid)
     }
 
-    /// The waiter collected `pid`'s status (or gave up on it: the reaper may take it now).
+    /// Runs `collect` (a non-blocking wait for `pid`) under the lock; when it
+    /// returns `Some`, `pid` is forgotten in the same critical section.
+    pub fn collect<T>(&self, pid: Pid, collect: impl FnOnce() -> Option<T>) -> Option<T> {
+        let mut inner = self.lock();
+        let collected = collect();
+        if collected.is_some() {
+            inner.waited.remove(&pid.as_raw());
+        }
+        collected
+    }
+
+    /// The waiter gave up on `pid` (its owner was dropped): the reaper may take it now.
     pub fn release(&self, pid: Pid) {
         self.lock().waited.remove(&pid.as_raw());
     }
@@ -58,8 +75,9 @@ impl ProcessTable {
         self.lock().waited.contains(&pid)
     }
 
-    /// Runs `f` with the table locked, for the reaper: no spawn can happen meanwhile.
+    /// Runs `f` with no spawn in progress and the table locked, for the reaper.
     pub fn with_locked<R>(&self, f: impl FnOnce(&dyn Fn(i32) -> bool) -> R) -> R {
+        let _gate = self.spawn_gate.write().unwrap_or_else(|p| p.into_inner());
         let inner = self.lock();
         f(&|pid| inner.waited.contains(&pid))
     }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -69,7 +71,7 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
             }
             Some(Err(_)) => break,
         };
-        let request = match parse_request(&body) {
+        let request = match parse_request(&body.freeze()) {
             Ok(request) => request,
             Err(bad) => {
                 Stats::bump(&ctx.stats.bad_frames);
@@ -98,7 +100,18 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
         };
         let (ctx, tx) = (ctx.clone(), tx.clone());
         tokio::spawn(async move {
-            let answer = dispatch(&ctx, uid, request).await;
+            let id = request.id;
+            // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
+            let answer = AssertUnwindSafe(dispatch(&ctx, uid, request))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    Stats::bump(&ctx.stats.actor_failures);
+                    encode_error(
+                        Some(id),
+                        &RequestError::Internal("serving this request failed".into()),
+                    )
+                });
             let _ = tx.send(Outgoing::Frame(answer)).await;
             drop(permit);
         });

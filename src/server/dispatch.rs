@@ -10,7 +10,7 @@ use ractor::RpcReplyPort;
 use crate::actors::registry::{CreateRequest, RegistryMsg, session_timeout};
 use crate::actors::session::{ExecRequest, SessionMsg};
 use crate::context::Context;
-use crate::process::shell::EnvMap;
+use crate::process::shell::{EnvMap, MAX_ARG_BYTES};
 use crate::protocol::frame::{Request, encode_error, encode_result};
 use crate::protocol::{
     CancelResult, ClientStats, CommandStats, CreateParams, DestroyResult, ExecParams, ListResult,
@@ -34,21 +34,21 @@ pub async fn dispatch(ctx: &Arc<Context>, uid: u32, request: Request) -> Bytes {
     let answer = match request.method.as_str() {
         method::PING => Ok(encode_result(id, &ping(ctx))),
         method::STATS => Ok(encode_result(id, &stats(ctx))),
-        method::SESSION_CREATE => create(ctx, uid, request.params)
+        method::SESSION_CREATE => create(ctx, uid, &request.params)
             .await
             .map(|r| encode_result(id, &r)),
-        method::SESSION_DESTROY => destroy(ctx, uid, request.params)
+        method::SESSION_DESTROY => destroy(ctx, uid, &request.params)
             .await
             .map(|r| encode_result(id, &r)),
         method::SESSION_LIST => list(ctx, uid).await.map(|r| encode_result(id, &r)),
-        method::EXEC_RUN => exec_run(ctx, uid, request.params)
+        method::EXEC_RUN => exec_run(ctx, uid, &request.params)
             .await
             .map(|r| encode_result(id, &r)),
-        method::EXEC_CANCEL => cancel(ctx, uid, request.params)
+        method::EXEC_CANCEL => cancel(ctx, uid, &request.params)
             .await
             .map(|r| encode_result(id, &r)),
         #[cfg(feature = "fault-injection")]
-        method::DEBUG_FAULT => fault(ctx, uid, request.params)
+        method::DEBUG_FAULT => fault(ctx, uid, &request.params)
             .await
             .map(|r| encode_result(id, &r)),
         other => Err(RequestError::UnknownMethod(other.to_string())),
@@ -135,9 +135,14 @@ fn stats(ctx: &Context) -> StatsResult {
 fn env_param(name: &str, env: Option<BTreeMap<String, String>>) -> Result<EnvMap, RequestError> {
     let mut out = EnvMap::new();
     for (k, v) in env.unwrap_or_default() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+        if k.is_empty()
+            || k.contains('=')
+            || k.contains('\0')
+            || v.contains('\0')
+            || k.len() + 1 + v.len() > MAX_ARG_BYTES
+        {
             return Err(RequestError::InvalidRequest(format!(
-                "param `{name}`: variable {k:?} must have a non-empty name without '=' or NUL and a value without NUL"
+                "param `{name}`: variable {k:?} must have a non-empty name without '=' or NUL, a value without NUL, and at most {MAX_ARG_BYTES} bytes in all"
             )));
         }
         out.insert(k.into_bytes(), v.into_bytes());
@@ -148,14 +153,19 @@ fn env_param(name: &str, env: Option<BTreeMap<String, String>>) -> Result<EnvMap
 async fn create(
     ctx: &Context,
     uid: u32,
-    params: rmpv::Value,
+    params: &[u8],
 ) -> Result<crate::protocol::CreateResult, RequestError> {
     let p: CreateParams = parse_params(params)?;
     let cwd = match p.cwd {
         None => None,
         Some(cwd) => {
             let path = PathBuf::from(&cwd);
-            if !path.is_absolute() || !path.is_dir() {
+            // stat off the async workers: a path on a stalled mount can block.
+            let probe = path.clone();
+            let is_dir = tokio::task::spawn_blocking(move || probe.is_dir())
+                .await
+                .unwrap_or(false);
+            if !path.is_absolute() || !is_dir {
                 return Err(RequestError::InvalidRequest(format!(
                     "param `cwd`: {cwd:?} is not an absolute path to an existing directory"
                 )));
@@ -176,11 +186,7 @@ async fn create(
     .await?
 }
 
-async fn destroy(
-    ctx: &Context,
-    uid: u32,
-    params: rmpv::Value,
-) -> Result<DestroyResult, RequestError> {
+async fn destroy(ctx: &Context, uid: u32, params: &[u8]) -> Result<DestroyResult, RequestError> {
     let p: SessionIdParams = parse_params(params)?;
     ask(ctx, |reply| RegistryMsg::Destroy {
         uid,
@@ -211,7 +217,7 @@ async fn list(ctx: &Context, uid: u32) -> Result<ListResult, RequestError> {
 async fn exec_run(
     ctx: &Context,
     uid: u32,
-    params: rmpv::Value,
+    params: &[u8],
 ) -> Result<crate::protocol::ExecResult, RequestError> {
     let p: ExecParams = parse_params(params)?;
     let limit = ctx.config.commands.max_stdin_bytes.as_u64();
@@ -223,10 +229,10 @@ async fn exec_run(
             });
         }
     }
-    if p.command.contains('\0') {
-        return Err(RequestError::InvalidRequest(
-            "param `command`: holds a NUL byte".into(),
-        ));
+    if p.command.contains('\0') || p.command.len() > MAX_ARG_BYTES {
+        return Err(RequestError::InvalidRequest(format!(
+            "param `command`: must hold no NUL byte and at most {MAX_ARG_BYTES} bytes (pass data through stdin)"
+        )));
     }
     let request = ExecRequest {
         command: p.command,
@@ -247,11 +253,7 @@ async fn exec_run(
     .await?
 }
 
-async fn cancel(
-    ctx: &Context,
-    uid: u32,
-    params: rmpv::Value,
-) -> Result<CancelResult, RequestError> {
+async fn cancel(ctx: &Context, uid: u32, params: &[u8]) -> Result<CancelResult, RequestError> {
     let p: SessionIdParams = parse_params(params)?;
     let cancelled = ask(ctx, |reply| RegistryMsg::Cancel {
         uid,
@@ -267,7 +269,7 @@ async fn cancel(
 async fn fault(
     ctx: &Context,
     uid: u32,
-    params: rmpv::Value,
+    params: &[u8],
 ) -> Result<crate::fault::FaultResult, RequestError> {
     use crate::fault::{FAIL_NEXT_SPAWN, Fault, FaultParams, FaultResult, FaultTarget};
     let p: FaultParams = parse_params(params)?;
