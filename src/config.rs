@@ -8,6 +8,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::limits::RlimitsConfig;
+
 /// Everything the daemon can be told at start. Every field has a default, so
 /// the daemon runs with no file at all.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -19,6 +21,8 @@ pub struct Config {
     pub sessions: SessionsConfig,
     /// How commands run: concurrency, timeouts, output and stdin caps, base environment.
     pub commands: CommandsConfig,
+    /// setrlimit values applied to every command before it runs.
+    pub rlimits: RlimitsConfig,
 }
 
 /// `[server]`: the listening socket.
@@ -39,6 +43,10 @@ pub struct ServerConfig {
     /// After SIGTERM: how long running commands may finish before they are killed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The daemon's own oom_score_adj (-1000..=1000), set at start: low, so when
+    /// the host runs out of memory the kernel picks a command, not the daemon.
+    /// Lowering it needs root (CAP_SYS_RESOURCE); without, it stays as inherited.
+    pub oom_score_adj: i32,
 }
 
 /// `[sessions]`: admission and lifetime of sessions.
@@ -59,6 +67,9 @@ pub struct SessionsConfig {
     /// How often dead sessions, dead process groups and orphaned zombies are swept.
     #[serde(with = "humantime_serde")]
     pub reap_interval: Duration,
+    /// Become a child subreaper, so orphaned descendants of commands are
+    /// reparented to the daemon and reaped by it; `None`: only when running as PID 1.
+    pub subreaper: Option<bool>,
 }
 
 /// `[commands]`: how each command runs.
@@ -82,9 +93,11 @@ pub struct CommandsConfig {
     pub max_output_bytes: ByteSize,
     /// Largest `stdin` a request may carry (`STDIN_TOO_LARGE`).
     pub max_stdin_bytes: ByteSize,
-    /// When the daemon is root: run commands as this user. Not supported yet:
-    /// privilege drop comes with the subprocess-limits work; must be empty.
+    /// When the daemon is root: run commands as this user (its uid and primary
+    /// group, no supplementary groups; HOME, USER, SHELL from its entry). Empty: the daemon's user.
     pub run_as_user: String,
+    /// oom_score_adj of every command (-1000..=1000): high, so the OOM killer takes commands first.
+    pub oom_score_adj: i32,
     /// The base environment of every command; the daemon's own is never passed on.
     pub env: BTreeMap<String, String>,
 }
@@ -98,6 +111,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_request_bytes: ByteSize::mib(2),
             shutdown_grace: Duration::from_secs(10),
+            oom_score_adj: -900,
         }
     }
 }
@@ -111,6 +125,7 @@ impl Default for SessionsConfig {
             shell: PathBuf::from("/bin/bash"),
             default_cwd: None,
             reap_interval: Duration::from_secs(5),
+            subreaper: None,
         }
     }
 }
@@ -133,6 +148,7 @@ impl Default for CommandsConfig {
             max_output_bytes: ByteSize::mib(4),
             max_stdin_bytes: ByteSize::mib(1),
             run_as_user: String::new(),
+            oom_score_adj: 1000,
             env,
         }
     }
@@ -304,11 +320,22 @@ impl Config {
                 "at least 2 bytes",
             ));
         }
-        if !c.run_as_user.is_empty() {
+        self.command_user()?;
+        for (key, value) in [
+            ("server.oom_score_adj", self.server.oom_score_adj),
+            ("commands.oom_score_adj", c.oom_score_adj),
+        ] {
+            if !(-1000..=1000).contains(&value) {
+                return Err(invalid(key, value, "between -1000 and 1000"));
+            }
+        }
+        if let Err((key, value, hard)) = crate::limits::check_against_daemon(&self.rlimits) {
             return Err(invalid(
-                "commands.run_as_user",
-                &c.run_as_user,
-                "empty: this version runs commands as the daemon's own user",
+                key,
+                value,
+                format!(
+                    "at most the daemon's own hard limit ({hard}), which every command inherits"
+                ),
             ));
         }
         for (key, value) in &c.env {
@@ -324,6 +351,30 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The user commands run as: `run_as_user` when set (which needs a root
+    /// daemon and an existing user), else `None` (the daemon's own user).
+    pub fn command_user(&self) -> Result<Option<nix::unistd::User>, ConfigError> {
+        let name = &self.commands.run_as_user;
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Err(invalid(
+                "commands.run_as_user",
+                name,
+                "empty unless the daemon runs as root (only root can switch users)",
+            ));
+        }
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => Ok(Some(user)),
+            _ => Err(invalid(
+                "commands.run_as_user",
+                name,
+                "the name of an existing user",
+            )),
+        }
     }
 
     /// The socket path in force: the configured one, else the per-user default.
@@ -419,6 +470,28 @@ mod tests {
                 .to_string()
                 .contains("server.socket_mode")
         );
+    }
+
+    #[test]
+    fn rlimits_above_the_daemons_hard_limit_are_refused() {
+        let (_, hard) = crate::limits::current(libc::RLIMIT_NOFILE);
+        if hard == libc::RLIM_INFINITY {
+            eprintln!("skipped: the hard RLIMIT_NOFILE here is unlimited");
+            return;
+        }
+        let c = Config::parse(&format!("[rlimits]\nnofile = {}\n", hard + 1)).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("rlimits.nofile") && err.contains("hard limit"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_run_as_user_is_refused() {
+        let c = Config::parse("[commands]\nrun_as_user = \"no-such-user-x\"\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("commands.run_as_user"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::actors::registry::RegistryMsg;
 use crate::config::Config;
 use crate::process::ProcessTable;
 use crate::process::shell::EnvMap;
+use crate::process::spawn::Credentials;
 use crate::process::table::SessionKey;
 use crate::stats::Stats;
 
@@ -26,6 +27,8 @@ pub struct Context {
     pub default_cwd: PathBuf,
     /// `[commands.env]` plus HOME, USER and SHELL of the command user.
     pub base_env: EnvMap,
+    /// The identity commands switch to (`run_as_user`), or `None` for the daemon's own.
+    pub credentials: Option<Credentials>,
     /// Counters behind `system.stats`.
     pub stats: Stats,
     /// Pids and process groups the daemon owns.
@@ -33,6 +36,8 @@ pub struct Context {
     /// One permit per running command, `max_concurrent` in all. A permit is
     /// held by its CommandActor and returned on drop, even on panic.
     pub command_slots: Arc<Semaphore>,
+    /// Whether the daemon made itself a child subreaper at start.
+    pub subreaper: bool,
     /// Set on SIGTERM: no new sessions or commands.
     draining: AtomicBool,
     /// When the daemon started, for `uptime_ms`.
@@ -47,9 +52,17 @@ pub struct Context {
 impl Context {
     /// Resolves shell, default cwd and base environment from `config`.
     pub fn new(config: Config) -> Context {
-        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten();
+        // The command user: `run_as_user` (validated at load) or the daemon's own.
+        let run_as = config.command_user().ok().flatten();
+        let credentials = run_as.as_ref().map(|u| Credentials {
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        });
+        let user = run_as.or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+        });
         let home = user
             .as_ref()
             .map(|u| u.dir.clone())
@@ -85,9 +98,13 @@ impl Context {
         if let Some(u) = &user {
             base_env.insert(b"USER".to_vec(), u.name.clone().into_bytes());
         }
+        // SHELL is the user's login shell from its passwd entry, as a login would set it.
+        let login_shell = user
+            .as_ref()
+            .map_or_else(|| shell.clone(), |u| u.shell.clone());
         base_env.insert(
             b"SHELL".to_vec(),
-            shell.clone().into_os_string().into_encoded_bytes(),
+            login_shell.into_os_string().into_encoded_bytes(),
         );
         let slots = config.commands.max_concurrent;
         Context {
@@ -95,6 +112,8 @@ impl Context {
             shell,
             default_cwd,
             base_env,
+            credentials,
+            subreaper: false,
             stats: Stats::default(),
             processes: Arc::new(ProcessTable::default()),
             command_slots: Arc::new(Semaphore::new(slots)),

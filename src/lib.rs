@@ -21,6 +21,7 @@ pub mod config;
 pub mod context;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod limits;
 pub mod process;
 pub mod protocol;
 pub mod server;

@@ -252,6 +252,12 @@ pub struct RuntimeStats {
     pub actor_failures_total: u64,
     pub zombies_reaped_total: u64,
     pub draining: bool,
+    /// The daemon's own oom_score_adj, read back from /proc.
+    pub oom_score_adj: i64,
+    /// The oom_score_adj every command starts with.
+    pub commands_oom_score_adj: i64,
+    /// Whether the daemon is a child subreaper (orphans of commands are reparented to it).
+    pub subreaper: bool,
 }
 
 /// `session.create` result.

@@ -132,7 +132,13 @@ impl BoundSocket {
 ///
 /// A second signal at any point skips to step 4 at once.
 pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError> {
-    let ctx = Arc::new(Context::new(config));
+    let mut ctx = Context::new(config);
+    shield_from_oom(ctx.config.server.oom_score_adj);
+    ctx.subreaper = become_subreaper(ctx.config.sessions.subreaper);
+    let ctx = Arc::new(ctx);
+    if ctx.subreaper {
+        tokio::spawn(reap_on_sigchld(ctx.clone()));
+    }
     let (supervisor, supervisor_handle) = Actor::spawn(None, RootSupervisor, ctx.clone())
         .await
         .map_err(|e| ServeError::Actors(e.to_string()))?;
@@ -220,6 +226,58 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     socket.remove();
     tracing::info!(?exit, "sessiond stopped");
     Ok(exit)
+}
+
+/// Sets the daemon's own oom_score_adj, so under memory pressure the kernel
+/// kills a command (which start at `commands.oom_score_adj`) rather than us.
+/// Lowering it needs CAP_SYS_RESOURCE; without it the inherited value stays.
+fn shield_from_oom(score: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", score.to_string()) {
+        Ok(()) => tracing::info!(oom_score_adj = score, "daemon OOM score set"),
+        Err(e) => {
+            tracing::warn!(oom_score_adj = score, error = %e, "cannot set the daemon's oom_score_adj; keeping the inherited one")
+        }
+    }
+}
+
+/// Becomes a child subreaper when asked, or by default when running as PID 1
+/// (in a container): orphaned descendants of commands are then reparented to
+/// us instead of init, and we must reap them (see [`reap_on_sigchld`]).
+fn become_subreaper(configured: Option<bool>) -> bool {
+    let wanted = configured.unwrap_or(std::process::id() == 1);
+    if !wanted {
+        return false;
+    }
+    match nix::sys::prctl::set_child_subreaper(true) {
+        Ok(()) => {
+            tracing::info!("running as a child subreaper");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot become a child subreaper");
+            false
+        }
+    }
+}
+
+/// As a subreaper, reaps orphaned zombies as soon as SIGCHLD says one may
+/// exist (zombies hold their pid, and their cgroup's pids.max slot, until
+/// reaped); the periodic sweep catches any signal that was coalesced.
+async fn reap_on_sigchld(ctx: Arc<Context>) {
+    let Ok(mut sigchld) = signal(SignalKind::child()) else {
+        tracing::warn!("cannot listen for SIGCHLD; orphans are reaped by the periodic sweep only");
+        return;
+    };
+    while sigchld.recv().await.is_some() {
+        let table = ctx.processes.clone();
+        if let Ok(reaped) =
+            tokio::task::spawn_blocking(move || crate::process::reaper::reap_orphans(&table)).await
+        {
+            ctx.stats
+                .zombies_reaped
+                .fetch_add(reaped, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Accepts connections: checks the peer's uid and the connection limit, then

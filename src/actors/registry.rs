@@ -12,10 +12,11 @@ use super::session::{
     ExecRequest, SessionActor, SessionArgs, SessionDescription, SessionMsg, SessionPhase,
 };
 use crate::context::Context;
+use crate::limits::Rlimit;
 use crate::process::reaper;
 use crate::process::shell::EnvMap;
 use crate::process::table::SessionKey;
-use crate::protocol::{CreateResult, KilledBy, RequestError, seconds_param};
+use crate::protocol::{CreateResult, KilledBy, RequestError};
 use crate::stats::Stats;
 
 /// The admission point of the daemon: it alone decides `TOO_MANY_SESSIONS`,
@@ -40,7 +41,10 @@ pub struct RegistryArgs {
 pub struct CreateRequest {
     pub cwd: Option<PathBuf>,
     pub env: EnvMap,
+    /// The session's default and maximum command timeout, when it tightened it.
     pub timeout: Option<Duration>,
+    /// The setrlimit values of the session's commands.
+    pub rlimits: [Rlimit; 5],
 }
 
 /// Messages of the RegistryActor.
@@ -293,6 +297,7 @@ impl RegistryState {
             env,
             default_timeout,
             max_timeout,
+            rlimits: request.rlimits,
         };
         let _ = myself;
         let (actor, _) = Actor::spawn_linked(None, SessionActor, args, self.supervisor.clone())
@@ -366,8 +371,8 @@ impl RegistryState {
         }
     }
 
-    /// Decides `SHUTTING_DOWN`, `SESSION_NOT_FOUND` and `TOO_MANY_COMMANDS`, then hands the
-    /// command and its slot to the session (which decides `SESSION_BUSY`).
+    /// Decides `SHUTTING_DOWN` and `SESSION_NOT_FOUND`, then hands the command
+    /// to the session (which decides `SESSION_BUSY` and `TOO_MANY_COMMANDS`).
     fn route_run(&mut self, uid: u32, session_id: &str, request: ExecRequest, reply: ExecReply) {
         if self.ctx.draining() || self.shutting_down {
             let _ = reply.send(Err(RequestError::ShuttingDown));
@@ -380,19 +385,8 @@ impl RegistryState {
                 return;
             }
         };
-        let Ok(permit) = self.ctx.command_slots.clone().try_acquire_owned() else {
-            Stats::bump(&self.ctx.stats.commands_rejected_capacity);
-            let _ = reply.send(Err(RequestError::TooManyCommands {
-                limit: self.ctx.config.commands.max_concurrent as u64,
-            }));
-            return;
-        };
         if let Err(ractor::MessagingErr::SendErr(SessionMsg::Run { reply, .. })) =
-            entry.actor.cast(SessionMsg::Run {
-                request,
-                permit,
-                reply,
-            })
+            entry.actor.cast(SessionMsg::Run { request, reply })
         {
             let _ = reply.send(Err(RequestError::SessionNotFound(session_id.to_string())));
         }
@@ -507,39 +501,4 @@ impl RegistryState {
             self.end_session(entry, KilledBy::SessionDestroyed, None);
         }
     }
-}
-
-/// Validates a `session.create`'s limits: they may only tighten.
-pub fn session_timeout(
-    limits: Option<&crate::protocol::SessionLimits>,
-    max_timeout: Duration,
-) -> Result<Option<Duration>, RequestError> {
-    let Some(limits) = limits else {
-        return Ok(None);
-    };
-    let unsupported = [
-        ("limits.memory_max_bytes", limits.memory_max_bytes.is_some()),
-        ("limits.cpu_max_cores", limits.cpu_max_cores.is_some()),
-        ("limits.pids_max", limits.pids_max.is_some()),
-        ("limits.rlimit_cpu_s", limits.rlimit_cpu_s.is_some()),
-        ("limits.rlimit_as_bytes", limits.rlimit_as_bytes.is_some()),
-        ("limits.rlimit_nofile", limits.rlimit_nofile.is_some()),
-        ("limits.rlimit_nproc", limits.rlimit_nproc.is_some()),
-    ];
-    if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
-        return Err(RequestError::InvalidRequest(format!(
-            "param `{name}`: not enforced by this build (rlimits and cgroups are not available yet)"
-        )));
-    }
-    let Some(secs) = limits.timeout_s else {
-        return Ok(None);
-    };
-    let timeout = seconds_param("limits.timeout_s", secs)?;
-    if timeout > max_timeout {
-        return Err(RequestError::InvalidRequest(format!(
-            "param `limits.timeout_s`: {secs}s would loosen max_timeout ({}s); limits may only tighten",
-            max_timeout.as_secs_f64()
-        )));
-    }
-    Ok(Some(timeout))
 }

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
 use super::registry::RegistryMsg;
 use crate::context::Context;
+use crate::limits::Rlimit;
 use crate::process::ProcessTable;
 use crate::process::run::RunSpec;
 use crate::process::shell::{EnvMap, ShellState};
@@ -47,15 +47,15 @@ pub struct SessionArgs {
     pub env: EnvMap,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
+    pub rlimits: [Rlimit; 5],
 }
 
 /// Messages of a SessionActor. Run, Cancel and Destroy come only through the
 /// registry, so a Destroy is always the last of them a session sees.
 pub enum SessionMsg {
-    /// Start a command holding `permit` (a global command slot), answer on `reply`.
+    /// Start a command (if this session is not busy and a global slot is free); answer on `reply`.
     Run {
         request: ExecRequest,
-        permit: OwnedSemaphorePermit,
         reply: ExecReply,
     },
     /// A CommandActor finished; `state` is the shell state it left, if it ended by itself.
@@ -139,6 +139,8 @@ pub struct SessionState {
     env: EnvMap,
     default_timeout: Duration,
     max_timeout: Duration,
+    /// setrlimit values of every command of this session.
+    rlimits: [Rlimit; 5],
     /// Commands running now; at most `max_per_session`.
     running: HashMap<ActorId, ActorRef<CommandMsg>>,
     /// Set once the session decided to expire: it refuses new commands.
@@ -178,6 +180,7 @@ impl Actor for SessionActor {
             env: args.env,
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
+            rlimits: args.rlimits,
             running: HashMap::new(),
             expiring: false,
             ending: false,
@@ -192,11 +195,7 @@ impl Actor for SessionActor {
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SessionMsg::Run {
-                request,
-                permit,
-                reply,
-            } => state.run(&myself, request, permit, reply).await,
+            SessionMsg::Run { request, reply } => state.run(&myself, request, reply).await,
             SessionMsg::CommandDone {
                 command,
                 state: shell,
@@ -282,14 +281,12 @@ impl Actor for SessionActor {
 }
 
 impl SessionState {
-    /// Decides `SESSION_BUSY` and the command's timeout, then starts a CommandActor.
-    async fn run(
-        &mut self,
-        myself: &ActorRef<SessionMsg>,
-        request: ExecRequest,
-        permit: OwnedSemaphorePermit,
-        reply: ExecReply,
-    ) {
+    /// Decides, in this order, `SESSION_BUSY`, the command's timeout
+    /// (`INVALID_REQUEST` above the session's maximum) and `TOO_MANY_COMMANDS`
+    /// (a permit of the global semaphore, held by the CommandActor), then starts
+    /// the CommandActor. Busy is checked first so a request that is refused
+    /// never holds a global slot, not even for a moment.
+    async fn run(&mut self, myself: &ActorRef<SessionMsg>, request: ExecRequest, reply: ExecReply) {
         if self.expiring || self.ending {
             let _ = reply.send(Err(RequestError::SessionNotFound(self.id.clone())));
             return;
@@ -311,6 +308,13 @@ impl SessionState {
                 return;
             }
         };
+        let Ok(permit) = self.ctx.command_slots.clone().try_acquire_owned() else {
+            Stats::bump(&self.ctx.stats.commands_rejected_capacity);
+            let _ = reply.send(Err(RequestError::TooManyCommands {
+                limit: self.ctx.config.commands.max_concurrent as u64,
+            }));
+            return;
+        };
         let commands = &self.ctx.config.commands;
         let mut env = self.env.clone();
         env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -324,6 +328,9 @@ impl SessionState {
             kill_grace: commands.kill_grace,
             max_output_bytes: commands.max_output_bytes.as_u64() as usize,
             keep_output: request.keep_output,
+            rlimits: self.rlimits,
+            oom_score_adj: commands.oom_score_adj,
+            credentials: self.ctx.credentials,
         };
         let args = CommandArgs {
             ctx: self.ctx.clone(),

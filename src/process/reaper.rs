@@ -37,9 +37,30 @@ pub fn reap_orphans(table: &Arc<ProcessTable>) -> u64 {
 }
 
 fn zombie_children(parent: i32) -> Vec<i32> {
-    procfs::all_processes()
+    // Our children are listed per thread in /proc/self/task/*/children (a
+    // few small reads); scanning all of /proc is the fallback for kernels
+    // built without CONFIG_PROC_CHILDREN.
+    let children = children_of_self().unwrap_or_else(|| {
+        procfs::all_processes()
+            .into_iter()
+            .filter(|p| p.ppid == parent)
+            .map(|p| p.pid)
+            .collect()
+    });
+    children
         .into_iter()
-        .filter(|p| p.ppid == parent && p.is_zombie())
-        .map(|p| p.pid)
+        .filter(|pid| procfs::stat(*pid).is_some_and(|p| p.ppid == parent && p.is_zombie()))
         .collect()
+}
+
+fn children_of_self() -> Option<Vec<i32>> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).ok()?;
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    Some(out)
 }

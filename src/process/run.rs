@@ -18,8 +18,9 @@ use tokio::sync::watch;
 use super::child::{ChildProcess, ExitInfo};
 use super::output::CappedOutput;
 use super::shell::{self, EnvMap, ShellState};
-use super::spawn::{self, SpawnError, SpawnRequest};
+use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
+use crate::limits::Rlimit;
 use crate::protocol::{ExecResult, KeepOutput, KilledBy};
 
 /// How long output is still read after the shell exited, for what it wrote
@@ -45,6 +46,12 @@ pub struct RunSpec {
     pub kill_grace: Duration,
     pub max_output_bytes: usize,
     pub keep_output: KeepOutput,
+    /// setrlimit values for the command's processes.
+    pub rlimits: [Rlimit; 5],
+    /// oom_score_adj of the command's processes.
+    pub oom_score_adj: i32,
+    /// The identity to run as, when not the daemon's.
+    pub credentials: Option<Credentials>,
 }
 
 /// A finished command: its result and, when it ended by itself, the shell state it left.
@@ -80,6 +87,8 @@ pub async fn run_command(
     let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
     let (table, cwd_path, with_stdin) = (table.clone(), spec.cwd.clone(), spec.stdin.is_some());
+    let (rlimits, credentials) = (spec.rlimits, spec.credentials);
+    let oom_score_adj = std::ffi::CString::new(spec.oom_score_adj.to_string()).expect("digits");
 
     let started = Instant::now();
     // Off the async workers: a cwd on a stalled mount must hang this spawn
@@ -90,9 +99,10 @@ pub async fn run_command(
         }
         #[cfg(feature = "fault-injection")]
         if crate::fault::take_spawn_failure() {
-            return Err(RunError::Spawn(SpawnError::Spawn {
+            return Err(RunError::Spawn(SpawnError::Child {
                 program: argv[0].to_string_lossy().into_owned(),
                 cwd: cwd_path.display().to_string(),
+                step: spawn::ChildStep::Exec,
                 errno: nix::errno::Errno::EAGAIN,
             }));
         }
@@ -102,6 +112,9 @@ pub async fn run_command(
             envp: &envp,
             cwd: &cwd,
             with_stdin,
+            rlimits: &rlimits,
+            oom_score_adj: Some(&oom_score_adj),
+            credentials,
         };
         Ok(spawn::spawn(&table, session, &request)?)
     })
@@ -153,6 +166,7 @@ pub async fn run_command(
         tokio::spawn(discard_until_eof([stdout_rx, stderr_rx]));
     }
     let duration = started.elapsed();
+    let killed_by = killed_by.or_else(|| cpu_limit_kill(&exit, &spec.rlimits));
 
     let state = match (killed_by, exit.code) {
         (None, Some(_)) if !report.truncated() => shell::parse_report(&report.into_bytes()),
@@ -226,6 +240,26 @@ async fn supervise(
         None => child.wait().await?,
     };
     Ok((info, Some(reason)))
+}
+
+/// Whether RLIMIT_CPU ended the command: SIGXCPU at the soft limit (or SIGKILL
+/// at the hard one) ended the shell, or a child of it (the shell then exits
+/// 128 + signal), and the command's processes used at least the soft limit of
+/// CPU (within 10%: the kernel samples CPU time at tick granularity, rusage
+/// may read a little under the limit). The CPU check keeps a command's own
+/// `exit 152` from being taken for it.
+fn cpu_limit_kill(exit: &ExitInfo, rlimits: &[Rlimit]) -> Option<KilledBy> {
+    let soft = rlimits
+        .iter()
+        .find(|l| l.resource == libc::RLIMIT_CPU)?
+        .soft;
+    if soft == libc::RLIM_INFINITY {
+        return None;
+    }
+    let by_signal = |sig: i32| exit.signal == Some(sig) || exit.code == Some(128 + sig);
+    let signalled = by_signal(libc::SIGXCPU) || by_signal(libc::SIGKILL);
+    let near_limit = exit.cpu.as_millis() * 10 >= u128::from(soft) * 9_000;
+    (signalled && near_limit).then_some(KilledBy::CpuLimit)
 }
 
 /// Resolves when the kill request changes after it was first seen; never when the sender is gone.

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ractor::RpcReplyPort;
 
-use crate::actors::registry::{CreateRequest, RegistryMsg, session_timeout};
+use crate::actors::registry::{CreateRequest, RegistryMsg};
 use crate::actors::session::{ExecRequest, SessionMsg};
 use crate::context::Context;
+use crate::limits::session_limits;
 use crate::process::shell::{EnvMap, MAX_ARG_BYTES};
 use crate::protocol::frame::{Request, encode_error, encode_result};
 use crate::protocol::{
@@ -127,6 +128,12 @@ fn stats(ctx: &Context) -> StatsResult {
             actor_failures_total: g(&s.actor_failures),
             zombies_reaped_total: g(&s.zombies_reaped),
             draining: ctx.draining(),
+            oom_score_adj: std::fs::read_to_string("/proc/self/oom_score_adj")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0),
+            commands_oom_score_adj: i64::from(ctx.config.commands.oom_score_adj),
+            subreaper: ctx.subreaper,
         },
     }
 }
@@ -173,10 +180,12 @@ async fn create(
             Some(path)
         }
     };
+    let (timeout, rlimits) = session_limits(&ctx.config, p.limits.as_ref())?;
     let request = CreateRequest {
         cwd,
         env: env_param("env", p.env)?,
-        timeout: session_timeout(p.limits.as_ref(), ctx.config.commands.max_timeout)?,
+        timeout,
+        rlimits: rlimits.to_rlimits(),
     };
     ask(ctx, |reply| RegistryMsg::Create {
         uid,
