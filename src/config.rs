@@ -23,6 +23,27 @@ pub struct Config {
     pub commands: CommandsConfig,
     /// setrlimit values applied to every command before it runs.
     pub rlimits: RlimitsConfig,
+    /// Per-client request rate.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `[rate_limit]`: a token bucket per client uid (`system.ping` is exempt).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per client; 0 turns rate limiting off.
+    pub requests_per_second: u32,
+    /// Requests a client may send at once before the rate applies.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            requests_per_second: 200,
+            burst: 400,
+        }
+    }
 }
 
 /// `[server]`: the listening socket.
@@ -40,6 +61,13 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Largest request frame; checked against the length prefix before allocating.
     pub max_request_bytes: ByteSize,
+    /// A request frame that has begun must be complete within this; a client
+    /// that sends part of one and stalls is disconnected. Idle connections are not.
+    #[serde(with = "humantime_serde")]
+    pub request_read_timeout: Duration,
+    /// Answers queued for a connection but not yet read by its client, in
+    /// bytes; past this the client is not reading and the connection is dropped.
+    pub max_unsent_bytes: ByteSize,
     /// After SIGTERM: how long running commands may finish before they are killed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -110,6 +138,8 @@ impl Default for ServerConfig {
             allowed_uids: Vec::new(),
             max_connections: 256,
             max_request_bytes: ByteSize::mib(2),
+            request_read_timeout: Duration::from_secs(10),
+            max_unsent_bytes: ByteSize::mib(64),
             shutdown_grace: Duration::from_secs(10),
             oom_score_adj: -900,
         }
@@ -216,6 +246,28 @@ impl Config {
                 "server.socket_mode",
                 format!("{:o}", s.socket_mode),
                 "a permission mode like 0o600 or 0o660 that keeps the owner's read and write bits",
+            ));
+        }
+        if s.request_read_timeout.is_zero() {
+            return Err(invalid(
+                "server.request_read_timeout",
+                s.request_read_timeout,
+                "a duration above zero",
+            ));
+        }
+        if s.max_unsent_bytes.as_u64() < 64 * 1024 {
+            return Err(invalid(
+                "server.max_unsent_bytes",
+                s.max_unsent_bytes.as_u64(),
+                "at least 64 KiB",
+            ));
+        }
+        let r = &self.rate_limit;
+        if r.requests_per_second > 0 && r.burst == 0 {
+            return Err(invalid(
+                "rate_limit.burst",
+                r.burst,
+                "at least 1 when requests_per_second is above 0",
             ));
         }
         if s.max_connections == 0 {

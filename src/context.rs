@@ -36,6 +36,9 @@ pub struct Context {
     /// One permit per running command, `max_concurrent` in all. A permit is
     /// held by its CommandActor and returned on drop, even on panic.
     pub command_slots: Arc<Semaphore>,
+    /// One token bucket per client uid; `None` when rate limiting is off.
+    /// Keyed by uid, so it holds at most one entry per uid that may connect.
+    rate_limiter: Option<governor::DefaultKeyedRateLimiter<u32>>,
     /// Whether the daemon made itself a child subreaper at start.
     pub subreaper: bool,
     /// Set on SIGTERM: no new sessions or commands.
@@ -107,12 +110,18 @@ impl Context {
             login_shell.into_os_string().into_encoded_bytes(),
         );
         let slots = config.commands.max_concurrent;
+        let rate = &config.rate_limit;
+        let rate_limiter = std::num::NonZeroU32::new(rate.requests_per_second).map(|rps| {
+            let burst = std::num::NonZeroU32::new(rate.burst).unwrap_or(rps);
+            governor::RateLimiter::keyed(governor::Quota::per_second(rps).allow_burst(burst))
+        });
         Context {
             config,
             shell,
             default_cwd,
             base_env,
             credentials,
+            rate_limiter,
             subreaper: false,
             stats: Stats::default(),
             processes: Arc::new(ProcessTable::default()),
@@ -122,6 +131,22 @@ impl Context {
             registry: RwLock::new(None),
             next_session_key: AtomicU64::new(1),
         }
+    }
+
+    /// Takes one request from `uid`'s budget; the single place that decides
+    /// `RATE_LIMITED` (with the time until the next request would be allowed).
+    pub fn admit_request(&self, uid: u32) -> Result<(), crate::protocol::RequestError> {
+        use governor::clock::Clock;
+        let Some(limiter) = &self.rate_limiter else {
+            return Ok(());
+        };
+        limiter.check_key(&uid).map_err(|not_until| {
+            crate::stats::Stats::bump(&self.stats.rate_limited);
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            crate::protocol::RequestError::RateLimited {
+                retry_after_ms: (wait.as_millis() as u64).max(1),
+            }
+        })
     }
 
     /// Whether the daemon is draining after SIGTERM.

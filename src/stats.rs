@@ -27,6 +27,8 @@ pub struct Stats {
     pub connections_refused: AtomicU64,
     pub rate_limited: AtomicU64,
     pub bad_frames: AtomicU64,
+    pub stalled_connections: AtomicU64,
+    pub slow_readers_dropped: AtomicU64,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
 

@@ -31,6 +31,9 @@ pub enum RequestError {
     /// The session runs its maximum of commands.
     #[error("session `{0}` already runs its maximum of commands")]
     SessionBusy(String),
+    /// This client's request rate is over its budget.
+    #[error("this client sends requests faster than its budget; retry after {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
     /// `max_concurrent` commands run across the daemon.
     #[error("the daemon already runs its maximum of {limit} commands")]
     TooManyCommands { limit: u64 },
@@ -79,6 +82,7 @@ impl RequestError {
             RequestError::SessionNotFound(_) => "SESSION_NOT_FOUND",
             RequestError::SessionBusy(_) => "SESSION_BUSY",
             RequestError::TooManyCommands { .. } => "TOO_MANY_COMMANDS",
+            RequestError::RateLimited { .. } => "RATE_LIMITED",
             RequestError::ShuttingDown => "SHUTTING_DOWN",
             RequestError::SpawnFailed(_) => "SPAWN_FAILED",
             RequestError::PermissionDenied(_) => "PERMISSION_DENIED",
@@ -106,7 +110,10 @@ impl RequestError {
             code: self.code().to_string(),
             message: self.to_string(),
             limit: self.limit(),
-            retry_after_ms: None,
+            retry_after_ms: match self {
+                RequestError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+                _ => None,
+            },
         }
     }
 }

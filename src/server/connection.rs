@@ -1,15 +1,17 @@
 //! One client connection: reads frames, answers inline or in a task per request, writes responses in any order.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::Bytes;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use futures::{FutureExt, SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, SinkExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::{dispatch, is_inline};
@@ -28,93 +30,73 @@ pub const MAX_IN_FLIGHT_PER_CONNECTION: u32 = 64;
 /// Encoded responses waiting for the socket, per connection.
 const RESPONSE_QUEUE: usize = 64;
 
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// How long a refused connection's single error frame may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one connection until the client closes it, a fatal framing error,
-/// or `stop` (after the shutdown drained the sessions: then the responses of
-/// requests in flight are flushed first).
+/// a stalled partial frame, an answer backlog over its byte budget, or `stop`
+/// (after the shutdown drained the sessions: then the answers of requests in
+/// flight are flushed first).
 pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: CancellationToken) {
-    let (read_half, write_half) = stream.into_split();
+    let (mut read_half, write_half) = stream.into_split();
     let max = ctx.config.server.max_request_bytes.as_u64() as usize;
-    let mut frames = FramedRead::new(read_half, request_codec(max));
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(RESPONSE_QUEUE);
-    let writer = tokio::spawn(async move {
-        let mut sink = FramedWrite::new(write_half, response_codec());
-        while let Some(out) = rx.recv().await {
-            let (frame, last) = match out {
-                Outgoing::Frame(frame) => (frame, false),
-                Outgoing::Last(frame) => (frame, true),
+    let read_timeout = ctx.config.server.request_read_timeout;
+    let (outbox, writer) = Outbox::start(&ctx, write_half);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION as usize));
+    let mut codec = request_codec(max);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // Bytes received since the last complete frame: > 0 means a frame is in
+    // progress, and it must complete within `request_read_timeout`.
+    let mut pending_bytes = 0usize;
+    let mut partial_since: Option<Instant> = None;
+
+    'serve: loop {
+        // 1. Serve every complete frame already received.
+        loop {
+            let body = match codec.decode(&mut buf) {
+                Ok(Some(body)) => body,
+                Ok(None) => break,
+                Err(e) if is_frame_too_large(&e) => {
+                    Stats::bump(&ctx.stats.bad_frames);
+                    let error = RequestError::FrameTooLarge { limit: max as u64 };
+                    // The last frame: the writer closes the connection after it, and
+                    // answers of requests still in flight are dropped.
+                    outbox
+                        .send(Outgoing::Last(encode_error(None, &error)))
+                        .await;
+                    break 'serve;
+                }
+                Err(_) => break 'serve,
             };
-            if sink.send(frame).await.is_err() || last {
-                break;
+            pending_bytes = buf.len();
+            if !serve_frame(&ctx, uid, body.freeze(), &outbox, &in_flight).await {
+                break 'serve;
             }
         }
-    });
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION as usize));
-
-    loop {
-        let next = tokio::select! {
-            next = frames.next() => next,
+        partial_since = match (pending_bytes, partial_since) {
+            (0, _) => None,
+            (_, Some(since)) => Some(since),
+            (_, None) => Some(Instant::now()),
+        };
+        // 2. Read more, unless the partial frame is out of time.
+        let deadline = partial_since.map(|since| since + read_timeout);
+        let read = tokio::select! {
+            read = read_half.read_buf(&mut buf) => read,
+            _ = sleep_until_or_never(deadline) => {
+                Stats::bump(&ctx.stats.stalled_connections);
+                tracing::info!(uid, "partial request frame stalled past request_read_timeout; disconnecting");
+                break;
+            }
+            _ = outbox.overflowed() => break,
             _ = stop.cancelled() => break,
         };
-        let body = match next {
-            None => break,
-            Some(Ok(body)) => body,
-            Some(Err(e)) if is_frame_too_large(&e) => {
-                Stats::bump(&ctx.stats.bad_frames);
-                let error = RequestError::FrameTooLarge { limit: max as u64 };
-                // The last frame: the writer closes the connection after it, and
-                // answers of requests still in flight are dropped.
-                let _ = tx.send(Outgoing::Last(encode_error(None, &error))).await;
-                break;
-            }
-            Some(Err(_)) => break,
-        };
-        let request = match parse_request(&body.freeze()) {
-            Ok(request) => request,
-            Err(bad) => {
-                Stats::bump(&ctx.stats.bad_frames);
-                if tx
-                    .send(Outgoing::Frame(encode_error(bad.id, &bad.error)))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                continue;
-            }
-        };
-        if is_inline(&request.method) {
-            if tx
-                .send(Outgoing::Frame(dispatch(&ctx, uid, request).await))
-                .await
-                .is_err()
-            {
-                break;
-            }
-            continue;
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => pending_bytes += n,
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break;
-        };
-        let (ctx, tx) = (ctx.clone(), tx.clone());
-        tokio::spawn(async move {
-            let id = request.id;
-            // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
-            let answer = AssertUnwindSafe(dispatch(&ctx, uid, request))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| {
-                    Stats::bump(&ctx.stats.actor_failures);
-                    encode_error(
-                        Some(id),
-                        &RequestError::Internal("serving this request failed".into()),
-                    )
-                });
-            let _ = tx.send(Outgoing::Frame(answer)).await;
-            drop(permit);
-        });
     }
 
     if stop.is_cancelled() {
@@ -128,8 +110,148 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
     }
     // A client that hung up mid-exec: its requests run to their end, their
     // answers are dropped (documented in docs/protocol.md).
-    drop(tx);
+    drop(outbox);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+/// Parses and serves one frame: inline for ping and stats, else on a task of
+/// its own (at most [`MAX_IN_FLIGHT_PER_CONNECTION`] at once). Returns false
+/// when the connection must end.
+async fn serve_frame(
+    ctx: &Arc<Context>,
+    uid: u32,
+    body: Bytes,
+    outbox: &Outbox,
+    in_flight: &Arc<Semaphore>,
+) -> bool {
+    let request = match parse_request(&body) {
+        Ok(request) => request,
+        Err(bad) => {
+            Stats::bump(&ctx.stats.bad_frames);
+            return outbox
+                .send(Outgoing::Frame(encode_error(bad.id, &bad.error)))
+                .await;
+        }
+    };
+    if is_inline(&request.method) {
+        return outbox
+            .send(Outgoing::Frame(dispatch(ctx, uid, request).await))
+            .await;
+    }
+    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        return false;
+    };
+    let (ctx, outbox) = (ctx.clone(), outbox.clone());
+    tokio::spawn(async move {
+        let id = request.id;
+        // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
+        let answer = AssertUnwindSafe(dispatch(&ctx, uid, request))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                Stats::bump(&ctx.stats.actor_failures);
+                encode_error(
+                    Some(id),
+                    &RequestError::Internal("serving this request failed".into()),
+                )
+            });
+        outbox.send(Outgoing::Frame(answer)).await;
+        drop(permit);
+    });
+    true
+}
+
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The answers of one connection on their way to the socket, with a byte
+/// budget: answers queued but not yet written (`unsent`) may not exceed
+/// `server.max_unsent_bytes`. A client that stops reading therefore cannot
+/// make the daemon buffer without bound: past the budget the connection is
+/// dropped (its requests still run; nothing of other clients is touched).
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    unsent: Arc<AtomicUsize>,
+    budget: usize,
+    overflow: CancellationToken,
+    ctx: Arc<Context>,
+}
+
+impl Outbox {
+    fn start(
+        ctx: &Arc<Context>,
+        write_half: OwnedWriteHalf,
+    ) -> (Outbox, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(RESPONSE_QUEUE);
+        let outbox = Outbox {
+            tx,
+            unsent: Arc::new(AtomicUsize::new(0)),
+            budget: ctx.config.server.max_unsent_bytes.as_u64() as usize,
+            overflow: CancellationToken::new(),
+            ctx: ctx.clone(),
+        };
+        let (unsent, overflow) = (outbox.unsent.clone(), outbox.overflow.clone());
+        let writer = tokio::spawn(async move {
+            let mut sink = FramedWrite::new(write_half, response_codec());
+            loop {
+                let out = tokio::select! {
+                    out = rx.recv() => out,
+                    _ = overflow.cancelled() => None,
+                };
+                let Some(out) = out else { break };
+                let (frame, last) = match out {
+                    Outgoing::Frame(frame) => (frame, false),
+                    Outgoing::Last(frame) => (frame, true),
+                };
+                let len = frame.len();
+                let sent = tokio::select! {
+                    sent = sink.send(frame) => sent.is_ok(),
+                    _ = overflow.cancelled() => false,
+                };
+                unsent.fetch_sub(len, Ordering::Relaxed);
+                if !sent || last {
+                    break;
+                }
+            }
+        });
+        (outbox, writer)
+    }
+
+    /// Queues an answer; false when the connection is over its budget or gone.
+    async fn send(&self, out: Outgoing) -> bool {
+        let len = match &out {
+            Outgoing::Frame(f) | Outgoing::Last(f) => f.len(),
+        };
+        let before = self.unsent.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.budget && before > 0 {
+            self.unsent.fetch_sub(len, Ordering::Relaxed);
+            if !self.overflow.is_cancelled() {
+                Stats::bump(&self.ctx.stats.slow_readers_dropped);
+                tracing::warn!(
+                    unsent = before,
+                    budget = self.budget,
+                    "client does not read its answers; dropping the connection"
+                );
+                self.overflow.cancel();
+            }
+            return false;
+        }
+        if self.tx.send(out).await.is_err() {
+            self.unsent.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Resolves once the budget was exceeded.
+    async fn overflowed(&self) {
+        self.overflow.cancelled().await
+    }
 }
 
 /// A response on its way to the socket.

@@ -32,6 +32,13 @@ pub fn is_inline(method: &str) -> bool {
 pub async fn dispatch(ctx: &Arc<Context>, uid: u32, request: Request) -> Bytes {
     let id = request.id;
     Stats::bump(&ctx.stats.requests);
+    // Health checks are exempt, so a client at its budget can still be seen alive.
+    if request.method != method::PING {
+        if let Err(e) = ctx.admit_request(uid) {
+            Stats::bump(&ctx.stats.errors);
+            return encode_error(Some(id), &e);
+        }
+    }
     let answer = match request.method.as_str() {
         method::PING => Ok(encode_result(id, &ping(ctx))),
         method::STATS => Ok(encode_result(id, &stats(ctx))),

@@ -78,6 +78,8 @@ socket = "{socket}"
 shutdown_grace = "5s"
 [sessions]
 default_cwd = "{work}"
+[rate_limit]
+requests_per_second = 0
 [commands]
 kill_grace = "300ms"
 [commands.env]

@@ -1,0 +1,232 @@
+//! Per-client controls against the real daemon: identity and ownership across uids, rate limits, connection limits, stalled and non-reading clients.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use sessiond::client::ClientError;
+use sessiond::protocol::CreateParams;
+use support::{TestDaemon, error_code, get, request, wait_until};
+
+/// Runs the CLI as uid/gid 65534 (`nobody`) against the daemon.
+fn as_nobody(d: &TestDaemon, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(args)
+        .env("SESSIOND_SOCKET", &d.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+fn open_to_everyone(d: &TestDaemon) {
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_uid_cannot_see_or_touch_root_sessions() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to connect as another uid");
+        return;
+    }
+    let d = TestDaemon::start("[server]\nsocket_mode = 0o666\nallowed_uids = [0, 65534]\n");
+    open_to_everyone(&d);
+    let c = d.client().await;
+    let root_session = c.create_session(CreateParams::default()).await.unwrap();
+
+    let o = as_nobody(&d, &["session", "list"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "",
+        "nobody sees none of root's sessions"
+    );
+    for args in [
+        vec!["session", "destroy", root_session.as_str()],
+        vec!["run", "--session", root_session.as_str(), "--", "id"],
+    ] {
+        let o = as_nobody(&d, &args);
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("SESSION_NOT_FOUND"),
+            "{o:?}"
+        );
+    }
+    // nobody's own session works and is its own.
+    let o = as_nobody(&d, &["session", "create"]);
+    assert!(o.status.success(), "{o:?}");
+    let theirs = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let ids: Vec<String> = c
+        .list_sessions()
+        .await
+        .unwrap()
+        .sessions
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec![root_session.clone()],
+        "root does not see nobody's session either"
+    );
+    assert_eq!(
+        c.destroy_session(&theirs).await.unwrap_err().code(),
+        Some("SESSION_NOT_FOUND")
+    );
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_over_the_rate_is_refused_with_a_usable_retry_after() {
+    let d = TestDaemon::start("[rate_limit]\nrequests_per_second = 5\nburst = 5\n");
+    let c = d.client().await;
+    let mut refused = None;
+    for _ in 0..20 {
+        match c.list_sessions().await {
+            Ok(_) => {}
+            Err(ClientError::Server(e)) if e.code == "RATE_LIMITED" => {
+                refused = Some(e);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let refused = refused.expect("a burst of 20 over a burst of 5 is refused");
+    let retry = refused.retry_after_ms.expect("retry_after_ms is set");
+    assert!(
+        (1..=1000).contains(&retry),
+        "at 5/s the next token is at most 200 ms away: {retry}"
+    );
+    // Health checks are exempt.
+    for _ in 0..50 {
+        c.ping().await.unwrap();
+    }
+    // Waiting the advised time is enough.
+    tokio::time::sleep(Duration::from_millis(retry)).await;
+    c.list_sessions().await.unwrap();
+    // The refusal was counted (stats is rate limited too: wait for the next token).
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(c.stats().await.unwrap().clients.rate_limited_total >= 1);
+    drop(c);
+    d.stop();
+}
+
+#[test]
+fn connection_257_is_refused_with_an_error_frame() {
+    let d = TestDaemon::start("");
+    // Fill the 256 slots (the harness's readiness probe may hold one for a moment).
+    let mut served = Vec::new();
+    wait_until(
+        "256 connections are served",
+        Duration::from_secs(30),
+        || {
+            let mut conn = d.raw();
+            if conn.try_send(&request(1, "system.ping", vec![]))
+                && conn.read().is_some_and(|r| error_code(&r).is_none())
+            {
+                served.push(conn);
+            }
+            served.len() == 256
+        },
+    );
+    let mut extra = d.raw();
+    let r = extra.read().expect("an error frame");
+    assert_eq!(error_code(&r).as_deref(), Some("TOO_MANY_CONNECTIONS"));
+    assert_eq!(get(get(&r, "error"), "limit").as_u64(), Some(256));
+    assert!(extra.is_closed());
+    drop(served);
+    d.stop();
+}
+
+#[test]
+fn a_stalled_partial_frame_is_disconnected_while_others_are_served() {
+    let d = TestDaemon::start("[server]\nrequest_read_timeout = \"300ms\"\n");
+    let mut idle = d.raw();
+    let mut stalled = d.raw();
+    // Half a frame, then nothing.
+    stalled.write_bytes(&[0, 0, 0, 50, 0x82]);
+    let started = Instant::now();
+    let mut other = d.raw();
+    other.send(&request(1, "system.ping", vec![]));
+    assert!(other.read().is_some(), "others are served meanwhile");
+    assert!(stalled.is_closed(), "the stalled connection is closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "not before the deadline"
+    );
+    // An idle connection (no partial frame) is not disconnected.
+    idle.send(&request(2, "system.ping", vec![]));
+    assert_eq!(get(&idle.read().unwrap(), "id").as_u64(), Some(2));
+    drop((idle, other));
+    d.stop();
+}
+
+#[test]
+fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
+    let d = TestDaemon::start(
+        "[server]\nmax_unsent_bytes = \"4 MiB\"\n[commands]\nmax_concurrent = 16\n",
+    );
+    let rss = || {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", d.pid())).unwrap();
+        statm
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 4096
+    };
+    let mut setup = d.raw();
+    let sessions: Vec<String> = (0..8).map(|i| setup.create_session(100 + i)).collect();
+    let before = rss();
+    // 32 answers of 1 MiB each = 32 MiB of answers, none of them ever read.
+    let mut greedy = d.raw();
+    for (i, s) in (0..32).zip(sessions.iter().cycle()) {
+        if !greedy.try_send(&request(
+            i,
+            "exec.run",
+            vec![
+                ("session_id", s.as_str().into()),
+                ("command", "head -c 1048576 /dev/zero".into()),
+            ],
+        )) {
+            break;
+        }
+    }
+    // The daemon drops the connection once its unread answers pass the budget...
+    let mut stats_conn = d.raw();
+    wait_until(
+        "the non-reading client is dropped",
+        Duration::from_secs(30),
+        || {
+            stats_conn.send(&request(1, "system.stats", vec![]));
+            let r = stats_conn.read().unwrap();
+            get(get(get(&r, "result"), "clients"), "connections").as_u64() == Some(2)
+        },
+    );
+    // ...its commands ran to their end (nothing of anyone was killed)...
+    wait_until(
+        "the dropped client's commands finish",
+        Duration::from_secs(30),
+        || {
+            stats_conn.send(&request(2, "system.stats", vec![]));
+            let r = stats_conn.read().unwrap();
+            get(get(get(&r, "result"), "commands"), "running").as_u64() == Some(0)
+        },
+    );
+    // ...and the daemon did not keep the 32 MiB.
+    let after = rss();
+    assert!(
+        after < before + 24 * 1024 * 1024,
+        "RSS grew from {before} to {after} bytes for 32 MiB of unread answers"
+    );
+    // Everyone else is still served.
+    setup.send(&request(9, "system.ping", vec![]));
+    assert!(setup.read().is_some());
+    drop((greedy, setup, stats_conn));
+    d.stop();
+}
