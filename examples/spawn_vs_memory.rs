@@ -34,6 +34,7 @@ fn p50_us(table: &Arc<ProcessTable>, n: usize) -> u128 {
                 rlimits: &rlimits,
                 oom_score_adj: Some(&oom),
                 credentials: None,
+                cgroup_procs: &[],
             };
             let (mut child, _pipes) = spawn(table, 1, &request).expect("spawn");
             let elapsed = t.elapsed().as_micros();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::CgroupsConfig;
 use crate::limits::RlimitsConfig;
 
 /// Everything the daemon can be told at start. Every field has a default, so
@@ -25,6 +26,8 @@ pub struct Config {
     pub rlimits: RlimitsConfig,
     /// Per-client request rate.
     pub rate_limit: RateLimitConfig,
+    /// One cgroup per session with hard memory, CPU and pids limits.
+    pub cgroups: CgroupsConfig,
 }
 
 /// `[rate_limit]`: a token bucket per client uid (`system.ping` is exempt).
@@ -260,6 +263,35 @@ impl Config {
                 "server.max_unsent_bytes",
                 s.max_unsent_bytes.as_u64(),
                 "at least 64 KiB",
+            ));
+        }
+        let cg = &self.cgroups;
+        if cg.parent.is_empty() || cg.parent.contains('/') || cg.parent.starts_with('.') {
+            return Err(invalid(
+                "cgroups.parent",
+                &cg.parent,
+                "a plain directory name (no '/', not starting with '.')",
+            ));
+        }
+        if cg.memory_max.as_u64() < 4 * 1024 * 1024 {
+            return Err(invalid(
+                "cgroups.memory_max",
+                cg.memory_max.as_u64(),
+                "at least 4 MiB",
+            ));
+        }
+        if !(cg.cpu_max_cores.is_finite() && cg.cpu_max_cores >= 0.01) {
+            return Err(invalid(
+                "cgroups.cpu_max_cores",
+                cg.cpu_max_cores,
+                "a number of cores, at least 0.01",
+            ));
+        }
+        if cg.pids_max < 8 {
+            return Err(invalid(
+                "cgroups.pids_max",
+                cg.pids_max,
+                "at least 8 (the shell and its helpers count)",
             ));
         }
         let r = &self.rate_limit;

@@ -9,6 +9,7 @@ use ractor::ActorRef;
 use tokio::sync::Semaphore;
 
 use crate::actors::registry::RegistryMsg;
+use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::process::ProcessTable;
 use crate::process::shell::EnvMap;
@@ -39,6 +40,8 @@ pub struct Context {
     /// One token bucket per client uid; `None` when rate limiting is off.
     /// Keyed by uid, so it holds at most one entry per uid that may connect.
     rate_limiter: Option<governor::DefaultKeyedRateLimiter<u32>>,
+    /// The daemon's cgroup subtree; `None` when cgroups are off.
+    pub cgroups: Option<Arc<Cgroups>>,
     /// Whether the daemon made itself a child subreaper at start.
     pub subreaper: bool,
     /// Set on SIGTERM: no new sessions or commands.
@@ -122,6 +125,7 @@ impl Context {
             base_env,
             credentials,
             rate_limiter,
+            cgroups: None,
             subreaper: false,
             stats: Stats::default(),
             processes: Arc::new(ProcessTable::default()),

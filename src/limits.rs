@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::cgroup::CgroupLimits;
 use crate::protocol::{RequestError, SessionLimits};
 
 /// A limit: a number in the resource's unit, or no limit.
@@ -239,43 +240,97 @@ impl fmt::Display for Limit {
     }
 }
 
+/// Everything a session's `limits` resolve to.
+#[derive(Debug, Clone, Copy)]
+pub struct ResolvedLimits {
+    /// The session's default and maximum command timeout, when it set one.
+    pub timeout: Option<Duration>,
+    pub rlimits: SessionRlimits,
+    pub cgroup: CgroupLimits,
+}
+
 /// Decides a `session.create`'s `limits`: each may only tighten the
-/// configuration. Returns the session's timeout (default and maximum) and its
-/// rlimits. cgroup limits are refused until the cgroup layer exists, rather
-/// than accepted and not enforced.
+/// configuration; a value that would loosen one is `INVALID_REQUEST` naming
+/// it. cgroup limits on a daemon running without cgroups are refused too,
+/// rather than accepted and not enforced.
 pub fn session_limits(
     config: &crate::config::Config,
+    cgroups_on: bool,
     limits: Option<&SessionLimits>,
-) -> Result<(Option<Duration>, SessionRlimits), RequestError> {
-    let base = SessionRlimits::from(&config.rlimits);
-    let Some(limits) = limits else {
-        return Ok((None, base));
+) -> Result<ResolvedLimits, RequestError> {
+    let mut resolved = ResolvedLimits {
+        timeout: None,
+        rlimits: SessionRlimits::from(&config.rlimits),
+        cgroup: CgroupLimits::from_config(&config.cgroups),
     };
-    let unsupported = [
-        ("limits.memory_max_bytes", limits.memory_max_bytes.is_some()),
-        ("limits.cpu_max_cores", limits.cpu_max_cores.is_some()),
-        ("limits.pids_max", limits.pids_max.is_some()),
-    ];
-    if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
+    let Some(limits) = limits else {
+        return Ok(resolved);
+    };
+    let loosen = |name: &str, asked: String, configured: String| {
+        RequestError::InvalidRequest(format!(
+            "param `limits.{name}`: {asked} would loosen the configured limit ({configured}); limits may only tighten"
+        ))
+    };
+    let wants_cgroup = limits.memory_max_bytes.is_some()
+        || limits.cpu_max_cores.is_some()
+        || limits.pids_max.is_some();
+    if wants_cgroup && !cgroups_on {
+        let name = if limits.memory_max_bytes.is_some() {
+            "memory_max_bytes"
+        } else if limits.cpu_max_cores.is_some() {
+            "cpu_max_cores"
+        } else {
+            "pids_max"
+        };
         return Err(RequestError::InvalidRequest(format!(
-            "param `{name}`: not enforced by this build (cgroups are not available yet)"
+            "param `limits.{name}`: cgroups are off on this daemon, so it cannot be enforced"
         )));
     }
-    let timeout = match limits.timeout_s {
-        None => None,
-        Some(secs) => {
-            let timeout = crate::protocol::seconds_param("limits.timeout_s", secs)?;
-            let max = config.commands.max_timeout;
-            if timeout > max {
-                return Err(RequestError::InvalidRequest(format!(
-                    "param `limits.timeout_s`: {secs}s would loosen max_timeout ({}s); limits may only tighten",
-                    max.as_secs_f64()
-                )));
-            }
-            Some(timeout)
+    let c = &mut resolved.cgroup;
+    if let Some(v) = limits.memory_max_bytes {
+        if v > c.memory_max || v < 4 << 20 {
+            return Err(loosen(
+                "memory_max_bytes",
+                v.to_string(),
+                format!("{} (and at least 4 MiB)", c.memory_max),
+            ));
         }
-    };
-    Ok((timeout, base.tightened(limits)?))
+        c.memory_max = v;
+    }
+    if let Some(v) = limits.cpu_max_cores {
+        if !(v.is_finite() && v >= 0.01 && v <= c.cpu_max_cores) {
+            return Err(loosen(
+                "cpu_max_cores",
+                v.to_string(),
+                format!("{} (and at least 0.01)", c.cpu_max_cores),
+            ));
+        }
+        c.cpu_max_cores = v;
+    }
+    if let Some(v) = limits.pids_max {
+        if v > c.pids_max || v < 8 {
+            return Err(loosen(
+                "pids_max",
+                v.to_string(),
+                format!("{} (and at least 8)", c.pids_max),
+            ));
+        }
+        c.pids_max = v;
+    }
+    if let Some(secs) = limits.timeout_s {
+        let timeout = crate::protocol::seconds_param("limits.timeout_s", secs)?;
+        let max = config.commands.max_timeout;
+        if timeout > max {
+            return Err(loosen(
+                "timeout_s",
+                format!("{secs}s"),
+                format!("max_timeout {}s", max.as_secs_f64()),
+            ));
+        }
+        resolved.timeout = Some(timeout);
+    }
+    resolved.rlimits = resolved.rlimits.tightened(limits)?;
+    Ok(resolved)
 }
 
 /// The daemon's own (soft, hard) limit of `resource`.

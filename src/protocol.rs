@@ -258,6 +258,8 @@ pub struct RuntimeStats {
     pub commands_oom_score_adj: i64,
     /// Whether the daemon is a child subreaper (orphans of commands are reparented to it).
     pub subreaper: bool,
+    /// Stale session cgroups of an earlier daemon killed and removed at start.
+    pub cgroups_recovered_total: u64,
 }
 
 /// `session.create` result.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actors::registry::RegistryMsg;
 use crate::actors::supervisor::{RootSupervisor, SupervisorMsg};
+use crate::cgroup::{Cgroups, OsRoots};
 use crate::config::Config;
 use crate::context::Context;
 use crate::protocol::RequestError;
@@ -40,6 +41,8 @@ pub enum ServeError {
     },
     #[error("cannot start the actor tree: {0}")]
     Actors(String),
+    #[error("cgroups: {0}")]
+    Cgroups(String),
 }
 
 /// How the daemon ended.
@@ -134,6 +137,20 @@ impl BoundSocket {
 pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError> {
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
+    // The kernel isolation layer: set up our subtree, clean what a crashed daemon left.
+    ctx.cgroups = Cgroups::init(&ctx.config.cgroups, &OsRoots::default())
+        .map_err(|e| ServeError::Cgroups(e.to_string()))?
+        .map(Arc::new);
+    if let Some(cgroups) = &ctx.cgroups {
+        tracing::info!(
+            mode = cgroups.mode_name(),
+            "cgroups on: one cgroup per session"
+        );
+        let recovered = cgroups.recover_stale();
+        ctx.stats
+            .cgroups_recovered
+            .store(recovered, std::sync::atomic::Ordering::Relaxed);
+    }
     ctx.subreaper = become_subreaper(ctx.config.sessions.subreaper);
     let ctx = Arc::new(ctx);
     if ctx.subreaper {
@@ -222,6 +239,10 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     let left = ctx.processes.signal_all(Signal::SIGKILL);
     if left > 0 {
         tracing::warn!(groups = left, "killed process groups still alive at exit");
+    }
+    if let Some(cgroups) = ctx.cgroups.clone() {
+        // Sessions ended cleanly remove their own cgroups; this catches a forced stop.
+        let _ = tokio::task::spawn_blocking(move || cgroups.teardown()).await;
     }
     socket.remove();
     tracing::info!(?exit, "sessiond stopped");

@@ -34,6 +34,7 @@ pub struct Stats {
 
     pub actor_failures: AtomicU64,
     pub zombies_reaped: AtomicU64,
+    pub cgroups_recovered: AtomicU64,
 }
 
 impl Stats {

@@ -167,6 +167,9 @@ impl CommandState {
                 if r.killed_by.is_some() {
                     Stats::bump(&stats.commands_killed);
                 }
+                if r.killed_by == Some(KilledBy::MemoryLimit) {
+                    Stats::bump(&stats.oom_killed);
+                }
                 if r.stdout_truncated || r.stderr_truncated {
                     Stats::bump(&stats.output_truncated);
                 }
@@ -176,7 +179,9 @@ impl CommandState {
                 });
                 (Ok(outcome.result), new_state)
             }
-            Err(RunFailure::Run(e @ (RunError::Spawn(_) | RunError::CwdGone(_)))) => {
+            Err(RunFailure::Run(
+                e @ (RunError::Spawn(_) | RunError::CwdGone(_) | RunError::Cgroup(_)),
+            )) => {
                 Stats::bump(&stats.spawn_failed);
                 (Err(RequestError::SpawnFailed(e.to_string())), None)
             }

@@ -45,6 +45,8 @@ pub struct CreateRequest {
     pub timeout: Option<Duration>,
     /// The setrlimit values of the session's commands.
     pub rlimits: [Rlimit; 5],
+    /// The session's cgroup limits.
+    pub cgroup_limits: crate::cgroup::CgroupLimits,
 }
 
 /// Messages of the RegistryActor.
@@ -298,6 +300,7 @@ impl RegistryState {
             default_timeout,
             max_timeout,
             rlimits: request.rlimits,
+            cgroup_limits: request.cgroup_limits,
         };
         let _ = myself;
         let (actor, _) = Actor::spawn_linked(None, SessionActor, args, self.supervisor.clone())

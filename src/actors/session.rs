@@ -10,10 +10,11 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
 use super::registry::RegistryMsg;
+use crate::cgroup::{CgroupLimits, Cgroups};
 use crate::context::Context;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
-use crate::process::run::RunSpec;
+use crate::process::run::{CgroupPlace, RunSpec};
 use crate::process::shell::{EnvMap, ShellState};
 use crate::process::table::SessionKey;
 use crate::protocol::{KeepOutput, KilledBy, RequestError, SessionInfo};
@@ -48,6 +49,8 @@ pub struct SessionArgs {
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub rlimits: [Rlimit; 5],
+    /// Limits of the session's cgroup (used when cgroups are on).
+    pub cgroup_limits: CgroupLimits,
 }
 
 /// Messages of a SessionActor. Run, Cancel and Destroy come only through the
@@ -113,6 +116,38 @@ pub enum SessionPhase {
 /// registry (perhaps a restarted one) answers with Destroy.
 const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 
+/// The session's cgroup node.
+struct SessionCgroup {
+    cgroups: Arc<Cgroups>,
+    rel: String,
+}
+
+impl SessionCgroup {
+    fn destroy(self) {
+        if let Err(e) = self.cgroups.destroy_session(&self.rel) {
+            tracing::error!(cgroup = %self.rel, error = %e, "cannot remove the session's cgroup");
+        }
+    }
+}
+
+/// Kills and removes the session's cgroup when dropped without `end` (a
+/// panic, a kill): ractor skips `post_stop` then, `Drop` always runs.
+struct SessionCgroupGuard(Option<SessionCgroup>);
+
+impl Drop for SessionCgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cgroup) = self.0.take() {
+            // Blocking file I/O: off the async workers when a runtime is there.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(move || cgroup.destroy());
+                }
+                Err(_) => cgroup.destroy(),
+            }
+        }
+    }
+}
+
 /// Kills every process group of the session when dropped — on stop, kill or
 /// panic alike (ractor skips `post_stop` on a panic; `Drop` always runs).
 struct SessionProcesses {
@@ -141,6 +176,8 @@ pub struct SessionState {
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
     rlimits: [Rlimit; 5],
+    /// The session's cgroup, when cgroups are on; removed when the session ends.
+    cgroup: SessionCgroupGuard,
     /// Commands running now; at most `max_per_session`.
     running: HashMap<ActorId, ActorRef<CommandMsg>>,
     /// Set once the session decided to expire: it refuses new commands.
@@ -162,6 +199,18 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
+        let cgroup = match args.ctx.cgroups.clone() {
+            Some(cgroups) => {
+                let (key, limits) = (args.key, args.cgroup_limits);
+                let rel = tokio::task::spawn_blocking({
+                    let cgroups = cgroups.clone();
+                    move || cgroups.create_session(key, &limits)
+                })
+                .await??;
+                SessionCgroupGuard(Some(SessionCgroup { cgroups, rel }))
+            }
+            None => SessionCgroupGuard(None),
+        };
         let idle = args.ctx.config.sessions.idle_timeout;
         myself.send_after(idle, || SessionMsg::IdleCheck);
         let now = Instant::now();
@@ -181,6 +230,7 @@ impl Actor for SessionActor {
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             rlimits: args.rlimits,
+            cgroup,
             running: HashMap::new(),
             expiring: false,
             ending: false,
@@ -206,7 +256,7 @@ impl Actor for SessionActor {
                     state.env = shell.env;
                 }
                 state.last_active = Instant::now();
-                state.end_if_idle(&myself);
+                state.end_if_idle(&myself).await;
             }
             SessionMsg::Cancel { reply } => {
                 for command in state.running.values() {
@@ -230,7 +280,7 @@ impl Actor for SessionActor {
                     let force_after = state.ctx.config.commands.kill_grace + Duration::from_secs(5);
                     myself.send_after(force_after, || SessionMsg::ForceEnd);
                 }
-                state.end_if_idle(&myself);
+                state.end_if_idle(&myself).await;
             }
             SessionMsg::IdleCheck => state.idle_check(&myself),
             #[cfg(feature = "fault-injection")]
@@ -250,7 +300,7 @@ impl Actor for SessionActor {
             }
             SessionMsg::ForceEnd => {
                 tracing::warn!(session = %state.id, "commands did not end after destroy; stopping the session anyway");
-                state.end(&myself);
+                state.end(&myself).await;
             }
         }
         Ok(())
@@ -265,14 +315,14 @@ impl Actor for SessionActor {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
                 state.running.remove(&cell.get_id());
-                state.end_if_idle(&myself);
+                state.end_if_idle(&myself).await;
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 Stats::bump(&state.ctx.stats.actor_failures);
                 tracing::error!(session = %state.id, actor = %cell.get_id(), error = %err, "CommandActor failed; its request gets INTERNAL, the session goes on");
                 state.running.remove(&cell.get_id());
                 state.last_active = Instant::now();
-                state.end_if_idle(&myself);
+                state.end_if_idle(&myself).await;
             }
             _ => {}
         }
@@ -331,6 +381,10 @@ impl SessionState {
             rlimits: self.rlimits,
             oom_score_adj: commands.oom_score_adj,
             credentials: self.ctx.credentials,
+            cgroup: self.cgroup.0.as_ref().map(|c| CgroupPlace {
+                cgroups: c.cgroups.clone(),
+                session: c.rel.clone(),
+            }),
         };
         let args = CommandArgs {
             ctx: self.ctx.clone(),
@@ -416,13 +470,19 @@ impl SessionState {
         myself.send_after(EXPIRY_RETRY, || SessionMsg::IdleCheck);
     }
 
-    fn end_if_idle(&mut self, myself: &ActorRef<SessionMsg>) {
+    async fn end_if_idle(&mut self, myself: &ActorRef<SessionMsg>) {
         if self.ending && self.running.is_empty() {
-            self.end(myself);
+            self.end(myself).await;
         }
     }
 
-    fn end(&mut self, myself: &ActorRef<SessionMsg>) {
+    /// Kills what is left (the whole cgroup, or every process group of the
+    /// session), removes the cgroup, answers the destroyers, stops. Awaiting the
+    /// cgroup teardown here only holds this ending session's own mailbox.
+    async fn end(&mut self, myself: &ActorRef<SessionMsg>) {
+        if let Some(cgroup) = self.cgroup.0.take() {
+            let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
+        }
         self.ctx.processes.signal_session(self.key, Signal::SIGKILL);
         for reply in self.end_waiters.drain(..) {
             let _ = reply.send(Ok(()));

@@ -16,7 +16,7 @@
 //! `setuid()` would try to signal every thread of the (shared) process.
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -59,6 +59,9 @@ pub struct SpawnRequest<'a> {
     pub oom_score_adj: Option<&'a CStr>,
     /// Switch to this uid/gid with no supplementary groups, if set.
     pub credentials: Option<Credentials>,
+    /// Open `cgroup.procs` files of the command's cgroup leaf (one per
+    /// hierarchy); the child writes "0" to each before anything else.
+    pub cgroup_procs: &'a [RawFd],
 }
 
 /// The parent's ends of the child's pipes (all close-on-exec).
@@ -73,7 +76,8 @@ pub struct ChildPipes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
 pub enum ChildStep {
-    Signals = 1,
+    Cgroup = 1,
+    Signals,
     Session,
     Stdio,
     OomScore,
@@ -87,7 +91,7 @@ impl ChildStep {
     fn from_raw(raw: i32) -> Option<ChildStep> {
         use ChildStep::*;
         [
-            Signals, Session, Stdio, OomScore, Rlimit, Identity, Cwd, Exec,
+            Cgroup, Signals, Session, Stdio, OomScore, Rlimit, Identity, Cwd, Exec,
         ]
         .into_iter()
         .find(|s| *s as i32 == raw)
@@ -95,6 +99,7 @@ impl ChildStep {
 
     fn describe(self) -> &'static str {
         match self {
+            ChildStep::Cgroup => "joining the command's cgroup",
             ChildStep::Signals => "resetting signal dispositions",
             ChildStep::Session => "starting a new session",
             ChildStep::Stdio => "connecting stdin, stdout, stderr and the state pipe",
@@ -140,6 +145,8 @@ struct ChildPlan {
     rlimits: *const Rlimit,
     rlimit_count: usize,
     oom_score_adj: *const libc::c_char,
+    cgroup_procs: *const RawFd,
+    cgroup_procs_count: usize,
     /// -1: keep the identity.
     uid: i64,
     gid: i64,
@@ -197,6 +204,8 @@ pub fn spawn(
         rlimits: req.rlimits.as_ptr(),
         rlimit_count: req.rlimits.len(),
         oom_score_adj: req.oom_score_adj.map_or(std::ptr::null(), CStr::as_ptr),
+        cgroup_procs: req.cgroup_procs.as_ptr(),
+        cgroup_procs_count: req.cgroup_procs.len(),
         uid: req.credentials.map_or(-1, |c| i64::from(c.uid)),
         gid: req.credentials.map_or(-1, |c| i64::from(c.gid)),
         failed_step: 0,
@@ -299,6 +308,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 
 /// The child's setup, in order. Returns the step that failed (errno is set).
 ///
+/// 0. Join the command's cgroup (every hierarchy), so this process and all
+///    it will ever fork are inside it before the first instruction of the
+///    command (adding the pid after spawn lets early grandchildren escape).
 /// 1. Every signal back to its default disposition (the daemon ignores
 ///    SIGPIPE, and ignored signals survive exec; handlers would run in our memory).
 /// 2. A new session: the command leads its own process group, killable as one.
@@ -314,6 +326,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 unsafe fn child_setup(plan: &ChildPlan) -> Result<(), ChildStep> {
     // SAFETY: raw syscall wrappers on valid, parent-owned data; see the function's contract.
     unsafe {
+        for i in 0..plan.cgroup_procs_count {
+            let fd = *plan.cgroup_procs.add(i);
+            if libc::write(fd, c"0".as_ptr().cast(), 1) < 0 {
+                return Err(ChildStep::Cgroup);
+            }
+        }
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         for sig in 1..=64 {

@@ -131,7 +131,12 @@ fn stats(ctx: &Context) -> StatsResult {
             pid: std::process::id(),
             uptime_ms: ctx.uptime_ms(),
             rss_bytes: rss_bytes(),
-            cgroups: "off".to_string(),
+            cgroups: ctx
+                .cgroups
+                .as_ref()
+                .map_or("off", |c| c.mode_name())
+                .to_string(),
+            cgroups_recovered_total: g(&s.cgroups_recovered),
             actor_failures_total: g(&s.actor_failures),
             zombies_reaped_total: g(&s.zombies_reaped),
             draining: ctx.draining(),
@@ -187,12 +192,13 @@ async fn create(
             Some(path)
         }
     };
-    let (timeout, rlimits) = session_limits(&ctx.config, p.limits.as_ref())?;
+    let limits = session_limits(&ctx.config, ctx.cgroups.is_some(), p.limits.as_ref())?;
     let request = CreateRequest {
         cwd,
         env: env_param("env", p.env)?,
-        timeout,
-        rlimits: rlimits.to_rlimits(),
+        timeout: limits.timeout,
+        rlimits: limits.rlimits.to_rlimits(),
+        cgroup_limits: limits.cgroup,
     };
     ask(ctx, |reply| RegistryMsg::Create {
         uid,

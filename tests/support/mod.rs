@@ -80,6 +80,8 @@ shutdown_grace = "5s"
 default_cwd = "{work}"
 [rate_limit]
 requests_per_second = 0
+[cgroups]
+parent = "sessiond-test-{tag}"
 [commands]
 kill_grace = "300ms"
 [commands.env]
@@ -132,6 +134,32 @@ SESSIOND_TEST_TAG = "{tag}"
             Duration::from_secs(10),
             || UnixStream::connect(&self.socket).is_ok(),
         );
+    }
+
+    /// Kills the daemon with SIGKILL (a crash: nothing of its cleanup runs),
+    /// then starts a new one with the same config, socket and cgroup parent.
+    pub fn crash_and_restart(&mut self) {
+        let mut old = self.child.take().expect("running");
+        old.kill().unwrap();
+        old.wait().unwrap();
+        let config = self.dir.path().join("config.toml");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.stderr_path)
+            .unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_sessiond"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("restart sessiond"),
+        );
+        self.wait_ready();
     }
 
     /// The daemon's pid.
@@ -197,6 +225,41 @@ SESSIOND_TEST_TAG = "{tag}"
         );
         assert!(!self.socket.exists(), "socket file left behind");
         self.assert_no_leaks();
+        self.assert_no_cgroups_left();
+    }
+
+    /// This daemon's cgroup subtree name (unique per test daemon).
+    pub fn cgroup_parent(&self) -> String {
+        format!("sessiond-test-{}", self.tag)
+    }
+
+    /// Every directory named for this daemon's subtree under /sys/fs/cgroup.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let parent = self.cgroup_parent();
+        let mut found = Vec::new();
+        let mut todo = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+        while let Some((dir, depth)) = todo.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                if e.file_name().to_string_lossy() == parent {
+                    found.push(e.path());
+                } else if depth < 3 {
+                    todo.push((e.path(), depth + 1));
+                }
+            }
+        }
+        found
+    }
+
+    /// Panics when a cgroup of this daemon's subtree is left.
+    pub fn assert_no_cgroups_left(&self) {
+        let left = self.cgroup_dirs();
+        assert!(left.is_empty(), "cgroups left behind: {left:?}");
     }
 
     /// Panics when any process started by this daemon's commands is still alive.
@@ -222,13 +285,34 @@ impl Drop for TestDaemon {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Whatever a failed test left behind dies here, by pid.
+        // Whatever a failed test left behind dies here, by pid...
         for pid in tagged_pids(&self.tag) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // ...and its cgroups go, deepest first (only this daemon's own subtree).
+        for dir in self.cgroup_dirs() {
+            remove_cgroup_tree(&dir);
+        }
+    }
+}
+
+/// Removes a cgroup directory and its children, deepest first (after their processes died).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -1,0 +1,259 @@
+//! cgroup v2 backend: one directory per node under `<own cgroup>/<parent>`; limits, join files, cgroup.kill, memory.events.
+
+use std::path::{Path, PathBuf};
+
+use super::{CgroupError, CgroupLimits, io_err, kill_by_file, read_key, wait_empty};
+
+/// Controllers a session needs, enabled for its children.
+const CONTROLLERS: &str = "+memory +cpu +pids";
+
+/// A delegated cgroup v2 subtree: `base` = `<mount><own cgroup>/<parent>`.
+#[derive(Debug, Clone)]
+pub struct V2 {
+    base: PathBuf,
+}
+
+impl V2 {
+    /// Prepares the subtree. `mount` is the cgroup2 mount (e.g. /sys/fs/cgroup),
+    /// `own` the daemon's cgroup path in it (from /proc/self/cgroup, `0::/…`).
+    ///
+    /// 1. Unless our cgroup is the root, move the daemon into a leaf `<own>/daemon`:
+    ///    a cgroup that enables controllers for its children may hold no
+    ///    processes, and the daemon must never sit in a session's cgroup.
+    /// 2. Enable memory, cpu and pids for `<own>`'s children, then create
+    ///    `<own>/<parent>` and enable them for its children (the sessions).
+    pub fn setup(
+        mount: &Path,
+        own: &Path,
+        parent: &str,
+        daemon_pid: u32,
+    ) -> Result<V2, CgroupError> {
+        let own_dir = mount.join(own.strip_prefix("/").unwrap_or(own));
+        if own_dir != mount {
+            let leaf = own_dir.join("daemon");
+            mkdir(&leaf)?;
+            write(&leaf.join("cgroup.procs"), &daemon_pid.to_string())?;
+            write(&own_dir.join("cgroup.subtree_control"), CONTROLLERS)?;
+        } else {
+            write(&own_dir.join("cgroup.subtree_control"), CONTROLLERS)?;
+        }
+        let base = own_dir.join(parent);
+        mkdir(&base)?;
+        write(&base.join("cgroup.subtree_control"), CONTROLLERS)?;
+        Ok(V2 { base })
+    }
+
+    /// Where the sessions live.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    fn dir(&self, rel: &str) -> PathBuf {
+        self.base.join(rel)
+    }
+
+    /// Creates the node `rel`; with `limits` (a session), writes them and
+    /// enables the controllers for its children (its command leaves), then
+    /// checks the limit files exist (a silently missing controller would
+    /// leave the session unlimited).
+    pub fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError> {
+        let dir = self.dir(rel);
+        mkdir(&dir)?;
+        if let Some(l) = limits {
+            write(&dir.join("memory.max"), &l.memory_max.to_string())?;
+            write(&dir.join("memory.swap.max"), "0").ok();
+            write(
+                &dir.join("cpu.max"),
+                &format!("{} {}", l.cpu_quota_us(), super::CPU_PERIOD_US),
+            )?;
+            write(&dir.join("pids.max"), &l.pids_max.to_string())?;
+            write(&dir.join("cgroup.subtree_control"), CONTROLLERS)?;
+            for file in ["memory.max", "pids.max", "cpu.max"] {
+                if !dir.join(file).exists() {
+                    return Err(CgroupError::MissingController(dir.join(file)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a process writes "0" to, to join `rel`.
+    pub fn procs_files(&self, rel: &str) -> Vec<PathBuf> {
+        vec![self.dir(rel).join("cgroup.procs")]
+    }
+
+    /// Kills every process in `rel` and below (cgroup.kill), and waits until it is empty.
+    pub fn kill(&self, rel: &str) -> Result<(), CgroupError> {
+        let dir = self.dir(rel);
+        kill_by_file(&dir)?;
+        wait_empty(&dir)
+    }
+
+    /// Whether `rel` still holds processes.
+    pub fn populated(&self, rel: &str) -> bool {
+        read_key(&self.dir(rel).join("cgroup.events"), "populated").is_some_and(|v| v > 0)
+    }
+
+    /// Removes the node (it must be empty of processes and children).
+    pub fn remove(&self, rel: &str) -> Result<(), CgroupError> {
+        rmdir(&self.dir(rel))
+    }
+
+    /// How many processes of `rel` the OOM killer has killed.
+    pub fn oom_kills(&self, rel: &str) -> u64 {
+        read_key(&self.dir(rel).join("memory.events"), "oom_kill").unwrap_or(0)
+    }
+
+    /// Peak memory of `rel` (kernel ≥ 5.19), bytes.
+    pub fn memory_peak(&self, rel: &str) -> Option<u64> {
+        std::fs::read_to_string(self.dir(rel).join("memory.peak"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The session nodes found under the base (for crash recovery).
+    pub fn sessions(&self) -> Vec<String> {
+        super::child_dirs(&self.base)
+    }
+
+    /// The command nodes of a session.
+    pub fn commands(&self, session: &str) -> Vec<String> {
+        super::child_dirs(&self.dir(session))
+    }
+}
+
+fn mkdir(dir: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io_err("create", dir, e)),
+        _ => Ok(()),
+    }
+}
+
+fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(file, value).map_err(|e| io_err("write", file, e))
+}
+
+fn rmdir(dir: &Path) -> Result<(), CgroupError> {
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", dir, e)),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The v2 backend against a fake cgroupfs in a temp dir (this host is hybrid).
+    use super::*;
+
+    fn fake_tree() -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let own = root.path().join("system.slice/sessiond.service");
+        std::fs::create_dir_all(&own).unwrap();
+        (root, own)
+    }
+
+    fn read(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    #[test]
+    fn setup_moves_the_daemon_into_a_leaf_and_enables_controllers() {
+        let (root, own) = fake_tree();
+        let v2 = V2::setup(
+            root.path(),
+            Path::new("/system.slice/sessiond.service"),
+            "sessiond",
+            4242,
+        )
+        .unwrap();
+        assert_eq!(read(&own.join("daemon/cgroup.procs")), "4242");
+        assert_eq!(read(&own.join("cgroup.subtree_control")), CONTROLLERS);
+        assert_eq!(
+            read(&own.join("sessiond/cgroup.subtree_control")),
+            CONTROLLERS
+        );
+        assert_eq!(v2.base(), own.join("sessiond"));
+    }
+
+    #[test]
+    fn a_session_gets_its_limit_files() {
+        let (root, own) = fake_tree();
+        let v2 = V2::setup(
+            root.path(),
+            Path::new("/system.slice/sessiond.service"),
+            "sessiond",
+            1,
+        )
+        .unwrap();
+        let limits = CgroupLimits {
+            memory_max: 64 << 20,
+            cpu_max_cores: 0.5,
+            pids_max: 32,
+        };
+        v2.create("s-1", Some(&limits)).unwrap();
+        let dir = own.join("sessiond/s-1");
+        assert_eq!(read(&dir.join("memory.max")), "67108864");
+        assert_eq!(read(&dir.join("cpu.max")), "50000 100000");
+        assert_eq!(read(&dir.join("pids.max")), "32");
+        assert_eq!(read(&dir.join("cgroup.subtree_control")), CONTROLLERS);
+        v2.create("s-1/c-1", None).unwrap();
+        assert_eq!(
+            v2.procs_files("s-1/c-1"),
+            vec![dir.join("c-1/cgroup.procs")]
+        );
+        assert_eq!(v2.sessions(), vec!["s-1".to_string()]);
+        assert_eq!(v2.commands("s-1"), vec!["c-1".to_string()]);
+    }
+
+    #[test]
+    fn kill_writes_cgroup_kill_and_waits_for_empty() {
+        let (root, own) = fake_tree();
+        let v2 = V2::setup(
+            root.path(),
+            Path::new("/system.slice/sessiond.service"),
+            "sessiond",
+            1,
+        )
+        .unwrap();
+        v2.create("s-1", None).unwrap();
+        let dir = own.join("sessiond/s-1");
+        std::fs::write(dir.join("cgroup.kill"), "").unwrap();
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+        v2.kill("s-1").unwrap();
+        assert_eq!(read(&dir.join("cgroup.kill")), "1");
+    }
+
+    #[test]
+    fn memory_events_are_parsed() {
+        let (root, own) = fake_tree();
+        let v2 = V2::setup(
+            root.path(),
+            Path::new("/system.slice/sessiond.service"),
+            "sessiond",
+            1,
+        )
+        .unwrap();
+        v2.create("s-1", None).unwrap();
+        let dir = own.join("sessiond/s-1");
+        std::fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 2\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("memory.peak"), "123456\n").unwrap();
+        std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        assert_eq!(v2.oom_kills("s-1"), 1);
+        assert_eq!(v2.memory_peak("s-1"), Some(123456));
+        assert!(v2.populated("s-1"));
+    }
+
+    #[test]
+    fn a_root_cgroup_is_not_moved() {
+        let root = tempfile::tempdir().unwrap();
+        let v2 = V2::setup(root.path(), Path::new("/"), "sessiond", 1).unwrap();
+        assert!(!root.path().join("daemon").exists());
+        assert_eq!(v2.base(), root.path().join("sessiond"));
+    }
+}

@@ -1,0 +1,257 @@
+//! The kernel isolation layer on this host's real cgroups: hard memory, CPU and pids limits per session, whole-tree kill, crash recovery.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sessiond::protocol::{CreateParams, ExecParams, KilledBy, SessionLimits};
+use support::{TestDaemon, alive, wait_until};
+
+/// Starts a daemon with cgroups on, or None (with the reason printed) where this host has none usable.
+async fn daemon_with_cgroups() -> Option<TestDaemon> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: cgroups need root");
+        return None;
+    }
+    let d = TestDaemon::start("[cgroups]\nmode = \"auto\"\n");
+    let mode = d.client().await.stats().await.unwrap().runtime.cgroups;
+    if mode == "off" {
+        eprintln!("skipped: no usable cgroup hierarchy on this host");
+        d.stop();
+        return None;
+    }
+    Some(d)
+}
+
+fn limits(l: SessionLimits) -> CreateParams {
+    CreateParams {
+        limits: Some(l),
+        ..Default::default()
+    }
+}
+
+fn exec(session: &str, command: &str, timeout_s: f64) -> ExecParams {
+    ExecParams {
+        session_id: session.into(),
+        command: command.into(),
+        timeout_s: Some(timeout_s),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_hog_is_oom_killed_and_reported_while_others_run() {
+    let Some(d) = daemon_with_cgroups().await else {
+        return;
+    };
+    let c = Arc::new(d.client().await);
+    let small = c
+        .create_session(limits(SessionLimits {
+            memory_max_bytes: Some(64 << 20),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let other = c.create_session(CreateParams::default()).await.unwrap();
+    let neighbour = support::spawn_run(&c, &other, "sleep 1; echo fine");
+    // `tail` keeps a whole line in memory; /dev/zero has none.
+    let r = c
+        .exec(exec(
+            &small,
+            "head -c 300M /dev/zero | tail > /dev/null; echo after",
+            30.0,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.killed_by, Some(KilledBy::MemoryLimit), "{r:?}");
+    assert!(
+        r.max_rss_bytes.unwrap() <= 64 << 20,
+        "peak within the limit: {r:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&neighbour.await.unwrap().unwrap().stdout),
+        "fine\n"
+    );
+    assert_eq!(c.stats().await.unwrap().commands.oom_killed_total, 1);
+    // The session lives on; its next command runs normally.
+    let r = c.run(&small, "echo ok").await.unwrap();
+    assert_eq!((r.exit_code, r.killed_by), (Some(0), None));
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_bomb_is_contained_by_pids_max() {
+    let Some(d) = daemon_with_cgroups().await else {
+        return;
+    };
+    let c = Arc::new(d.client().await);
+    let s = c
+        .create_session(limits(SessionLimits {
+            pids_max: Some(32),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let bomb = {
+        let (c, s) = (c.clone(), s.clone());
+        tokio::spawn(async move { c.exec(exec(&s, "b() { b | b & }; b; sleep 5", 4.0)).await })
+    };
+    support::wait_running(&c, 1).await;
+    let mut pings = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        c.ping().await.unwrap();
+        pings.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pings.sort();
+    assert!(
+        pings[2] < Duration::from_millis(100),
+        "ping median under a fork bomb: {pings:?}"
+    );
+    let r = bomb.await.unwrap().unwrap();
+    assert!(r.timed_out);
+    // Contained: after the command's end nothing of it is left.
+    d.assert_no_leaks();
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cpu_spin_gets_its_share_of_a_core() {
+    let Some(d) = daemon_with_cgroups().await else {
+        return;
+    };
+    let c = d.client().await;
+    let s = c
+        .create_session(limits(SessionLimits {
+            cpu_max_cores: Some(0.2),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let r = c.exec(exec(&s, "while :; do :; done", 2.0)).await.unwrap();
+    assert!(r.timed_out);
+    let cpu = r.cpu_ms.unwrap();
+    // 20% of a core over 2 s is 400 ms.
+    assert!(
+        (200..=700).contains(&cpu),
+        "cpu_ms {cpu} for 2 s at 0.2 cores"
+    );
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn daemonized_children_die_with_the_command_or_the_session() {
+    let Some(d) = daemon_with_cgroups().await else {
+        return;
+    };
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    // Double fork + setsid: reparented to init, in a session of its own, no
+    // longer a descendant of anything of ours. Only its cgroup still holds it.
+    let daemonize = |file: &str| {
+        format!(
+            "setsid sh -c 'sleep 1000 & echo $! > {file}'; while [ ! -s {file} ]; do sleep 0.01; done"
+        )
+    };
+    // Killed with its command on timeout.
+    let r = c
+        .exec(exec(&s, &format!("{}; sleep 30", daemonize("t.pid")), 1.0))
+        .await
+        .unwrap();
+    assert!(r.timed_out);
+    let pid: i32 = std::fs::read_to_string(d.work_dir().join("t.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(
+        "the daemonized child of the timed-out command dies",
+        Duration::from_secs(5),
+        || !alive(pid),
+    );
+    // Outlives its command (it ended by itself), dies with the session.
+    c.run(&s, &daemonize("d.pid")).await.unwrap();
+    let pid: i32 = std::fs::read_to_string(d.work_dir().join("d.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        alive(pid),
+        "a background process lives until the session ends"
+    );
+    c.destroy_session(&s).await.unwrap();
+    wait_until(
+        "the daemonized child dies with its session",
+        Duration::from_secs(5),
+        || !alive(pid),
+    );
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_after_a_crash_removes_stale_cgroups_and_their_processes() {
+    let Some(mut d) = daemon_with_cgroups().await else {
+        return;
+    };
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&s, "setsid sleep 1000 & echo $!").await.unwrap();
+    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    drop(c);
+    d.crash_and_restart();
+    let c = d.client().await;
+    wait_until(
+        "the stale session's process is killed",
+        Duration::from_secs(5),
+        || !alive(pid),
+    );
+    let stats = c.stats().await.unwrap();
+    assert_eq!(stats.runtime.cgroups_recovered_total, 1);
+    assert_eq!(stats.sessions.active, 0);
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cgroup_limits_may_only_tighten() {
+    let Some(d) = daemon_with_cgroups().await else {
+        return;
+    };
+    let c = d.client().await;
+    for (l, name) in [
+        (
+            SessionLimits {
+                memory_max_bytes: Some(2 << 30),
+                ..Default::default()
+            },
+            "memory_max_bytes",
+        ),
+        (
+            SessionLimits {
+                cpu_max_cores: Some(2.0),
+                ..Default::default()
+            },
+            "cpu_max_cores",
+        ),
+        (
+            SessionLimits {
+                pids_max: Some(513),
+                ..Default::default()
+            },
+            "pids_max",
+        ),
+    ] {
+        let e = c.create_session(limits(l)).await.unwrap_err();
+        assert_eq!(e.code(), Some("INVALID_REQUEST"));
+        assert!(e.to_string().contains(name), "{e}");
+    }
+    drop(c);
+    d.stop();
+}
