@@ -138,19 +138,26 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
     // The kernel isolation layer: set up our subtree, clean what a crashed daemon left.
-    ctx.cgroups = Cgroups::init(&ctx.config.cgroups, &OsRoots::default())
-        .map_err(|e| ServeError::Cgroups(e.to_string()))?
-        .map(Arc::new);
-    if let Some(cgroups) = &ctx.cgroups {
+    // (cgroup file I/O runs off the async workers, like all of it)
+    let cgroups_config = ctx.config.cgroups.clone();
+    let (cgroups, recovered) = tokio::task::spawn_blocking(move || {
+        let cgroups = Cgroups::init(&cgroups_config, &OsRoots::default())?;
+        let recovered = cgroups.as_ref().map_or(0, Cgroups::recover_stale);
+        Ok::<_, crate::cgroup::CgroupError>((cgroups, recovered))
+    })
+    .await
+    .map_err(|e| ServeError::Cgroups(e.to_string()))?
+    .map_err(|e| ServeError::Cgroups(e.to_string()))?;
+    if let Some(cgroups) = &cgroups {
         tracing::info!(
             mode = cgroups.mode_name(),
             "cgroups on: one cgroup per session"
         );
-        let recovered = cgroups.recover_stale();
-        ctx.stats
-            .cgroups_recovered
-            .store(recovered, std::sync::atomic::Ordering::Relaxed);
     }
+    ctx.cgroups = cgroups.map(Arc::new);
+    ctx.stats
+        .cgroups_recovered
+        .store(recovered, std::sync::atomic::Ordering::Relaxed);
     ctx.subreaper = become_subreaper(ctx.config.sessions.subreaper);
     let ctx = Arc::new(ctx);
     if ctx.subreaper {
