@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sessiond::protocol::{CreateParams, ExecParams, KilledBy, SessionLimits};
-use support::{TestDaemon, alive, wait_until};
+use support::{TestDaemon, alive, wait_dead};
 
 /// Starts a daemon with cgroups on, or None (with the reason printed) where this host has none usable.
 async fn daemon_with_cgroups() -> Option<TestDaemon> {
@@ -169,11 +169,7 @@ async fn daemonized_children_die_with_the_command_or_the_session() {
         .trim()
         .parse()
         .unwrap();
-    wait_until(
-        "the daemonized child of the timed-out command dies",
-        Duration::from_secs(5),
-        || !alive(pid),
-    );
+    wait_dead(pid, "the daemonized child of the timed-out command dies");
     // Outlives its command (it ended by itself), dies with the session.
     c.run(&s, &daemonize("d.pid")).await.unwrap();
     let pid: i32 = std::fs::read_to_string(d.work_dir().join("d.pid"))
@@ -186,11 +182,7 @@ async fn daemonized_children_die_with_the_command_or_the_session() {
         "a background process lives until the session ends"
     );
     c.destroy_session(&s).await.unwrap();
-    wait_until(
-        "the daemonized child dies with its session",
-        Duration::from_secs(5),
-        || !alive(pid),
-    );
+    wait_dead(pid, "the daemonized child dies with its session");
     drop(c);
     d.stop();
 }
@@ -207,11 +199,7 @@ async fn a_restart_after_a_crash_removes_stale_cgroups_and_their_processes() {
     drop(c);
     d.crash_and_restart();
     let c = d.client().await;
-    wait_until(
-        "the stale session's process is killed",
-        Duration::from_secs(5),
-        || !alive(pid),
-    );
+    wait_dead(pid, "the stale session's process is killed");
     let stats = c.stats().await.unwrap();
     assert_eq!(stats.runtime.cgroups_recovered_total, 1);
     assert_eq!(stats.sessions.active, 0);

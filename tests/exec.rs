@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_bytes::ByteBuf;
 use sessiond::protocol::{CreateParams, ExecParams, KeepOutput, KilledBy};
-use support::{TestDaemon, alive, spawn_run, wait_running, wait_until};
+use support::{TestDaemon, alive, spawn_run, wait_dead, wait_running, wait_until};
 
 fn exec(session: &str, command: &str) -> ExecParams {
     ExecParams {
@@ -148,11 +148,7 @@ async fn timeout_kills_the_group_and_keeps_output_so_far() {
         .trim()
         .parse()
         .unwrap();
-    wait_until(
-        "the timed-out command's child is dead",
-        Duration::from_secs(5),
-        || !alive(pid),
-    );
+    wait_dead(pid, "the timed-out command's child is dead");
     let stats = c.stats().await.unwrap();
     assert_eq!(stats.commands.timed_out_total, 1);
     assert_eq!(stats.commands.killed_total, 1);
@@ -304,11 +300,7 @@ async fn a_background_child_does_not_hold_the_answer_and_dies_with_the_session()
         "the background child lives on until the session ends"
     );
     c.destroy_session(&s).await.unwrap();
-    wait_until(
-        "the background child dies with its session",
-        Duration::from_secs(5),
-        || !alive(pid),
-    );
+    wait_dead(pid, "the background child dies with its session");
     drop(c);
     d.stop();
 }
@@ -518,11 +510,7 @@ async fn a_background_child_survives_writing_after_the_answer() {
     );
     assert!(alive(pid));
     c.destroy_session(&s).await.unwrap();
-    wait_until(
-        "the child dies with its session",
-        Duration::from_secs(5),
-        || !alive(pid),
-    );
+    wait_dead(pid, "the child dies with its session");
     drop(c);
     d.stop();
 }
@@ -549,11 +537,7 @@ async fn a_timeout_kills_setsid_descendants_that_ignore_sigterm() {
         .trim()
         .parse()
         .unwrap();
-    wait_until(
-        "the escaped descendant is killed",
-        Duration::from_secs(5),
-        || !alive(escaped),
-    );
+    wait_dead(escaped, "the escaped descendant is killed");
     drop(c);
     d.stop();
 }

@@ -188,11 +188,7 @@ async fn idle_sessions_expire_and_their_processes_die() {
     .await;
     let e = c.run(&s, "true").await.unwrap_err();
     assert_eq!(e.code(), Some("SESSION_NOT_FOUND"));
-    support::wait_until(
-        "the expired session's background child dies",
-        Duration::from_secs(5),
-        || !support::alive(pid),
-    );
+    support::wait_dead(pid, "the expired session's background child dies");
     let r = busy.await.unwrap().unwrap();
     assert_eq!(String::from_utf8_lossy(&r.stdout), "alive\n");
     let ids: Vec<_> = c

@@ -8,7 +8,7 @@ use std::time::Duration;
 use sessiond::client::Client;
 use sessiond::fault::{FaultAction, FaultParams, FaultResult, FaultTarget};
 use sessiond::protocol::CreateParams;
-use support::{TestDaemon, alive, wait_until, wait_until_async};
+use support::{TestDaemon, alive, wait_dead, wait_until, wait_until_async};
 
 async fn inject(
     c: &Client,
@@ -68,11 +68,7 @@ async fn a_command_actor_failure_answers_internal_and_the_session_goes_on() {
         assert_eq!(inject(&c, FaultTarget::Command, action, Some(&s)).await, 1);
         let e = runner.await.unwrap().unwrap_err();
         assert_eq!(e.code(), Some("INTERNAL"), "{action:?}");
-        wait_until(
-            "the failed command's process is killed",
-            Duration::from_secs(5),
-            || !alive(shell),
-        );
+        wait_dead(shell, "the failed command's process is killed");
         // The session is usable, its state intact.
         let r = c.run(&s, "pwd").await.unwrap();
         assert_eq!(String::from_utf8_lossy(&r.stdout), "/tmp\n");

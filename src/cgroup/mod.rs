@@ -123,6 +123,27 @@ pub(crate) fn io_err(action: &'static str, path: &Path, source: std::io::Error) 
     }
 }
 
+/// Creates a cgroup directory (one that exists already is fine).
+pub(crate) fn mkdir(dir: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io_err("create", dir, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a cgroup file.
+pub(crate) fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(file, value).map_err(|e| io_err("write", file, e))
+}
+
+/// Removes a cgroup directory (one already gone is fine).
+pub(crate) fn rmdir(dir: &Path) -> Result<(), CgroupError> {
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", dir, e)),
+        _ => Ok(()),
+    }
+}
+
 /// The value of `key` in a `key value` file (cgroup.events, memory.events, memory.oom_control).
 pub(crate) fn read_key(file: &Path, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(file).ok()?;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CgroupError, CgroupLimits, io_err, kill_by_file, read_key, wait_empty};
+use super::{CgroupError, CgroupLimits, kill_by_file, mkdir, read_key, rmdir, wait_empty, write};
 
 /// The v1 hierarchies a node is created in, plus the cgroup2 ("unified")
 /// mount of a hybrid host, used to track every process and to kill them all
@@ -198,23 +198,5 @@ impl V1 {
     /// The per-hierarchy bases (for removing the parent at exit).
     pub fn base_dirs(&self) -> Vec<PathBuf> {
         self.bases()
-    }
-}
-
-fn mkdir(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::create_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io_err("create", dir, e)),
-        _ => Ok(()),
-    }
-}
-
-fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(file, value).map_err(|e| io_err("write", file, e))
-}
-
-fn rmdir(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::remove_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", dir, e)),
-        _ => Ok(()),
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CgroupError, CgroupLimits, io_err, kill_by_file, read_key, wait_empty};
+use super::{CgroupError, CgroupLimits, kill_by_file, mkdir, read_key, rmdir, wait_empty, write};
 
 /// Controllers a session needs, enabled for its children.
 const CONTROLLERS: &str = "+memory +cpu +pids";
@@ -121,24 +121,6 @@ impl V2 {
     /// The command nodes of a session.
     pub fn commands(&self, session: &str) -> Vec<String> {
         super::child_dirs(&self.dir(session))
-    }
-}
-
-fn mkdir(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::create_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io_err("create", dir, e)),
-        _ => Ok(()),
-    }
-}
-
-fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(file, value).map_err(|e| io_err("write", file, e))
-}
-
-fn rmdir(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::remove_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", dir, e)),
-        _ => Ok(()),
     }
 }
 

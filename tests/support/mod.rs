@@ -330,6 +330,11 @@ pub fn tagged_pids(tag: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Waits (5 s at most) until process `pid` is gone; `what` names it in the failure.
+pub fn wait_dead(pid: i32, what: &str) {
+    wait_until(what, Duration::from_secs(5), || !alive(pid));
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     procfs::stat(pid).is_some_and(|p| !p.is_zombie())
