@@ -148,7 +148,8 @@ impl Context {
             crate::stats::Stats::bump(&self.stats.rate_limited);
             let wait = not_until.wait_time_from(limiter.clock().now());
             crate::protocol::RequestError::RateLimited {
-                retry_after_ms: (wait.as_millis() as u64).max(1),
+                // Rounded up: waiting exactly this long is enough.
+                retry_after_ms: (wait.as_micros().div_ceil(1000) as u64).max(1),
             }
         })
     }

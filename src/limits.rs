@@ -183,6 +183,9 @@ impl SessionRlimits {
     pub fn tightened(self, limits: &SessionLimits) -> Result<SessionRlimits, RequestError> {
         let tighten = |name: &str, current: Limit, asked: Option<u64>| match asked {
             None => Ok(current),
+            Some(0) => Err(RequestError::InvalidRequest(format!(
+                "param `limits.{name}`: 0 would leave the session unable to run anything; at least 1"
+            ))),
             Some(v) if Limit::Value(v).within(current) => Ok(Limit::Value(v)),
             Some(v) => Err(RequestError::InvalidRequest(format!(
                 "param `limits.{name}`: {v} would loosen the configured limit ({current}); limits may only tighten"

@@ -113,6 +113,11 @@ async fn a_fork_bomb_is_contained_by_pids_max() {
     );
     let r = bomb.await.unwrap().unwrap();
     assert!(r.timed_out);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        stderr.contains("Resource temporarily unavailable"),
+        "forks were refused by pids.max: {stderr}"
+    );
     // Contained: after the command's end nothing of it is left.
     d.assert_no_leaks();
     drop(c);
@@ -240,6 +245,45 @@ async fn cgroup_limits_may_only_tighten() {
         assert_eq!(e.code(), Some("INVALID_REQUEST"));
         assert!(e.to_string().contains(name), "{e}");
     }
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_the_same_cgroup_parent_refuses_to_start() {
+    let Some(d) = daemon_with_cgroups().await else {
+        return;
+    };
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&s, "sleep 1000 & echo $!").await.unwrap();
+    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    // Same parent, other socket: it must not "recover" (kill) our live sessions.
+    let config = d.dir.path().join("second.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsocket = \"{}\"\n[cgroups]\nparent = \"{}\"\n",
+            d.dir.path().join("second.sock").display(),
+            d.cgroup_parent()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another running sessiond"),
+        "{out:?}"
+    );
+    assert!(alive(pid), "the first daemon's session survived");
+    assert_eq!(
+        String::from_utf8_lossy(&c.run(&s, "echo still").await.unwrap().stdout),
+        "still\n"
+    );
     drop(c);
     d.stop();
 }

@@ -168,7 +168,7 @@ fn a_stalled_partial_frame_is_disconnected_while_others_are_served() {
 #[test]
 fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
     let d = TestDaemon::start(
-        "[server]\nmax_unsent_bytes = \"4 MiB\"\n[commands]\nmax_concurrent = 16\n",
+        "[server]\nmax_unsent_bytes = \"4 MiB\"\n[commands]\nmax_concurrent = 32\nmax_per_session = 4\n",
     );
     let rss = || {
         let statm = std::fs::read_to_string(format!("/proc/{}/statm", d.pid())).unwrap();

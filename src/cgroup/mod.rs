@@ -113,6 +113,10 @@ pub enum CgroupError {
     NotEmpty(PathBuf),
     #[error("cgroup mode {mode:?} is not usable here: {why}")]
     Unusable { mode: CgroupMode, why: String },
+    #[error(
+        "cgroups.parent {0} is in use by another running sessiond: give each daemon its own parent"
+    )]
+    InUse(PathBuf),
 }
 
 pub(crate) fn io_err(action: &'static str, path: &Path, source: std::io::Error) -> CgroupError {
@@ -123,7 +127,13 @@ pub(crate) fn io_err(action: &'static str, path: &Path, source: std::io::Error) 
     }
 }
 
-/// Creates a cgroup directory (one that exists already is fine).
+/// Creates a node's cgroup directory; one that exists already is an error:
+/// a session or command must never share a cgroup with anything else.
+pub(crate) fn mkdir_new(dir: &Path) -> Result<(), CgroupError> {
+    std::fs::create_dir(dir).map_err(|e| io_err("create", dir, e))
+}
+
+/// Creates a base directory of our subtree (one that exists already is fine).
 pub(crate) fn mkdir(dir: &Path) -> Result<(), CgroupError> {
     match std::fs::create_dir(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io_err("create", dir, e)),
@@ -287,6 +297,10 @@ macro_rules! forward {
 #[derive(Debug)]
 pub struct Cgroups {
     backend: Backend,
+    /// An exclusive flock on our subtree's base directory, held for the
+    /// daemon's life: a second daemon with the same `parent` refuses to start
+    /// instead of sharing (and, at its start, "recovering") our sessions.
+    _lock: OwnedFd,
     /// Source of command leaf names.
     next_command: AtomicU64,
 }
@@ -366,8 +380,18 @@ impl Cgroups {
             }
             explicit => attempt(explicit)?,
         };
+        let lock_dir = match &backend {
+            Backend::V1(b) => b
+                .base_dirs()
+                .into_iter()
+                .next()
+                .expect("v1 has a memory base"),
+            Backend::V2(b) => b.base().to_path_buf(),
+        };
+        let lock = lock_subtree(&lock_dir)?;
         Ok(Some(Cgroups {
             backend,
+            _lock: lock,
             next_command: AtomicU64::new(1),
         }))
     }
@@ -496,6 +520,25 @@ impl Cgroups {
     }
 }
 
+/// Takes an exclusive, non-blocking flock on `dir`; the lock lives with the
+/// open file we keep, and the kernel drops it when the daemon dies (so a
+/// crashed daemon never blocks its successor).
+fn lock_subtree(dir: &Path) -> Result<OwnedFd, CgroupError> {
+    let fd = OwnedFd::from(std::fs::File::open(dir).map_err(|e| io_err("open", dir, e))?);
+    // SAFETY: flock on a valid fd we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } == 0
+    {
+        Ok(fd)
+    } else {
+        Err(CgroupError::InUse(dir.to_path_buf()))
+    }
+}
+
 /// The daemon's own cgroup in the v2 hierarchy, from `/proc/self/cgroup` (`0::/path`).
 fn own_v2_cgroup(self_cgroup: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(self_cgroup).ok()?;
@@ -547,6 +590,16 @@ mod tests {
         std::fs::write(
             mount.join("cgroup.controllers"),
             "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        std::fs::write(
+            mount.join("user.slice/sessiond/cgroup.controllers"),
+            "cpu memory pids\n",
+        )
+        .unwrap();
+        std::fs::write(
+            mount.join("user.slice/sessiond/cgroup.procs"),
+            format!("{}\n", std::process::id()),
         )
         .unwrap();
         let mountinfo = root.path().join("mountinfo");

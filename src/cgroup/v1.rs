@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CgroupError, CgroupLimits, kill_by_file, mkdir, read_key, rmdir, wait_empty, write};
+use super::{
+    CgroupError, CgroupLimits, kill_by_file, mkdir, mkdir_new, read_key, rmdir, wait_empty, write,
+};
 
 /// The v1 hierarchies a node is created in, plus the cgroup2 ("unified")
 /// mount of a hybrid host, used to track every process and to kill them all
@@ -58,7 +60,7 @@ impl V1 {
     /// Creates the node `rel` in every hierarchy; with `limits` (a session), writes them.
     pub fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError> {
         for dir in self.dirs(rel) {
-            mkdir(&dir)?;
+            mkdir_new(&dir)?;
         }
         if let Some(l) = limits {
             let memory = self.memory.join(rel);

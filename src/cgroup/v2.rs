@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CgroupError, CgroupLimits, kill_by_file, mkdir, read_key, rmdir, wait_empty, write};
+use super::{
+    CgroupError, CgroupLimits, kill_by_file, mkdir, mkdir_new, read_key, rmdir, wait_empty, write,
+};
 
 /// Controllers a session needs, enabled for its children.
 const CONTROLLERS: &str = "+memory +cpu +pids";
@@ -29,6 +31,38 @@ impl V2 {
         daemon_pid: u32,
     ) -> Result<V2, CgroupError> {
         let own_dir = mount.join(own.strip_prefix("/").unwrap_or(own));
+        // Check before changing anything: the controllers must be available
+        // to our cgroup's children, and (unless we are at the root) our cgroup
+        // must hold no one but us — else it is not delegated to us.
+        let available =
+            std::fs::read_to_string(own_dir.join("cgroup.controllers")).unwrap_or_default();
+        for c in ["memory", "cpu", "pids"] {
+            if !available.split_whitespace().any(|x| x == c) {
+                return Err(CgroupError::Unusable {
+                    mode: super::CgroupMode::V2,
+                    why: format!(
+                        "the {c} controller is not available in {}",
+                        own_dir.display()
+                    ),
+                });
+            }
+        }
+        if own_dir != mount {
+            let procs = std::fs::read_to_string(own_dir.join("cgroup.procs")).unwrap_or_default();
+            let others: Vec<&str> = procs
+                .split_whitespace()
+                .filter(|p| *p != daemon_pid.to_string())
+                .collect();
+            if !others.is_empty() {
+                return Err(CgroupError::Unusable {
+                    mode: super::CgroupMode::V2,
+                    why: format!(
+                        "{} also holds processes {others:?}: it is not delegated to us (under systemd: Delegate=yes)",
+                        own_dir.display()
+                    ),
+                });
+            }
+        }
         if own_dir != mount {
             let leaf = own_dir.join("daemon");
             mkdir(&leaf)?;
@@ -58,7 +92,7 @@ impl V2 {
     /// leave the session unlimited).
     pub fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError> {
         let dir = self.dir(rel);
-        mkdir(&dir)?;
+        mkdir_new(&dir)?;
         if let Some(l) = limits {
             write(&dir.join("memory.max"), &l.memory_max.to_string())?;
             write(&dir.join("memory.swap.max"), "0").ok();
@@ -133,7 +167,41 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let own = root.path().join("system.slice/sessiond.service");
         std::fs::create_dir_all(&own).unwrap();
+        std::fs::write(
+            own.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
         (root, own)
+    }
+
+    #[test]
+    fn a_cgroup_shared_with_other_processes_is_refused_before_anything_moves() {
+        let (root, own) = fake_tree();
+        std::fs::write(own.join("cgroup.procs"), "4242\n999\n").unwrap();
+        let err = V2::setup(
+            root.path(),
+            Path::new("/system.slice/sessiond.service"),
+            "sessiond",
+            4242,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("Delegate=yes"), "{err}");
+        assert!(!own.join("daemon").exists(), "nothing was changed");
+    }
+
+    #[test]
+    fn missing_controllers_are_refused() {
+        let (root, own) = fake_tree();
+        std::fs::write(own.join("cgroup.controllers"), "cpu pids\n").unwrap();
+        let err = V2::setup(
+            root.path(),
+            Path::new("/system.slice/sessiond.service"),
+            "sessiond",
+            1,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("memory"), "{err}");
     }
 
     fn read(p: &Path) -> String {
@@ -234,6 +302,7 @@ mod tests {
     #[test]
     fn a_root_cgroup_is_not_moved() {
         let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "memory cpu pids\n").unwrap();
         let v2 = V2::setup(root.path(), Path::new("/"), "sessiond", 1).unwrap();
         assert!(!root.path().join("daemon").exists());
         assert_eq!(v2.base(), root.path().join("sessiond"));

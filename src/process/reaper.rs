@@ -20,20 +20,23 @@ pub fn reap_orphans(table: &Arc<ProcessTable>) -> u64 {
     if zombies.is_empty() {
         return 0;
     }
-    table.with_locked(|is_waited| {
-        let mut reaped = 0;
-        for pid in zombies {
-            if is_waited(pid) {
-                continue;
+    // A spawn in progress: skip this round (SIGCHLD or the next sweep comes again).
+    table
+        .with_locked(|is_waited| {
+            let mut reaped = 0;
+            for pid in zombies {
+                if is_waited(pid) {
+                    continue;
+                }
+                let mut status = 0;
+                // SAFETY: waitpid on a specific pid with WNOHANG; status is a valid local.
+                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                    reaped += 1;
+                }
             }
-            let mut status = 0;
-            // SAFETY: waitpid on a specific pid with WNOHANG; status is a valid local.
-            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-                reaped += 1;
-            }
-        }
-        reaped
-    })
+            reaped
+        })
+        .unwrap_or(0)
 }
 
 fn zombie_children(parent: i32) -> Vec<i32> {

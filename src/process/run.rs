@@ -130,7 +130,13 @@ pub async fn run_command(
         let leaf = match &place {
             Some(p) => {
                 let rel = p.cgroups.create_command(&p.session)?;
-                let fds = p.cgroups.open_procs(&rel)?;
+                let fds = match p.cgroups.open_procs(&rel) {
+                    Ok(fds) => fds,
+                    Err(e) => {
+                        p.cgroups.release_command(&rel);
+                        return Err(e.into());
+                    }
+                };
                 Some((p.cgroups.clone(), rel, fds))
             }
             None => None,
@@ -333,9 +339,13 @@ fn cpu_limit_kill(exit: &ExitInfo, rlimits: &[Rlimit]) -> Option<KilledBy> {
         return None;
     }
     let by_signal = |sig: i32| exit.signal == Some(sig) || exit.code == Some(128 + sig);
-    let signalled = by_signal(libc::SIGXCPU) || by_signal(libc::SIGKILL);
-    let near_limit = exit.cpu.as_millis() * 2 >= u128::from(soft) * 1_000;
-    (signalled && near_limit).then_some(KilledBy::CpuLimit)
+    let cpu_ms = exit.cpu.as_millis();
+    let soft_ms = u128::from(soft) * 1_000;
+    // SIGXCPU comes from nothing else in practice; SIGKILL has many senders
+    // (OOM killer, `timeout -s KILL`), so it counts only with the full limit used.
+    let xcpu = by_signal(libc::SIGXCPU) && cpu_ms * 2 >= soft_ms;
+    let hard_kill = by_signal(libc::SIGKILL) && cpu_ms >= soft_ms;
+    (xcpu || hard_kill).then_some(KilledBy::CpuLimit)
 }
 
 /// Resolves when the kill request changes after it was first seen; never when the sender is gone.

@@ -75,11 +75,18 @@ impl ProcessTable {
         self.lock().waited.contains(&pid)
     }
 
-    /// Runs `f` with no spawn in progress and the table locked, for the reaper.
-    pub fn with_locked<R>(&self, f: impl FnOnce(&dyn Fn(i32) -> bool) -> R) -> R {
-        let _gate = self.spawn_gate.write().unwrap_or_else(|p| p.into_inner());
+    /// Runs `f` with no spawn in progress and the table locked, for the
+    /// reaper; `None` (skipped) while a spawn is in progress. It never waits
+    /// for the gate: a waiting writer would block new spawners behind a spawn
+    /// that hangs (a cwd on a stalled mount), stopping every command.
+    pub fn with_locked<R>(&self, f: impl FnOnce(&dyn Fn(i32) -> bool) -> R) -> Option<R> {
+        let _gate = match self.spawn_gate.try_write() {
+            Ok(gate) => gate,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
         let inner = self.lock();
-        f(&|pid| inner.waited.contains(&pid))
+        Some(f(&|pid| inner.waited.contains(&pid)))
     }
 
     /// Sends `signal` to every group of `session`; returns how many groups were still alive.

@@ -52,6 +52,9 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
     // progress, and it must complete within `request_read_timeout`.
     let mut pending_bytes = 0usize;
     let mut partial_since: Option<Instant> = None;
+    // Whether we are dropping the client (stalled, not reading): then its
+    // answers still in flight are not written.
+    let mut dropped = false;
 
     'serve: loop {
         // 1. Serve every complete frame already received.
@@ -75,6 +78,9 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
             if !serve_frame(&ctx, uid, body.freeze(), &outbox, &in_flight).await {
                 break 'serve;
             }
+            // A frame completed: a partial one after it gets a fresh deadline,
+            // counted from now (not from before our own backpressure wait).
+            partial_since = None;
         }
         partial_since = match (pending_bytes, partial_since) {
             (0, _) => None,
@@ -88,9 +94,13 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
             _ = sleep_until_or_never(deadline) => {
                 Stats::bump(&ctx.stats.stalled_connections);
                 tracing::info!(uid, "partial request frame stalled past request_read_timeout; disconnecting");
+                dropped = true;
                 break;
             }
-            _ = outbox.overflowed() => break,
+            _ = outbox.overflowed() => {
+                dropped = true;
+                break;
+            }
             _ = stop.cancelled() => break,
         };
         match read {
@@ -108,10 +118,24 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
         )
         .await;
     }
-    // A client that hung up mid-exec: its requests run to their end, their
-    // answers are dropped (documented in docs/protocol.md).
+    // The writer ends when the last answer in flight is written (a client
+    // that half-closed may still read them) or cannot be; until then this
+    // connection keeps its slot, so a client cannot open connections without
+    // bound by leaving answers behind. Dropped or shutting down: no waiting.
     drop(outbox);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    let mut writer = writer;
+    if dropped {
+        writer.abort();
+    } else if stop.is_cancelled() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    } else {
+        let _ = writer.await;
+    }
 }
 
 /// Parses and serves one frame: inline for ping and stats, else on a task of
