@@ -16,6 +16,7 @@
 //! are in [`process::ProcessTable`].
 
 pub mod actors;
+pub mod bench;
 pub mod cgroup;
 pub mod client;
 pub mod config;

@@ -32,6 +32,15 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Benchmark a daemon against the physical floor (starts its own daemons); prints a table, writes JSON and SVG plots.
+    Bench {
+        /// A smoke run: every workload, tiny counts (seconds).
+        #[arg(long)]
+        quick: bool,
+        /// Where bench.json and the plots go.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+    },
     /// Validate a config and print the effective configuration.
     CheckConfig {
         #[arg(long)]
@@ -123,6 +132,43 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Bench { quick, out } => {
+            let scale = if quick {
+                sessiond::bench::Scale::QUICK
+            } else {
+                sessiond::bench::Scale::FULL
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("sessiond: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(sessiond::bench::run(scale, &out)) {
+                Ok(report) => {
+                    println!(
+                        "machine: {}
+
+{}",
+                        report.machine,
+                        report.table()
+                    );
+                    println!(
+                        "wrote {}/bench.json, concurrency.svg, rss.svg",
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sessiond bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         other => client_command(other),
     }
 }
@@ -301,7 +347,9 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
             stdin,
             command,
         } => return run_command(&c, session, timeout, stdin, command.join(" ")).await,
-        Command::Serve { .. } | Command::CheckConfig { .. } => unreachable!("handled in main"),
+        Command::Serve { .. } | Command::CheckConfig { .. } | Command::Bench { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

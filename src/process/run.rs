@@ -226,17 +226,18 @@ pub async fn run_command(
     // then the leaf goes, unless background processes still live in it.
     let (oom_kills, memory_peak) = match &leaf {
         Some(leaf) => {
-            let leaf = leaf.clone();
-            tokio::task::spawn_blocking(move || {
-                let found = (
-                    leaf.cgroups.oom_kills(&leaf.rel),
-                    leaf.cgroups.memory_peak(&leaf.rel),
-                );
-                leaf.cgroups.release_command(&leaf.rel);
-                found
+            let reading = leaf.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                let cg = &reading.cgroups;
+                (cg.oom_kills(&reading.rel), cg.memory_peak(&reading.rel))
             })
             .await
-            .unwrap_or((0, None))
+            .unwrap_or((0, None));
+            // Removing the leaf (rmdir in every hierarchy, the slowest part on
+            // v1) need not delay the answer.
+            let leaf = leaf.clone();
+            tokio::task::spawn_blocking(move || leaf.cgroups.release_command(&leaf.rel));
+            found
         }
         None => (0, None),
     };
