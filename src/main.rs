@@ -188,6 +188,7 @@ fn serve(config_path: Option<PathBuf>, socket: Option<PathBuf>, log_format: LogF
         config.server.socket = socket;
     }
     let path = config.socket_path();
+    server::block_stop_signals();
     // Bound before the runtime exists: binding sets the process-wide umask.
     let bound = match server::bind(&path, config.server.socket_mode) {
         Ok(b) => b,

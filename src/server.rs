@@ -135,6 +135,13 @@ impl BoundSocket {
 ///
 /// A second signal at any point skips to step 4 at once.
 pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError> {
+    // Handlers first: clients can connect from the moment the socket is bound,
+    // and a SIGTERM from then on must drain, not kill (see `block_stop_signals`).
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| ServeError::Actors(e.to_string()))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|e| ServeError::Actors(e.to_string()))?;
+    unblock_stop_signals();
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
     // The kernel isolation layer: set up our subtree, clean what a crashed daemon left.
@@ -177,10 +184,6 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
             path: socket.path.clone(),
             source: e,
         })?;
-    let mut sigterm =
-        signal(SignalKind::terminate()).map_err(|e| ServeError::Actors(e.to_string()))?;
-    let mut sigint =
-        signal(SignalKind::interrupt()).map_err(|e| ServeError::Actors(e.to_string()))?;
     let (signal_tx, mut signals) = tokio::sync::mpsc::channel::<()>(4);
     tokio::spawn(async move {
         loop {
@@ -254,6 +257,26 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     socket.remove();
     tracing::info!(?exit, "sessiond stopped");
     Ok(exit)
+}
+
+fn stop_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+/// Called in `main` before the socket is bound: SIGTERM and SIGINT stay
+/// pending (in every thread created later) until [`run`] has its handlers, so
+/// a signal that arrives while the daemon starts drains it instead of killing
+/// it with the default action.
+pub fn block_stop_signals() {
+    let _ = stop_signals().thread_block();
+}
+
+/// The thread that runs [`run`] takes the pending stop signals from here on.
+fn unblock_stop_signals() {
+    let _ = stop_signals().thread_unblock();
 }
 
 /// Sets the daemon's own oom_score_adj, so under memory pressure the kernel

@@ -125,8 +125,13 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
+    // Defaults, except cgroups: the default cgroup parent may belong to a real daemon on this host.
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[cgroups]\nmode = \"off\"\n").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["serve", "--socket"])
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--socket")
         .arg(&stale)
         .stderr(std::process::Stdio::null())
         .spawn()
