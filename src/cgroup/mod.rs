@@ -468,10 +468,20 @@ impl Cgroups {
     /// Kills everything in a session and removes its leaves and itself.
     pub fn destroy_session(&self, session: &str) -> Result<(), CgroupError> {
         let killed = self.kill(session);
-        for cmd in forward!(self, b => b.commands(session)) {
-            let _ = self.remove(&format!("{session}/{cmd}"));
+        // A command being spawned at this moment may add a leaf after we
+        // listed them: kill and list again until the session can go.
+        let mut removed = Err(CgroupError::NotEmpty(PathBuf::from(session)));
+        for _ in 0..3 {
+            for cmd in forward!(self, b => b.commands(session)) {
+                let rel = format!("{session}/{cmd}");
+                let _ = self.kill(&rel);
+                let _ = self.remove(&rel);
+            }
+            removed = self.remove(session);
+            if removed.is_ok() {
+                break;
+            }
         }
-        let removed = self.remove(session);
         killed.and(removed)
     }
 
