@@ -9,6 +9,7 @@ use ractor::ActorRef;
 use tokio::sync::Semaphore;
 
 use crate::actors::registry::RegistryMsg;
+use crate::actors::supervisor::SupervisorMsg;
 use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::process::ProcessTable;
@@ -50,6 +51,8 @@ pub struct Context {
     pub started: Instant,
     /// The current RegistryActor; replaced when the supervisor restarts it.
     registry: RwLock<Option<ActorRef<RegistryMsg>>>,
+    /// The current root supervisor; replaced if it ever has to be restarted.
+    supervisor: RwLock<Option<ActorRef<SupervisorMsg>>>,
     /// Source of session keys. Outside the registry, so a restarted registry
     /// can never hand out a key a live session still holds.
     next_session_key: AtomicU64,
@@ -133,6 +136,7 @@ impl Context {
             draining: AtomicBool::new(false),
             started: Instant::now(),
             registry: RwLock::new(None),
+            supervisor: RwLock::new(None),
             next_session_key: AtomicU64::new(1),
         }
     }
@@ -185,6 +189,19 @@ impl Context {
     /// A session key never used before in this daemon's life.
     pub fn new_session_key(&self) -> SessionKey {
         self.next_session_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The root supervisor in service, if any.
+    pub fn supervisor(&self) -> Option<ActorRef<SupervisorMsg>> {
+        self.supervisor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs the root supervisor just started.
+    pub fn set_supervisor(&self, supervisor: Option<ActorRef<SupervisorMsg>>) {
+        *self.supervisor.write().unwrap_or_else(|p| p.into_inner()) = supervisor;
     }
 
     /// Milliseconds since start.

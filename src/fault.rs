@@ -16,6 +16,8 @@ pub enum FaultTarget {
     Session,
     /// The RegistryActor.
     Registry,
+    /// The root supervisor (its whole tree dies; a fresh one takes over).
+    Supervisor,
     /// The next spawn of a command fails (`SPAWN_FAILED`).
     Spawn,
 }

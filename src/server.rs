@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::sys::stat::{Mode, umask};
-use ractor::Actor;
+use ractor::{Actor, ActorRef};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
@@ -170,9 +170,7 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     if ctx.subreaper {
         tokio::spawn(reap_on_sigchld(ctx.clone()));
     }
-    let (supervisor, supervisor_handle) = Actor::spawn(None, RootSupervisor, ctx.clone())
-        .await
-        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let root = RootWatch::start(ctx.clone()).await?;
     let listener =
         UnixListener::from_std(socket.listener.try_clone().map_err(|e| ServeError::Io {
             action: "use",
@@ -223,7 +221,7 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // 2. Destroy every session.
-        let _ = supervisor.cast(SupervisorMsg::Stopping);
+        root.stopping();
         if let Some(registry) = ctx.registry() {
             let deadline = ctx.config.commands.kill_grace + Duration::from_secs(10);
             let _ = ractor::call_t!(
@@ -243,8 +241,7 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
         _ = forced => Exit::Forced,
     };
     accept_task.abort();
-    supervisor.stop(None);
-    let _ = tokio::time::timeout(Duration::from_secs(2), supervisor_handle).await;
+    root.stop().await;
     // 4. Whatever is left — nothing, after a graceful drain — dies with us.
     let left = ctx.processes.signal_all(Signal::SIGKILL);
     if left > 0 {
@@ -277,6 +274,79 @@ pub fn block_stop_signals() {
 /// The thread that runs [`run`] takes the pending stop signals from here on.
 fn unblock_stop_signals() {
     let _ = stop_signals().thread_unblock();
+}
+
+/// Keeps a root supervisor running: the root only fails through a bug of
+/// ours, but if it does, its whole tree (registry, sessions, commands) dies
+/// with it — their Drop guards kill their processes and cgroups — and a fresh
+/// tree takes over, so the daemon goes on serving (sessions of the old tree
+/// answer `SESSION_NOT_FOUND`). Counted in `actor_failures_total`.
+struct RootWatch {
+    current: Arc<std::sync::Mutex<ActorRef<SupervisorMsg>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RootWatch {
+    async fn start(ctx: Arc<Context>) -> Result<RootWatch, ServeError> {
+        let (root, handle) = Actor::spawn(None, RootSupervisor, ctx.clone())
+            .await
+            .map_err(|e| ServeError::Actors(e.to_string()))?;
+        ctx.set_supervisor(Some(root.clone()));
+        let current = Arc::new(std::sync::Mutex::new(root));
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (watched, stop_flag) = (current.clone(), stopping.clone());
+        let task = tokio::spawn(async move {
+            let mut handle = handle;
+            loop {
+                let _ = (&mut handle).await;
+                if stop_flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                Stats::bump(&ctx.stats.actor_failures);
+                tracing::error!(
+                    "the root supervisor ended; starting a fresh actor tree (its sessions are lost)"
+                );
+                match Actor::spawn(None, RootSupervisor, ctx.clone()).await {
+                    Ok((root, next)) => {
+                        ctx.set_supervisor(Some(root.clone()));
+                        *watched.lock().unwrap_or_else(|p| p.into_inner()) = root;
+                        handle = next;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot restart the actor tree");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(RootWatch {
+            current,
+            stopping,
+            task,
+        })
+    }
+
+    fn root(&self) -> ActorRef<SupervisorMsg> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Shutdown: no restart of the root or of the registry from now on.
+    fn stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.root().cast(SupervisorMsg::Stopping);
+    }
+
+    async fn stop(self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.root().stop(None);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
 }
 
 /// Sets the daemon's own oom_score_adj, so under memory pressure the kernel

@@ -176,3 +176,29 @@ async fn a_failed_spawn_is_spawn_failed_and_the_next_one_works() {
     drop(c);
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_supervisor_failure_is_replaced_by_a_fresh_tree() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let old = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&old, "sleep 300 & echo $!").await.unwrap();
+    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    inject(&c, FaultTarget::Supervisor, FaultAction::Panic, None).await;
+    // The whole old tree is gone, its processes with it...
+    wait_dead(pid, "the old tree's session processes are killed");
+    // ...and a fresh tree serves: new sessions work, old ones are unknown.
+    wait_until_async("the fresh tree serves", Duration::from_secs(10), || async {
+        c.create_session(CreateParams::default()).await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        c.run(&old, "true").await.unwrap_err().code(),
+        Some("SESSION_NOT_FOUND")
+    );
+    let stats = c.stats().await.unwrap();
+    assert_eq!(stats.sessions.active, 1);
+    assert!(stats.runtime.actor_failures_total >= 1);
+    drop(c);
+    d.stop();
+}

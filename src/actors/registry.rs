@@ -140,6 +140,8 @@ impl Actor for RegistryActor {
         if args.recover {
             state.recover().await;
         }
+        // A fresh table (a restarted tree) starts the count from what it holds.
+        state.publish_count();
         let interval = state.ctx.config.sessions.reap_interval;
         myself.send_interval(interval, || RegistryMsg::Sweep);
         Ok(state)

@@ -25,6 +25,9 @@ pub struct RootSupervisor;
 pub enum SupervisorMsg {
     /// Stop restarting the registry: the daemon is stopping.
     Stopping,
+    /// Fault injection: strike the root supervisor itself.
+    #[cfg(feature = "fault-injection")]
+    Fault(crate::fault::Fault),
 }
 
 /// State of the root supervisor.
@@ -60,6 +63,8 @@ impl Actor for RootSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Stopping => state.stopping = true,
+            #[cfg(feature = "fault-injection")]
+            SupervisorMsg::Fault(fault) => return fault.strike("RootSupervisor").await,
         }
         Ok(())
     }

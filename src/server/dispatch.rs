@@ -303,6 +303,13 @@ async fn fault(
         FAIL_NEXT_SPAWN.store(true, std::sync::atomic::Ordering::SeqCst);
         return Ok(FaultResult { injected: 1 });
     }
+    if p.target == FaultTarget::Supervisor {
+        let root = ctx
+            .supervisor()
+            .ok_or_else(|| RequestError::Internal("no root supervisor".into()))?;
+        let _ = root.cast(crate::actors::supervisor::SupervisorMsg::Fault(fault));
+        return Ok(FaultResult { injected: 1 });
+    }
     let session_id = p.session_id.unwrap_or_default();
     let injected = ask(ctx, |reply| RegistryMsg::Fault {
         uid,
