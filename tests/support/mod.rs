@@ -456,3 +456,81 @@ pub fn error_code(value: &rmpv::Value) -> Option<String> {
         .as_str()
         .map(str::to_string)
 }
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident memory of a process, bytes.
+pub fn rss_of(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+/// The promises a fault scenario must leave intact: the daemon answers ping
+/// within a bound, a session not under attack runs `echo ok`, RSS stays under
+/// a bound, and after the scenario its fd count is back to the baseline and no
+/// process of the scenario's sessions survives.
+pub struct Invariants {
+    control: String,
+    baseline_fds: usize,
+    pub ping_bound: Duration,
+    pub rss_bound: u64,
+}
+
+impl Invariants {
+    /// Records the baseline and creates the control session (not under attack).
+    pub async fn baseline(d: &TestDaemon, c: &Client) -> Invariants {
+        let control = c
+            .create_session(sessiond::protocol::CreateParams::default())
+            .await
+            .expect("control session");
+        c.run(&control, "true").await.expect("control session runs");
+        Invariants {
+            control,
+            baseline_fds: fd_count(d.pid()),
+            ping_bound: Duration::from_secs(1),
+            rss_bound: 256 << 20,
+        }
+    }
+
+    /// While (or right after) the scenario runs: the service goes on.
+    pub async fn check_live(&self, d: &TestDaemon, c: &Client) {
+        let t = Instant::now();
+        assert!(c.ping().await.expect("ping").pong);
+        assert!(t.elapsed() < self.ping_bound, "ping took {:?}", t.elapsed());
+        let r = c
+            .run(&self.control, "echo ok")
+            .await
+            .expect("the control session runs");
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "ok\n");
+        let rss = rss_of(d.pid());
+        assert!(
+            rss < self.rss_bound,
+            "daemon RSS {rss} over {}",
+            self.rss_bound
+        );
+    }
+
+    /// After the scenario's sessions are destroyed: nothing of them is left.
+    pub async fn check_after(&self, d: &TestDaemon, c: &Client) {
+        self.check_live(d, c).await;
+        let baseline = self.baseline_fds;
+        let mut now = 0;
+        let ok = (0..500).any(|_| {
+            now = fd_count(d.pid());
+            if now <= baseline {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            false
+        });
+        assert!(ok, "daemon fds {now}, baseline {baseline}");
+        // Only the control session may still have processes: it runs none.
+        d.assert_no_leaks();
+    }
+}
