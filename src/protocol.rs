@@ -119,25 +119,25 @@ pub struct SessionLimits {
     /// This session's default and maximum command timeout, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
-    /// cgroup memory limit (not enforced by this build: refused).
+    /// Session cgroup memory.max, bytes (refused when cgroups are off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_max_bytes: Option<u64>,
-    /// cgroup CPU limit (not enforced by this build: refused).
+    /// Session cgroup CPU limit, cores (refused when cgroups are off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_max_cores: Option<f64>,
-    /// cgroup pids limit (not enforced by this build: refused).
+    /// Session cgroup pids.max (refused when cgroups are off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u64>,
-    /// RLIMIT_CPU (not enforced by this build: refused).
+    /// RLIMIT_CPU of the session's commands, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rlimit_cpu_s: Option<u64>,
-    /// RLIMIT_AS (not enforced by this build: refused).
+    /// RLIMIT_AS of the session's commands, bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rlimit_as_bytes: Option<u64>,
-    /// RLIMIT_NOFILE (not enforced by this build: refused).
+    /// RLIMIT_NOFILE of the session's commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rlimit_nofile: Option<u64>,
-    /// RLIMIT_NPROC (not enforced by this build: refused).
+    /// RLIMIT_NPROC of the session's commands (binds non-root users only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rlimit_nproc: Option<u64>,
 }
