@@ -138,15 +138,9 @@ fn main() -> ExitCode {
             } else {
                 sessiond::bench::Scale::FULL
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match build_runtime(true) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("sessiond: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(sessiond::bench::run(scale, &out)) {
                 Ok(report) => {
@@ -197,15 +191,9 @@ fn serve(config_path: Option<PathBuf>, socket: Option<PathBuf>, log_format: LogF
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime(true) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("sessiond: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(server::run(config, bound)) {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,
@@ -270,16 +258,23 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// A tokio runtime (multi-threaded for the daemon and the bench, one thread for a client call).
+fn build_runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("sessiond: cannot start the runtime: {e}");
+        ExitCode::from(1)
+    })
+}
+
 fn client_command(command: Command) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime(false) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("sessiond: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run_client(command)) {
         Ok(code) => code,

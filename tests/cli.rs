@@ -73,16 +73,21 @@ fn session_subcommands_and_health() {
     d.stop();
 }
 
+/// `sessiond <subcommand> --config <path>`, without a daemon.
+fn with_config(subcommand: &str, config: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args([subcommand, "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[commands]\ndefault_timeout = \"2h\"\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let o = with_config("check-config", &bad);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -91,11 +96,7 @@ fn check_config_names_the_bad_key() {
     );
 
     std::fs::write(&bad, "[server]\nsokcet = \"/x\"\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let o = with_config("check-config", &bad);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("sokcet"));
 
@@ -113,10 +114,6 @@ fn check_config_names_the_bad_key() {
     );
 
     // A serve with a bad config refuses to start, with the same message.
-    let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["serve", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let o = with_config("serve", &bad);
     assert_eq!(o.status.code(), Some(2));
 }

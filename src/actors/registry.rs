@@ -1,6 +1,6 @@
 //! RegistryActor: child of the root supervisor; the session table, admission (sessions and command slots), routing, the periodic sweep.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +111,7 @@ pub struct RegistryState {
     by_key: HashMap<SessionKey, String>,
     per_uid: HashMap<u32, usize>,
     /// Sessions told to end whose actors have not stopped yet.
-    ending: HashMap<ActorId, ()>,
+    ending: HashSet<ActorId>,
     shutdown_waiters: Vec<RpcReplyPort<()>>,
     shutting_down: bool,
 }
@@ -133,7 +133,7 @@ impl Actor for RegistryActor {
             by_actor: HashMap::new(),
             by_key: HashMap::new(),
             per_uid: HashMap::new(),
-            ending: HashMap::new(),
+            ending: HashSet::new(),
             shutdown_waiters: Vec::new(),
             shutting_down: false,
         };
@@ -363,7 +363,7 @@ impl RegistryState {
         reason: KilledBy,
         reply: Option<RpcReplyPort<Result<(), RequestError>>>,
     ) {
-        self.ending.insert(entry.actor.get_id(), ());
+        self.ending.insert(entry.actor.get_id());
         // The session answers `reply` itself once its processes are dead.
         if let Err(ractor::MessagingErr::SendErr(SessionMsg::Destroy { reply, .. })) =
             entry.actor.cast(SessionMsg::Destroy { reason, reply })
@@ -470,7 +470,7 @@ impl RegistryState {
                     info,
                 }) => match phase {
                     SessionPhase::Ending => {
-                        self.ending.insert(actor.get_id(), ());
+                        self.ending.insert(actor.get_id());
                     }
                     SessionPhase::Live | SessionPhase::Expiring => {
                         if phase == SessionPhase::Expiring {

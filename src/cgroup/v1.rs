@@ -175,30 +175,25 @@ impl V1 {
 
     /// The session nodes found in any hierarchy (for crash recovery).
     pub fn sessions(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .bases()
-            .iter()
-            .flat_map(|b| super::child_dirs(b))
-            .collect();
-        all.sort();
-        all.dedup();
-        all
+        children_in_any(&self.bases())
     }
 
     /// The command nodes of a session, in any hierarchy.
     pub fn commands(&self, session: &str) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .dirs(session)
-            .iter()
-            .flat_map(|d| super::child_dirs(d))
-            .collect();
-        all.sort();
-        all.dedup();
-        all
+        children_in_any(&self.dirs(session))
     }
 
     /// The per-hierarchy bases (for removing the parent at exit).
     pub fn base_dirs(&self) -> Vec<PathBuf> {
         self.bases()
     }
+}
+
+/// The child cgroups found in any of `dirs` (a node lives in every hierarchy;
+/// a half-created or half-removed one may be in some only).
+fn children_in_any(dirs: &[PathBuf]) -> Vec<String> {
+    let mut all: Vec<String> = dirs.iter().flat_map(|d| super::child_dirs(d)).collect();
+    all.sort();
+    all.dedup();
+    all
 }

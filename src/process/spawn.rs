@@ -169,11 +169,11 @@ pub fn spawn(
     session: SessionKey,
     req: &SpawnRequest<'_>,
 ) -> Result<(ChildProcess, ChildPipes), SpawnError> {
-    let program = req.program.to_string_lossy().into_owned();
+    // Error text is built only when an error happens: this is the spawn path.
+    let program = || req.program.to_string_lossy().into_owned();
     let setup = |step: &'static str| {
-        let program = program.clone();
         move |errno| SpawnError::Setup {
-            program,
+            program: program(),
             step,
             errno,
         }
@@ -226,7 +226,7 @@ pub fn spawn(
             // The child exited with 127; collect it here, it was never ours to wait for.
             let _ = nix::sys::wait::waitpid(pid, None);
             return Err(SpawnError::Child {
-                program: program.clone(),
+                program: program(),
                 cwd: req.cwd.to_string_lossy().into_owned(),
                 step,
                 errno: Errno::from_raw(errno),

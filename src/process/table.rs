@@ -70,11 +70,6 @@ impl ProcessTable {
         self.lock().waited.remove(&pid.as_raw());
     }
 
-    /// Whether a waiter will collect `pid`; the reaper leaves such pids alone.
-    pub fn is_waited(&self, pid: i32) -> bool {
-        self.lock().waited.contains(&pid)
-    }
-
     /// Runs `f` with no spawn in progress and the table locked, for the
     /// reaper; `None` (skipped) while a spawn is in progress. It never waits
     /// for the gate: a waiting writer would block new spawners behind a spawn
@@ -137,15 +132,6 @@ impl ProcessTable {
                 Err(Errno::ESRCH)
             )
         });
-    }
-
-    /// How many groups of `session` may still hold processes.
-    pub fn group_count(&self, session: SessionKey) -> usize {
-        self.lock()
-            .groups
-            .values()
-            .filter(|s| **s == session)
-            .count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TableInner> {
