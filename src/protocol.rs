@@ -238,6 +238,12 @@ pub struct ClientStats {
     pub connections_refused_total: u64,
     pub rate_limited_total: u64,
     pub bad_frames_total: u64,
+    /// Connections closed for a partial frame older than `request_read_timeout`.
+    #[serde(default)]
+    pub stalled_total: u64,
+    /// Connections dropped for unread answers over `max_unsent_bytes`.
+    #[serde(default)]
+    pub slow_readers_dropped_total: u64,
     pub requests_total: u64,
     pub errors_total: u64,
 }

@@ -124,6 +124,8 @@ fn stats(ctx: &Context) -> StatsResult {
             connections_refused_total: g(&s.connections_refused),
             rate_limited_total: g(&s.rate_limited),
             bad_frames_total: g(&s.bad_frames),
+            stalled_total: g(&s.stalled_connections),
+            slow_readers_dropped_total: g(&s.slow_readers_dropped),
             requests_total: g(&s.requests),
             errors_total: g(&s.errors),
         },

@@ -1,6 +1,8 @@
 //! Test support: start the real daemon in a temp dir, talk to it (client library or raw frames), wait on conditions, check for leaks.
 #![allow(dead_code)]
 
+pub mod scenarios;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -106,8 +108,24 @@ SESSIOND_TEST_TAG = "{tag}"
 
     fn spawn(dir: tempfile::TempDir, socket: PathBuf, tag: String, config: &Path) -> TestDaemon {
         let stderr_path = dir.path().join("daemon.log");
-        let log = std::fs::File::create(&stderr_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        let child = Self::launch(config, &stderr_path);
+        TestDaemon {
+            dir,
+            socket,
+            tag,
+            child: Some(child),
+            stderr_path,
+        }
+    }
+
+    /// Runs `sessiond serve --config config`, its log appended to `log`.
+    fn launch(config: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_sessiond"))
             .arg("serve")
             .arg("--config")
             .arg(config)
@@ -118,14 +136,7 @@ SESSIOND_TEST_TAG = "{tag}"
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start sessiond");
-        TestDaemon {
-            dir,
-            socket,
-            tag,
-            child: Some(child),
-            stderr_path,
-        }
+            .expect("start sessiond")
     }
 
     fn wait_ready(&self) {
@@ -142,23 +153,20 @@ SESSIOND_TEST_TAG = "{tag}"
         let mut old = self.child.take().expect("running");
         old.kill().unwrap();
         old.wait().unwrap();
+        self.relaunch();
+    }
+
+    /// Stops the daemon with SIGTERM and checks the clean exit (status 0,
+    /// socket gone, no process or cgroup left), then starts a new one.
+    pub fn stop_and_restart(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.check_clean_exit();
+        self.relaunch();
+    }
+
+    fn relaunch(&mut self) {
         let config = self.dir.path().join("config.toml");
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.stderr_path)
-            .unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_sessiond"))
-                .arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("restart sessiond"),
-        );
+        self.child = Some(Self::launch(&config, &self.stderr_path));
         self.wait_ready();
     }
 
@@ -179,11 +187,7 @@ SESSIOND_TEST_TAG = "{tag}"
 
     /// A raw-frame connection.
     pub fn raw(&self) -> RawConn {
-        let stream = UnixStream::connect(&self.socket).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        RawConn { stream }
+        RawConn::connect(&self.socket)
     }
 
     /// The daemon's log so far.
@@ -217,6 +221,11 @@ SESSIOND_TEST_TAG = "{tag}"
     /// SIGTERM, then checks the clean exit: status 0, socket gone, no process left.
     pub fn stop(mut self) {
         self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.check_clean_exit();
+    }
+
+    /// Waits for the exit that follows a SIGTERM: status 0, socket gone, no process or cgroup left.
+    pub fn check_clean_exit(&mut self) {
         let status = self.wait_exit(Duration::from_secs(30));
         assert!(
             status.success(),
@@ -366,6 +375,15 @@ pub struct RawConn {
 }
 
 impl RawConn {
+    /// Connects to `socket`; a read waits 20 s at most.
+    pub fn connect(socket: &Path) -> RawConn {
+        let stream = UnixStream::connect(socket).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        RawConn { stream }
+    }
+
     /// Writes raw bytes as they are.
     pub fn write_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
@@ -517,8 +535,30 @@ impl Invariants {
     }
 
     /// After the scenario's sessions are destroyed: nothing of them is left.
+    /// Only the control session lives, no command runs, no session cgroup but
+    /// the control session's remains, fds are back to the baseline, and no
+    /// process of the scenario survives.
     pub async fn check_after(&self, d: &TestDaemon, c: &Client) {
         self.check_live(d, c).await;
+        let stats = c.stats().await.expect("stats");
+        assert_eq!(
+            (stats.sessions.active, stats.commands.running),
+            (1, 0),
+            "only the idle control session is left"
+        );
+        for dir in d.cgroup_dirs() {
+            let sessions: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("session-"))
+                .map(|e| e.path())
+                .collect();
+            assert!(
+                sessions.len() <= 1,
+                "session cgroups left besides the control session's: {sessions:?}"
+            );
+        }
         let baseline = self.baseline_fds;
         let mut now = 0;
         let ok = (0..500).any(|_| {

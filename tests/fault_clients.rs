@@ -1,0 +1,67 @@
+//! Fault scenarios: hostile clients. Garbage, a huge length prefix, truncated
+//! frames, a hang-up mid-exec, 200 connections at once, a client that never
+//! reads: each costs only its own connection; the invariants and the counters
+//! say so.
+
+mod support;
+
+use std::sync::Arc;
+
+use sessiond::protocol::StatsResult;
+use support::scenarios::{self as sc};
+use support::{Invariants, TestDaemon};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_clients_cost_only_their_own_connection() {
+    let d = TestDaemon::start(
+        "[server]\nmax_unsent_bytes = \"1 MiB\"\n[commands]\nmax_output_bytes = \"4 MiB\"\n",
+    );
+    let c = Arc::new(d.client().await);
+    let inv = Invariants::baseline(&d, &c).await;
+    let before = c.stats().await.unwrap();
+    let socket = d.socket.clone();
+    // Blocking socket work runs off the async workers.
+    let blocking = |f: Box<dyn FnOnce() + Send>| tokio::task::spawn_blocking(f);
+
+    // Bytes of every value, in an order no encoder would write.
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let s = socket.clone();
+    blocking(Box::new(move || sc::garbage_bytes(&s, &garbage)))
+        .await
+        .unwrap();
+    inv.check_live(&d, &c).await;
+    let s = socket.clone();
+    blocking(Box::new(move || sc::huge_length_prefix(&s)))
+        .await
+        .unwrap();
+    let s = socket.clone();
+    blocking(Box::new(move || sc::truncated_frames(&s)))
+        .await
+        .unwrap();
+    inv.check_live(&d, &c).await;
+    sc::disconnect_mid_exec(&c, &socket, &d.work_dir()).await;
+    inv.check_live(&d, &c).await;
+    let s = socket.clone();
+    blocking(Box::new(move || sc::connection_burst(&s, 200)))
+        .await
+        .unwrap();
+    inv.check_live(&d, &c).await;
+    sc::never_reads(&c, &socket, 1 << 20).await;
+    inv.check_after(&d, &c).await;
+
+    let after = c.stats().await.unwrap();
+    let delta = |f: fn(&StatsResult) -> u64| f(&after) - f(&before);
+    // The garbage frame and the huge prefix at least; the raw garbage may add more.
+    assert!(delta(|s| s.clients.bad_frames_total) >= 2);
+    assert_eq!(delta(|s| s.clients.slow_readers_dropped_total), 1);
+    assert!(delta(|s| s.clients.connections_total) >= 200 + 6);
+    assert_eq!(
+        after.clients.connections, 1,
+        "only the test's own connection is left"
+    );
+    assert_eq!(delta(|s| s.runtime.actor_failures_total), 0);
+    drop(c);
+    d.stop();
+}

@@ -1,0 +1,533 @@
+//! The fault harness's scenarios: each one hostile act against a running daemon, with the outcome it must have. The fault_* test files and the chaos soak both run them.
+//!
+//! Every scenario works on sessions of its own (created and destroyed inside
+//! it), asserts only what is true however many other scenarios run at the
+//! same time, and leaves nothing behind. A new failure mode gets a function
+//! here, a line in its fault_* file, and a weight in the soak.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sessiond::client::Client;
+use sessiond::fault::{FaultAction, FaultParams, FaultResult, FaultTarget};
+use sessiond::protocol::{
+    CreateParams, ExecParams, ExecResult, KeepOutput, KilledBy, SessionLimits,
+};
+
+use super::{RawConn, alive, error_code, get, request, wait_dead, wait_until, wait_until_async};
+
+/// Creates a session with `limits`.
+pub async fn session(c: &Client, limits: Option<SessionLimits>) -> String {
+    c.create_session(CreateParams {
+        limits,
+        ..Default::default()
+    })
+    .await
+    .expect("session.create")
+}
+
+/// `command` with a timeout.
+pub fn cmd(command: &str, timeout_s: f64) -> ExecParams {
+    ExecParams {
+        command: command.into(),
+        timeout_s: Some(timeout_s),
+        ..Default::default()
+    }
+}
+
+/// Runs `params` in a fresh session with `limits`, destroys the session, returns the result.
+async fn in_own_session(
+    c: &Client,
+    limits: Option<SessionLimits>,
+    params: ExecParams,
+) -> ExecResult {
+    let s = session(c, limits).await;
+    let r = c
+        .exec(ExecParams {
+            session_id: s.clone(),
+            ..params
+        })
+        .await
+        .expect("exec.run");
+    c.destroy_session(&s).await.expect("session.destroy");
+    r
+}
+
+/// Waits until `path` holds a complete line, then parses it as a pid.
+pub fn read_pid_file(path: &Path) -> i32 {
+    wait_until(
+        &format!("{} is written", path.display()),
+        Duration::from_secs(10),
+        || std::fs::read_to_string(path).is_ok_and(|s| s.ends_with('\n')),
+    );
+    let pid = std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(path);
+    pid
+}
+
+// ---------------------------------------------------------------- normal work
+
+/// Ordinary work in an existing session: state carries over, stdin and exit codes come back.
+pub async fn normal_work(c: &Client, s: &str, n: u64) {
+    let r = c
+        .run(s, &format!("cd /tmp && export SOAK_N={n}"))
+        .await
+        .expect("exec.run");
+    assert_eq!(r.exit_code, Some(0));
+    let r = c
+        .exec(ExecParams {
+            session_id: s.into(),
+            command: "echo \"$SOAK_N $(pwd) $(cat)\"; exit 3".into(),
+            stdin: Some(serde_bytes::ByteBuf::from(b"in".to_vec())),
+            ..Default::default()
+        })
+        .await
+        .expect("exec.run");
+    assert_eq!(
+        (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()),
+        (Some(3), format!("{n} /tmp in\n"))
+    );
+}
+
+/// A command cancelled while it runs ends with SIGTERM; the session runs the next one.
+pub async fn cancel_running(c: &Arc<Client>) {
+    let s = session(c, None).await;
+    let runner = super::spawn_run(c, &s, "sleep 30");
+    wait_until_async(
+        "the command is listed busy",
+        Duration::from_secs(10),
+        || async {
+            c.list_sessions()
+                .await
+                .is_ok_and(|l| l.sessions.iter().any(|i| i.session_id == s && i.busy))
+        },
+    )
+    .await;
+    assert!(c.cancel(&s).await.expect("exec.cancel"));
+    let r = runner
+        .await
+        .unwrap()
+        .expect("the cancelled command's answer");
+    assert_eq!(r.killed_by, Some(KilledBy::Cancelled));
+    assert_eq!(
+        c.run(&s, "echo next").await.unwrap().stdout.as_ref(),
+        b"next\n"
+    );
+    c.destroy_session(&s).await.unwrap();
+}
+
+// ----------------------------------------------------------- hostile commands
+
+/// A CPU spin is ended by its timeout.
+pub async fn cpu_spin(c: &Client) {
+    let r = in_own_session(c, None, cmd("while :; do :; done", 0.5)).await;
+    assert!(r.timed_out, "{r:?}");
+}
+
+/// A flood on both streams at once: each capped at `cap`, drained to the end, counted.
+pub async fn flood_both_streams(c: &Client, cap: usize) {
+    let r = in_own_session(
+        c,
+        None,
+        cmd(
+            "head -c 20000000 /dev/zero & head -c 20000000 /dev/zero >&2; wait",
+            60.0,
+        ),
+    )
+    .await;
+    assert_eq!((r.stdout.len(), r.stderr.len()), (cap, cap));
+    assert!(r.stdout_truncated && r.stderr_truncated);
+    assert_eq!(
+        (r.stdout_total_bytes, r.stderr_total_bytes),
+        (20_000_000, 20_000_000)
+    );
+}
+
+/// `yes` with `keep_output: "tail"`: the last bytes are kept until the timeout.
+pub async fn yes_tail(c: &Client) {
+    let r = in_own_session(
+        c,
+        None,
+        ExecParams {
+            keep_output: Some(KeepOutput::Tail),
+            ..cmd("yes", 0.5)
+        },
+    )
+    .await;
+    assert!(r.timed_out && r.stdout_truncated, "{r:?}");
+    assert!(r.stdout.ends_with(b"y\n") || r.stdout.ends_with(b"y"));
+}
+
+/// A thousand open files (the daemon's `nofile` must allow them).
+pub async fn thousand_files(c: &Client) {
+    let r = in_own_session(
+        c,
+        None,
+        cmd(
+            "for i in $(seq 1 1000); do exec {fd}</dev/null || exit 9; done; echo opened",
+            30.0,
+        ),
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "opened\n");
+}
+
+/// A daemonizing child (fork + setsid) outlives its command but not its session.
+pub async fn daemonizing_child(c: &Client) {
+    let s = session(c, None).await;
+    let r = c
+        .exec(ExecParams {
+            session_id: s.clone(),
+            ..cmd("setsid sh -c 'sleep 1000 & echo $!'", 10.0)
+        })
+        .await
+        .unwrap();
+    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    assert!(alive(pid), "the daemonized child runs after its command");
+    c.destroy_session(&s).await.unwrap();
+    wait_dead(pid, "the daemonized child dies with its session");
+}
+
+/// A command that ignores SIGTERM gets SIGKILL after the grace.
+pub async fn term_ignorer(c: &Client) {
+    let r = in_own_session(
+        c,
+        None,
+        cmd("trap '' TERM; while :; do sleep 0.05; done", 0.3),
+    )
+    .await;
+    assert_eq!((r.timed_out, r.signal), (true, Some(9)), "{r:?}");
+}
+
+/// A command that closes its stdout early and goes on: the answer waits for its exit.
+pub async fn early_stdout_close(c: &Client) {
+    let r = in_own_session(c, None, cmd("exec >&-; sleep 0.2; echo done >&2", 10.0)).await;
+    assert_eq!(
+        (r.exit_code, String::from_utf8_lossy(&r.stderr).into_owned()),
+        (Some(0), "done\n".into())
+    );
+}
+
+/// A memory hog is killed by its session's memory limit (cgroups only).
+pub async fn memory_hog(c: &Client) {
+    let limits = SessionLimits {
+        memory_max_bytes: Some(64 << 20),
+        ..Default::default()
+    };
+    let r = in_own_session(
+        c,
+        Some(limits),
+        cmd("head -c 200M /dev/zero | tail > /dev/null", 30.0),
+    )
+    .await;
+    assert_eq!(r.killed_by, Some(KilledBy::MemoryLimit), "{r:?}");
+}
+
+/// A fork bomb is contained by its session's pids limit and ended by its timeout (cgroups only).
+pub async fn fork_bomb(c: &Client) {
+    let limits = SessionLimits {
+        pids_max: Some(32),
+        ..Default::default()
+    };
+    let r = in_own_session(c, Some(limits), cmd("b() { b | b & }; b; sleep 5", 1.0)).await;
+    assert!(r.timed_out, "{r:?}");
+}
+
+// ------------------------------------------------------------ hostile clients
+
+/// Garbage inside a frame is INVALID_REQUEST and the connection goes on;
+/// then a stream of garbage bytes, and a hang-up.
+pub fn garbage_bytes(socket: &Path, garbage: &[u8]) {
+    let mut conn = RawConn::connect(socket);
+    conn.write_frame(&[0xc1, 0xff, 0x00]);
+    let r = conn.read().expect("an answer to a garbage frame");
+    assert_eq!(error_code(&r).as_deref(), Some("INVALID_REQUEST"));
+    conn.send(&request(1, "system.ping", vec![]));
+    assert_eq!(get(&conn.read().unwrap(), "id").as_u64(), Some(1));
+    // Raw garbage: whatever the daemon makes of it, it answers or hangs up, never hangs.
+    let _ = std::io::Write::write_all(&mut conn.stream, garbage);
+}
+
+/// A length prefix of 4 GiB is refused from the prefix alone, then the connection is closed.
+pub fn huge_length_prefix(socket: &Path) {
+    let mut conn = RawConn::connect(socket);
+    conn.write_bytes(&0xffff_fff0u32.to_be_bytes());
+    let r = conn.read().expect("an answer to a huge prefix");
+    assert_eq!(error_code(&r).as_deref(), Some("FRAME_TOO_LARGE"));
+    assert!(conn.is_closed(), "closed after FRAME_TOO_LARGE");
+}
+
+/// Truncated frames (a short prefix, a short body), then hang-ups.
+pub fn truncated_frames(socket: &Path) {
+    RawConn::connect(socket).write_bytes(&[0, 0]);
+    RawConn::connect(socket).write_bytes(&[0, 0, 0, 100, 0x82, 0xa2]);
+}
+
+/// A client that hangs up in the middle of an exec: the command runs to its
+/// end (it writes a marker), and the session is usable again afterwards.
+pub async fn disconnect_mid_exec(c: &Client, socket: &Path, work_dir: &Path) {
+    let s = session(c, None).await;
+    let started = work_dir.join(format!("{s}.started"));
+    let marker = work_dir.join(format!("{s}.done"));
+    let mut conn = RawConn::connect(socket);
+    conn.send(&request(
+        1,
+        "exec.run",
+        vec![
+            ("session_id", s.as_str().into()),
+            (
+                "command",
+                format!(
+                    "echo > {}; sleep 0.3; echo done > {}",
+                    started.display(),
+                    marker.display()
+                )
+                .into(),
+            ),
+        ],
+    ));
+    wait_until("the command runs", Duration::from_secs(10), || {
+        started.exists()
+    });
+    drop(conn);
+    wait_until_async(
+        "the abandoned command finishes and frees its session",
+        Duration::from_secs(20),
+        || async {
+            match c.run(&s, "true").await {
+                Ok(_) => true,
+                Err(e) if e.code() == Some("SESSION_BUSY") => false,
+                Err(e) => panic!("the session after its client hung up: {e}"),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("the abandoned command ran to its end"),
+        "done\n"
+    );
+    let _ = std::fs::remove_file(&marker);
+    let _ = std::fs::remove_file(&started);
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// `n` connections opened at once, each served, all closed.
+pub fn connection_burst(socket: &Path, n: u64) {
+    let mut conns: Vec<RawConn> = (0..n).map(|_| RawConn::connect(socket)).collect();
+    for (i, conn) in (0..).zip(conns.iter_mut()) {
+        conn.send(&request(i, "system.ping", vec![]));
+    }
+    for (i, conn) in (0..).zip(conns.iter_mut()) {
+        let r = conn
+            .read()
+            .expect("every connection of the burst is served");
+        assert_eq!(get(&r, "id").as_u64(), Some(i));
+    }
+}
+
+/// A client that asks for three answers of `unsent_budget` bytes each and
+/// never reads is dropped once its unread answers pass the budget; its
+/// commands ran to their end all the same.
+pub async fn never_reads(c: &Client, socket: &Path, unsent_budget: u64) {
+    let mut sessions = Vec::new();
+    let mut conn = RawConn::connect(socket);
+    for id in 0..3 {
+        let s = session(c, None).await;
+        conn.send(&request(
+            id,
+            "exec.run",
+            vec![
+                ("session_id", s.as_str().into()),
+                (
+                    "command",
+                    format!("head -c {unsent_budget} /dev/zero").into(),
+                ),
+            ],
+        ));
+        sessions.push(s);
+    }
+    // Not reading: the answers pile up in the daemon until it gives up.
+    for s in &sessions {
+        wait_until_async(
+            "the unread command ends (its session is free again)",
+            Duration::from_secs(30),
+            || async {
+                !c.run(s, "true")
+                    .await
+                    .is_err_and(|e| e.code() == Some("SESSION_BUSY"))
+            },
+        )
+        .await;
+    }
+    // Reading now finds the daemon hung up before the last answer.
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match std::io::Read::read(&mut conn.stream, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) => panic!("reading the dropped connection after {got} bytes: {e}"),
+        }
+    }
+    assert!(
+        got < 3 * unsent_budget,
+        "every answer ({got} bytes) was kept for a client that never read"
+    );
+    for s in sessions {
+        c.destroy_session(&s).await.unwrap();
+    }
+}
+
+// --------------------------------------------------------------- actor faults
+
+/// Injects a fault; returns how many actors it reached.
+pub async fn inject(
+    c: &Client,
+    target: FaultTarget,
+    action: FaultAction,
+    session: Option<&str>,
+) -> u64 {
+    let r: FaultResult = c
+        .call(
+            "debug.fault",
+            FaultParams {
+                target,
+                action,
+                session_id: session.map(str::to_string),
+                stall_ms: (action == FaultAction::Stall).then_some(200),
+            },
+        )
+        .await
+        .expect("debug.fault");
+    r.injected
+}
+
+/// Starts `sleep 60` in `s` and waits until its shell runs; returns the shell's pid and the run.
+async fn start_sleeper(
+    c: &Arc<Client>,
+    s: &str,
+    work_dir: &Path,
+) -> (
+    i32,
+    tokio::task::JoinHandle<Result<ExecResult, sessiond::client::ClientError>>,
+) {
+    let pidfile = work_dir.join(format!("{s}.pid"));
+    let runner = super::spawn_run(c, s, &format!("echo $$ > {}; sleep 60", pidfile.display()));
+    (read_pid_file(&pidfile), runner)
+}
+
+/// A CommandActor panic (or error): that exec.run is INTERNAL, its processes
+/// die, and the session runs its next command with its state intact.
+/// Returns the (destroyed) session's id.
+pub async fn command_actor_fault(c: &Arc<Client>, work_dir: &Path, action: FaultAction) -> String {
+    let s = session(c, None).await;
+    c.run(&s, "cd /tmp").await.unwrap();
+    let (shell, runner) = start_sleeper(c, &s, work_dir).await;
+    assert_eq!(inject(c, FaultTarget::Command, action, Some(&s)).await, 1);
+    let e = runner
+        .await
+        .unwrap()
+        .expect_err("the failed command's answer");
+    assert_eq!(e.code(), Some("INTERNAL"), "{action:?}: {e}");
+    wait_dead(shell, "the failed command's process is killed");
+    let r = c.run(&s, "pwd").await.expect("the session goes on");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "/tmp\n");
+    c.destroy_session(&s).await.unwrap();
+    s
+}
+
+/// A SessionActor panic (or error): that session is lost, with its processes
+/// (a running command and a background one); later calls are SESSION_NOT_FOUND.
+/// Returns the lost session's id.
+pub async fn session_actor_fault(c: &Arc<Client>, work_dir: &Path, action: FaultAction) -> String {
+    let s = session(c, None).await;
+    let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
+    let background: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let (shell, runner) = start_sleeper(c, &s, work_dir).await;
+    assert_eq!(inject(c, FaultTarget::Session, action, Some(&s)).await, 1);
+    let e = runner
+        .await
+        .unwrap()
+        .expect_err("the lost session's answer");
+    assert_eq!(e.code(), Some("INTERNAL"), "{action:?}: {e}");
+    wait_until(
+        "the lost session's processes are killed",
+        Duration::from_secs(5),
+        || !alive(shell) && !alive(background),
+    );
+    wait_until_async(
+        "the lost session is unknown",
+        Duration::from_secs(5),
+        || async { c.run(&s, "true").await.unwrap_err().code() == Some("SESSION_NOT_FOUND") },
+    )
+    .await;
+    s
+}
+
+/// A stalled SessionActor delays only its own session's work.
+pub async fn session_stall(c: &Client) {
+    let s = session(c, None).await;
+    assert_eq!(
+        inject(c, FaultTarget::Session, FaultAction::Stall, Some(&s)).await,
+        1
+    );
+    assert_eq!(
+        c.run(&s, "echo late").await.unwrap().stdout.as_ref(),
+        b"late\n"
+    );
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// A failed spawn is SPAWN_FAILED and the next command runs. The flag is
+/// global: no other command may spawn in between (the soak runs this alone).
+pub async fn spawn_failure(c: &Client) {
+    let s = session(c, None).await;
+    inject(c, FaultTarget::Spawn, FaultAction::Error, None).await;
+    let e = c.run(&s, "true").await.expect_err("the failed spawn");
+    assert_eq!(e.code(), Some("SPAWN_FAILED"), "{e}");
+    c.run(&s, "true").await.expect("the next spawn works");
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// A RegistryActor panic (or error): restarted, every live session kept with
+/// its shell state. `live` is how many sessions exist before the fault.
+pub async fn registry_fault(c: &Client, action: FaultAction, live: usize) {
+    let s = session(c, None).await;
+    c.run(&s, "cd /tmp; export KEPT=yes").await.unwrap();
+    assert_eq!(inject(c, FaultTarget::Registry, action, None).await, 1);
+    wait_until_async(
+        "the restarted registry lists every session",
+        Duration::from_secs(10),
+        || async {
+            c.list_sessions()
+                .await
+                .is_ok_and(|l| l.sessions.len() == live + 1)
+        },
+    )
+    .await;
+    let r = c.run(&s, "pwd; echo $KEPT").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "/tmp\nyes\n");
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// A root-supervisor failure: a fresh tree serves, every old session is gone with its processes.
+pub async fn supervisor_fault(c: &Client) {
+    let s = session(c, None).await;
+    let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
+    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    inject(c, FaultTarget::Supervisor, FaultAction::Panic, None).await;
+    wait_dead(pid, "the old tree's processes are killed");
+    wait_until_async("the fresh tree serves", Duration::from_secs(10), || async {
+        c.list_sessions().await.is_ok_and(|l| l.sessions.is_empty())
+    })
+    .await;
+    assert_eq!(
+        c.run(&s, "true").await.unwrap_err().code(),
+        Some("SESSION_NOT_FOUND")
+    );
+}
