@@ -230,3 +230,28 @@ fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
     drop((greedy, setup, stats_conn));
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_reads_every_answer_is_never_taken_for_a_slow_reader() {
+    // Answers as large as the budget, each followed at once by a small
+    // request: the small answer must not count the big one, which the client
+    // has already read to its end (the chaos soak once saw such a client dropped).
+    let d = TestDaemon::start(
+        "[server]\nmax_unsent_bytes = \"64 KiB\"\n[commands]\nmax_output_bytes = \"64 KiB\"\n",
+    );
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    for round in 0..300 {
+        let r = c.run(&s, "head -c 65536 /dev/zero").await;
+        assert_eq!(r.map(|r| r.stdout.len()).ok(), Some(65536), "round {round}");
+        c.ping()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    assert_eq!(
+        c.stats().await.unwrap().clients.slow_readers_dropped_total,
+        0
+    );
+    drop(c);
+    d.stop();
+}

@@ -39,7 +39,7 @@ async fn load(
             &s,
             &format!("echo $$ > {}; {command}", pidfile.display()),
         ));
-        pids.push(sc::read_pid_file(&pidfile));
+        pids.push(sc::read_pid_file(&pidfile).await);
         sessions.push(s);
     }
     (sessions, pids, runs)

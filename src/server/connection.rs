@@ -193,10 +193,19 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
 }
 
 /// The answers of one connection on their way to the socket, with a byte
-/// budget: answers queued but not yet written (`unsent`) may not exceed
-/// `server.max_unsent_bytes`. A client that stops reading therefore cannot
-/// make the daemon buffer without bound: past the budget the connection is
-/// dropped (its requests still run; nothing of other clients is touched).
+/// budget: answers queued behind the one being written (`unsent`) may not
+/// exceed `server.max_unsent_bytes`. A client that stops reading therefore
+/// cannot make the daemon buffer without bound: past the budget the
+/// connection is dropped (its requests still run; nothing of other clients is
+/// touched). The bound on what one connection holds is the budget plus the one
+/// answer in progress (at most two capped streams and their envelope).
+///
+/// The answer being written is not counted: a client that has read an answer
+/// to its end has necessarily seen it leave the queue, so a client that reads
+/// can never be taken for one that does not. (Counting until the write
+/// completed did exactly that: the client could read the last byte and send its
+/// next request before the writer task got to subtract, and a 1 MiB answer
+/// then pushed a 200-byte one over a 1 MiB budget. The chaos soak found it.)
 #[derive(Clone)]
 struct Outbox {
     tx: mpsc::Sender<Outgoing>,
@@ -232,12 +241,12 @@ impl Outbox {
                     Outgoing::Frame(frame) => (frame, false),
                     Outgoing::Last(frame) => (frame, true),
                 };
-                let len = frame.len();
+                // Off the queue: from here on this answer is "being written".
+                unsent.fetch_sub(frame.len(), Ordering::Relaxed);
                 let sent = tokio::select! {
                     sent = sink.send(frame) => sent.is_ok(),
                     _ = overflow.cancelled() => false,
                 };
-                unsent.fetch_sub(len, Ordering::Relaxed);
                 if !sent || last {
                     break;
                 }

@@ -539,12 +539,20 @@ impl Invariants {
     /// the control session's remains, fds are back to the baseline, and no
     /// process of the scenario survives.
     pub async fn check_after(&self, d: &TestDaemon, c: &Client) {
+        self.check_quiescent(d, c, 1, 0).await;
+    }
+
+    /// At a moment when no scenario runs: exactly `live` sessions (the control
+    /// session included) and their cgroups exist, no command runs, the daemon
+    /// has at most `connections` more fds than at the baseline (open client
+    /// connections), and no process of any session survives (idle sessions run none).
+    pub async fn check_quiescent(&self, d: &TestDaemon, c: &Client, live: u64, connections: usize) {
         self.check_live(d, c).await;
         let stats = c.stats().await.expect("stats");
         assert_eq!(
             (stats.sessions.active, stats.commands.running),
-            (1, 0),
-            "only the idle control session is left"
+            (live, 0),
+            "(sessions, running commands) when nothing runs"
         );
         for dir in d.cgroup_dirs() {
             let sessions: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -554,23 +562,27 @@ impl Invariants {
                 .filter(|e| e.file_name().to_string_lossy().starts_with("session-"))
                 .map(|e| e.path())
                 .collect();
-            assert!(
-                sessions.len() <= 1,
-                "session cgroups left besides the control session's: {sessions:?}"
+            assert_eq!(
+                sessions.len() as u64,
+                live,
+                "one session cgroup per live session in {}: {sessions:?}",
+                dir.display()
             );
         }
-        let baseline = self.baseline_fds;
+        let bound = self.baseline_fds + connections;
         let mut now = 0;
         let ok = (0..500).any(|_| {
             now = fd_count(d.pid());
-            if now <= baseline {
+            if now <= bound {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
             false
         });
-        assert!(ok, "daemon fds {now}, baseline {baseline}");
-        // Only the control session may still have processes: it runs none.
+        assert!(
+            ok,
+            "daemon fds {now}, bound {bound} (baseline + open connections)"
+        );
         d.assert_no_leaks();
     }
 }

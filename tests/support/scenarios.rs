@@ -15,7 +15,12 @@ use sessiond::protocol::{
     CreateParams, ExecParams, ExecResult, KeepOutput, KilledBy, SessionLimits,
 };
 
-use super::{RawConn, alive, error_code, get, request, wait_dead, wait_until, wait_until_async};
+use super::{RawConn, alive, error_code, get, request, wait_until_async};
+
+/// Waits (5 s at most) until process `pid` is gone, without holding up the runtime.
+pub async fn wait_dead(pid: i32, what: &str) {
+    wait_until_async(what, Duration::from_secs(5), || async { !alive(pid) }).await;
+}
 
 /// Creates a session with `limits`.
 pub async fn session(c: &Client, limits: Option<SessionLimits>) -> String {
@@ -55,12 +60,13 @@ async fn in_own_session(
 }
 
 /// Waits until `path` holds a complete line, then parses it as a pid.
-pub fn read_pid_file(path: &Path) -> i32 {
-    wait_until(
+pub async fn read_pid_file(path: &Path) -> i32 {
+    wait_until_async(
         &format!("{} is written", path.display()),
         Duration::from_secs(10),
-        || std::fs::read_to_string(path).is_ok_and(|s| s.ends_with('\n')),
-    );
+        || async { std::fs::read_to_string(path).is_ok_and(|s| s.ends_with('\n')) },
+    )
+    .await;
     let pid = std::fs::read_to_string(path)
         .unwrap()
         .trim()
@@ -190,7 +196,7 @@ pub async fn daemonizing_child(c: &Client) {
     let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
     assert!(alive(pid), "the daemonized child runs after its command");
     c.destroy_session(&s).await.unwrap();
-    wait_dead(pid, "the daemonized child dies with its session");
+    wait_dead(pid, "the daemonized child dies with its session").await;
 }
 
 /// A command that ignores SIGTERM gets SIGKILL after the grace.
@@ -291,9 +297,10 @@ pub async fn disconnect_mid_exec(c: &Client, socket: &Path, work_dir: &Path) {
             ),
         ],
     ));
-    wait_until("the command runs", Duration::from_secs(10), || {
+    wait_until_async("the command runs", Duration::from_secs(10), || async {
         started.exists()
-    });
+    })
+    .await;
     drop(conn);
     wait_until_async(
         "the abandoned command finishes and frees its session",
@@ -418,7 +425,7 @@ async fn start_sleeper(
 ) {
     let pidfile = work_dir.join(format!("{s}.pid"));
     let runner = super::spawn_run(c, s, &format!("echo $$ > {}; sleep 60", pidfile.display()));
-    (read_pid_file(&pidfile), runner)
+    (read_pid_file(&pidfile).await, runner)
 }
 
 /// A CommandActor panic (or error): that exec.run is INTERNAL, its processes
@@ -434,7 +441,7 @@ pub async fn command_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
         .unwrap()
         .expect_err("the failed command's answer");
     assert_eq!(e.code(), Some("INTERNAL"), "{action:?}: {e}");
-    wait_dead(shell, "the failed command's process is killed");
+    wait_dead(shell, "the failed command's process is killed").await;
     let r = c.run(&s, "pwd").await.expect("the session goes on");
     assert_eq!(String::from_utf8_lossy(&r.stdout), "/tmp\n");
     c.destroy_session(&s).await.unwrap();
@@ -455,11 +462,12 @@ pub async fn session_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
         .unwrap()
         .expect_err("the lost session's answer");
     assert_eq!(e.code(), Some("INTERNAL"), "{action:?}: {e}");
-    wait_until(
+    wait_until_async(
         "the lost session's processes are killed",
         Duration::from_secs(5),
-        || !alive(shell) && !alive(background),
-    );
+        || async { !alive(shell) && !alive(background) },
+    )
+    .await;
     wait_until_async(
         "the lost session is unknown",
         Duration::from_secs(5),
@@ -521,7 +529,7 @@ pub async fn supervisor_fault(c: &Client) {
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
     let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
     inject(c, FaultTarget::Supervisor, FaultAction::Panic, None).await;
-    wait_dead(pid, "the old tree's processes are killed");
+    wait_dead(pid, "the old tree's processes are killed").await;
     wait_until_async("the fresh tree serves", Duration::from_secs(10), || async {
         c.list_sessions().await.is_ok_and(|l| l.sessions.is_empty())
     })

@@ -1,0 +1,534 @@
+//! The chaos soak: N concurrent clients run a seeded random mix of every fault
+//! scenario plus normal work against one daemon, while a checker verifies the
+//! invariants continuously.
+//!
+//! `SESSIOND_SOAK_SECS` (default 60), `SESSIOND_SOAK_CLIENTS` (default 6) and
+//! `SESSIOND_SOAK_SEED` (default: from the clock) shape a run; the seed is
+//! printed first, so a failure's sequence of operations can be replayed (each
+//! client draws its operations from its own RNG, seeded from the run's seed;
+//! the interleaving of clients is the scheduler's).
+//!
+//! Scenarios that touch the whole daemon (a registry or supervisor failure, a
+//! failed spawn, SIGKILL or SIGTERM and a restart, and the full stats audit)
+//! run alone: they take the world's write lock; everything else takes it to
+//! read. A new failure mode is a function in `support/scenarios.rs` and an
+//! entry in `OPS`.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sessiond::client::Client;
+use sessiond::fault::FaultAction;
+use sessiond::protocol::StatsResult;
+use support::scenarios::{self as sc};
+use support::{Invariants, TestDaemon};
+use tokio::sync::RwLock;
+
+/// The daemon's config for the soak: room for every client's sessions and
+/// commands at once, a small unsent budget so a non-reader is cut quickly.
+const CONFIG: &str = r#"
+[server]
+max_unsent_bytes = "1 MiB"
+shutdown_grace = "2s"
+[sessions]
+max_sessions = 256
+max_sessions_per_client = 256
+[commands]
+max_concurrent = 128
+max_output_bytes = "1 MiB"
+[rlimits]
+nofile = 2048
+[cgroups]
+cpu_max_cores = 0.5
+"#;
+const OUTPUT_CAP: usize = 1 << 20;
+const UNSENT_BUDGET: u64 = 1 << 20;
+/// No single operation may take longer; a hang is a failure.
+const OP_DEADLINE: Duration = Duration::from_secs(90);
+
+/// What an operation needs to run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Runs beside others (takes the world to read).
+    Shared,
+    /// Runs alone (takes the world to write).
+    Alone,
+}
+
+/// Every operation of the soak: name, kind, weight (per mille, roughly), whether it needs cgroups.
+/// The operations that end an epoch (supervisor, SIGKILL, SIGTERM) are rare,
+/// so most of the run is concurrent work.
+const OPS: &[(&str, Kind, u32, bool)] = &[
+    ("normal_work", Kind::Shared, 400, false),
+    ("session_churn", Kind::Shared, 80, false),
+    ("cancel_running", Kind::Shared, 40, false),
+    ("cpu_spin", Kind::Shared, 30, false),
+    ("flood_both_streams", Kind::Shared, 20, false),
+    ("yes_tail", Kind::Shared, 30, false),
+    ("thousand_files", Kind::Shared, 20, false),
+    ("daemonizing_child", Kind::Shared, 30, false),
+    ("term_ignorer", Kind::Shared, 30, false),
+    ("early_stdout_close", Kind::Shared, 30, false),
+    ("memory_hog", Kind::Shared, 20, true),
+    ("fork_bomb", Kind::Shared, 20, true),
+    ("garbage_bytes", Kind::Shared, 30, false),
+    ("huge_length_prefix", Kind::Shared, 30, false),
+    ("truncated_frames", Kind::Shared, 30, false),
+    ("disconnect_mid_exec", Kind::Shared, 30, false),
+    ("connection_burst", Kind::Shared, 20, false),
+    ("never_reads", Kind::Shared, 10, false),
+    ("command_panic", Kind::Shared, 20, false),
+    ("command_error", Kind::Shared, 20, false),
+    ("session_panic", Kind::Shared, 20, false),
+    ("session_error", Kind::Shared, 10, false),
+    ("session_stall", Kind::Shared, 20, false),
+    ("registry_panic", Kind::Alone, 5, false),
+    ("registry_error", Kind::Alone, 5, false),
+    ("spawn_failure", Kind::Alone, 5, false),
+    ("supervisor_panic", Kind::Alone, 2, false),
+    ("sigkill_restart", Kind::Alone, 2, false),
+    ("sigterm_restart", Kind::Alone, 2, false),
+    ("audit", Kind::Alone, 10, false),
+];
+
+/// Operations that inject a fault (everything but normal work and the audit).
+fn is_fault(op: &str) -> bool {
+    !matches!(
+        op,
+        "normal_work" | "session_churn" | "cancel_running" | "audit"
+    )
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+    })
+}
+
+/// Counters the daemon must agree with, counted by the clients since the epoch began.
+#[derive(Default)]
+struct Expected {
+    actor_failures: AtomicU64,
+    spawn_failed: AtomicU64,
+    oom_killed: AtomicU64,
+    slow_readers: AtomicU64,
+    bad_frames_at_least: AtomicU64,
+}
+
+/// The daemon under test and what is known about it. One epoch is one
+/// daemon process with one actor tree; a supervisor failure or a restart
+/// starts the next, and every client reconnects and recreates its session.
+struct World {
+    d: TestDaemon,
+    epoch: u64,
+    checker: Client,
+    inv: Invariants,
+    /// Stats when the epoch began; `expected` counts from there.
+    base: StatsResult,
+    expected: Expected,
+    /// Each client's long-lived session in this epoch.
+    homes: Mutex<HashSet<String>>,
+    /// Client connections open in this epoch (each holds one daemon fd).
+    connections: AtomicU64,
+    /// Requests served by daemons of earlier epochs.
+    requests_before: u64,
+}
+
+impl World {
+    async fn begin_epoch(&mut self) {
+        self.epoch += 1;
+        self.checker = self.d.client().await;
+        self.inv = Invariants::baseline(&self.d, &self.checker).await;
+        self.base = self.checker.stats().await.unwrap();
+        self.expected = Expected::default();
+        self.homes.lock().unwrap().clear();
+        self.connections.store(0, Ordering::SeqCst);
+    }
+
+    fn live_sessions(&self) -> u64 {
+        self.homes.lock().unwrap().len() as u64 + 1
+    }
+
+    /// Everything the daemon says agrees with what the clients did, and nothing leaked.
+    async fn audit(&self) {
+        let now = self.checker.stats().await.unwrap();
+        let delta = |f: fn(&StatsResult) -> u64| f(&now) - f(&self.base);
+        let e = &self.expected;
+        let want = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        assert_eq!(
+            delta(|s| s.runtime.actor_failures_total),
+            want(&e.actor_failures),
+            "actor_failures_total against the failures injected"
+        );
+        assert_eq!(
+            delta(|s| s.commands.spawn_failed_total),
+            want(&e.spawn_failed),
+            "spawn_failed_total"
+        );
+        assert_eq!(
+            delta(|s| s.commands.oom_killed_total),
+            want(&e.oom_killed),
+            "oom_killed_total"
+        );
+        assert_eq!(
+            delta(|s| s.clients.slow_readers_dropped_total),
+            want(&e.slow_readers),
+            "slow_readers_dropped_total"
+        );
+        assert!(
+            delta(|s| s.clients.bad_frames_total) >= want(&e.bad_frames_at_least),
+            "bad_frames_total"
+        );
+        self.inv
+            .check_quiescent(
+                &self.d,
+                &self.checker,
+                self.live_sessions(),
+                self.connections.load(Ordering::SeqCst) as usize,
+            )
+            .await;
+    }
+
+    async fn requests_so_far(&self) -> u64 {
+        self.requests_before + self.checker.stats().await.unwrap().clients.requests_total
+    }
+}
+
+/// What the soak did, for the report.
+#[derive(Default)]
+struct Tally {
+    ops: Mutex<BTreeMap<&'static str, u64>>,
+    checks: AtomicU64,
+    /// The last operations started, newest last (bounded: `RECENT`).
+    recent: Mutex<VecDeque<String>>,
+}
+const RECENT: usize = 32;
+
+impl Tally {
+    fn started(&self, worker: usize, n: u64, op: &str, started: Instant) {
+        let mut recent = self.recent.lock().unwrap();
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(format!(
+            "{:>8.3}s  client {worker} op #{n}: {op}",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+
+    fn done(&self, op: &'static str) {
+        *self.ops.lock().unwrap().entry(op).or_default() += 1;
+    }
+}
+
+/// One client's operation in a shared epoch.
+async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, garbage_seed: u64) {
+    let e = &w.expected;
+    let socket = w.d.socket.clone();
+    let work = w.d.work_dir();
+    let blocking = |f: Box<dyn FnOnce() + Send>| tokio::task::spawn_blocking(f);
+    match op {
+        "normal_work" => sc::normal_work(c, home, n).await,
+        "session_churn" => {
+            let s = sc::session(c, None).await;
+            sc::normal_work(c, &s, n).await;
+            c.destroy_session(&s).await.unwrap();
+        }
+        "cancel_running" => sc::cancel_running(c).await,
+        "cpu_spin" => sc::cpu_spin(c).await,
+        "flood_both_streams" => sc::flood_both_streams(c, OUTPUT_CAP).await,
+        "yes_tail" => sc::yes_tail(c).await,
+        "thousand_files" => sc::thousand_files(c).await,
+        "daemonizing_child" => sc::daemonizing_child(c).await,
+        "term_ignorer" => sc::term_ignorer(c).await,
+        "early_stdout_close" => sc::early_stdout_close(c).await,
+        "memory_hog" => {
+            sc::memory_hog(c).await;
+            e.oom_killed.fetch_add(1, Ordering::SeqCst);
+        }
+        "fork_bomb" => sc::fork_bomb(c).await,
+        "garbage_bytes" => {
+            let mut rng = StdRng::seed_from_u64(garbage_seed);
+            let garbage: Vec<u8> = (0..rng.random_range(1..4096))
+                .map(|_| rng.random())
+                .collect();
+            blocking(Box::new(move || sc::garbage_bytes(&socket, &garbage)))
+                .await
+                .unwrap();
+            e.bad_frames_at_least.fetch_add(1, Ordering::SeqCst);
+        }
+        "huge_length_prefix" => {
+            blocking(Box::new(move || sc::huge_length_prefix(&socket)))
+                .await
+                .unwrap();
+            e.bad_frames_at_least.fetch_add(1, Ordering::SeqCst);
+        }
+        "truncated_frames" => blocking(Box::new(move || sc::truncated_frames(&socket)))
+            .await
+            .unwrap(),
+        "disconnect_mid_exec" => sc::disconnect_mid_exec(c, &socket, &work).await,
+        "connection_burst" => blocking(Box::new(move || sc::connection_burst(&socket, 20)))
+            .await
+            .unwrap(),
+        "never_reads" => {
+            sc::never_reads(c, &socket, UNSENT_BUDGET).await;
+            e.slow_readers.fetch_add(1, Ordering::SeqCst);
+        }
+        "command_panic" | "command_error" | "session_panic" | "session_error" => {
+            let action = if op.ends_with("panic") {
+                FaultAction::Panic
+            } else {
+                FaultAction::Error
+            };
+            if op.starts_with("command") {
+                sc::command_actor_fault(c, &work, action).await;
+            } else {
+                sc::session_actor_fault(c, &work, action).await;
+            }
+            e.actor_failures.fetch_add(1, Ordering::SeqCst);
+        }
+        "session_stall" => sc::session_stall(c).await,
+        other => unreachable!("{other} is not a shared operation"),
+    }
+}
+
+/// An operation that runs alone. Returns true when it began a new epoch.
+async fn alone_op(op: &str, w: &mut World) -> bool {
+    match op {
+        "audit" => w.audit().await,
+        "registry_panic" | "registry_error" => {
+            let action = if op == "registry_panic" {
+                FaultAction::Panic
+            } else {
+                FaultAction::Error
+            };
+            sc::registry_fault(&w.checker, action, w.live_sessions() as usize).await;
+            w.expected.actor_failures.fetch_add(1, Ordering::SeqCst);
+        }
+        "spawn_failure" => {
+            sc::spawn_failure(&w.checker).await;
+            w.expected.spawn_failed.fetch_add(1, Ordering::SeqCst);
+        }
+        "supervisor_panic" => {
+            w.audit().await;
+            sc::supervisor_fault(&w.checker).await;
+            w.begin_epoch().await;
+            return true;
+        }
+        "sigkill_restart" | "sigterm_restart" => {
+            w.audit().await;
+            let live = w.live_sessions();
+            w.requests_before = w.requests_so_far().await;
+            let cgroups = w.base.runtime.cgroups != "off";
+            tokio::task::block_in_place(|| {
+                if op == "sigkill_restart" {
+                    w.d.crash_and_restart();
+                } else {
+                    w.d.stop_and_restart();
+                }
+            });
+            w.begin_epoch().await;
+            if op == "sigkill_restart" && cgroups {
+                assert_eq!(
+                    w.base.runtime.cgroups_recovered_total, live,
+                    "the dead daemon's session cgroups are recovered"
+                );
+            }
+            return true;
+        }
+        other => unreachable!("{other} is not an operation that runs alone"),
+    }
+    false
+}
+
+struct Run {
+    world: RwLock<World>,
+    tally: Tally,
+    start: Instant,
+    end: Instant,
+    cgroups: bool,
+}
+
+/// One client: draws operations from its RNG until the end.
+async fn client(run: Arc<Run>, worker: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ops: Vec<_> = OPS.iter().filter(|o| run.cgroups || !o.3).collect();
+    let total: u32 = ops.iter().map(|o| o.2).sum();
+    let mut conn: Option<(u64, Arc<Client>, String)> = None;
+    let mut n = 0u64;
+    while Instant::now() < run.end {
+        n += 1;
+        let mut pick = rng.random_range(0..total);
+        let &&(op, kind, _, _) = ops
+            .iter()
+            .find(|o| {
+                let hit = pick < o.2;
+                pick = pick.saturating_sub(o.2);
+                hit
+            })
+            .unwrap();
+        let garbage_seed = rng.random();
+        run.tally.started(worker, n, op, run.start);
+        let work = async {
+            if kind == Kind::Alone {
+                let mut w = run.world.write().await;
+                alone_op(op, &mut w).await;
+                return;
+            }
+            let w = run.world.read().await;
+            if conn.as_ref().is_none_or(|(epoch, _, _)| *epoch != w.epoch) {
+                let c = Arc::new(w.d.client().await);
+                w.connections.fetch_add(1, Ordering::SeqCst);
+                let home = sc::session(&c, None).await;
+                w.homes.lock().unwrap().insert(home.clone());
+                conn = Some((w.epoch, c, home));
+            }
+            let (_, c, home) = conn.as_ref().unwrap();
+            shared_op(op, &w, c, home, n, garbage_seed).await;
+        };
+        tokio::time::timeout(OP_DEADLINE, work)
+            .await
+            .unwrap_or_else(|_| panic!("client {worker} op #{n} {op} took over {OP_DEADLINE:?}"));
+        run.tally.done(op);
+    }
+    // Leave: the home session goes, then the connection.
+    let w = run.world.read().await;
+    if let Some((epoch, c, home)) = conn
+        && epoch == w.epoch
+    {
+        c.destroy_session(&home).await.unwrap();
+        w.homes.lock().unwrap().remove(&home);
+        drop(c);
+        w.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The continuous invariant check: ping bound, the control session, RSS.
+async fn checker(run: Arc<Run>) {
+    while Instant::now() < run.end {
+        {
+            let w = run.world.read().await;
+            w.inv.check_live(&w.d, &w.checker).await;
+        }
+        run.tally.checks.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Prints what a failing run needs for its replay and diagnosis.
+fn failure_report(run: &Run, seed: u64, log: &PathBuf, what: &str) {
+    let recent = run.tally.recent.lock().unwrap();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    eprintln!(
+        "\n=== soak failure ===\nseed: {seed}   replay: SESSIOND_SOAK_SEED={seed} cargo test --test fault_soak -- --nocapture\n\
+         after: {:.1} s\nfailure: {what}\nlast operations started (newest last):\n  {}\n\
+         daemon log, last {} lines:\n  {}\n=== end of report ===",
+        run.start.elapsed().as_secs_f64(),
+        recent.iter().cloned().collect::<Vec<_>>().join("\n  "),
+        tail.len(),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_soak_keeps_every_invariant() {
+    let secs = env_u64("SESSIOND_SOAK_SECS", 60);
+    let clients = env_u64("SESSIOND_SOAK_CLIENTS", 6) as usize;
+    let seed = env_u64(
+        "SESSIOND_SOAK_SEED",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    eprintln!(
+        "soak seed: {seed} ({secs} s, {clients} clients; replay with SESSIOND_SOAK_SEED={seed})"
+    );
+
+    let d = TestDaemon::start(CONFIG);
+    let log = d.stderr_path.clone();
+    let checker_client = d.client().await;
+    let inv = Invariants::baseline(&d, &checker_client).await;
+    let base = checker_client.stats().await.unwrap();
+    let cgroups = base.runtime.cgroups != "off";
+    if !cgroups {
+        eprintln!(
+            "note: cgroups are off here; the memory-hog and fork-bomb operations are left out"
+        );
+    }
+    let start = Instant::now();
+    let run = Arc::new(Run {
+        world: RwLock::new(World {
+            d,
+            epoch: 1,
+            checker: checker_client,
+            inv,
+            base,
+            expected: Expected::default(),
+            homes: Mutex::default(),
+            connections: AtomicU64::new(0),
+            requests_before: 0,
+        }),
+        tally: Tally::default(),
+        start,
+        end: start + Duration::from_secs(secs),
+        cgroups,
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..clients {
+        let worker_seed = StdRng::seed_from_u64(seed ^ worker as u64).random();
+        tasks.spawn(client(run.clone(), worker, worker_seed));
+    }
+    tasks.spawn(checker(run.clone()));
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tasks.abort_all();
+            let what = match e.try_into_panic() {
+                Ok(p) => p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default(),
+                Err(e) => e.to_string(),
+            };
+            failure_report(&run, seed, &log, &what);
+            panic!("soak failed (seed {seed}): {what}");
+        }
+    }
+
+    // Every client has left: the final audit, then a clean stop.
+    let run = Arc::into_inner(run).expect("every task ended");
+    let w = run.world.into_inner();
+    w.audit().await;
+    let requests = w.requests_so_far().await;
+    let ops = run.tally.ops.into_inner().unwrap();
+    let total_ops: u64 = ops.values().sum();
+    let faults: u64 = ops
+        .iter()
+        .filter(|(op, _)| is_fault(op))
+        .map(|(_, n)| n)
+        .sum();
+    eprintln!(
+        "soak passed: seed {seed}, {:.0} s, {clients} clients, {} epochs, {requests} requests, \
+         {total_ops} operations, {faults} faults injected, {} live invariant checks",
+        start.elapsed().as_secs_f64(),
+        w.epoch,
+        run.tally.checks.load(Ordering::Relaxed)
+    );
+    for (op, n) in &ops {
+        eprintln!("  {op:<22} {n}");
+    }
+    assert!(total_ops > 0 && faults > 0, "the soak did something");
+    drop(w.checker);
+    w.d.stop();
+}
