@@ -119,13 +119,19 @@ SESSIOND_TEST_TAG = "{tag}"
     }
 
     /// Runs `sessiond serve --config config`, its log appended to `log`.
+    /// The daemon gets SIGTERM when the test process dies, however it dies (a
+    /// test killed from outside runs no `Drop`): it then drains and kills its
+    /// commands itself. PR_SET_PDEATHSIG fires when the *thread* that spawned
+    /// the child ends, so every daemon is spawned by one thread that lives as
+    /// long as the test process.
     fn launch(config: &Path, log: &Path) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sessiond"));
+        command
             .arg("serve")
             .arg("--config")
             .arg(config)
@@ -134,9 +140,17 @@ SESSIOND_TEST_TAG = "{tag}"
             .env("SESSIOND_DAEMON_SECRET", "leak")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start sessiond")
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        spawn_from_lasting_thread(command)
     }
 
     fn wait_ready(&self) {
@@ -306,6 +320,29 @@ impl Drop for TestDaemon {
             remove_cgroup_tree(&dir);
         }
     }
+}
+
+/// Spawns `command` from a thread that lives as long as the test process (see [`TestDaemon::launch`]).
+fn spawn_from_lasting_thread(command: Command) -> Child {
+    type Job = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::spawn(move || {
+            for (mut command, reply) in rx {
+                let _ = reply.send(command.spawn());
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (reply, answer) = std::sync::mpsc::channel();
+    spawner
+        .lock()
+        .unwrap()
+        .send((command, reply))
+        .expect("the spawner thread runs");
+    answer.recv().unwrap().expect("start sessiond")
 }
 
 /// Removes a cgroup directory and its children, deepest first (after their processes died).

@@ -41,6 +41,24 @@ pub fn cmd(command: &str, timeout_s: f64) -> ExecParams {
     }
 }
 
+/// Runs `params` in session `s`, bounded on the client's side too: a daemon
+/// that never answers (a broken timeout, say) fails the scenario instead of
+/// hanging it. The bound is the command's timeout plus 30 s of slack.
+pub async fn exec_bounded(c: &Client, s: &str, params: ExecParams) -> ExecResult {
+    let bound = Duration::from_secs_f64(params.timeout_s.unwrap_or(60.0) + 30.0);
+    let command = params.command.clone();
+    tokio::time::timeout(
+        bound,
+        c.exec(ExecParams {
+            session_id: s.to_string(),
+            ..params
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer within {bound:?} to `{command}`"))
+    .expect("exec.run")
+}
+
 /// Runs `params` in a fresh session with `limits`, destroys the session, returns the result.
 async fn in_own_session(
     c: &Client,
@@ -48,13 +66,7 @@ async fn in_own_session(
     params: ExecParams,
 ) -> ExecResult {
     let s = session(c, limits).await;
-    let r = c
-        .exec(ExecParams {
-            session_id: s.clone(),
-            ..params
-        })
-        .await
-        .expect("exec.run");
+    let r = exec_bounded(c, &s, params).await;
     c.destroy_session(&s).await.expect("session.destroy");
     r
 }
@@ -186,13 +198,7 @@ pub async fn thousand_files(c: &Client) {
 /// A daemonizing child (fork + setsid) outlives its command but not its session.
 pub async fn daemonizing_child(c: &Client) {
     let s = session(c, None).await;
-    let r = c
-        .exec(ExecParams {
-            session_id: s.clone(),
-            ..cmd("setsid sh -c 'sleep 1000 & echo $!'", 10.0)
-        })
-        .await
-        .unwrap();
+    let r = exec_bounded(c, &s, cmd("setsid sh -c 'sleep 1000 & echo $!'", 10.0)).await;
     let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
     assert!(alive(pid), "the daemonized child runs after its command");
     c.destroy_session(&s).await.unwrap();
