@@ -68,7 +68,7 @@ pub struct ServerConfig {
     /// that sends part of one and stalls is disconnected. Idle connections are not.
     #[serde(with = "humantime_serde")]
     pub request_read_timeout: Duration,
-    /// Answers queued for a connection but not yet read by its client, in
+    /// Answers queued for a connection behind the one being written, in
     /// bytes; past this the client is not reading and the connection is dropped.
     pub max_unsent_bytes: ByteSize,
     /// After SIGTERM: how long running commands may finish before they are killed.

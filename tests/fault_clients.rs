@@ -1,6 +1,6 @@
 //! Fault scenarios: hostile clients. Garbage, a huge length prefix, truncated
-//! frames, a hang-up mid-exec, 200 connections at once, a client that never
-//! reads: each costs only its own connection; the invariants and the counters
+//! frames, a stalled partial frame, a hang-up mid-exec, 200 connections at
+//! once, a client that never reads: each costs only its own connection; the invariants and the counters
 //! say so.
 
 mod support;
@@ -14,7 +14,7 @@ use support::{Invariants, TestDaemon};
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_clients_cost_only_their_own_connection() {
     let d = TestDaemon::start(
-        "[server]\nmax_unsent_bytes = \"1 MiB\"\n[commands]\nmax_output_bytes = \"4 MiB\"\n",
+        "[server]\nmax_unsent_bytes = \"1 MiB\"\nrequest_read_timeout = \"500ms\"\n[commands]\nmax_output_bytes = \"4 MiB\"\n",
     );
     let c = Arc::new(d.client().await);
     let inv = Invariants::baseline(&d, &c).await;
@@ -37,6 +37,10 @@ async fn hostile_clients_cost_only_their_own_connection() {
         .await
         .unwrap();
     let s = socket.clone();
+    blocking(Box::new(move || sc::stalled_partial_frame(&s)))
+        .await
+        .unwrap();
+    let s = socket.clone();
     blocking(Box::new(move || sc::truncated_frames(&s)))
         .await
         .unwrap();
@@ -56,6 +60,7 @@ async fn hostile_clients_cost_only_their_own_connection() {
     // The garbage frame and the huge prefix at least; the raw garbage may add more.
     assert!(delta(|s| s.clients.bad_frames_total) >= 2);
     assert_eq!(delta(|s| s.clients.slow_readers_dropped_total), 1);
+    assert_eq!(delta(|s| s.clients.stalled_total), 1);
     assert!(delta(|s| s.clients.connections_total) >= 200 + 6);
     assert_eq!(
         after.clients.connections, 1,

@@ -31,12 +31,17 @@ use support::scenarios::{self as sc};
 use support::{Invariants, TestDaemon};
 use tokio::sync::RwLock;
 
-/// The daemon's config for the soak: room for every client's sessions and
-/// commands at once, a small unsent budget so a non-reader is cut quickly.
-const CONFIG: &str = r#"
+/// The daemon's config for the soak: room for every client's sessions,
+/// commands and connection bursts at once, a small unsent budget so a
+/// non-reader is cut quickly, a short partial-frame deadline.
+fn config(clients: usize) -> String {
+    format!(
+        r#"
 [server]
 max_unsent_bytes = "1 MiB"
+request_read_timeout = "500ms"
 shutdown_grace = "2s"
+max_connections = {connections}
 [sessions]
 max_sessions = 256
 max_sessions_per_client = 256
@@ -47,7 +52,13 @@ max_output_bytes = "1 MiB"
 nofile = 2048
 [cgroups]
 cpu_max_cores = 0.5
-"#;
+"#,
+        // Each client: its own connection, a burst, a few raw ones.
+        connections = 64 + clients * (BURST as usize + 4)
+    )
+}
+/// Connections one `connection_burst` opens at once.
+const BURST: u64 = 20;
 const OUTPUT_CAP: usize = 1 << 20;
 const UNSENT_BUDGET: u64 = 1 << 20;
 /// No single operation may take longer; a hang is a failure.
@@ -81,6 +92,7 @@ const OPS: &[(&str, Kind, u32, bool)] = &[
     ("garbage_bytes", Kind::Shared, 30, false),
     ("huge_length_prefix", Kind::Shared, 30, false),
     ("truncated_frames", Kind::Shared, 30, false),
+    ("stalled_partial_frame", Kind::Shared, 20, false),
     ("disconnect_mid_exec", Kind::Shared, 30, false),
     ("connection_burst", Kind::Shared, 20, false),
     ("never_reads", Kind::Shared, 10, false),
@@ -117,6 +129,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
 #[derive(Default)]
 struct Expected {
     actor_failures: AtomicU64,
+    timed_out: AtomicU64,
+    output_truncated: AtomicU64,
+    stalled: AtomicU64,
     spawn_failed: AtomicU64,
     oom_killed: AtomicU64,
     slow_readers: AtomicU64,
@@ -136,21 +151,32 @@ struct World {
     expected: Expected,
     /// Each client's long-lived session in this epoch.
     homes: Mutex<HashSet<String>>,
-    /// Client connections open in this epoch (each holds one daemon fd).
+    /// Clients' connections open to this daemon process (each holds one of its
+    /// fds). A supervisor failure keeps them; a restart ends them.
     connections: AtomicU64,
+    /// Which daemon process this is (one more after each restart).
+    process: u64,
     /// Requests served by daemons of earlier epochs.
     requests_before: u64,
 }
 
 impl World {
-    async fn begin_epoch(&mut self) {
+    /// After a supervisor failure (`restarted` false: same process, the
+    /// clients' connections stay open) or a restart (a new process).
+    async fn begin_epoch(&mut self, restarted: bool) {
         self.epoch += 1;
+        if restarted {
+            self.process += 1;
+            self.connections.store(0, Ordering::SeqCst);
+        }
         self.checker = self.d.client().await;
         self.inv = Invariants::baseline(&self.d, &self.checker).await;
+        // The clients' connections are open at this baseline; the audit counts them apart.
+        self.inv
+            .discount_connections(self.connections.load(Ordering::SeqCst) as usize);
         self.base = self.checker.stats().await.unwrap();
         self.expected = Expected::default();
         self.homes.lock().unwrap().clear();
-        self.connections.store(0, Ordering::SeqCst);
     }
 
     fn live_sessions(&self) -> u64 {
@@ -167,6 +193,21 @@ impl World {
             delta(|s| s.runtime.actor_failures_total),
             want(&e.actor_failures),
             "actor_failures_total against the failures injected"
+        );
+        assert_eq!(
+            delta(|s| s.commands.timed_out_total),
+            want(&e.timed_out),
+            "timed_out_total"
+        );
+        assert_eq!(
+            delta(|s| s.commands.output_truncated_total),
+            want(&e.output_truncated),
+            "output_truncated_total"
+        );
+        assert_eq!(
+            delta(|s| s.clients.stalled_total),
+            want(&e.stalled),
+            "stalled_total"
         );
         assert_eq!(
             delta(|s| s.commands.spawn_failed_total),
@@ -243,18 +284,34 @@ async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, gar
             c.destroy_session(&s).await.unwrap();
         }
         "cancel_running" => sc::cancel_running(c).await,
-        "cpu_spin" => sc::cpu_spin(c).await,
-        "flood_both_streams" => sc::flood_both_streams(c, OUTPUT_CAP).await,
-        "yes_tail" => sc::yes_tail(c).await,
+        "cpu_spin" => {
+            sc::cpu_spin(c).await;
+            e.timed_out.fetch_add(1, Ordering::SeqCst);
+        }
+        "flood_both_streams" => {
+            sc::flood_both_streams(c, OUTPUT_CAP).await;
+            e.output_truncated.fetch_add(1, Ordering::SeqCst);
+        }
+        "yes_tail" => {
+            sc::yes_tail(c).await;
+            e.timed_out.fetch_add(1, Ordering::SeqCst);
+            e.output_truncated.fetch_add(1, Ordering::SeqCst);
+        }
         "thousand_files" => sc::thousand_files(c).await,
         "daemonizing_child" => sc::daemonizing_child(c).await,
-        "term_ignorer" => sc::term_ignorer(c).await,
+        "term_ignorer" => {
+            sc::term_ignorer(c).await;
+            e.timed_out.fetch_add(1, Ordering::SeqCst);
+        }
         "early_stdout_close" => sc::early_stdout_close(c).await,
         "memory_hog" => {
             sc::memory_hog(c).await;
             e.oom_killed.fetch_add(1, Ordering::SeqCst);
         }
-        "fork_bomb" => sc::fork_bomb(c).await,
+        "fork_bomb" => {
+            sc::fork_bomb(c).await;
+            e.timed_out.fetch_add(1, Ordering::SeqCst);
+        }
         "garbage_bytes" => {
             let mut rng = StdRng::seed_from_u64(garbage_seed);
             let garbage: Vec<u8> = (0..rng.random_range(1..4096))
@@ -275,7 +332,7 @@ async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, gar
             .await
             .unwrap(),
         "disconnect_mid_exec" => sc::disconnect_mid_exec(c, &socket, &work).await,
-        "connection_burst" => blocking(Box::new(move || sc::connection_burst(&socket, 20)))
+        "connection_burst" => blocking(Box::new(move || sc::connection_burst(&socket, BURST)))
             .await
             .unwrap(),
         "never_reads" => {
@@ -296,6 +353,12 @@ async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, gar
             e.actor_failures.fetch_add(1, Ordering::SeqCst);
         }
         "session_stall" => sc::session_stall(c).await,
+        "stalled_partial_frame" => {
+            blocking(Box::new(move || sc::stalled_partial_frame(&socket)))
+                .await
+                .unwrap();
+            e.stalled.fetch_add(1, Ordering::SeqCst);
+        }
         other => unreachable!("{other} is not a shared operation"),
     }
 }
@@ -320,7 +383,7 @@ async fn alone_op(op: &str, w: &mut World) -> bool {
         "supervisor_panic" => {
             w.audit().await;
             sc::supervisor_fault(&w.checker).await;
-            w.begin_epoch().await;
+            w.begin_epoch(false).await;
             return true;
         }
         "sigkill_restart" | "sigterm_restart" => {
@@ -335,7 +398,7 @@ async fn alone_op(op: &str, w: &mut World) -> bool {
                     w.d.stop_and_restart();
                 }
             });
-            w.begin_epoch().await;
+            w.begin_epoch(true).await;
             if op == "sigkill_restart" && cgroups {
                 assert_eq!(
                     w.base.runtime.cgroups_recovered_total, live,
@@ -362,7 +425,8 @@ async fn client(run: Arc<Run>, worker: usize, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let ops: Vec<_> = OPS.iter().filter(|o| run.cgroups || !o.3).collect();
     let total: u32 = ops.iter().map(|o| o.2).sum();
-    let mut conn: Option<(u64, Arc<Client>, String)> = None;
+    // (epoch, daemon process, connection, home session)
+    let mut conn: Option<(u64, u64, Arc<Client>, String)> = None;
     let mut n = 0u64;
     while Instant::now() < run.end {
         n += 1;
@@ -384,14 +448,20 @@ async fn client(run: Arc<Run>, worker: usize, seed: u64) {
                 return;
             }
             let w = run.world.read().await;
-            if conn.as_ref().is_none_or(|(epoch, _, _)| *epoch != w.epoch) {
+            if conn.as_ref().is_none_or(|(epoch, ..)| *epoch != w.epoch) {
+                // A connection to this same process is replaced, not added.
+                let replaced = conn
+                    .take()
+                    .is_some_and(|(_, process, ..)| process == w.process);
                 let c = Arc::new(w.d.client().await);
-                w.connections.fetch_add(1, Ordering::SeqCst);
+                if !replaced {
+                    w.connections.fetch_add(1, Ordering::SeqCst);
+                }
                 let home = sc::session(&c, None).await;
                 w.homes.lock().unwrap().insert(home.clone());
-                conn = Some((w.epoch, c, home));
+                conn = Some((w.epoch, w.process, c, home));
             }
-            let (_, c, home) = conn.as_ref().unwrap();
+            let (_, _, c, home) = conn.as_ref().unwrap();
             shared_op(op, &w, c, home, n, garbage_seed).await;
         };
         tokio::time::timeout(OP_DEADLINE, work)
@@ -401,13 +471,15 @@ async fn client(run: Arc<Run>, worker: usize, seed: u64) {
     }
     // Leave: the home session goes, then the connection.
     let w = run.world.read().await;
-    if let Some((epoch, c, home)) = conn
-        && epoch == w.epoch
-    {
-        c.destroy_session(&home).await.unwrap();
-        w.homes.lock().unwrap().remove(&home);
+    if let Some((epoch, process, c, home)) = conn {
+        if epoch == w.epoch {
+            c.destroy_session(&home).await.unwrap();
+            w.homes.lock().unwrap().remove(&home);
+        }
         drop(c);
-        w.connections.fetch_sub(1, Ordering::SeqCst);
+        if process == w.process {
+            w.connections.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -416,7 +488,12 @@ async fn checker(run: Arc<Run>) {
     while Instant::now() < run.end {
         {
             let w = run.world.read().await;
-            w.inv.check_live(&w.d, &w.checker).await;
+            support::within(
+                Duration::from_secs(30),
+                "the live invariant check",
+                w.inv.check_live(&w.d, &w.checker),
+            )
+            .await;
         }
         run.tally.checks.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -454,7 +531,7 @@ async fn chaos_soak_keeps_every_invariant() {
         "soak seed: {seed} ({secs} s, {clients} clients; replay with SESSIOND_SOAK_SEED={seed})"
     );
 
-    let d = TestDaemon::start(CONFIG);
+    let d = TestDaemon::start(&config(clients));
     let log = d.stderr_path.clone();
     let checker_client = d.client().await;
     let inv = Invariants::baseline(&d, &checker_client).await;
@@ -476,6 +553,7 @@ async fn chaos_soak_keeps_every_invariant() {
             expected: Expected::default(),
             homes: Mutex::default(),
             connections: AtomicU64::new(0),
+            process: 1,
             requests_before: 0,
         }),
         tally: Tally::default(),
@@ -509,7 +587,7 @@ async fn chaos_soak_keeps_every_invariant() {
     // Every client has left: the final audit, then a clean stop.
     let run = Arc::into_inner(run).expect("every task ended");
     let w = run.world.into_inner();
-    w.audit().await;
+    support::within(Duration::from_secs(60), "the final audit", w.audit()).await;
     let requests = w.requests_so_far().await;
     let ops = run.tally.ops.into_inner().unwrap();
     let total_ops: u64 = ops.values().sum();

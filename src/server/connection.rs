@@ -197,8 +197,10 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
 /// exceed `server.max_unsent_bytes`. A client that stops reading therefore
 /// cannot make the daemon buffer without bound: past the budget the
 /// connection is dropped (its requests still run; nothing of other clients is
-/// touched). The bound on what one connection holds is the budget plus the one
-/// answer in progress (at most two capped streams and their envelope).
+/// touched). What one connection holds is therefore at most the answer being
+/// written plus the queue, and the queue is under the budget or holds a single
+/// answer (one of any size is accepted into an empty queue): budget + two
+/// answers, each at most two capped streams and their envelope.
 ///
 /// The answer being written is not counted: a client that has read an answer
 /// to its end has necessarily seen it leave the queue, so a client that reads

@@ -27,20 +27,37 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Async form of [`wait_until`] for conditions that need the client.
+/// Async form of [`wait_until`] for conditions that need the client. Each
+/// evaluation of `cond` is bounded by the deadline too, so a call that never
+/// returns fails the wait instead of hanging it.
 pub async fn wait_until_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    while !cond().await {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let held = tokio::time::timeout_at(deadline, cond()).await;
+        if held.unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for: {what}")) {
+            return;
+        }
         assert!(
-            Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "timed out after {limit:?} waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Awaits `fut` for at most `limit`; past it the test fails naming `what`.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("no result within {limit:?}: {what}"))
 }
 
 /// A real `sessiond serve` on a socket in its own temp dir. Every command it
@@ -580,9 +597,11 @@ impl Invariants {
     }
 
     /// At a moment when no scenario runs: exactly `live` sessions (the control
-    /// session included) and their cgroups exist, no command runs, the daemon
-    /// has at most `connections` more fds than at the baseline (open client
-    /// connections), and no process of any session survives (idle sessions run none).
+    /// session included) and as many session cgroups exist, no command runs
+    /// (nor has a command cgroup), the daemon has at most `connections` more
+    /// fds than at the baseline (open client connections), and no process of
+    /// any session survives (idle sessions run none). Cleanup that happens off
+    /// the answer path (a cgroup's removal, a closed socket) gets 5 s.
     pub async fn check_quiescent(&self, d: &TestDaemon, c: &Client, live: u64, connections: usize) {
         self.check_live(d, c).await;
         let stats = c.stats().await.expect("stats");
@@ -591,35 +610,77 @@ impl Invariants {
             (live, 0),
             "(sessions, running commands) when nothing runs"
         );
-        for dir in d.cgroup_dirs() {
-            let sessions: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("session-"))
-                .map(|e| e.path())
-                .collect();
-            assert_eq!(
-                sessions.len() as u64,
-                live,
-                "one session cgroup per live session in {}: {sessions:?}",
-                dir.display()
-            );
-        }
+        settles(
+            "one session cgroup per live session, no command cgroup",
+            || {
+                let found: Vec<_> = d
+                    .cgroup_dirs()
+                    .iter()
+                    .map(|dir| session_cgroups(dir))
+                    .collect();
+                let ok = found.iter().all(|(sessions, commands)| {
+                    sessions.len() as u64 == live && commands.is_empty()
+                });
+                if ok {
+                    Ok(())
+                } else {
+                    Err(format!("{live} live sessions, cgroups {found:?}"))
+                }
+            },
+        )
+        .await;
         let bound = self.baseline_fds + connections;
-        let mut now = 0;
-        let ok = (0..500).any(|_| {
-            now = fd_count(d.pid());
+        settles("daemon fds back to baseline + open connections", || {
+            let now = fd_count(d.pid());
             if now <= bound {
-                return true;
+                Ok(())
+            } else {
+                Err(format!("{now} fds, bound {bound}"))
             }
-            std::thread::sleep(Duration::from_millis(10));
-            false
-        });
-        assert!(
-            ok,
-            "daemon fds {now}, bound {bound} (baseline + open connections)"
-        );
-        d.assert_no_leaks();
+        })
+        .await;
+        settles("no process of any session left", || {
+            let left = tagged_pids(&d.tag);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("alive: {left:?}"))
+            }
+        })
+        .await;
     }
+
+    /// Takes `n` connections that were open at the baseline out of it (they
+    /// are counted as open connections by [`Invariants::check_quiescent`]).
+    pub fn discount_connections(&mut self, n: usize) {
+        self.baseline_fds = self.baseline_fds.saturating_sub(n);
+    }
+}
+
+/// Polls `check` until it holds, for 5 s at most; then fails with `what` and the last finding.
+async fn settles(what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(finding) if Instant::now() >= deadline => panic!("{what}: {finding}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// The `session-*` cgroups under `dir`, and the `cmd-*` leaves under them.
+fn session_cgroups(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let subdirs = |d: &Path, prefix: &str| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let sessions = subdirs(dir, "session-");
+    let commands = sessions.iter().flat_map(|s| subdirs(s, "cmd-")).collect();
+    (sessions, commands)
 }

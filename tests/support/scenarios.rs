@@ -15,7 +15,10 @@ use sessiond::protocol::{
     CreateParams, ExecParams, ExecResult, KeepOutput, KilledBy, SessionLimits,
 };
 
-use super::{RawConn, alive, error_code, get, request, wait_until_async};
+use super::{RawConn, alive, error_code, get, request, wait_until_async, within};
+
+/// How long a scenario waits for an answer that needs no command to finish.
+const ANSWER: Duration = Duration::from_secs(30);
 
 /// Waits (5 s at most) until process `pid` is gone, without holding up the runtime.
 pub async fn wait_dead(pid: i32, what: &str) {
@@ -127,7 +130,7 @@ pub async fn cancel_running(c: &Arc<Client>) {
     )
     .await;
     assert!(c.cancel(&s).await.expect("exec.cancel"));
-    let r = runner
+    let r = within(ANSWER, "the cancelled command's answer", runner)
         .await
         .unwrap()
         .expect("the cancelled command's answer");
@@ -343,13 +346,13 @@ pub fn connection_burst(socket: &Path, n: u64) {
     }
 }
 
-/// A client that asks for three answers of `unsent_budget` bytes each and
-/// never reads is dropped once its unread answers pass the budget; its
-/// commands ran to their end all the same.
+/// A client that asks for four answers of `unsent_budget` bytes each and
+/// never reads is dropped once the answers queued behind the one being
+/// written pass the budget; its commands ran to their end all the same.
 pub async fn never_reads(c: &Client, socket: &Path, unsent_budget: u64) {
     let mut sessions = Vec::new();
     let mut conn = RawConn::connect(socket);
-    for id in 0..3 {
+    for id in 0..4 {
         let s = session(c, None).await;
         conn.send(&request(
             id,
@@ -368,32 +371,44 @@ pub async fn never_reads(c: &Client, socket: &Path, unsent_budget: u64) {
     for s in &sessions {
         wait_until_async(
             "the unread command ends (its session is free again)",
-            Duration::from_secs(30),
+            ANSWER,
             || async {
-                !c.run(s, "true")
-                    .await
-                    .is_err_and(|e| e.code() == Some("SESSION_BUSY"))
+                match c.run(s, "true").await {
+                    Ok(_) => true,
+                    Err(e) if e.code() == Some("SESSION_BUSY") => false,
+                    Err(e) => panic!("the session of a dropped client: {e}"),
+                }
             },
         )
         .await;
     }
-    // Reading now finds the daemon hung up before the last answer.
-    let mut got = 0u64;
+    // Reading now drains what was written, then meets the daemon's hang-up
+    // (a read that times out instead means the connection was kept).
     let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0;
     loop {
         match std::io::Read::read(&mut conn.stream, &mut buf) {
             Ok(0) => break,
-            Ok(n) => got += n as u64,
-            Err(e) => panic!("reading the dropped connection after {got} bytes: {e}"),
+            Ok(n) => got += n,
+            Err(e) => panic!("the non-reader's connection was kept ({got} bytes read): {e}"),
         }
     }
-    assert!(
-        got < 3 * unsent_budget,
-        "every answer ({got} bytes) was kept for a client that never read"
-    );
     for s in sessions {
         c.destroy_session(&s).await.unwrap();
     }
+}
+
+/// A client that sends half a frame and stalls is disconnected once
+/// `request_read_timeout` passes (the read waits for the hang-up); a client
+/// that sends nothing is not.
+pub fn stalled_partial_frame(socket: &Path) {
+    let mut idle = RawConn::connect(socket);
+    let mut stalled = RawConn::connect(socket);
+    stalled.write_bytes(&[0, 0, 0, 50, 0x82]);
+    assert!(stalled.is_closed(), "the stalled connection is closed");
+    idle.send(&request(1, "system.ping", vec![]));
+    let r = idle.read().expect("the idle connection is served");
+    assert_eq!(get(&r, "id").as_u64(), Some(1));
 }
 
 // --------------------------------------------------------------- actor faults
@@ -412,7 +427,7 @@ pub async fn inject(
                 target,
                 action,
                 session_id: session.map(str::to_string),
-                stall_ms: (action == FaultAction::Stall).then_some(200),
+                stall_ms: None,
             },
         )
         .await
@@ -442,7 +457,7 @@ pub async fn command_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
     c.run(&s, "cd /tmp").await.unwrap();
     let (shell, runner) = start_sleeper(c, &s, work_dir).await;
     assert_eq!(inject(c, FaultTarget::Command, action, Some(&s)).await, 1);
-    let e = runner
+    let e = within(ANSWER, "the failed command's answer", runner)
         .await
         .unwrap()
         .expect_err("the failed command's answer");
@@ -463,7 +478,7 @@ pub async fn session_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
     let background: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
     let (shell, runner) = start_sleeper(c, &s, work_dir).await;
     assert_eq!(inject(c, FaultTarget::Session, action, Some(&s)).await, 1);
-    let e = runner
+    let e = within(ANSWER, "the lost session's answer", runner)
         .await
         .unwrap()
         .expect_err("the lost session's answer");
@@ -483,25 +498,50 @@ pub async fn session_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
     s
 }
 
-/// A stalled SessionActor delays only its own session's work.
-pub async fn session_stall(c: &Client) {
-    let s = session(c, None).await;
-    assert_eq!(
-        inject(c, FaultTarget::Session, FaultAction::Stall, Some(&s)).await,
-        1
+/// A stalled SessionActor delays only its own session's work: while it
+/// stalls, another session runs a command and ping answers (checked by order,
+/// not by time: the stalled run has not answered when they have).
+pub async fn session_stall(c: &Arc<Client>) {
+    let stalled = session(c, None).await;
+    let other = session(c, None).await;
+    let r: FaultResult = c
+        .call(
+            "debug.fault",
+            FaultParams {
+                target: FaultTarget::Session,
+                action: FaultAction::Stall,
+                session_id: Some(stalled.clone()),
+                stall_ms: Some(3000),
+            },
+        )
+        .await
+        .expect("debug.fault");
+    assert_eq!(r.injected, 1);
+    let late = super::spawn_run(c, &stalled, "echo late");
+    let r = c.run(&other, "echo other").await.unwrap();
+    assert_eq!(r.stdout.as_ref(), b"other\n");
+    assert!(c.ping().await.unwrap().pong);
+    assert!(
+        !late.is_finished(),
+        "the stalled session answered before the others"
     );
-    assert_eq!(
-        c.run(&s, "echo late").await.unwrap().stdout.as_ref(),
-        b"late\n"
-    );
-    c.destroy_session(&s).await.unwrap();
+    let r = within(ANSWER, "the stalled session's answer", late)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.stdout.as_ref(), b"late\n");
+    c.destroy_session(&stalled).await.unwrap();
+    c.destroy_session(&other).await.unwrap();
 }
 
 /// A failed spawn is SPAWN_FAILED and the next command runs. The flag is
 /// global: no other command may spawn in between (the soak runs this alone).
 pub async fn spawn_failure(c: &Client) {
     let s = session(c, None).await;
-    inject(c, FaultTarget::Spawn, FaultAction::Error, None).await;
+    assert_eq!(
+        inject(c, FaultTarget::Spawn, FaultAction::Error, None).await,
+        1
+    );
     let e = c.run(&s, "true").await.expect_err("the failed spawn");
     assert_eq!(e.code(), Some("SPAWN_FAILED"), "{e}");
     c.run(&s, "true").await.expect("the next spawn works");
@@ -534,7 +574,10 @@ pub async fn supervisor_fault(c: &Client) {
     let s = session(c, None).await;
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
     let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
-    inject(c, FaultTarget::Supervisor, FaultAction::Panic, None).await;
+    assert_eq!(
+        inject(c, FaultTarget::Supervisor, FaultAction::Panic, None).await,
+        1
+    );
     wait_dead(pid, "the old tree's processes are killed").await;
     wait_until_async("the fresh tree serves", Duration::from_secs(10), || async {
         c.list_sessions().await.is_ok_and(|l| l.sessions.is_empty())
