@@ -189,41 +189,47 @@ impl World {
         let delta = |f: fn(&StatsResult) -> u64| f(&now) - f(&self.base);
         let e = &self.expected;
         let want = |a: &AtomicU64| a.load(Ordering::SeqCst);
-        assert_eq!(
-            delta(|s| s.runtime.actor_failures_total),
-            want(&e.actor_failures),
-            "actor_failures_total against the failures injected"
-        );
-        assert_eq!(
-            delta(|s| s.commands.timed_out_total),
-            want(&e.timed_out),
-            "timed_out_total"
-        );
-        assert_eq!(
-            delta(|s| s.commands.output_truncated_total),
-            want(&e.output_truncated),
-            "output_truncated_total"
-        );
-        assert_eq!(
-            delta(|s| s.clients.stalled_total),
-            want(&e.stalled),
-            "stalled_total"
-        );
-        assert_eq!(
-            delta(|s| s.commands.spawn_failed_total),
-            want(&e.spawn_failed),
-            "spawn_failed_total"
-        );
-        assert_eq!(
-            delta(|s| s.commands.oom_killed_total),
-            want(&e.oom_killed),
-            "oom_killed_total"
-        );
-        assert_eq!(
-            delta(|s| s.clients.slow_readers_dropped_total),
-            want(&e.slow_readers),
-            "slow_readers_dropped_total"
-        );
+        type Counter = fn(&StatsResult) -> u64;
+        let exact: [(&str, Counter, &AtomicU64); 7] = [
+            (
+                "actor_failures_total",
+                |s| s.runtime.actor_failures_total,
+                &e.actor_failures,
+            ),
+            (
+                "timed_out_total",
+                |s| s.commands.timed_out_total,
+                &e.timed_out,
+            ),
+            (
+                "output_truncated_total",
+                |s| s.commands.output_truncated_total,
+                &e.output_truncated,
+            ),
+            ("stalled_total", |s| s.clients.stalled_total, &e.stalled),
+            (
+                "spawn_failed_total",
+                |s| s.commands.spawn_failed_total,
+                &e.spawn_failed,
+            ),
+            (
+                "oom_killed_total",
+                |s| s.commands.oom_killed_total,
+                &e.oom_killed,
+            ),
+            (
+                "slow_readers_dropped_total",
+                |s| s.clients.slow_readers_dropped_total,
+                &e.slow_readers,
+            ),
+        ];
+        for (name, counter, expected) in exact {
+            assert_eq!(
+                delta(counter),
+                want(expected),
+                "{name}: the daemon's count against the clients'"
+            );
+        }
         assert!(
             delta(|s| s.clients.bad_frames_total) >= want(&e.bad_frames_at_least),
             "bad_frames_total"

@@ -487,10 +487,15 @@ impl RawConn {
         Some(rmpv::decode::read_value(&mut &body[..]).expect("daemon sends valid MessagePack"))
     }
 
-    /// True when the daemon closed the connection.
+    /// True when the daemon closed the connection (a reset is a close that
+    /// left some of our bytes unread on its side).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
     }
 }
 
