@@ -237,7 +237,7 @@ async fn a_second_daemon_on_the_same_cgroup_parent_refuses_to_start() {
     let c = d.client().await;
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let r = c.run(&s, "sleep 1000 & echo $!").await.unwrap();
-    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let pid = support::printed_pid(&r);
     // Same parent, other socket: it must not "recover" (kill) our live sessions.
     let config = d.dir.path().join("second.toml");
     std::fs::write(

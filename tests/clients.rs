@@ -170,16 +170,7 @@ fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
     let d = TestDaemon::start(
         "[server]\nmax_unsent_bytes = \"4 MiB\"\n[commands]\nmax_concurrent = 32\nmax_per_session = 4\n",
     );
-    let rss = || {
-        let statm = std::fs::read_to_string(format!("/proc/{}/statm", d.pid())).unwrap();
-        statm
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 4096
-    };
+    let rss = || support::rss_of(d.pid());
     let mut setup = d.raw();
     let sessions: Vec<String> = (0..8).map(|i| setup.create_session(100 + i)).collect();
     let before = rss();

@@ -20,37 +20,25 @@ async fn hostile_clients_cost_only_their_own_connection() {
     let inv = Invariants::baseline(&d, &c).await;
     let before = c.stats().await.unwrap();
     let socket = d.socket.clone();
-    // Blocking socket work runs off the async workers.
-    let blocking = |f: Box<dyn FnOnce() + Send>| tokio::task::spawn_blocking(f);
 
     // Bytes of every value, in an order no encoder would write.
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let s = socket.clone();
-    blocking(Box::new(move || sc::garbage_bytes(&s, &garbage)))
-        .await
-        .unwrap();
+    support::blocking(move || sc::garbage_bytes(&s, &garbage)).await;
     inv.check_live(&d, &c).await;
     let s = socket.clone();
-    blocking(Box::new(move || sc::huge_length_prefix(&s)))
-        .await
-        .unwrap();
+    support::blocking(move || sc::huge_length_prefix(&s)).await;
     let s = socket.clone();
-    blocking(Box::new(move || sc::stalled_partial_frame(&s)))
-        .await
-        .unwrap();
+    support::blocking(move || sc::stalled_partial_frame(&s)).await;
     let s = socket.clone();
-    blocking(Box::new(move || sc::truncated_frames(&s)))
-        .await
-        .unwrap();
+    support::blocking(move || sc::truncated_frames(&s)).await;
     inv.check_live(&d, &c).await;
     sc::disconnect_mid_exec(&c, &socket, &d.work_dir()).await;
     inv.check_live(&d, &c).await;
     let s = socket.clone();
-    blocking(Box::new(move || sc::connection_burst(&s, 200)))
-        .await
-        .unwrap();
+    support::blocking(move || sc::connection_burst(&s, 200)).await;
     inv.check_live(&d, &c).await;
     sc::never_reads(&c, &socket, 1 << 20).await;
     inv.check_after(&d, &c).await;

@@ -32,7 +32,7 @@ async fn load(
     for _ in 0..n {
         let s = sc::session(c, None).await;
         let r = c.run(&s, "setsid sleep 300 & echo $!").await.unwrap();
-        pids.push(String::from_utf8_lossy(&r.stdout).trim().parse().unwrap());
+        pids.push(support::printed_pid(&r));
         let pidfile = d.work_dir().join(format!("{s}.pid"));
         runs.push(spawn_run(
             c,

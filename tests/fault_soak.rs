@@ -281,7 +281,6 @@ async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, gar
     let e = &w.expected;
     let socket = w.d.socket.clone();
     let work = w.d.work_dir();
-    let blocking = |f: Box<dyn FnOnce() + Send>| tokio::task::spawn_blocking(f);
     match op {
         "normal_work" => sc::normal_work(c, home, n).await,
         "session_churn" => {
@@ -323,24 +322,16 @@ async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, gar
             let garbage: Vec<u8> = (0..rng.random_range(1..4096))
                 .map(|_| rng.random())
                 .collect();
-            blocking(Box::new(move || sc::garbage_bytes(&socket, &garbage)))
-                .await
-                .unwrap();
+            support::blocking(move || sc::garbage_bytes(&socket, &garbage)).await;
             e.bad_frames_at_least.fetch_add(1, Ordering::SeqCst);
         }
         "huge_length_prefix" => {
-            blocking(Box::new(move || sc::huge_length_prefix(&socket)))
-                .await
-                .unwrap();
+            support::blocking(move || sc::huge_length_prefix(&socket)).await;
             e.bad_frames_at_least.fetch_add(1, Ordering::SeqCst);
         }
-        "truncated_frames" => blocking(Box::new(move || sc::truncated_frames(&socket)))
-            .await
-            .unwrap(),
+        "truncated_frames" => support::blocking(move || sc::truncated_frames(&socket)).await,
         "disconnect_mid_exec" => sc::disconnect_mid_exec(c, &socket, &work).await,
-        "connection_burst" => blocking(Box::new(move || sc::connection_burst(&socket, BURST)))
-            .await
-            .unwrap(),
+        "connection_burst" => support::blocking(move || sc::connection_burst(&socket, BURST)).await,
         "never_reads" => {
             sc::never_reads(c, &socket, UNSENT_BUDGET).await;
             e.slow_readers.fetch_add(1, Ordering::SeqCst);
@@ -360,9 +351,7 @@ async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, gar
         }
         "session_stall" => sc::session_stall(c).await,
         "stalled_partial_frame" => {
-            blocking(Box::new(move || sc::stalled_partial_frame(&socket)))
-                .await
-                .unwrap();
+            support::blocking(move || sc::stalled_partial_frame(&socket)).await;
             e.stalled.fetch_add(1, Ordering::SeqCst);
         }
         other => unreachable!("{other} is not a shared operation"),

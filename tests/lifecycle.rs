@@ -60,7 +60,7 @@ async fn sigterm_kills_what_outlives_the_grace_with_killed_by_shutdown() {
     let c = Arc::new(d.client().await);
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
-    let background: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let background = support::printed_pid(&r);
     let runner = spawn_run(&c, &s, "echo $$ > shell.pid; sleep 300");
     wait_until("the command runs", Duration::from_secs(10), || {
         d.work_dir().join("shell.pid").exists()

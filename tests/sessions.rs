@@ -179,7 +179,7 @@ async fn idle_sessions_expire_and_their_processes_die() {
     support::wait_running(&c, 1).await;
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
-    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let pid = support::printed_pid(&r);
     wait_until_async(
         "the idle session expires",
         Duration::from_secs(10),

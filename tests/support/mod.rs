@@ -445,25 +445,19 @@ impl RawConn {
 
     /// Writes one frame: length prefix, then `body`.
     pub fn write_frame(&mut self, body: &[u8]) {
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(body);
-        self.write_bytes(&frame);
+        self.write_bytes(&frame(body));
     }
 
     /// Writes a request given as an rmpv map.
     pub fn send(&mut self, request: &rmpv::Value) {
-        let mut body = Vec::new();
-        rmpv::encode::write_value(&mut body, request).unwrap();
-        self.write_frame(&body);
+        assert!(self.try_send(request), "the daemon closed the connection");
     }
 
     /// Like [`RawConn::send`], but a connection the daemon already closed is `false`, not a panic.
     pub fn try_send(&mut self, request: &rmpv::Value) -> bool {
         let mut body = Vec::new();
         rmpv::encode::write_value(&mut body, request).unwrap();
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        self.stream.write_all(&frame).is_ok()
+        self.stream.write_all(&frame(&body)).is_ok()
     }
 
     /// `session.create` with request id `id`; returns the session id.
@@ -487,16 +481,55 @@ impl RawConn {
         Some(rmpv::decode::read_value(&mut &body[..]).expect("daemon sends valid MessagePack"))
     }
 
-    /// True when the daemon closed the connection (a reset is a close that
-    /// left some of our bytes unread on its side).
+    /// True when the daemon closed the connection (its next byte is the end).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        match self.stream.read(&mut b) {
-            Ok(0) => true,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-            Ok(_) => false,
+        matches!(self.read_some(&mut b), Ok(0))
+    }
+
+    /// Reads and discards until the daemon closes the connection; returns the
+    /// bytes read. An error (the 20 s read timeout) means it did not close.
+    pub fn read_until_closed(&mut self) -> std::io::Result<usize> {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0;
+        loop {
+            match self.read_some(&mut buf)? {
+                0 => return Ok(got),
+                n => got += n,
+            }
         }
     }
+
+    /// One read; 0 is the end. A reset is an end too: the daemon closed while
+    /// some of our bytes were still unread on its side.
+    fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.stream.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(0),
+            other => other,
+        }
+    }
+}
+
+/// `body` with its length prefix.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// Runs blocking socket work off the async workers; its panic is the caller's.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// The pid a command printed (`... & echo $!`).
+pub fn printed_pid(r: &ExecResult) -> i32 {
+    let text = String::from_utf8_lossy(&r.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a pid: {text:?}"))
 }
 
 /// Builds a request map.

@@ -15,7 +15,7 @@ use sessiond::protocol::{
     CreateParams, ExecParams, ExecResult, KeepOutput, KilledBy, SessionLimits,
 };
 
-use super::{RawConn, alive, error_code, get, request, wait_until_async, within};
+use super::{RawConn, alive, error_code, get, printed_pid, request, wait_until_async, within};
 
 /// How long a scenario waits for an answer that needs no command to finish.
 const ANSWER: Duration = Duration::from_secs(30);
@@ -202,7 +202,7 @@ pub async fn thousand_files(c: &Client) {
 pub async fn daemonizing_child(c: &Client) {
     let s = session(c, None).await;
     let r = exec_bounded(c, &s, cmd("setsid sh -c 'sleep 1000 & echo $!'", 10.0)).await;
-    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let pid = printed_pid(&r);
     assert!(alive(pid), "the daemonized child runs after its command");
     c.destroy_session(&s).await.unwrap();
     wait_dead(pid, "the daemonized child dies with its session").await;
@@ -384,16 +384,8 @@ pub async fn never_reads(c: &Client, socket: &Path, unsent_budget: u64) {
     }
     // Reading now drains what was written, then meets the daemon's hang-up
     // (a read that times out instead means the connection was kept).
-    let mut buf = vec![0u8; 1 << 16];
-    let mut got = 0;
-    loop {
-        match std::io::Read::read(&mut conn.stream, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            // A hang-up with our requests still unread on its side: the kernel says reset.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the non-reader's connection was kept ({got} bytes read): {e}"),
-        }
+    if let Err(e) = conn.read_until_closed() {
+        panic!("the non-reader's connection was kept: {e}");
     }
     for s in sessions {
         c.destroy_session(&s).await.unwrap();
@@ -422,19 +414,39 @@ pub async fn inject(
     action: FaultAction,
     session: Option<&str>,
 ) -> u64 {
-    let r: FaultResult = c
-        .call(
-            "debug.fault",
-            FaultParams {
-                target,
-                action,
-                session_id: session.map(str::to_string),
-                stall_ms: None,
-            },
-        )
-        .await
-        .expect("debug.fault");
+    inject_params(
+        c,
+        FaultParams {
+            target,
+            action,
+            session_id: session.map(str::to_string),
+            stall_ms: None,
+        },
+    )
+    .await
+}
+
+/// Sends `debug.fault` with `params`; returns how many actors it reached.
+async fn inject_params(c: &Client, params: FaultParams) -> u64 {
+    let r: FaultResult = c.call("debug.fault", params).await.expect("debug.fault");
     r.injected
+}
+
+/// Strikes the actor `target` of `s` while `runner` (a command of `s`) runs:
+/// that command's answer is INTERNAL.
+async fn fail_while_running(
+    c: &Client,
+    target: FaultTarget,
+    action: FaultAction,
+    s: &str,
+    runner: tokio::task::JoinHandle<Result<ExecResult, sessiond::client::ClientError>>,
+) {
+    assert_eq!(inject(c, target, action, Some(s)).await, 1);
+    let e = within(ANSWER, "the answer of the struck command", runner)
+        .await
+        .unwrap()
+        .expect_err("the answer of the struck command");
+    assert_eq!(e.code(), Some("INTERNAL"), "{target:?} {action:?}: {e}");
 }
 
 /// Starts `sleep 60` in `s` and waits until its shell runs; returns the shell's pid and the run.
@@ -458,12 +470,7 @@ pub async fn command_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
     let s = session(c, None).await;
     c.run(&s, "cd /tmp").await.unwrap();
     let (shell, runner) = start_sleeper(c, &s, work_dir).await;
-    assert_eq!(inject(c, FaultTarget::Command, action, Some(&s)).await, 1);
-    let e = within(ANSWER, "the failed command's answer", runner)
-        .await
-        .unwrap()
-        .expect_err("the failed command's answer");
-    assert_eq!(e.code(), Some("INTERNAL"), "{action:?}: {e}");
+    fail_while_running(c, FaultTarget::Command, action, &s, runner).await;
     wait_dead(shell, "the failed command's process is killed").await;
     let r = c.run(&s, "pwd").await.expect("the session goes on");
     assert_eq!(String::from_utf8_lossy(&r.stdout), "/tmp\n");
@@ -477,14 +484,9 @@ pub async fn command_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
 pub async fn session_actor_fault(c: &Arc<Client>, work_dir: &Path, action: FaultAction) -> String {
     let s = session(c, None).await;
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
-    let background: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let background = printed_pid(&r);
     let (shell, runner) = start_sleeper(c, &s, work_dir).await;
-    assert_eq!(inject(c, FaultTarget::Session, action, Some(&s)).await, 1);
-    let e = within(ANSWER, "the lost session's answer", runner)
-        .await
-        .unwrap()
-        .expect_err("the lost session's answer");
-    assert_eq!(e.code(), Some("INTERNAL"), "{action:?}: {e}");
+    fail_while_running(c, FaultTarget::Session, action, &s, runner).await;
     wait_until_async(
         "the lost session's processes are killed",
         Duration::from_secs(5),
@@ -506,19 +508,13 @@ pub async fn session_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
 pub async fn session_stall(c: &Arc<Client>) {
     let stalled = session(c, None).await;
     let other = session(c, None).await;
-    let r: FaultResult = c
-        .call(
-            "debug.fault",
-            FaultParams {
-                target: FaultTarget::Session,
-                action: FaultAction::Stall,
-                session_id: Some(stalled.clone()),
-                stall_ms: Some(3000),
-            },
-        )
-        .await
-        .expect("debug.fault");
-    assert_eq!(r.injected, 1);
+    let stall = FaultParams {
+        target: FaultTarget::Session,
+        action: FaultAction::Stall,
+        session_id: Some(stalled.clone()),
+        stall_ms: Some(3000),
+    };
+    assert_eq!(inject_params(c, stall).await, 1);
     let late = super::spawn_run(c, &stalled, "echo late");
     let r = c.run(&other, "echo other").await.unwrap();
     assert_eq!(r.stdout.as_ref(), b"other\n");
@@ -575,7 +571,7 @@ pub async fn registry_fault(c: &Client, action: FaultAction, live: usize) {
 pub async fn supervisor_fault(c: &Client) {
     let s = session(c, None).await;
     let r = c.run(&s, "sleep 300 & echo $!").await.unwrap();
-    let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+    let pid = printed_pid(&r);
     assert_eq!(
         inject(c, FaultTarget::Supervisor, FaultAction::Panic, None).await,
         1
