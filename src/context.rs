@@ -1,15 +1,12 @@
-//! What every actor and connection shares: the config in force, counters, the process table, command slots, draining flag.
+//! What every actor and connection shares: the config in force, counters, the process table, cgroups, command slots, rate limiter, draining flag — and no actor (actors are found through the actor tree's handle, `actors::tree::ActorTree`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use ractor::ActorRef;
 use tokio::sync::Semaphore;
 
-use crate::actors::registry::RegistryMsg;
-use crate::actors::supervisor::SupervisorMsg;
 use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::process::ProcessTable;
@@ -49,10 +46,6 @@ pub struct Context {
     draining: AtomicBool,
     /// When the daemon started, for `uptime_ms`.
     pub started: Instant,
-    /// The current RegistryActor; replaced when the supervisor restarts it.
-    registry: RwLock<Option<ActorRef<RegistryMsg>>>,
-    /// The current root supervisor; replaced if it ever has to be restarted.
-    supervisor: RwLock<Option<ActorRef<SupervisorMsg>>>,
     /// Source of session keys. Outside the registry, so a restarted registry
     /// can never hand out a key a live session still holds.
     next_session_key: AtomicU64,
@@ -135,8 +128,6 @@ impl Context {
             command_slots: Arc::new(Semaphore::new(slots)),
             draining: AtomicBool::new(false),
             started: Instant::now(),
-            registry: RwLock::new(None),
-            supervisor: RwLock::new(None),
             next_session_key: AtomicU64::new(1),
         }
     }
@@ -173,35 +164,9 @@ impl Context {
         (self.config.commands.max_concurrent - self.command_slots.available_permits()) as u64
     }
 
-    /// The registry in service, if any.
-    pub fn registry(&self) -> Option<ActorRef<RegistryMsg>> {
-        self.registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Installs the registry the supervisor just (re)started.
-    pub fn set_registry(&self, registry: Option<ActorRef<RegistryMsg>>) {
-        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = registry;
-    }
-
     /// A session key never used before in this daemon's life.
     pub fn new_session_key(&self) -> SessionKey {
         self.next_session_key.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// The root supervisor in service, if any.
-    pub fn supervisor(&self) -> Option<ActorRef<SupervisorMsg>> {
-        self.supervisor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Installs the root supervisor just started.
-    pub fn set_supervisor(&self, supervisor: Option<ActorRef<SupervisorMsg>>) {
-        *self.supervisor.write().unwrap_or_else(|p| p.into_inner()) = supervisor;
     }
 
     /// Milliseconds since start.

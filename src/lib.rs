@@ -10,7 +10,8 @@
 //! ```
 //!
 //! The data path: socket → [`protocol::frame`] → [`server::connection`] →
-//! [`server::dispatch`] → RegistryActor → SessionActor → CommandActor →
+//! [`server::methods`] (one file per method: parse, validate) → RegistryActor
+//! (reached through [`actors::tree::ActorTree`]) → SessionActor → CommandActor →
 //! [`process::run`] (spawn, timeout, kill, capture) → result → frame → socket.
 //! Counters live in [`stats`], outside any actor; the processes the daemon owns
 //! are in [`process::ProcessTable`].
@@ -28,3 +29,4 @@ pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod stats;
+pub mod timing;

@@ -1,13 +1,10 @@
-//! Process-layer limits: the `[rlimits]` section, session tightening, and the (resource, soft, hard) set each spawn applies.
+//! Process-layer limits: the `[rlimits]` section and the (resource, soft, hard) set each spawn applies (a session's tightening is decided in `server::methods::session_create`).
 
 use std::fmt;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use crate::cgroup::CgroupLimits;
-use crate::protocol::{RequestError, SessionLimits};
 
 /// A limit: a number in the resource's unit, or no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,32 +175,6 @@ impl From<&RlimitsConfig> for SessionRlimits {
 }
 
 impl SessionRlimits {
-    /// Applies a session's `limits`, which may only tighten: a value above the
-    /// configured one is `INVALID_REQUEST` naming the param.
-    pub fn tightened(self, limits: &SessionLimits) -> Result<SessionRlimits, RequestError> {
-        let tighten = |name: &str, current: Limit, asked: Option<u64>| match asked {
-            None => Ok(current),
-            Some(0) => Err(RequestError::InvalidRequest(format!(
-                "param `limits.{name}`: 0 would leave the session unable to run anything; at least 1"
-            ))),
-            Some(v) if Limit::Value(v).within(current) => Ok(Limit::Value(v)),
-            Some(v) => Err(RequestError::InvalidRequest(format!(
-                "param `limits.{name}`: {v} would loosen the configured limit ({current}); limits may only tighten"
-            ))),
-        };
-        Ok(SessionRlimits {
-            cpu: tighten("rlimit_cpu_s", self.cpu, limits.rlimit_cpu_s)?,
-            address_space: tighten(
-                "rlimit_as_bytes",
-                self.address_space,
-                limits.rlimit_as_bytes,
-            )?,
-            nproc: tighten("rlimit_nproc", self.nproc, limits.rlimit_nproc)?,
-            nofile: tighten("rlimit_nofile", self.nofile, limits.rlimit_nofile)?,
-            core: self.core,
-        })
-    }
-
     /// The `setrlimit` calls for a command. An unlimited value keeps the
     /// daemon's own hard limit as both soft and hard (what "no limit of ours" means
     /// for a process that may not raise its hard limit).
@@ -241,99 +212,6 @@ impl fmt::Display for Limit {
             Limit::Unlimited => f.write_str("unlimited"),
         }
     }
-}
-
-/// Everything a session's `limits` resolve to.
-#[derive(Debug, Clone, Copy)]
-pub struct ResolvedLimits {
-    /// The session's default and maximum command timeout, when it set one.
-    pub timeout: Option<Duration>,
-    pub rlimits: SessionRlimits,
-    pub cgroup: CgroupLimits,
-}
-
-/// Decides a `session.create`'s `limits`: each may only tighten the
-/// configuration; a value that would loosen one is `INVALID_REQUEST` naming
-/// it. cgroup limits on a daemon running without cgroups are refused too,
-/// rather than accepted and not enforced.
-pub fn session_limits(
-    config: &crate::config::Config,
-    cgroups_on: bool,
-    limits: Option<&SessionLimits>,
-) -> Result<ResolvedLimits, RequestError> {
-    let mut resolved = ResolvedLimits {
-        timeout: None,
-        rlimits: SessionRlimits::from(&config.rlimits),
-        cgroup: CgroupLimits::from_config(&config.cgroups),
-    };
-    let Some(limits) = limits else {
-        return Ok(resolved);
-    };
-    let loosen = |name: &str, asked: String, configured: String| {
-        RequestError::InvalidRequest(format!(
-            "param `limits.{name}`: {asked} would loosen the configured limit ({configured}); limits may only tighten"
-        ))
-    };
-    let wants_cgroup = limits.memory_max_bytes.is_some()
-        || limits.cpu_max_cores.is_some()
-        || limits.pids_max.is_some();
-    if wants_cgroup && !cgroups_on {
-        let name = if limits.memory_max_bytes.is_some() {
-            "memory_max_bytes"
-        } else if limits.cpu_max_cores.is_some() {
-            "cpu_max_cores"
-        } else {
-            "pids_max"
-        };
-        return Err(RequestError::InvalidRequest(format!(
-            "param `limits.{name}`: cgroups are off on this daemon, so it cannot be enforced"
-        )));
-    }
-    let c = &mut resolved.cgroup;
-    if let Some(v) = limits.memory_max_bytes {
-        if v > c.memory_max || v < 4 << 20 {
-            return Err(loosen(
-                "memory_max_bytes",
-                v.to_string(),
-                format!("{} (and at least 4 MiB)", c.memory_max),
-            ));
-        }
-        c.memory_max = v;
-    }
-    if let Some(v) = limits.cpu_max_cores {
-        if !(v.is_finite() && v >= 0.01 && v <= c.cpu_max_cores) {
-            return Err(loosen(
-                "cpu_max_cores",
-                v.to_string(),
-                format!("{} (and at least 0.01)", c.cpu_max_cores),
-            ));
-        }
-        c.cpu_max_cores = v;
-    }
-    if let Some(v) = limits.pids_max {
-        if v > c.pids_max || v < 8 {
-            return Err(loosen(
-                "pids_max",
-                v.to_string(),
-                format!("{} (and at least 8)", c.pids_max),
-            ));
-        }
-        c.pids_max = v;
-    }
-    if let Some(secs) = limits.timeout_s {
-        let timeout = crate::protocol::seconds_param("limits.timeout_s", secs)?;
-        let max = config.commands.max_timeout;
-        if timeout > max {
-            return Err(loosen(
-                "timeout_s",
-                format!("{secs}s"),
-                format!("max_timeout {}s", max.as_secs_f64()),
-            ));
-        }
-        resolved.timeout = Some(timeout);
-    }
-    resolved.rlimits = resolved.rlimits.tightened(limits)?;
-    Ok(resolved)
 }
 
 /// The daemon's own (soft, hard) limit of `resource`.
@@ -399,41 +277,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cpu") && err.contains("unlimited"), "{err}");
-    }
-
-    #[test]
-    fn sessions_may_only_tighten() {
-        let base = SessionRlimits::from(&RlimitsConfig::default());
-        let tighter = base
-            .tightened(&SessionLimits {
-                rlimit_nofile: Some(64),
-                rlimit_cpu_s: Some(10),
-                ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(
-            (tighter.nofile, tighter.cpu),
-            (Limit::Value(64), Limit::Value(10))
-        );
-        let err = base
-            .tightened(&SessionLimits {
-                rlimit_nofile: Some(1 << 20),
-                ..Default::default()
-            })
-            .unwrap_err();
-        assert!(err.to_string().contains("limits.rlimit_nofile"), "{err}");
-        let unlimited = SessionRlimits {
-            nproc: Limit::Unlimited,
-            ..base
-        };
-        assert!(
-            unlimited
-                .tightened(&SessionLimits {
-                    rlimit_nproc: Some(5),
-                    ..Default::default()
-                })
-                .is_ok()
-        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Counters behind `system.stats`: plain atomics, bumped where each event is decided, read without any actor.
+//! Counters behind `system.stats`: plain atomics, bumped where each event is decided (always through these functions), read without any actor.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,6 +41,21 @@ impl Stats {
     /// Adds one.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes one off a gauge.
+    pub fn drop_one(gauge: &AtomicU64) {
+        gauge.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
     }
 
     /// Reads a counter.

@@ -4,3 +4,4 @@ pub mod command;
 pub mod registry;
 pub mod session;
 pub mod supervisor;
+pub mod tree;

@@ -9,20 +9,25 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPo
 
 use super::command::ExecReply;
 use super::session::{
-    ExecRequest, SessionActor, SessionArgs, SessionDescription, SessionMsg, SessionPhase,
+    CreateReply, ExecRequest, SessionActor, SessionArgs, SessionDescription, SessionEnd,
+    SessionMsg, SessionPhase,
 };
 use crate::context::Context;
 use crate::limits::Rlimit;
 use crate::process::reaper;
 use crate::process::shell::EnvMap;
-use crate::process::table::SessionKey;
-use crate::protocol::{CreateResult, KilledBy, RequestError};
+use crate::protocol::{KilledBy, RequestError, SessionInfo};
 use crate::stats::Stats;
+use crate::timing;
 
 /// The admission point of the daemon: it alone decides `TOO_MANY_SESSIONS`,
-/// `CLIENT_SESSION_LIMIT`, `TOO_MANY_COMMANDS`, `SHUTTING_DOWN` and
-/// `SESSION_NOT_FOUND`, and it is the only router of Run/Cancel/Destroy to
-/// sessions. It never awaits a session: it forwards the reply port and moves on.
+/// `CLIENT_SESSION_LIMIT`, `SHUTTING_DOWN` and `SESSION_NOT_FOUND`, and it is
+/// the only router of Create/Run/Cancel/Destroy/List to sessions. It never
+/// awaits a session: it forwards the reply port and moves on (a new session
+/// makes its cgroup in its own task and answers `session.create` itself;
+/// `session.list` is collected by a task of its own). The one exception is a
+/// restarted registry rebuilding its table, which asks every live session at
+/// once, bounded by [`timing::DESCRIBE`].
 /// Sessions are children of the root supervisor, not of the registry, so a
 /// registry failure loses no session: its successor rebuilds the table from them.
 pub struct RegistryActor;
@@ -54,7 +59,7 @@ pub enum RegistryMsg {
     Create {
         uid: u32,
         request: CreateRequest,
-        reply: RpcReplyPort<Result<CreateResult, RequestError>>,
+        reply: CreateReply,
     },
     Destroy {
         uid: u32,
@@ -72,15 +77,14 @@ pub enum RegistryMsg {
         session_id: String,
         reply: RpcReplyPort<Result<bool, RequestError>>,
     },
-    /// The sessions of `uid`, to be described by the caller (the registry never awaits them).
+    /// The sessions of `uid`, described by a task of the registry's (it never awaits them).
     List {
         uid: u32,
-        reply: RpcReplyPort<Vec<ActorRef<SessionMsg>>>,
+        reply: RpcReplyPort<Vec<SessionInfo>>,
     },
-    /// A session found itself idle past `idle_timeout`.
-    SessionExpired { key: SessionKey },
-    /// A SessionActor stopped or failed (forwarded by the root supervisor).
-    SessionEnded { actor: ActorId, failed: bool },
+    /// A SessionActor stopped or failed, and why (from the root supervisor:
+    /// the one way a session's end reaches the registry).
+    SessionEnded { actor: ActorId, end: SessionEnd },
     /// Periodic: prune dead process groups, reap orphaned zombies.
     Sweep,
     /// Destroy every session with `killed_by: "shutdown"`; answer when all have ended.
@@ -97,7 +101,6 @@ pub enum RegistryMsg {
 }
 
 struct SessionEntry {
-    key: SessionKey,
     owner: u32,
     actor: ActorRef<SessionMsg>,
 }
@@ -108,7 +111,6 @@ pub struct RegistryState {
     supervisor: ActorCell,
     sessions: HashMap<String, SessionEntry>,
     by_actor: HashMap<ActorId, String>,
-    by_key: HashMap<SessionKey, String>,
     per_uid: HashMap<u32, usize>,
     /// Sessions told to end whose actors have not stopped yet.
     ending: HashSet<ActorId>,
@@ -131,7 +133,6 @@ impl Actor for RegistryActor {
             supervisor: args.supervisor,
             sessions: HashMap::new(),
             by_actor: HashMap::new(),
-            by_key: HashMap::new(),
             per_uid: HashMap::new(),
             ending: HashSet::new(),
             shutdown_waiters: Vec::new(),
@@ -149,7 +150,7 @@ impl Actor for RegistryActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<RegistryMsg>,
+        _myself: ActorRef<RegistryMsg>,
         msg: RegistryMsg,
         state: &mut RegistryState,
     ) -> Result<(), ActorProcessingErr> {
@@ -158,13 +159,7 @@ impl Actor for RegistryActor {
                 uid,
                 request,
                 reply,
-            } => {
-                let result = state.create(&myself, uid, request).await;
-                if result.is_err() {
-                    Stats::bump(&state.ctx.stats.sessions_rejected);
-                }
-                let _ = reply.send(result);
-            }
+            } => state.create(uid, request, reply).await,
             RegistryMsg::Destroy {
                 uid,
                 session_id,
@@ -201,17 +196,8 @@ impl Actor for RegistryActor {
                     let _ = reply.send(Err(e));
                 }
             },
-            RegistryMsg::List { uid, reply } => {
-                let refs = state
-                    .sessions
-                    .values()
-                    .filter(|e| e.owner == uid)
-                    .map(|e| e.actor.clone())
-                    .collect();
-                let _ = reply.send(refs);
-            }
-            RegistryMsg::SessionExpired { key } => state.expire(key),
-            RegistryMsg::SessionEnded { actor, failed } => state.session_ended(actor, failed),
+            RegistryMsg::List { uid, reply } => state.list(uid, reply),
+            RegistryMsg::SessionEnded { actor, end } => state.session_ended(actor, end),
             RegistryMsg::Sweep => state.sweep(),
             #[cfg(feature = "fault-injection")]
             RegistryMsg::Fault {
@@ -260,27 +246,17 @@ impl Actor for RegistryActor {
 }
 
 impl RegistryState {
-    /// Admission of a new session, then its start.
-    async fn create(
-        &mut self,
-        myself: &ActorRef<RegistryMsg>,
-        uid: u32,
-        request: CreateRequest,
-    ) -> Result<CreateResult, RequestError> {
+    /// Admission of a new session, then its start. The session makes its
+    /// cgroup in its own task and answers `reply` itself; this only spawns the
+    /// actor (whose `pre_start` does no I/O), so a slow cgroup never holds
+    /// the registry's mailbox.
+    async fn create(&mut self, uid: u32, request: CreateRequest, reply: CreateReply) {
+        if let Err(e) = self.admit(uid) {
+            Stats::bump(&self.ctx.stats.sessions_rejected);
+            let _ = reply.send(Err(e));
+            return;
+        }
         let cfg = &self.ctx.config;
-        if self.ctx.draining() || self.shutting_down {
-            return Err(RequestError::ShuttingDown);
-        }
-        if self.sessions.len() >= cfg.sessions.max_sessions {
-            return Err(RequestError::TooManySessions {
-                limit: cfg.sessions.max_sessions as u64,
-            });
-        }
-        if self.per_uid.get(&uid).copied().unwrap_or(0) >= cfg.sessions.max_sessions_per_client {
-            return Err(RequestError::ClientSessionLimit {
-                limit: cfg.sessions.max_sessions_per_client as u64,
-            });
-        }
         // `limits.timeout_s` is the session's default and maximum timeout.
         let (default_timeout, max_timeout) = match request.timeout {
             Some(t) => (t, t),
@@ -303,27 +279,60 @@ impl RegistryState {
             max_timeout,
             rlimits: request.rlimits,
             cgroup_limits: request.cgroup_limits,
+            created: reply,
         };
-        let _ = myself;
-        let (actor, _) = Actor::spawn_linked(None, SessionActor, args, self.supervisor.clone())
-            .await
-            .map_err(|e| RequestError::Internal(format!("cannot start the session: {e}")))?;
-        self.insert(
-            id.clone(),
-            SessionEntry {
-                key,
-                owner: uid,
-                actor,
-            },
-        );
-        Stats::bump(&self.ctx.stats.sessions_created);
-        tracing::info!(session = %id, uid, "session created");
-        Ok(CreateResult { session_id: id })
+        match Actor::spawn_linked(None, SessionActor, args, self.supervisor.clone()).await {
+            Ok((actor, _)) => self.insert(id, SessionEntry { owner: uid, actor }),
+            // pre_start cannot fail (it does no I/O); if it did, its args and
+            // the reply port are gone, so the client sees INTERNAL.
+            Err(e) => {
+                Stats::bump(&self.ctx.stats.sessions_rejected);
+                tracing::error!(error = %e, "could not start a SessionActor");
+            }
+        }
+    }
+
+    /// Decides `SHUTTING_DOWN`, `TOO_MANY_SESSIONS` and `CLIENT_SESSION_LIMIT`
+    /// (sessions still starting count).
+    fn admit(&self, uid: u32) -> Result<(), RequestError> {
+        let cfg = &self.ctx.config;
+        if self.ctx.draining() || self.shutting_down {
+            return Err(RequestError::ShuttingDown);
+        }
+        if self.sessions.len() >= cfg.sessions.max_sessions {
+            return Err(RequestError::TooManySessions {
+                limit: cfg.sessions.max_sessions as u64,
+            });
+        }
+        if self.per_uid.get(&uid).copied().unwrap_or(0) >= cfg.sessions.max_sessions_per_client {
+            return Err(RequestError::ClientSessionLimit {
+                limit: cfg.sessions.max_sessions_per_client as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Answers `session.list` from a task: every session of `uid` describes
+    /// itself at once, each within [`timing::DESCRIBE`]; one that ends meanwhile
+    /// is simply not listed.
+    fn list(&self, uid: u32, reply: RpcReplyPort<Vec<SessionInfo>>) {
+        let sessions: Vec<ActorRef<SessionMsg>> = self
+            .sessions
+            .values()
+            .filter(|e| e.owner == uid)
+            .map(|e| e.actor.clone())
+            .collect();
+        tokio::spawn(async move {
+            let described = futures::future::join_all(sessions.iter().map(describe)).await;
+            let mut out: Vec<SessionInfo> =
+                described.into_iter().flatten().map(|d| d.info).collect();
+            out.sort_by_key(|s| std::cmp::Reverse(s.created_ms_ago));
+            let _ = reply.send(out);
+        });
     }
 
     fn insert(&mut self, id: String, entry: SessionEntry) {
         self.by_actor.insert(entry.actor.get_id(), id.clone());
-        self.by_key.insert(entry.key, id.clone());
         *self.per_uid.entry(entry.owner).or_default() += 1;
         self.sessions.insert(id, entry);
         self.publish_count();
@@ -345,7 +354,6 @@ impl RegistryState {
             .remove(session_id)
             .expect("looked up just above");
         self.by_actor.remove(&entry.actor.get_id());
-        self.by_key.remove(&entry.key);
         if let Some(n) = self.per_uid.get_mut(&entry.owner) {
             *n -= 1;
             if *n == 0 {
@@ -397,14 +405,21 @@ impl RegistryState {
         }
     }
 
-    fn session_ended(&mut self, actor: ActorId, failed: bool) {
+    /// A session stopped: unlist it if it still is, and count why.
+    fn session_ended(&mut self, actor: ActorId, end: SessionEnd) {
         self.ending.remove(&actor);
         if let Some(id) = self.by_actor.get(&actor).cloned() {
-            // Ended without being told to: a failure (its Drop guard killed its processes).
             let owner = self.sessions[&id].owner;
             let _ = self.unlist(owner, &id);
-            Stats::bump(&self.ctx.stats.sessions_destroyed);
-            tracing::warn!(session = %id, failed, "session ended unexpectedly; unlisted");
+            match end {
+                SessionEnd::Expired => Stats::bump(&self.ctx.stats.sessions_expired),
+                SessionEnd::SetupFailed => Stats::bump(&self.ctx.stats.sessions_rejected),
+                SessionEnd::Destroyed | SessionEnd::Failed => {
+                    // Ended without being told to: a failure (its Drop guard killed its processes).
+                    Stats::bump(&self.ctx.stats.sessions_destroyed);
+                    tracing::warn!(session = %id, ?end, "session ended unexpectedly; unlisted");
+                }
+            }
         }
         self.answer_shutdown_waiters();
     }
@@ -434,76 +449,64 @@ impl RegistryState {
         tokio::task::spawn_blocking(move || {
             ctx.processes.prune_dead_groups();
             let reaped = reaper::reap_orphans(&ctx.processes);
-            ctx.stats
-                .zombies_reaped
-                .fetch_add(reaped, std::sync::atomic::Ordering::Relaxed);
+            Stats::add(&ctx.stats.zombies_reaped, reaped);
         });
     }
 
     fn publish_count(&self) {
-        self.ctx.stats.sessions_active.store(
-            self.sessions.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        Stats::set(&self.ctx.stats.sessions_active, self.sessions.len() as u64);
     }
 
     /// After a restart: rebuild the table from the sessions that are still alive.
     ///
-    /// A live session is listed again; an expiring one is listed and expired at
-    /// once; one that is ending is only awaited (it is already unlisted and
+    /// Every session is asked at once (so this takes at most
+    /// [`timing::DESCRIBE`], however many there are). A live session is listed
+    /// again; one that is ending is only awaited (it is already unlisted and
     /// counted). A session that does not describe itself in time is stuck: it
     /// is killed, and its Drop guard kills its processes.
     async fn recover(&mut self) {
-        let cells = self.supervisor.get_children();
-        let mut expired = Vec::new();
-        for cell in cells {
-            if cell.is_message_type_of::<SessionMsg>() != Some(true) {
-                continue;
-            }
-            let actor: ActorRef<SessionMsg> = cell.clone().into();
-            let described = ractor::call_t!(actor, |reply| SessionMsg::Describe { reply }, 1000);
+        let sessions: Vec<ActorRef<SessionMsg>> = self
+            .supervisor
+            .get_children()
+            .into_iter()
+            .filter(|cell| cell.is_message_type_of::<SessionMsg>() == Some(true))
+            .map(ActorRef::from)
+            .collect();
+        let described = futures::future::join_all(sessions.iter().map(describe)).await;
+        for (actor, described) in sessions.into_iter().zip(described) {
             match described {
-                Ok(SessionDescription {
-                    key,
+                Some(SessionDescription {
                     owner,
-                    phase,
+                    phase: SessionPhase::Live,
                     info,
-                }) => match phase {
-                    SessionPhase::Ending => {
-                        self.ending.insert(actor.get_id());
-                    }
-                    SessionPhase::Live | SessionPhase::Expiring => {
-                        if phase == SessionPhase::Expiring {
-                            expired.push(key);
-                        }
-                        self.insert(info.session_id, SessionEntry { key, owner, actor });
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(actor = %cell.get_id(), error = %e, "session did not describe itself to the new registry; killing it");
+                    ..
+                }) => self.insert(info.session_id, SessionEntry { owner, actor }),
+                Some(SessionDescription {
+                    phase: SessionPhase::Ending,
+                    ..
+                }) => {
+                    self.ending.insert(actor.get_id());
+                }
+                None => {
+                    tracing::error!(actor = %actor.get_id(), "session did not describe itself to the new registry; killing it");
                     Stats::bump(&self.ctx.stats.sessions_destroyed);
-                    cell.kill();
+                    actor.kill();
                 }
             }
-        }
-        for key in expired {
-            self.expire(key);
         }
         tracing::info!(
             sessions = self.sessions.len(),
             "registry recovered its table from live sessions"
         );
     }
+}
 
-    /// Unlists an idle-expired session and tells it to end.
-    fn expire(&mut self, key: SessionKey) {
-        let Some(id) = self.by_key.get(&key).cloned() else {
-            return;
-        };
-        let owner = self.sessions[&id].owner;
-        if let Ok(entry) = self.unlist(owner, &id) {
-            Stats::bump(&self.ctx.stats.sessions_expired);
-            self.end_session(entry, KilledBy::SessionDestroyed, None);
-        }
-    }
+/// Asks a session to describe itself, within [`timing::DESCRIBE`]; `None` when it does not.
+async fn describe(session: &ActorRef<SessionMsg>) -> Option<SessionDescription> {
+    ractor::call_t!(
+        session,
+        |reply| SessionMsg::Describe { reply },
+        timing::DESCRIBE.as_millis() as u64
+    )
+    .ok()
 }

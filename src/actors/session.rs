@@ -9,7 +9,6 @@ use nix::sys::signal::Signal;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
-use super::registry::RegistryMsg;
 use crate::cgroup::{CgroupLimits, Cgroups};
 use crate::context::Context;
 use crate::limits::Rlimit;
@@ -17,8 +16,50 @@ use crate::process::ProcessTable;
 use crate::process::run::{CgroupPlace, RunSpec};
 use crate::process::shell::{EnvMap, ShellState};
 use crate::process::table::SessionKey;
-use crate::protocol::{KeepOutput, KilledBy, RequestError, SessionInfo};
+use crate::protocol::{CreateResult, KeepOutput, KilledBy, RequestError, SessionInfo};
 use crate::stats::Stats;
+use crate::timing;
+
+/// The answer a `session.create` waits for; the new session gives it once its cgroup exists.
+pub type CreateReply = RpcReplyPort<Result<CreateResult, RequestError>>;
+
+/// Why a session stopped, as the root supervisor tells the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Told to end (`session.destroy`, shutdown).
+    Destroyed,
+    /// Idle past `sessions.idle_timeout`: it ended itself.
+    Expired,
+    /// Its cgroup could not be made; `session.create` was answered with the error.
+    SetupFailed,
+    /// It failed (panic or error); its Drop guards killed its processes.
+    Failed,
+}
+
+impl SessionEnd {
+    const DESTROYED: &str = "destroyed";
+    const EXPIRED: &str = "expired";
+    const SETUP_FAILED: &str = "setup failed";
+
+    /// The stop reason a session gives ractor for this end.
+    fn stop_reason(self) -> String {
+        match self {
+            SessionEnd::Destroyed | SessionEnd::Failed => Self::DESTROYED,
+            SessionEnd::Expired => Self::EXPIRED,
+            SessionEnd::SetupFailed => Self::SETUP_FAILED,
+        }
+        .to_string()
+    }
+
+    /// Reads back the reason a session stopped with.
+    pub fn from_stop_reason(reason: Option<&str>) -> SessionEnd {
+        match reason {
+            Some(Self::EXPIRED) => SessionEnd::Expired,
+            Some(Self::SETUP_FAILED) => SessionEnd::SetupFailed,
+            _ => SessionEnd::Destroyed,
+        }
+    }
+}
 
 /// A validated `exec.run` on its way to a session.
 #[derive(Debug)]
@@ -51,11 +92,15 @@ pub struct SessionArgs {
     pub rlimits: [Rlimit; 5],
     /// Limits of the session's cgroup (used when cgroups are on).
     pub cgroup_limits: CgroupLimits,
+    /// Answered by the session once it is set up (or could not be).
+    pub created: CreateReply,
 }
 
 /// Messages of a SessionActor. Run, Cancel and Destroy come only through the
 /// registry, so a Destroy is always the last of them a session sees.
 pub enum SessionMsg {
+    /// The first message, sent to itself: make the cgroup, answer `session.create`.
+    Setup,
     /// Start a command (if this session is not busy and a global slot is free); answer on `reply`.
     Run {
         request: ExecRequest,
@@ -95,7 +140,6 @@ pub enum SessionMsg {
 /// What a session says of itself.
 #[derive(Debug, Clone)]
 pub struct SessionDescription {
-    pub key: SessionKey,
     pub owner: u32,
     pub phase: SessionPhase,
     pub info: SessionInfo,
@@ -104,17 +148,11 @@ pub struct SessionDescription {
 /// Where a session is in its life, for a registry rebuilding its table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionPhase {
-    /// Serving commands.
+    /// Setting up or serving commands.
     Live,
-    /// Idle past its timeout, waiting for the registry's Destroy.
-    Expiring,
-    /// Destroy received: killing its commands, then stopping.
+    /// Destroyed or expired: killing its commands, then stopping.
     Ending,
 }
-
-/// While expiring, how often the session repeats `SessionExpired` until the
-/// registry (perhaps a restarted one) answers with Destroy.
-const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 
 /// The session's cgroup node.
 struct SessionCgroup {
@@ -178,11 +216,13 @@ pub struct SessionState {
     rlimits: [Rlimit; 5],
     /// The session's cgroup, when cgroups are on; removed when the session ends.
     cgroup: SessionCgroupGuard,
+    /// Limits for the cgroup, made by `Setup`.
+    cgroup_limits: CgroupLimits,
+    /// The `session.create` waiting for `Setup`.
+    create_reply: Option<CreateReply>,
     /// Commands running now; at most `max_per_session`.
     running: HashMap<ActorId, ActorRef<CommandMsg>>,
-    /// Set once the session decided to expire: it refuses new commands.
-    expiring: bool,
-    /// Set by the first Destroy: waiting for running commands to end.
+    /// Set by the first Destroy, or on expiry: refuses new commands, waits for running ones to end.
     ending: bool,
     /// Everyone waiting for the end (a destroy may be asked twice across a registry restart).
     end_waiters: Vec<RpcReplyPort<Result<(), RequestError>>>,
@@ -199,18 +239,9 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
-        let cgroup = match args.ctx.cgroups.clone() {
-            Some(cgroups) => {
-                let (key, limits) = (args.key, args.cgroup_limits);
-                let rel = tokio::task::spawn_blocking({
-                    let cgroups = cgroups.clone();
-                    move || cgroups.create_session(key, &limits)
-                })
-                .await??;
-                SessionCgroupGuard(Some(SessionCgroup { cgroups, rel }))
-            }
-            None => SessionCgroupGuard(None),
-        };
+        // No I/O here: ractor runs pre_start in the spawner's task (the
+        // registry's). The cgroup is made by the first message, in our own task.
+        let _ = myself.cast(SessionMsg::Setup);
         let idle = args.ctx.config.sessions.idle_timeout;
         myself.send_after(idle, || SessionMsg::IdleCheck);
         let now = Instant::now();
@@ -230,9 +261,10 @@ impl Actor for SessionActor {
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             rlimits: args.rlimits,
-            cgroup,
+            cgroup: SessionCgroupGuard(None),
+            cgroup_limits: args.cgroup_limits,
+            create_reply: Some(args.created),
             running: HashMap::new(),
-            expiring: false,
             ending: false,
             end_waiters: Vec::new(),
         })
@@ -245,6 +277,7 @@ impl Actor for SessionActor {
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            SessionMsg::Setup => state.setup(&myself).await,
             SessionMsg::Run { request, reply } => state.run(&myself, request, reply).await,
             SessionMsg::CommandDone {
                 command,
@@ -277,12 +310,13 @@ impl Actor for SessionActor {
                 state.end_waiters.extend(reply);
                 if !state.ending {
                     state.ending = true;
-                    let force_after = state.ctx.config.commands.kill_grace + Duration::from_secs(5);
+                    let force_after =
+                        state.ctx.config.commands.kill_grace + timing::FORCE_END_SLACK;
                     myself.send_after(force_after, || SessionMsg::ForceEnd);
                 }
                 state.end_if_idle(&myself).await;
             }
-            SessionMsg::IdleCheck => state.idle_check(&myself),
+            SessionMsg::IdleCheck => state.idle_check(&myself).await,
             #[cfg(feature = "fault-injection")]
             SessionMsg::Fault {
                 target,
@@ -300,7 +334,7 @@ impl Actor for SessionActor {
             }
             SessionMsg::ForceEnd => {
                 tracing::warn!(session = %state.id, "commands did not end after destroy; stopping the session anyway");
-                state.end(&myself).await;
+                state.end(&myself, SessionEnd::Destroyed).await;
             }
         }
         Ok(())
@@ -331,13 +365,57 @@ impl Actor for SessionActor {
 }
 
 impl SessionState {
+    /// Makes the session's cgroup (blocking file I/O, off the async workers;
+    /// awaited here, where it holds only this new session's mailbox), then
+    /// answers `session.create`. When the cgroup cannot be made, the create
+    /// fails and the session stops without ever having been handed out.
+    async fn setup(&mut self, myself: &ActorRef<SessionMsg>) {
+        if let Some(cgroups) = self.ctx.cgroups.clone() {
+            let (key, limits) = (self.key, self.cgroup_limits);
+            let made = tokio::task::spawn_blocking({
+                let cgroups = cgroups.clone();
+                move || cgroups.create_session(key, &limits)
+            })
+            .await;
+            match made {
+                Ok(Ok(rel)) => {
+                    self.cgroup = SessionCgroupGuard(Some(SessionCgroup { cgroups, rel }))
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => unreachable!("matched above"),
+                    };
+                    tracing::error!(session = %self.id, error = %why, "cannot make the session's cgroup");
+                    if let Some(reply) = self.create_reply.take() {
+                        let _ = reply.send(Err(RequestError::Internal(format!(
+                            "cannot start the session: {why}"
+                        ))));
+                    }
+                    self.ending = true;
+                    myself.stop(Some(SessionEnd::SetupFailed.stop_reason()));
+                    return;
+                }
+            }
+        }
+        Stats::bump(&self.ctx.stats.sessions_created);
+        tracing::info!(session = %self.id, uid = self.owner, "session created");
+        if let Some(reply) = self.create_reply.take() {
+            let _ = reply.send(Ok(CreateResult {
+                session_id: self.id.clone(),
+            }));
+        }
+    }
+
     /// Decides, in this order, `SESSION_BUSY`, the command's timeout
     /// (`INVALID_REQUEST` above the session's maximum) and `TOO_MANY_COMMANDS`
     /// (a permit of the global semaphore, held by the CommandActor), then starts
     /// the CommandActor. Busy is checked first so a request that is refused
     /// never holds a global slot, not even for a moment.
     async fn run(&mut self, myself: &ActorRef<SessionMsg>, request: ExecRequest, reply: ExecReply) {
-        if self.expiring || self.ending {
+        if self.ending {
+            // Expired or destroyed while the request was on its way.
             let _ = reply.send(Err(RequestError::SessionNotFound(self.id.clone())));
             return;
         }
@@ -349,12 +427,11 @@ impl SessionState {
         let timeout = match request.timeout {
             None => self.default_timeout,
             Some(t) if t <= self.max_timeout => t,
-            Some(t) => {
-                let _ = reply.send(Err(RequestError::InvalidRequest(format!(
-                    "param `timeout_s`: {}s is over this session's maximum of {}s",
-                    t.as_secs_f64(),
-                    self.max_timeout.as_secs_f64()
-                ))));
+            Some(asked) => {
+                let _ = reply.send(Err(RequestError::TimeoutOverSessionMax {
+                    asked,
+                    max: self.max_timeout,
+                }));
                 return;
             }
         };
@@ -411,12 +488,9 @@ impl SessionState {
 
     fn describe(&self) -> SessionDescription {
         SessionDescription {
-            key: self.key,
             owner: self.owner,
             phase: if self.ending {
                 SessionPhase::Ending
-            } else if self.expiring {
-                SessionPhase::Expiring
             } else {
                 SessionPhase::Live
             },
@@ -435,13 +509,11 @@ impl SessionState {
     }
 
     /// Idle timer: one pending timer per session, re-armed for the time left.
-    fn idle_check(&mut self, myself: &ActorRef<SessionMsg>) {
+    /// Idle past `idle_timeout`, the session ends itself; the registry learns
+    /// of it from the root supervisor (`SessionEnd::Expired`) and unlists it.
+    /// A request routed to it meanwhile gets `SESSION_NOT_FOUND` from [`Self::run`].
+    async fn idle_check(&mut self, myself: &ActorRef<SessionMsg>) {
         if self.ending {
-            return;
-        }
-        if self.expiring {
-            // The registry has not answered yet (it may have been restarted): say it again.
-            self.report_expiry(myself);
             return;
         }
         let idle_timeout = self.ctx.config.sessions.idle_timeout;
@@ -455,31 +527,21 @@ impl SessionState {
             myself.send_after(left, || SessionMsg::IdleCheck);
             return;
         }
-        // Refuse commands from now on; the registry unlists us and sends Destroy.
-        self.expiring = true;
+        self.ending = true;
         tracing::info!(session = %self.id, idle_ms = idle_for.as_millis() as u64, "session idle too long; expiring");
-        self.report_expiry(myself);
-    }
-
-    /// Tells the registry we expired, and checks again later in case the message is lost.
-    fn report_expiry(&self, myself: &ActorRef<SessionMsg>) {
-        // Looked up now, not remembered: the registry may have been restarted since we started.
-        if let Some(registry) = self.ctx.registry() {
-            let _ = registry.cast(RegistryMsg::SessionExpired { key: self.key });
-        }
-        myself.send_after(EXPIRY_RETRY, || SessionMsg::IdleCheck);
+        self.end(myself, SessionEnd::Expired).await;
     }
 
     async fn end_if_idle(&mut self, myself: &ActorRef<SessionMsg>) {
         if self.ending && self.running.is_empty() {
-            self.end(myself).await;
+            self.end(myself, SessionEnd::Destroyed).await;
         }
     }
 
     /// Kills what is left (the whole cgroup, or every process group of the
     /// session), removes the cgroup, answers the destroyers, stops. Awaiting the
     /// cgroup teardown here only holds this ending session's own mailbox.
-    async fn end(&mut self, myself: &ActorRef<SessionMsg>) {
+    async fn end(&mut self, myself: &ActorRef<SessionMsg>, why: SessionEnd) {
         if let Some(cgroup) = self.cgroup.0.take() {
             let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
         }
@@ -487,6 +549,6 @@ impl SessionState {
         for reply in self.end_waiters.drain(..) {
             let _ = reply.send(Ok(()));
         }
-        myself.stop(Some("destroyed".into()));
+        myself.stop(Some(why.stop_reason()));
     }
 }

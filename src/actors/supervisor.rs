@@ -5,6 +5,8 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::registry::{RegistryActor, RegistryArgs, RegistryMsg};
+use super::session::SessionEnd;
+use super::tree::RegistrySlot;
 use crate::context::Context;
 use crate::stats::Stats;
 
@@ -14,11 +16,19 @@ use crate::stats::Stats;
 /// | child | ends normally | fails (panic/error) |
 /// |---|---|---|
 /// | RegistryActor | restarted, unless the daemon is stopping | counted, logged, restarted; the new one rebuilds its table from the live sessions |
-/// | SessionActor  | registry told (it unlists the session) | counted, logged, registry told; the session's Drop guard already killed its processes |
+/// | SessionActor  | registry told why (destroyed, expired, setup failed), so it unlists and counts the session | counted, logged, registry told; the session's Drop guard already killed its processes |
 ///
-/// The supervisor itself never stops because a child did (ractor's default
-/// would stop it on ANY child exit).
+/// This is the one way a session's end reaches the registry. The supervisor
+/// itself never stops because a child did (ractor's default would stop it on
+/// ANY child exit).
 pub struct RootSupervisor;
+
+/// What the root supervisor is started with.
+pub struct SupervisorArgs {
+    pub ctx: Arc<Context>,
+    /// Where it publishes each registry it starts (read by the connections).
+    pub registry: Arc<RegistrySlot>,
+}
 
 /// Messages of the root supervisor.
 #[derive(Debug)]
@@ -33,6 +43,7 @@ pub enum SupervisorMsg {
 /// State of the root supervisor.
 pub struct SupervisorState {
     ctx: Arc<Context>,
+    slot: Arc<RegistrySlot>,
     registry: ActorRef<RegistryMsg>,
     stopping: bool,
 }
@@ -40,16 +51,17 @@ pub struct SupervisorState {
 impl Actor for RootSupervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
-    type Arguments = Arc<Context>;
+    type Arguments = SupervisorArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<SupervisorMsg>,
-        ctx: Arc<Context>,
+        args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        let registry = start_registry(&myself, &ctx, false).await?;
+        let registry = start_registry(&myself, &args.ctx, &args.slot(), false).await?;
         Ok(SupervisorState {
-            ctx,
+            ctx: args.ctx,
+            slot: args.registry,
             registry,
             stopping: false,
         })
@@ -75,9 +87,9 @@ impl Actor for RootSupervisor {
         event: SupervisionEvent,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+        let (cell, failure, reason) = match event {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, None, reason),
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string()), None),
             _ => return Ok(()),
         };
         if let Some(err) = &failure {
@@ -90,25 +102,38 @@ impl Actor for RootSupervisor {
             tracing::error!(actor = %cell.get_id(), kind, error = %err, "actor failed");
         }
         if cell.get_id() == state.registry.get_id() {
-            state.ctx.set_registry(None);
+            state.slot.set(None);
             if state.stopping {
                 return Ok(());
             }
             tracing::warn!("restarting the registry");
-            state.registry = start_registry(&myself, &state.ctx, true).await?;
+            state.registry = start_registry(&myself, &state.ctx, &state.slot, true).await?;
         } else {
+            let end = match failure {
+                Some(_) => SessionEnd::Failed,
+                None => SessionEnd::from_stop_reason(reason.as_deref()),
+            };
             let _ = state.registry.cast(RegistryMsg::SessionEnded {
                 actor: cell.get_id(),
-                failed: failure.is_some(),
+                end,
             });
         }
         Ok(())
     }
 }
 
+impl SupervisorArgs {
+    fn slot(&self) -> Arc<RegistrySlot> {
+        self.registry.clone()
+    }
+}
+
+/// Starts a registry (rebuilding its table from the live sessions when
+/// `recover`) and publishes it.
 async fn start_registry(
     myself: &ActorRef<SupervisorMsg>,
     ctx: &Arc<Context>,
+    slot: &RegistrySlot,
     recover: bool,
 ) -> Result<ActorRef<RegistryMsg>, ActorProcessingErr> {
     let args = RegistryArgs {
@@ -117,6 +142,6 @@ async fn start_registry(
         recover,
     };
     let (registry, _) = Actor::spawn_linked(None, RegistryActor, args, myself.get_cell()).await?;
-    ctx.set_registry(Some(registry.clone()));
+    slot.set(Some(registry.clone()));
     Ok(registry)
 }

@@ -10,6 +10,13 @@ pub enum RequestError {
     /// Malformed frame, missing or mistyped param, bad value.
     #[error("{0}")]
     InvalidRequest(String),
+    /// `timeout_s` over the session's own maximum (its `limits.timeout_s`);
+    /// decided by the session, the one place that knows that maximum.
+    #[error("param `timeout_s`: {}s is over this session's maximum of {}s", .asked.as_secs_f64(), .max.as_secs_f64())]
+    TimeoutOverSessionMax {
+        asked: std::time::Duration,
+        max: std::time::Duration,
+    },
     /// The method name is not known.
     #[error("unknown method `{0}`")]
     UnknownMethod(String),
@@ -73,7 +80,9 @@ impl RequestError {
     /// The protocol code of this error.
     pub fn code(&self) -> &'static str {
         match self {
-            RequestError::InvalidRequest(_) => "INVALID_REQUEST",
+            RequestError::InvalidRequest(_) | RequestError::TimeoutOverSessionMax { .. } => {
+                "INVALID_REQUEST"
+            }
             RequestError::UnknownMethod(_) => "UNKNOWN_METHOD",
             RequestError::FrameTooLarge { .. } => "FRAME_TOO_LARGE",
             RequestError::StdinTooLarge { .. } => "STDIN_TOO_LARGE",

@@ -3,7 +3,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, SinkExt};
@@ -14,13 +14,15 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::{Decoder, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::dispatch::{dispatch, is_inline};
+use super::Daemon;
+use super::methods::{Method, dispatch};
 use crate::context::Context;
 use crate::protocol::RequestError;
 use crate::protocol::frame::{
     encode_error, is_frame_too_large, parse_request, request_codec, response_codec,
 };
 use crate::stats::Stats;
+use crate::timing;
 
 /// Requests of one connection being served at once. Past it the connection
 /// stops reading (backpressure), so a client cannot queue unbounded work
@@ -33,14 +35,12 @@ const RESPONSE_QUEUE: usize = 64;
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// How long a refused connection's single error frame may take to write.
-const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Serves one connection until the client closes it, a fatal framing error,
 /// a stalled partial frame, an answer backlog over its byte budget, or `stop`
 /// (after the shutdown drained the sessions: then the answers of requests in
 /// flight are flushed first).
-pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: CancellationToken) {
+pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: CancellationToken) {
+    let ctx = daemon.ctx.clone();
     let (mut read_half, write_half) = stream.into_split();
     let max = ctx.config.server.max_request_bytes.as_u64() as usize;
     let read_timeout = ctx.config.server.request_read_timeout;
@@ -75,7 +75,7 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
                 Err(_) => break 'serve,
             };
             pending_bytes = buf.len();
-            if !serve_frame(&ctx, uid, body.freeze(), &outbox, &in_flight).await {
+            if !serve_frame(&daemon, uid, body.freeze(), &outbox, &in_flight).await {
                 break 'serve;
             }
             // A frame completed: a partial one after it gets a fresh deadline,
@@ -113,7 +113,7 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
         // Shutdown: the sessions are gone, so the requests in flight are about
         // to answer; wait for them so their answers reach the client.
         let _ = tokio::time::timeout(
-            Duration::from_secs(2),
+            timing::IN_FLIGHT_FLUSH,
             in_flight.acquire_many(MAX_IN_FLIGHT_PER_CONNECTION),
         )
         .await;
@@ -127,7 +127,7 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
     if dropped {
         writer.abort();
     } else if stop.is_cancelled() {
-        if tokio::time::timeout(Duration::from_secs(2), &mut writer)
+        if tokio::time::timeout(timing::WRITER_FLUSH, &mut writer)
             .await
             .is_err()
         {
@@ -138,16 +138,18 @@ pub async fn serve(ctx: Arc<Context>, stream: UnixStream, uid: u32, stop: Cancel
     }
 }
 
-/// Parses and serves one frame: inline for ping and stats, else on a task of
-/// its own (at most [`MAX_IN_FLIGHT_PER_CONNECTION`] at once). Returns false
-/// when the connection must end.
+/// Parses and serves one frame: inline for the methods that never wait on an
+/// actor (ping, stats), else on a task of its own (at most
+/// [`MAX_IN_FLIGHT_PER_CONNECTION`] at once). Returns false when the
+/// connection must end.
 async fn serve_frame(
-    ctx: &Arc<Context>,
+    daemon: &Daemon,
     uid: u32,
     body: Bytes,
     outbox: &Outbox,
     in_flight: &Arc<Semaphore>,
 ) -> bool {
+    let ctx = &daemon.ctx;
     let request = match parse_request(&body) {
         Ok(request) => request,
         Err(bad) => {
@@ -157,19 +159,20 @@ async fn serve_frame(
                 .await;
         }
     };
-    if is_inline(&request.method) {
+    if Method::from_name(&request.method).is_some_and(Method::is_inline) {
         return outbox
-            .send(Outgoing::Frame(dispatch(ctx, uid, request).await))
+            .send(Outgoing::Frame(dispatch(daemon, uid, request).await))
             .await;
     }
     let Ok(permit) = in_flight.clone().acquire_owned().await else {
         return false;
     };
-    let (ctx, outbox) = (ctx.clone(), outbox.clone());
+    let (daemon, outbox) = (daemon.clone(), outbox.clone());
     tokio::spawn(async move {
         let id = request.id;
+        let ctx = &daemon.ctx;
         // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
-        let answer = AssertUnwindSafe(dispatch(&ctx, uid, request))
+        let answer = AssertUnwindSafe(dispatch(&daemon, uid, request))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -300,5 +303,5 @@ enum Outgoing {
 pub async fn refuse(stream: UnixStream, error: RequestError) {
     let mut sink = FramedWrite::new(stream, response_codec());
     let _ =
-        tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, sink.send(encode_error(None, &error))).await;
+        tokio::time::timeout(timing::REFUSAL_WRITE, sink.send(encode_error(None, &error))).await;
 }

@@ -1,30 +1,36 @@
 //! The daemon's front door and lifetime: socket binding, accepting connections, signals, graceful shutdown.
 
 pub mod connection;
-pub mod dispatch;
+pub mod methods;
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::sys::stat::{Mode, umask};
-use ractor::{Actor, ActorRef};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::registry::RegistryMsg;
-use crate::actors::supervisor::{RootSupervisor, SupervisorMsg};
+use crate::actors::tree::ActorTree;
 use crate::cgroup::{Cgroups, OsRoots};
 use crate::config::Config;
 use crate::context::Context;
 use crate::protocol::RequestError;
 use crate::stats::Stats;
+use crate::timing;
+
+/// What a connection serves with: the shared state and the actor tree.
+#[derive(Clone)]
+pub struct Daemon {
+    pub ctx: Arc<Context>,
+    pub tree: ActorTree,
+}
 
 /// Why the daemon could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -162,15 +168,19 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
         );
     }
     ctx.cgroups = cgroups.map(Arc::new);
-    ctx.stats
-        .cgroups_recovered
-        .store(recovered, std::sync::atomic::Ordering::Relaxed);
+    Stats::set(&ctx.stats.cgroups_recovered, recovered);
     ctx.subreaper = become_subreaper(ctx.config.sessions.subreaper);
     let ctx = Arc::new(ctx);
     if ctx.subreaper {
         tokio::spawn(reap_on_sigchld(ctx.clone()));
     }
-    let root = RootWatch::start(ctx.clone()).await?;
+    let tree = ActorTree::start(ctx.clone())
+        .await
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let daemon = Daemon {
+        ctx: ctx.clone(),
+        tree: tree.clone(),
+    };
     let listener =
         UnixListener::from_std(socket.listener.try_clone().map_err(|e| ServeError::Io {
             action: "use",
@@ -199,7 +209,7 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     let stop_connections = CancellationToken::new();
     let connection_slots = Arc::new(Semaphore::new(ctx.config.server.max_connections));
     let accept = accept_loop(
-        ctx.clone(),
+        daemon,
         listener,
         connection_slots.clone(),
         stop_connections.clone(),
@@ -218,12 +228,12 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
         // 1. Let running commands finish.
         let grace_end = tokio::time::Instant::now() + ctx.config.server.shutdown_grace;
         while ctx.running_commands() > 0 && tokio::time::Instant::now() < grace_end {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(timing::DRAIN_POLL).await;
         }
         // 2. Destroy every session.
-        root.stopping();
-        if let Some(registry) = ctx.registry() {
-            let deadline = ctx.config.commands.kill_grace + Duration::from_secs(10);
+        tree.stopping();
+        if let Some(registry) = tree.registry() {
+            let deadline = ctx.config.commands.kill_grace + timing::SHUTDOWN_DESTROY_SLACK;
             let _ = ractor::call_t!(
                 registry,
                 |reply| RegistryMsg::Shutdown { reply },
@@ -233,15 +243,18 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
         // 3. Flush and close connections, stop the actors.
         stop_connections.cancel();
         let max = ctx.config.server.max_connections as u32;
-        let _ =
-            tokio::time::timeout(Duration::from_secs(3), connection_slots.acquire_many(max)).await;
+        let _ = tokio::time::timeout(
+            timing::CONNECTIONS_FLUSH,
+            connection_slots.acquire_many(max),
+        )
+        .await;
     };
     let exit = tokio::select! {
         _ = graceful => Exit::Graceful,
         _ = forced => Exit::Forced,
     };
     accept_task.abort();
-    root.stop().await;
+    tree.stop().await;
     // 4. Whatever is left — nothing, after a graceful drain — dies with us.
     let left = ctx.processes.signal_all(Signal::SIGKILL);
     if left > 0 {
@@ -274,79 +287,6 @@ pub fn block_stop_signals() {
 /// The thread that runs [`run`] takes the pending stop signals from here on.
 fn unblock_stop_signals() {
     let _ = stop_signals().thread_unblock();
-}
-
-/// Keeps a root supervisor running: the root only fails through a bug of
-/// ours, but if it does, its whole tree (registry, sessions, commands) dies
-/// with it — their Drop guards kill their processes and cgroups — and a fresh
-/// tree takes over, so the daemon goes on serving (sessions of the old tree
-/// answer `SESSION_NOT_FOUND`). Counted in `actor_failures_total`.
-struct RootWatch {
-    current: Arc<std::sync::Mutex<ActorRef<SupervisorMsg>>>,
-    stopping: Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RootWatch {
-    async fn start(ctx: Arc<Context>) -> Result<RootWatch, ServeError> {
-        let (root, handle) = Actor::spawn(None, RootSupervisor, ctx.clone())
-            .await
-            .map_err(|e| ServeError::Actors(e.to_string()))?;
-        ctx.set_supervisor(Some(root.clone()));
-        let current = Arc::new(std::sync::Mutex::new(root));
-        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (watched, stop_flag) = (current.clone(), stopping.clone());
-        let task = tokio::spawn(async move {
-            let mut handle = handle;
-            loop {
-                let _ = (&mut handle).await;
-                if stop_flag.load(std::sync::atomic::Ordering::SeqCst) {
-                    return;
-                }
-                Stats::bump(&ctx.stats.actor_failures);
-                tracing::error!(
-                    "the root supervisor ended; starting a fresh actor tree (its sessions are lost)"
-                );
-                match Actor::spawn(None, RootSupervisor, ctx.clone()).await {
-                    Ok((root, next)) => {
-                        ctx.set_supervisor(Some(root.clone()));
-                        *watched.lock().unwrap_or_else(|p| p.into_inner()) = root;
-                        handle = next;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot restart the actor tree");
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(RootWatch {
-            current,
-            stopping,
-            task,
-        })
-    }
-
-    fn root(&self) -> ActorRef<SupervisorMsg> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Shutdown: no restart of the root or of the registry from now on.
-    fn stopping(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = self.root().cast(SupervisorMsg::Stopping);
-    }
-
-    async fn stop(self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.root().stop(None);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
-    }
 }
 
 /// Sets the daemon's own oom_score_adj, so under memory pressure the kernel
@@ -394,9 +334,7 @@ async fn reap_on_sigchld(ctx: Arc<Context>) {
         if let Ok(reaped) =
             tokio::task::spawn_blocking(move || crate::process::reaper::reap_orphans(&table)).await
         {
-            ctx.stats
-                .zombies_reaped
-                .fetch_add(reaped, std::sync::atomic::Ordering::Relaxed);
+            Stats::add(&ctx.stats.zombies_reaped, reaped);
         }
     }
 }
@@ -404,19 +342,20 @@ async fn reap_on_sigchld(ctx: Arc<Context>) {
 /// Accepts connections: checks the peer's uid and the connection limit, then
 /// serves each on its own task.
 async fn accept_loop(
-    ctx: Arc<Context>,
+    daemon: Daemon,
     listener: UnixListener,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
 ) {
     let own_uid = nix::unistd::getuid().as_raw();
+    let ctx = daemon.ctx.clone();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(timing::ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -448,9 +387,9 @@ async fn accept_loop(
         };
         Stats::bump(&ctx.stats.connections_total);
         let open = OpenConnection::new(ctx.clone(), slot);
-        let (ctx, stop) = (ctx.clone(), stop.clone());
+        let (daemon, stop) = (daemon.clone(), stop.clone());
         tokio::spawn(async move {
-            connection::serve(ctx, stream, uid, stop).await;
+            connection::serve(daemon, stream, uid, stop).await;
             drop(open);
         });
     }
@@ -465,18 +404,13 @@ struct OpenConnection {
 
 impl OpenConnection {
     fn new(ctx: Arc<Context>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
-        ctx.stats
-            .connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Stats::bump(&ctx.stats.connections);
         OpenConnection { ctx, _slot: slot }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.ctx
-            .stats
-            .connections
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Stats::drop_one(&self.ctx.stats.connections);
     }
 }

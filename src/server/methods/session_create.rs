@@ -1,0 +1,242 @@
+//! `session.create`: params → a validated [`CreateRequest`] (cwd, env, limits that may only tighten) → the registry, which admits it and starts a SessionActor.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{ask, env_param};
+use crate::actors::registry::{CreateRequest, RegistryMsg};
+use crate::cgroup::CgroupLimits;
+use crate::config::Config;
+use crate::limits::{Limit, SessionRlimits};
+use crate::protocol::{
+    CreateParams, CreateResult, RequestError, SessionLimits, parse_params, seconds_param,
+};
+use crate::server::Daemon;
+
+pub(super) async fn serve(
+    daemon: &Daemon,
+    uid: u32,
+    params: &[u8],
+) -> Result<CreateResult, RequestError> {
+    let request = parse(&daemon.ctx.config, daemon.ctx.cgroups.is_some(), params).await?;
+    ask(daemon, |reply| RegistryMsg::Create {
+        uid,
+        request,
+        reply,
+    })
+    .await?
+}
+
+/// Every param check of `session.create`.
+async fn parse(
+    config: &Config,
+    cgroups_on: bool,
+    params: &[u8],
+) -> Result<CreateRequest, RequestError> {
+    let p: CreateParams = parse_params(params)?;
+    let cwd = match p.cwd {
+        None => None,
+        Some(cwd) => {
+            let path = PathBuf::from(&cwd);
+            // stat off the async workers: a path on a stalled mount can block.
+            let probe = path.clone();
+            let is_dir = tokio::task::spawn_blocking(move || probe.is_dir())
+                .await
+                .unwrap_or(false);
+            if !path.is_absolute() || !is_dir {
+                return Err(RequestError::InvalidRequest(format!(
+                    "param `cwd`: {cwd:?} is not an absolute path to an existing directory"
+                )));
+            }
+            Some(path)
+        }
+    };
+    let limits = resolve_limits(config, cgroups_on, p.limits.as_ref())?;
+    Ok(CreateRequest {
+        cwd,
+        env: env_param("env", p.env)?,
+        timeout: limits.timeout,
+        rlimits: limits.rlimits.to_rlimits(),
+        cgroup_limits: limits.cgroup,
+    })
+}
+
+/// Everything a session's `limits` resolve to.
+#[derive(Debug, Clone, Copy)]
+struct ResolvedLimits {
+    /// The session's default and maximum command timeout, when it set one.
+    timeout: Option<Duration>,
+    rlimits: SessionRlimits,
+    cgroup: CgroupLimits,
+}
+
+/// Decides a `session.create`'s `limits`: each may only tighten the
+/// configuration; a value that would loosen one is `INVALID_REQUEST` naming
+/// it. cgroup limits on a daemon running without cgroups are refused too,
+/// rather than accepted and not enforced.
+fn resolve_limits(
+    config: &Config,
+    cgroups_on: bool,
+    limits: Option<&SessionLimits>,
+) -> Result<ResolvedLimits, RequestError> {
+    let mut resolved = ResolvedLimits {
+        timeout: None,
+        rlimits: SessionRlimits::from(&config.rlimits),
+        cgroup: CgroupLimits::from_config(&config.cgroups),
+    };
+    let Some(limits) = limits else {
+        return Ok(resolved);
+    };
+    let loosen = |name: &str, asked: String, configured: String| {
+        RequestError::InvalidRequest(format!(
+            "param `limits.{name}`: {asked} would loosen the configured limit ({configured}); limits may only tighten"
+        ))
+    };
+    let wants_cgroup = limits.memory_max_bytes.is_some()
+        || limits.cpu_max_cores.is_some()
+        || limits.pids_max.is_some();
+    if wants_cgroup && !cgroups_on {
+        let name = if limits.memory_max_bytes.is_some() {
+            "memory_max_bytes"
+        } else if limits.cpu_max_cores.is_some() {
+            "cpu_max_cores"
+        } else {
+            "pids_max"
+        };
+        return Err(RequestError::InvalidRequest(format!(
+            "param `limits.{name}`: cgroups are off on this daemon, so it cannot be enforced"
+        )));
+    }
+    let c = &mut resolved.cgroup;
+    if let Some(v) = limits.memory_max_bytes {
+        if v > c.memory_max || v < 4 << 20 {
+            return Err(loosen(
+                "memory_max_bytes",
+                v.to_string(),
+                format!("{} (and at least 4 MiB)", c.memory_max),
+            ));
+        }
+        c.memory_max = v;
+    }
+    if let Some(v) = limits.cpu_max_cores {
+        if !(v.is_finite() && v >= 0.01 && v <= c.cpu_max_cores) {
+            return Err(loosen(
+                "cpu_max_cores",
+                v.to_string(),
+                format!("{} (and at least 0.01)", c.cpu_max_cores),
+            ));
+        }
+        c.cpu_max_cores = v;
+    }
+    if let Some(v) = limits.pids_max {
+        if v > c.pids_max || v < 8 {
+            return Err(loosen(
+                "pids_max",
+                v.to_string(),
+                format!("{} (and at least 8)", c.pids_max),
+            ));
+        }
+        c.pids_max = v;
+    }
+    if let Some(secs) = limits.timeout_s {
+        let timeout = seconds_param("limits.timeout_s", secs)?;
+        let max = config.commands.max_timeout;
+        if timeout > max {
+            return Err(loosen(
+                "timeout_s",
+                format!("{secs}s"),
+                format!("max_timeout {}s", max.as_secs_f64()),
+            ));
+        }
+        resolved.timeout = Some(timeout);
+    }
+    resolved.rlimits = tighten_rlimits(resolved.rlimits, limits)?;
+    Ok(resolved)
+}
+
+/// Applies a session's rlimit params, which may only tighten: a value above
+/// the configured one is `INVALID_REQUEST` naming the param.
+fn tighten_rlimits(
+    base: SessionRlimits,
+    limits: &SessionLimits,
+) -> Result<SessionRlimits, RequestError> {
+    let tighten = |name: &str, current: Limit, asked: Option<u64>| match asked {
+        None => Ok(current),
+        Some(0) => Err(RequestError::InvalidRequest(format!(
+            "param `limits.{name}`: 0 would leave the session unable to run anything; at least 1"
+        ))),
+        Some(v) if Limit::Value(v).within(current) => Ok(Limit::Value(v)),
+        Some(v) => Err(RequestError::InvalidRequest(format!(
+            "param `limits.{name}`: {v} would loosen the configured limit ({current}); limits may only tighten"
+        ))),
+    };
+    Ok(SessionRlimits {
+        cpu: tighten("rlimit_cpu_s", base.cpu, limits.rlimit_cpu_s)?,
+        address_space: tighten(
+            "rlimit_as_bytes",
+            base.address_space,
+            limits.rlimit_as_bytes,
+        )?,
+        nproc: tighten("rlimit_nproc", base.nproc, limits.rlimit_nproc)?,
+        nofile: tighten("rlimit_nofile", base.nofile, limits.rlimit_nofile)?,
+        core: base.core,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::RlimitsConfig;
+
+    #[test]
+    fn sessions_may_only_tighten() {
+        let base = SessionRlimits::from(&RlimitsConfig::default());
+        let tighter = tighten_rlimits(
+            base,
+            &SessionLimits {
+                rlimit_nofile: Some(64),
+                rlimit_cpu_s: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (tighter.nofile, tighter.cpu),
+            (Limit::Value(64), Limit::Value(10))
+        );
+        let err = tighten_rlimits(
+            base,
+            &SessionLimits {
+                rlimit_nofile: Some(1 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("limits.rlimit_nofile"), "{err}");
+        let unlimited = SessionRlimits {
+            nproc: Limit::Unlimited,
+            ..base
+        };
+        assert!(
+            tighten_rlimits(
+                unlimited,
+                &SessionLimits {
+                    rlimit_nproc: Some(5),
+                    ..Default::default()
+                }
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn cgroup_limits_are_refused_when_cgroups_are_off() {
+        let limits = SessionLimits {
+            pids_max: Some(64),
+            ..Default::default()
+        };
+        let err = resolve_limits(&Config::default(), false, Some(&limits)).unwrap_err();
+        assert!(err.to_string().contains("limits.pids_max"), "{err}");
+        assert!(resolve_limits(&Config::default(), true, Some(&limits)).is_ok());
+    }
+}

@@ -1,0 +1,34 @@
+//! Fixed waits of the daemon's lifetime (shutdown, teardown, describing sessions), in one place; what users tune is in the config instead.
+
+use std::time::Duration;
+
+/// While draining: how often the daemon looks whether running commands finished.
+pub const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Shutdown: destroying every session may take `kill_grace` plus this.
+pub const SHUTDOWN_DESTROY_SLACK: Duration = Duration::from_secs(10);
+
+/// Shutdown: how long connections get to flush the answers in flight and close.
+pub const CONNECTIONS_FLUSH: Duration = Duration::from_secs(3);
+
+/// Shutdown: how long one connection waits for its requests in flight to answer.
+pub const IN_FLIGHT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Shutdown: how long one connection's writer may take to write what is queued.
+pub const WRITER_FLUSH: Duration = Duration::from_secs(2);
+
+/// How long stopping the actor tree may take.
+pub const ROOT_STOP: Duration = Duration::from_secs(2);
+
+/// A destroyed session whose commands have not ended after `kill_grace` plus
+/// this stops anyway (its Drop guards still kill everything).
+pub const FORCE_END_SLACK: Duration = Duration::from_secs(5);
+
+/// How long a session may take to describe itself (`session.list`, registry recovery).
+pub const DESCRIBE: Duration = Duration::from_secs(1);
+
+/// How long a refused connection's single error frame may take to write.
+pub const REFUSAL_WRITE: Duration = Duration::from_secs(1);
+
+/// After a failed `accept` (EMFILE and friends): back off instead of spinning.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
