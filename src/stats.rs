@@ -15,6 +15,7 @@ pub struct Stats {
     pub commands_started: AtomicU64,
     pub commands_completed: AtomicU64,
     pub commands_timed_out: AtomicU64,
+    pub commands_idle_timed_out: AtomicU64,
     pub commands_killed: AtomicU64,
     pub commands_rejected_busy: AtomicU64,
     pub commands_rejected_capacity: AtomicU64,

@@ -504,6 +504,8 @@ impl SessionState {
                 },
                 busy: !self.running.is_empty(),
                 cwd: self.cwd.to_string_lossy().into_owned(),
+                command_ids: Vec::new(),
+                command_id: None,
             },
         }
     }

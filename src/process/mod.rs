@@ -1,12 +1,14 @@
 //! Processes under the CommandActor: spawn, shell state, capped output, the run loop (timeout, kill), the process table and reaper.
 
 pub mod child;
+pub mod live_output;
 pub mod output;
 pub mod procfs;
 pub mod reaper;
 pub mod run;
 pub mod shell;
 pub mod spawn;
+pub mod stream_buffer;
 pub mod table;
 
 pub use child::{ChildProcess, ExitInfo};

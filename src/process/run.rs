@@ -255,6 +255,7 @@ pub async fn run_command(
         .to_string_lossy()
         .into_owned();
     let result = ExecResult {
+        command_id: None,
         exit_code: exit.code,
         signal: exit.signal,
         timed_out: killed_by == Some(KilledBy::Timeout),

@@ -32,6 +32,9 @@ pub enum RequestError {
     /// This client already holds `max_sessions_per_client`.
     #[error("this client already holds its maximum of {limit} sessions")]
     ClientSessionLimit { limit: u64 },
+    /// Unknown, expired, or another client's command id.
+    #[error("no command `{0}`")]
+    CommandNotFound(String),
     /// Unknown, destroyed, expired, or another client's session.
     #[error("no session `{0}`")]
     SessionNotFound(String),
@@ -89,6 +92,7 @@ impl RequestError {
             RequestError::TooManySessions { .. } => "TOO_MANY_SESSIONS",
             RequestError::ClientSessionLimit { .. } => "CLIENT_SESSION_LIMIT",
             RequestError::SessionNotFound(_) => "SESSION_NOT_FOUND",
+            RequestError::CommandNotFound(_) => "COMMAND_NOT_FOUND",
             RequestError::SessionBusy(_) => "SESSION_BUSY",
             RequestError::TooManyCommands { .. } => "TOO_MANY_COMMANDS",
             RequestError::RateLimited { .. } => "RATE_LIMITED",

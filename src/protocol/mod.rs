@@ -1,5 +1,6 @@
 //! The wire schema: method names, typed params and results shared by the daemon and the client.
 
+pub mod commands;
 pub mod error;
 pub mod frame;
 
@@ -9,10 +10,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_bytes::ByteBuf;
 
+pub use commands::{
+    CancelParams, CommandResult, Event, EventFrame, ReadParams, ReadResult, StartResult,
+    StreamName, WriteParams, WriteResult,
+};
 pub use error::{RequestError, WireError};
 
 /// Bumped on any breaking change to this schema; reported by `system.ping`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Every method the daemon knows.
 pub mod method {
@@ -23,6 +28,9 @@ pub mod method {
     pub const SESSION_LIST: &str = "session.list";
     pub const EXEC_RUN: &str = "exec.run";
     pub const EXEC_CANCEL: &str = "exec.cancel";
+    pub const EXEC_START: &str = "exec.start";
+    pub const EXEC_READ: &str = "exec.read";
+    pub const EXEC_WRITE: &str = "exec.write";
     /// Only with the `fault-injection` feature; else `UNKNOWN_METHOD`.
     #[cfg(feature = "fault-injection")]
     pub const DEBUG_FAULT: &str = "debug.fault";
@@ -183,6 +191,16 @@ pub struct ExecParams {
     /// Which part of an over-long stream to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_output: Option<KeepOutput>,
+    /// `exec.run` only: send `started` and `output` events before the result.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// Keep stdin open for `exec.write` (after `stdin`) until `eof`
+    /// (`exec.start`, or `exec.run` with `stream`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin_open: bool,
+    /// Seconds without output on either stream after which the command is killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<f64>,
 }
 
 /// `system.ping` result.
@@ -228,6 +246,9 @@ pub struct CommandStats {
     pub output_truncated_total: u64,
     pub oom_killed_total: u64,
     pub spawn_failed_total: u64,
+    /// Commands killed for writing nothing for `idle_timeout_s`.
+    #[serde(default)]
+    pub idle_timed_out_total: u64,
 }
 
 /// `system.stats` → `clients`.
@@ -288,6 +309,12 @@ pub struct SessionInfo {
     pub idle_ms: u64,
     pub busy: bool,
     pub cwd: String,
+    /// The running commands' ids (empty when idle).
+    #[serde(default)]
+    pub command_ids: Vec<String>,
+    /// The most recently started running command, nil when idle.
+    #[serde(default)]
+    pub command_id: Option<String>,
 }
 
 /// `session.list` result.
@@ -301,16 +328,24 @@ pub struct ListResult {
 #[serde(rename_all = "snake_case")]
 pub enum KilledBy {
     Timeout,
+    /// Nothing written to stdout or stderr for `idle_timeout_s`.
+    IdleTimeout,
     CpuLimit,
     MemoryLimit,
     Cancelled,
     SessionDestroyed,
     Shutdown,
+    /// A reason this client does not know (from a newer daemon); never sent by this one.
+    #[serde(other)]
+    Other,
 }
 
 /// `exec.run` result.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExecResult {
+    /// The command's id (protocol 2).
+    #[serde(default)]
+    pub command_id: Option<String>,
     /// Exit code, or nil when killed by a signal.
     pub exit_code: Option<i32>,
     /// The signal that ended the shell, if any.

@@ -40,6 +40,7 @@ pub(super) fn stats(ctx: &Context) -> StatsResult {
             output_truncated_total: g(&s.output_truncated),
             oom_killed_total: g(&s.oom_killed),
             spawn_failed_total: g(&s.spawn_failed),
+            idle_timed_out_total: g(&s.commands_idle_timed_out),
         },
         clients: ClientStats {
             connections: g(&s.connections),
