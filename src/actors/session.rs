@@ -10,11 +10,11 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
 use super::registry::RegistryMsg;
-use crate::cgroup::{CgroupLimits, Cgroups};
+use crate::cgroup::{CgroupLimits, CgroupNode};
 use crate::context::Context;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
-use crate::process::run::{CgroupPlace, RunSpec};
+use crate::process::run::RunSpec;
 use crate::process::shell::{EnvMap, ShellState};
 use crate::process::table::SessionKey;
 use crate::protocol::{KeepOutput, KilledBy, RequestError, SessionInfo};
@@ -116,38 +116,6 @@ pub enum SessionPhase {
 /// registry (perhaps a restarted one) answers with Destroy.
 const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 
-/// The session's cgroup node.
-struct SessionCgroup {
-    cgroups: Arc<Cgroups>,
-    rel: String,
-}
-
-impl SessionCgroup {
-    fn destroy(self) {
-        if let Err(e) = self.cgroups.destroy_session(&self.rel) {
-            tracing::error!(cgroup = %self.rel, error = %e, "cannot remove the session's cgroup");
-        }
-    }
-}
-
-/// Kills and removes the session's cgroup when dropped without `end` (a
-/// panic, a kill): ractor skips `post_stop` then, `Drop` always runs.
-struct SessionCgroupGuard(Option<SessionCgroup>);
-
-impl Drop for SessionCgroupGuard {
-    fn drop(&mut self) {
-        if let Some(cgroup) = self.0.take() {
-            // Blocking file I/O: off the async workers when a runtime is there.
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn_blocking(move || cgroup.destroy());
-                }
-                Err(_) => cgroup.destroy(),
-            }
-        }
-    }
-}
-
 /// Kills every process group of the session when dropped — on stop, kill or
 /// panic alike (ractor skips `post_stop` on a panic; `Drop` always runs).
 struct SessionProcesses {
@@ -176,8 +144,10 @@ pub struct SessionState {
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
     rlimits: [Rlimit; 5],
-    /// The session's cgroup, when cgroups are on; removed when the session ends.
-    cgroup: SessionCgroupGuard,
+    /// The session's cgroup, when cgroups are on; destroyed in `end`, or by
+    /// its Drop when the session ends without `end` (a panic, a kill: ractor
+    /// skips `post_stop` then, `Drop` always runs).
+    cgroup: Option<CgroupNode>,
     /// Commands running now; at most `max_per_session`.
     running: HashMap<ActorId, ActorRef<CommandMsg>>,
     /// Set once the session decided to expire: it refuses new commands.
@@ -202,14 +172,13 @@ impl Actor for SessionActor {
         let cgroup = match args.ctx.cgroups.clone() {
             Some(cgroups) => {
                 let (key, limits) = (args.key, args.cgroup_limits);
-                let rel = tokio::task::spawn_blocking({
-                    let cgroups = cgroups.clone();
-                    move || cgroups.create_session(key, &limits)
+                let node = tokio::task::spawn_blocking(move || {
+                    CgroupNode::create_session(&cgroups, key, &limits)
                 })
                 .await??;
-                SessionCgroupGuard(Some(SessionCgroup { cgroups, rel }))
+                Some(node)
             }
-            None => SessionCgroupGuard(None),
+            None => None,
         };
         let idle = args.ctx.config.sessions.idle_timeout;
         myself.send_after(idle, || SessionMsg::IdleCheck);
@@ -377,14 +346,11 @@ impl SessionState {
             timeout,
             kill_grace: commands.kill_grace,
             max_output_bytes: commands.max_output_bytes.as_u64() as usize,
-            keep_output: request.keep_output,
+            keep_output: super::command::keep_output(request.keep_output),
             rlimits: self.rlimits,
             oom_score_adj: commands.oom_score_adj,
             credentials: self.ctx.credentials,
-            cgroup: self.cgroup.0.as_ref().map(|c| CgroupPlace {
-                cgroups: c.cgroups.clone(),
-                session: c.rel.clone(),
-            }),
+            cgroup: self.cgroup.as_ref().map(CgroupNode::leaf_parent),
         };
         let args = CommandArgs {
             ctx: self.ctx.clone(),
@@ -480,8 +446,15 @@ impl SessionState {
     /// session), removes the cgroup, answers the destroyers, stops. Awaiting the
     /// cgroup teardown here only holds this ending session's own mailbox.
     async fn end(&mut self, myself: &ActorRef<SessionMsg>) {
-        if let Some(cgroup) = self.cgroup.0.take() {
-            let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
+        if let Some(cgroup) = self.cgroup.take() {
+            let destroyed = tokio::task::spawn_blocking(move || {
+                let name = cgroup.name().to_string();
+                cgroup.destroy().map_err(|e| (name, e))
+            })
+            .await;
+            if let Ok(Err((cgroup, e))) = destroyed {
+                tracing::error!(%cgroup, error = %e, "cannot remove the session's cgroup");
+            }
         }
         self.ctx.processes.signal_session(self.key, Signal::SIGKILL);
         for reply in self.end_waiters.drain(..) {

@@ -18,8 +18,11 @@
 //! mounts, /proc/self/cgroup) are parameters, so the v2 backend is tested
 //! against a fake tree on this hybrid host.
 
+pub mod node;
 pub mod v1;
 pub mod v2;
+
+pub use node::{CgroupNode, LeafParent};
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -117,6 +120,8 @@ pub enum CgroupError {
         "cgroups.parent {0} is in use by another running sessiond: give each daemon its own parent"
     )]
     InUse(PathBuf),
+    #[error("the blocking cgroup task failed: {0}")]
+    Task(String),
 }
 
 pub(crate) fn io_err(action: &'static str, path: &Path, source: std::io::Error) -> CgroupError {
@@ -465,8 +470,9 @@ impl Cgroups {
         forward!(self, b => b.memory_peak(rel))
     }
 
-    /// Kills everything in a session and removes its leaves and itself.
-    pub fn destroy_session(&self, session: &str) -> Result<(), CgroupError> {
+    /// Kills everything in a node (a session, a command leaf) and removes its
+    /// leaves and itself.
+    pub fn destroy(&self, session: &str) -> Result<(), CgroupError> {
         let killed = self.kill(session);
         // A command being spawned at this moment may add a leaf after we
         // listed them: kill and list again until the session can go.
@@ -485,20 +491,13 @@ impl Cgroups {
         killed.and(removed)
     }
 
-    /// Removes a command leaf once its processes are gone (none left behind).
-    pub fn release_command(&self, rel: &str) {
-        if !self.populated(rel) {
-            let _ = self.remove(rel);
-        }
-    }
-
     /// Crash recovery: kills and removes every session cgroup left by an
     /// earlier daemon (SIGKILL, power loss); returns how many.
     pub fn recover_stale(&self) -> u64 {
         let stale = forward!(self, b => b.sessions());
         let mut recovered = 0;
         for session in stale {
-            match self.destroy_session(&session) {
+            match self.destroy(&session) {
                 Ok(()) => recovered += 1,
                 Err(e) => {
                     tracing::error!(session, error = %e, "cannot clean up a stale session cgroup")
