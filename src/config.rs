@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::CgroupsConfig;
+use crate::cgroup::{self, CgroupsConfig};
 use crate::limits::RlimitsConfig;
 
 /// Everything the daemon can be told at start. Every field has a default, so
@@ -273,21 +273,21 @@ impl Config {
                 "a plain directory name (no '/', not starting with '.')",
             ));
         }
-        if cg.memory_max.as_u64() < 4 * 1024 * 1024 {
+        if cg.memory_max.as_u64() < cgroup::MIN_MEMORY_BYTES {
             return Err(invalid(
                 "cgroups.memory_max",
                 cg.memory_max.as_u64(),
                 "at least 4 MiB",
             ));
         }
-        if !(cg.cpu_max_cores.is_finite() && cg.cpu_max_cores >= 0.01) {
+        if !(cg.cpu_max_cores.is_finite() && cg.cpu_max_cores >= cgroup::MIN_CPU_CORES) {
             return Err(invalid(
                 "cgroups.cpu_max_cores",
                 cg.cpu_max_cores,
                 "a number of cores, at least 0.01",
             ));
         }
-        if cg.pids_max < 8 {
+        if cg.pids_max < cgroup::MIN_PIDS {
             return Err(invalid(
                 "cgroups.pids_max",
                 cg.pids_max,

@@ -31,6 +31,18 @@ async fn a_command_actor_failure_answers_internal_and_the_session_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_command_actor_panic_kills_its_cgroup_leaf_at_once() {
+    let d = TestDaemon::start("");
+    let c = Arc::new(d.client().await);
+    let inv = Invariants::baseline(&d, &c).await;
+    sc::command_actor_panic_with_setsid_child(&c, &d).await;
+    assert_eq!(c.stats().await.unwrap().runtime.actor_failures_total, 1);
+    inv.check_after(&d, &c).await;
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_session_actor_failure_loses_that_session_only() {
     let d = TestDaemon::start("");
     let c = Arc::new(d.client().await);

@@ -9,10 +9,12 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::session::SessionMsg;
 use crate::context::Context;
-use crate::process::run::{RunError, RunOutcome, RunSpec, run_command};
+use crate::process::kill::KillReason;
+use crate::process::output;
+use crate::process::run::{RunError, RunReport, RunSpec, run_command};
 use crate::process::shell::{self, EnvMap, ShellState};
 use crate::process::table::SessionKey;
-use crate::protocol::{ExecResult, KilledBy, RequestError};
+use crate::protocol::{ExecResult, KeepOutput, KilledBy, RequestError};
 use crate::stats::Stats;
 
 /// The answer an `exec.run` waits for.
@@ -20,8 +22,10 @@ pub type ExecReply = RpcReplyPort<Result<ExecResult, RequestError>>;
 
 /// Runs one command in a task it owns and answers with its result. It has no
 /// children; if it panics, its state is dropped, which aborts the task, whose
-/// [`crate::process::ChildProcess`] kills the command's process group; the
-/// dropped reply port makes the connection answer `INTERNAL`.
+/// [`crate::process::ChildProcess`] kills the command's process group and
+/// whose [`crate::cgroup::CgroupNode`] kills and removes the command's cgroup
+/// leaf (setsid'd descendants included); the dropped reply port makes the
+/// connection answer `INTERNAL`.
 pub struct CommandActor;
 
 /// What a CommandActor is started with.
@@ -45,7 +49,7 @@ pub enum CommandMsg {
     /// Kill the command's process tree; it answers with `killed_by: reason`.
     Kill(KilledBy),
     /// The run task finished (sent by the task itself).
-    Finished(Result<RunOutcome, RunFailure>),
+    Finished(Result<RunReport, RunFailure>),
     /// Fault injection: strike this actor's handler.
     #[cfg(feature = "fault-injection")]
     Fault(crate::fault::Fault),
@@ -65,7 +69,7 @@ pub struct CommandState {
     session: ActorRef<SessionMsg>,
     session_env: EnvMap,
     request_env: EnvMap,
-    kill: watch::Sender<Option<KilledBy>>,
+    kill: watch::Sender<Option<KillReason>>,
     /// Aborts the run task when the state is dropped (stop, kill or panic).
     _task: AbortOnDrop,
     permit: Option<OwnedSemaphorePermit>,
@@ -128,11 +132,13 @@ impl Actor for CommandActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CommandMsg::Kill(reason) => {
+                let reason = kill_reason(reason);
                 state.kill.send_if_modified(|current| {
                     if current.is_none() {
                         *current = Some(reason);
                         true
-                    } else if matches!(reason, KilledBy::SessionDestroyed | KilledBy::Shutdown) {
+                    } else if matches!(reason, KillReason::SessionDestroyed | KillReason::Shutdown)
+                    {
                         // Escalation during a grace period: the first reason stays, the kill is now.
                         true
                     } else {
@@ -155,12 +161,13 @@ impl CommandState {
     /// Counts the outcome, hands the shell state to the session, returns the
     /// slot, then answers — in that order, so a client that sends its next
     /// command on receipt finds the session idle, the slot free and the new cwd.
-    fn finish(&mut self, me: ActorId, finished: Result<RunOutcome, RunFailure>) {
+    fn finish(&mut self, me: ActorId, finished: Result<RunReport, RunFailure>) {
         let stats = &self.ctx.stats;
         let (answer, new_state) = match finished {
-            Ok(outcome) => {
+            Ok(mut report) => {
                 Stats::bump(&stats.commands_completed);
-                let r = &outcome.result;
+                let state = report.state.take();
+                let r = exec_result(report);
                 if r.timed_out {
                     Stats::bump(&stats.commands_timed_out);
                 }
@@ -173,11 +180,11 @@ impl CommandState {
                 if r.stdout_truncated || r.stderr_truncated {
                     Stats::bump(&stats.output_truncated);
                 }
-                let new_state = outcome.state.map(|s| ShellState {
+                let new_state = state.map(|s| ShellState {
                     env: shell::carry_over(&self.session_env, &self.request_env, s.env),
                     cwd: s.cwd,
                 });
-                (Ok(outcome.result), new_state)
+                (Ok(r), new_state)
             }
             Err(RunFailure::Run(
                 e @ (RunError::Spawn(_) | RunError::CwdGone(_) | RunError::Cgroup(_)),
@@ -208,6 +215,65 @@ impl CommandState {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(answer);
         }
+    }
+}
+
+/// The wire's answer for a finished command.
+fn exec_result(report: RunReport) -> ExecResult {
+    let killed_by = report.killed_by.map(killed_by);
+    ExecResult {
+        command_id: None,
+        exit_code: report.exit.code,
+        signal: report.exit.signal,
+        timed_out: killed_by == Some(KilledBy::Timeout),
+        killed_by,
+        stdout_truncated: report.stdout.truncated,
+        stderr_truncated: report.stderr.truncated,
+        stdout_total_bytes: report.stdout.total,
+        stderr_total_bytes: report.stderr.total,
+        stdout: report.stdout.bytes.into(),
+        stderr: report.stderr.bytes.into(),
+        duration_ms: report.duration.as_millis() as u64,
+        cpu_ms: Some(report.exit.cpu.as_millis() as u64),
+        max_rss_bytes: Some(report.max_rss_bytes),
+        cwd: report.cwd.to_string_lossy().into_owned(),
+    }
+}
+
+/// The wire's name of why a command was ended.
+fn killed_by(reason: KillReason) -> KilledBy {
+    match reason {
+        KillReason::Timeout => KilledBy::Timeout,
+        KillReason::IdleTimeout => KilledBy::IdleTimeout,
+        KillReason::CpuLimit => KilledBy::CpuLimit,
+        KillReason::MemoryLimit => KilledBy::MemoryLimit,
+        KillReason::Cancelled => KilledBy::Cancelled,
+        KillReason::SessionDestroyed => KilledBy::SessionDestroyed,
+        KillReason::Shutdown => KilledBy::Shutdown,
+    }
+}
+
+/// A kill request from the wire's side, for the run task.
+fn kill_reason(reason: KilledBy) -> KillReason {
+    match reason {
+        KilledBy::Timeout => KillReason::Timeout,
+        KilledBy::IdleTimeout => KillReason::IdleTimeout,
+        KilledBy::CpuLimit => KillReason::CpuLimit,
+        KilledBy::MemoryLimit => KillReason::MemoryLimit,
+        KilledBy::Cancelled => KillReason::Cancelled,
+        KilledBy::SessionDestroyed => KillReason::SessionDestroyed,
+        KilledBy::Shutdown => KillReason::Shutdown,
+        // Only a client decodes `Other`; a kill request never carries it.
+        KilledBy::Other => KillReason::Cancelled,
+    }
+}
+
+/// The request's `keep_output`, for the process layer's capture.
+pub fn keep_output(keep: KeepOutput) -> output::KeepOutput {
+    match keep {
+        KeepOutput::Head => output::KeepOutput::Head,
+        KeepOutput::Tail => output::KeepOutput::Tail,
+        KeepOutput::Both => output::KeepOutput::Both,
     }
 }
 

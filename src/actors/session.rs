@@ -9,11 +9,11 @@ use nix::sys::signal::Signal;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
-use crate::cgroup::{CgroupLimits, Cgroups};
+use crate::cgroup::{CgroupLimits, CgroupNode};
 use crate::context::Context;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
-use crate::process::run::{CgroupPlace, RunSpec};
+use crate::process::run::RunSpec;
 use crate::process::shell::{EnvMap, ShellState};
 use crate::process::table::SessionKey;
 use crate::protocol::{CreateResult, KeepOutput, KilledBy, RequestError, SessionInfo};
@@ -154,38 +154,6 @@ pub enum SessionPhase {
     Ending,
 }
 
-/// The session's cgroup node.
-struct SessionCgroup {
-    cgroups: Arc<Cgroups>,
-    rel: String,
-}
-
-impl SessionCgroup {
-    fn destroy(self) {
-        if let Err(e) = self.cgroups.destroy_session(&self.rel) {
-            tracing::error!(cgroup = %self.rel, error = %e, "cannot remove the session's cgroup");
-        }
-    }
-}
-
-/// Kills and removes the session's cgroup when dropped without `end` (a
-/// panic, a kill): ractor skips `post_stop` then, `Drop` always runs.
-struct SessionCgroupGuard(Option<SessionCgroup>);
-
-impl Drop for SessionCgroupGuard {
-    fn drop(&mut self) {
-        if let Some(cgroup) = self.0.take() {
-            // Blocking file I/O: off the async workers when a runtime is there.
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn_blocking(move || cgroup.destroy());
-                }
-                Err(_) => cgroup.destroy(),
-            }
-        }
-    }
-}
-
 /// Kills every process group of the session when dropped — on stop, kill or
 /// panic alike (ractor skips `post_stop` on a panic; `Drop` always runs).
 struct SessionProcesses {
@@ -214,8 +182,10 @@ pub struct SessionState {
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
     rlimits: [Rlimit; 5],
-    /// The session's cgroup, when cgroups are on; removed when the session ends.
-    cgroup: SessionCgroupGuard,
+    /// The session's cgroup, when cgroups are on (made by `Setup`); destroyed
+    /// in `end`, or by its Drop when the session ends without `end` (a panic,
+    /// a kill: ractor skips `post_stop` then, `Drop` always runs).
+    cgroup: Option<CgroupNode>,
     /// Limits for the cgroup, made by `Setup`.
     cgroup_limits: CgroupLimits,
     /// The `session.create` waiting for `Setup`.
@@ -261,7 +231,7 @@ impl Actor for SessionActor {
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             rlimits: args.rlimits,
-            cgroup: SessionCgroupGuard(None),
+            cgroup: None,
             cgroup_limits: args.cgroup_limits,
             create_reply: Some(args.created),
             running: HashMap::new(),
@@ -372,15 +342,12 @@ impl SessionState {
     async fn setup(&mut self, myself: &ActorRef<SessionMsg>) {
         if let Some(cgroups) = self.ctx.cgroups.clone() {
             let (key, limits) = (self.key, self.cgroup_limits);
-            let made = tokio::task::spawn_blocking({
-                let cgroups = cgroups.clone();
-                move || cgroups.create_session(key, &limits)
+            let made = tokio::task::spawn_blocking(move || {
+                CgroupNode::create_session(&cgroups, key, &limits)
             })
             .await;
             match made {
-                Ok(Ok(rel)) => {
-                    self.cgroup = SessionCgroupGuard(Some(SessionCgroup { cgroups, rel }))
-                }
+                Ok(Ok(node)) => self.cgroup = Some(node),
                 failed => {
                     let why = match failed {
                         Ok(Err(e)) => e.to_string(),
@@ -454,14 +421,11 @@ impl SessionState {
             timeout,
             kill_grace: commands.kill_grace,
             max_output_bytes: commands.max_output_bytes.as_u64() as usize,
-            keep_output: request.keep_output,
+            keep_output: super::command::keep_output(request.keep_output),
             rlimits: self.rlimits,
             oom_score_adj: commands.oom_score_adj,
             credentials: self.ctx.credentials,
-            cgroup: self.cgroup.0.as_ref().map(|c| CgroupPlace {
-                cgroups: c.cgroups.clone(),
-                session: c.rel.clone(),
-            }),
+            cgroup: self.cgroup.as_ref().map(CgroupNode::leaf_parent),
         };
         let args = CommandArgs {
             ctx: self.ctx.clone(),
@@ -544,8 +508,15 @@ impl SessionState {
     /// session), removes the cgroup, answers the destroyers, stops. Awaiting the
     /// cgroup teardown here only holds this ending session's own mailbox.
     async fn end(&mut self, myself: &ActorRef<SessionMsg>, why: SessionEnd) {
-        if let Some(cgroup) = self.cgroup.0.take() {
-            let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
+        if let Some(cgroup) = self.cgroup.take() {
+            let destroyed = tokio::task::spawn_blocking(move || {
+                let name = cgroup.name().to_string();
+                cgroup.destroy().map_err(|e| (name, e))
+            })
+            .await;
+            if let Ok(Err((cgroup, e))) = destroyed {
+                tracing::error!(%cgroup, error = %e, "cannot remove the session's cgroup");
+            }
         }
         self.ctx.processes.signal_session(self.key, Signal::SIGKILL);
         for reply in self.end_waiters.drain(..) {

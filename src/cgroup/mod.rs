@@ -15,288 +15,68 @@
 //! instead of killing them). What we need is a handful of files per version,
 //! written and read here, each checked; all of it is blocking I/O, called off
 //! the async workers (`spawn_blocking`). OS roots (mountinfo, the cgroup
-//! mounts, /proc/self/cgroup) are parameters, so the v2 backend is tested
-//! against a fake tree on this hybrid host.
+//! mounts, /proc/self/cgroup) are parameters, so both backends and the
+//! detection are tested against fake trees.
+//!
+//! Files: this one is the facade ([`Cgroups`]) and the [`Backend`] trait
+//! `v1.rs` and `v2.rs` implement; `detect.rs` finds the mounts and picks the
+//! backend; `node.rs` holds the owned nodes ([`CgroupNode`]); `limits.rs` the
+//! config, limits and their minimums; `fs.rs` the file helpers and the lock;
+//! `error.rs` [`CgroupError`].
 
+pub mod detect;
+pub mod error;
+pub mod fs;
+pub mod limits;
+pub mod node;
 pub mod v1;
 pub mod v2;
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
-use bytesize::ByteSize;
-use serde::{Deserialize, Serialize};
+pub use detect::{Mounts, OsRoots};
+pub use error::CgroupError;
+pub use limits::{
+    CPU_PERIOD_US, CgroupLimits, CgroupMode, CgroupsConfig, MIN_CPU_CORES, MIN_MEMORY_BYTES,
+    MIN_PIDS,
+};
+pub use node::{CgroupNode, LeafParent};
 
-/// cpu.max / cfs period, µs.
-pub const CPU_PERIOD_US: u64 = 100_000;
+use error::io_err;
 
-/// How long a kill may take to empty a cgroup.
-const KILL_WAIT: Duration = Duration::from_secs(5);
-
-/// `[cgroups] mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CgroupMode {
-    /// Use what the host offers; off with one warning when nothing usable.
-    Auto,
-    V2,
-    V1,
-    Off,
-}
-
-/// `[cgroups]`: one cgroup per session with hard limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CgroupsConfig {
-    /// auto | v2 | v1 | off.
-    pub mode: CgroupMode,
-    /// Our subtree: under the daemon's own cgroup (v2) or each controller's root (v1).
-    pub parent: String,
-    /// memory.max per session.
-    pub memory_max: ByteSize,
-    /// cpu.max per session, in cores.
-    pub cpu_max_cores: f64,
-    /// pids.max per session (counts threads: a JVM needs ≥ 64).
-    pub pids_max: u64,
-}
-
-impl Default for CgroupsConfig {
-    fn default() -> Self {
-        CgroupsConfig {
-            mode: CgroupMode::Auto,
-            parent: "sessiond".into(),
-            memory_max: ByteSize::gib(1),
-            cpu_max_cores: 1.0,
-            pids_max: 512,
-        }
-    }
-}
-
-/// The limits of one session's cgroup.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CgroupLimits {
-    pub memory_max: u64,
-    pub cpu_max_cores: f64,
-    pub pids_max: u64,
-}
-
-impl CgroupLimits {
-    /// The configured defaults.
-    pub fn from_config(c: &CgroupsConfig) -> CgroupLimits {
-        CgroupLimits {
-            memory_max: c.memory_max.as_u64(),
-            cpu_max_cores: c.cpu_max_cores,
-            pids_max: c.pids_max,
-        }
-    }
-
-    /// CPU quota per period, µs.
-    pub fn cpu_quota_us(&self) -> u64 {
-        ((self.cpu_max_cores * CPU_PERIOD_US as f64).round() as u64).max(1000)
-    }
-}
-
-/// Why a cgroup operation failed: the path and the error.
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    #[error("cannot {action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0} is missing after creation: the controller is not enabled for our subtree")]
-    MissingController(PathBuf),
-    #[error("{0} still holds processes after the kill")]
-    NotEmpty(PathBuf),
-    #[error("cgroup mode {mode:?} is not usable here: {why}")]
-    Unusable { mode: CgroupMode, why: String },
-    #[error(
-        "cgroups.parent {0} is in use by another running sessiond: give each daemon its own parent"
-    )]
-    InUse(PathBuf),
-}
-
-pub(crate) fn io_err(action: &'static str, path: &Path, source: std::io::Error) -> CgroupError {
-    CgroupError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Creates a node's cgroup directory; one that exists already is an error:
-/// a session or command must never share a cgroup with anything else.
-pub(crate) fn mkdir_new(dir: &Path) -> Result<(), CgroupError> {
-    std::fs::create_dir(dir).map_err(|e| io_err("create", dir, e))
-}
-
-/// Creates a base directory of our subtree (one that exists already is fine).
-pub(crate) fn mkdir(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::create_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io_err("create", dir, e)),
-        _ => Ok(()),
-    }
-}
-
-/// Writes a cgroup file.
-pub(crate) fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
-    std::fs::write(file, value).map_err(|e| io_err("write", file, e))
-}
-
-/// Removes a cgroup directory (one already gone is fine).
-pub(crate) fn rmdir(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::remove_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", dir, e)),
-        _ => Ok(()),
-    }
-}
-
-/// The value of `key` in a `key value` file (cgroup.events, memory.events, memory.oom_control).
-pub(crate) fn read_key(file: &Path, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
-/// Writes "1" to `dir/cgroup.kill`: SIGKILL to every process in it and below (kernel ≥ 5.14).
-pub(crate) fn kill_by_file(dir: &Path) -> Result<(), CgroupError> {
-    let file = dir.join("cgroup.kill");
-    match std::fs::write(&file, "1") {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("write", &file, e)),
-        _ => Ok(()),
-    }
-}
-
-/// Waits until no process is left in `dir` or below.
-pub(crate) fn wait_empty(dir: &Path) -> Result<(), CgroupError> {
-    let deadline = Instant::now() + KILL_WAIT;
-    while !all_pids_below(dir).is_empty() {
-        if Instant::now() > deadline {
-            return Err(CgroupError::NotEmpty(dir.to_path_buf()));
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
-}
-
-/// Every pid in `dir/cgroup.procs` and in its descendants'.
-pub(crate) fn all_pids_below(dir: &Path) -> Vec<i32> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
-        }
-        todo.extend(child_dirs(&d).into_iter().map(|c| d.join(c)));
-    }
-    out
-}
-
-/// Names of the subdirectories of `dir` (child cgroups).
-pub(crate) fn child_dirs(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    out.sort();
-    out
-}
-
-/// Where the OS keeps what detection reads; parameters so tests can fake them.
-#[derive(Debug, Clone)]
-pub struct OsRoots {
-    pub mountinfo: PathBuf,
-    pub self_cgroup: PathBuf,
-}
-
-impl Default for OsRoots {
-    fn default() -> Self {
-        OsRoots {
-            mountinfo: "/proc/self/mountinfo".into(),
-            self_cgroup: "/proc/self/cgroup".into(),
-        }
-    }
-}
-
-/// The cgroup mounts of this host.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Mounts {
-    /// A cgroup2 mount (the whole tree on pure v2; `unified` on a hybrid host).
-    pub cgroup2: Option<PathBuf>,
-    /// v1 controller name → mount point.
-    pub v1: Vec<(String, PathBuf)>,
-}
-
-impl Mounts {
-    /// Parses /proc/self/mountinfo: `… mountpoint … - fstype source superopts`.
-    pub fn parse(mountinfo: &str) -> Mounts {
-        let mut m = Mounts::default();
-        for line in mountinfo.lines() {
-            let Some((left, right)) = line.split_once(" - ") else {
-                continue;
-            };
-            let Some(point) = left.split_whitespace().nth(4) else {
-                continue;
-            };
-            let mut r = right.split_whitespace();
-            let (fstype, _source, opts) = (r.next(), r.next(), r.next().unwrap_or(""));
-            match fstype {
-                Some("cgroup2") => {
-                    m.cgroup2.get_or_insert_with(|| PathBuf::from(point));
-                }
-                Some("cgroup") => {
-                    for opt in opts.split(',') {
-                        if matches!(opt, "memory" | "cpu" | "pids" | "freezer") {
-                            m.v1.push((opt.to_string(), PathBuf::from(point)));
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        m
-    }
-
-    fn v1_mount(&self, controller: &str) -> Option<&Path> {
-        self.v1
-            .iter()
-            .find(|(c, _)| c == controller)
-            .map(|(_, p)| p.as_path())
-    }
-}
-
-/// The backend in use: same operations, one implementation per version.
-#[derive(Debug, Clone)]
-pub enum Backend {
-    V1(v1::V1),
-    V2(v2::V2),
-}
-
-macro_rules! forward {
-    ($self:ident, $b:ident => $e:expr) => {
-        match &$self.backend {
-            Backend::V1($b) => $e,
-            Backend::V2($b) => $e,
-        }
-    };
+/// One cgroup hierarchy layout (v1 or v2): the operations the facade needs,
+/// on nodes named by their path below our subtree (`session-1/cmd-2`). All
+/// blocking.
+pub trait Backend: std::fmt::Debug + Send + Sync {
+    /// "v1" or "v2".
+    fn name(&self) -> &'static str;
+    /// Creates the node `rel` (an existing one is an error); with `limits`
+    /// (a session), writes them.
+    fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError>;
+    /// The `cgroup.procs` files a process writes "0" to, to join `rel`.
+    fn procs_files(&self, rel: &str) -> Vec<PathBuf>;
+    /// Kills every process in `rel` and below, and waits until it is empty.
+    fn kill(&self, rel: &str) -> Result<(), CgroupError>;
+    /// Whether `rel` still holds processes.
+    fn populated(&self, rel: &str) -> bool;
+    /// Removes the node (it must be empty); one already gone is fine.
+    fn remove(&self, rel: &str) -> Result<(), CgroupError>;
+    /// How many processes of `rel` the OOM killer has killed.
+    fn oom_kills(&self, rel: &str) -> u64;
+    /// Peak memory of `rel`, bytes, where the kernel reports it.
+    fn memory_peak(&self, rel: &str) -> Option<u64>;
+    /// The child nodes of `rel` ("" for the sessions), for recovery and teardown.
+    fn children(&self, rel: &str) -> Vec<String>;
+    /// The base directories of our subtree; the first is the one we lock.
+    fn base_dirs(&self) -> Vec<PathBuf>;
 }
 
 /// The daemon's cgroup subtree and the limits sessions start from.
 #[derive(Debug)]
 pub struct Cgroups {
-    backend: Backend,
+    backend: Box<dyn Backend>,
     /// An exclusive flock on our subtree's base directory, held for the
     /// daemon's life: a second daemon with the same `parent` refuses to start
     /// instead of sharing (and, at its start, "recovering") our sessions.
@@ -306,89 +86,20 @@ pub struct Cgroups {
 }
 
 impl Cgroups {
-    /// Sets up the subtree for `config.mode`. `Ok(None)`: cgroups off (asked,
-    /// or `auto` found nothing usable — logged once). An explicit mode that
-    /// cannot work is an error: the daemon refuses to start.
+    /// Sets up the subtree for `config.mode` (see [`detect::backend`]).
+    /// `Ok(None)`: cgroups off (asked, or `auto` found nothing usable —
+    /// logged once). An explicit mode that cannot work is an error: the
+    /// daemon refuses to start.
     pub fn init(config: &CgroupsConfig, roots: &OsRoots) -> Result<Option<Cgroups>, CgroupError> {
-        let mode = config.mode;
-        if mode == CgroupMode::Off {
+        let Some(backend) = detect::backend(config, roots)? else {
             return Ok(None);
-        }
-        let mounts = Mounts::parse(&std::fs::read_to_string(&roots.mountinfo).unwrap_or_default());
-        let attempt = |want: CgroupMode| -> Result<Backend, CgroupError> {
-            let unusable = |why: String| CgroupError::Unusable { mode: want, why };
-            match want {
-                CgroupMode::V2 => {
-                    let mount = mounts
-                        .cgroup2
-                        .clone()
-                        .ok_or_else(|| unusable("no cgroup2 mount".into()))?;
-                    let controllers = std::fs::read_to_string(mount.join("cgroup.controllers"))
-                        .unwrap_or_default();
-                    for c in ["memory", "cpu", "pids"] {
-                        if !controllers.split_whitespace().any(|x| x == c) {
-                            return Err(unusable(format!(
-                                "the {c} controller is not available in {}",
-                                mount.display()
-                            )));
-                        }
-                    }
-                    let own = own_v2_cgroup(&roots.self_cgroup)
-                        .ok_or_else(|| unusable("no v2 entry in /proc/self/cgroup".into()))?;
-                    Ok(Backend::V2(v2::V2::setup(
-                        &mount,
-                        &own,
-                        &config.parent,
-                        std::process::id(),
-                    )?))
-                }
-                CgroupMode::V1 => {
-                    let need = |c: &str| {
-                        mounts
-                            .v1_mount(c)
-                            .map(Path::to_path_buf)
-                            .ok_or_else(|| unusable(format!("no v1 {c} hierarchy mounted")))
-                    };
-                    let (memory, cpu, pids) = (need("memory")?, need("cpu")?, need("pids")?);
-                    Ok(Backend::V1(v1::V1::setup(
-                        &memory,
-                        &cpu,
-                        &pids,
-                        mounts.v1_mount("freezer"),
-                        mounts.cgroup2.as_deref(),
-                        &config.parent,
-                    )?))
-                }
-                CgroupMode::Auto | CgroupMode::Off => unreachable!("resolved below"),
-            }
         };
-        let backend = match mode {
-            CgroupMode::Auto => {
-                // Pure v2 when the cgroup2 mount has the controllers, else v1 (a hybrid host).
-                let first = if mounts.v1_mount("memory").is_some() {
-                    CgroupMode::V1
-                } else {
-                    CgroupMode::V2
-                };
-                match attempt(first) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cgroups unavailable; running without the kernel isolation layer (mode = off)");
-                        return Ok(None);
-                    }
-                }
-            }
-            explicit => attempt(explicit)?,
-        };
-        let lock_dir = match &backend {
-            Backend::V1(b) => b
-                .base_dirs()
-                .into_iter()
-                .next()
-                .expect("v1 has a memory base"),
-            Backend::V2(b) => b.base().to_path_buf(),
-        };
-        let lock = lock_subtree(&lock_dir)?;
+        let lock_dir = backend
+            .base_dirs()
+            .into_iter()
+            .next()
+            .expect("a backend has a base");
+        let lock = fs::lock_subtree(&lock_dir)?;
         Ok(Some(Cgroups {
             backend,
             _lock: lock,
@@ -398,18 +109,15 @@ impl Cgroups {
 
     /// "v1" or "v2", for `system.stats`.
     pub fn mode_name(&self) -> &'static str {
-        match self.backend {
-            Backend::V1(_) => "v1",
-            Backend::V2(_) => "v2",
-        }
+        self.backend.name()
     }
 
     /// Creates the cgroup of session `key` with `limits`; returns its node name.
     pub fn create_session(&self, key: u64, limits: &CgroupLimits) -> Result<String, CgroupError> {
         let rel = format!("session-{key}");
-        let created = forward!(self, b => b.create(&rel, Some(limits)));
+        let created = self.backend.create(&rel, Some(limits));
         if created.is_err() {
-            let _ = forward!(self, b => b.remove(&rel));
+            let _ = self.backend.remove(&rel);
         }
         created.map(|()| rel)
     }
@@ -420,14 +128,14 @@ impl Cgroups {
             "{session}/cmd-{}",
             self.next_command.fetch_add(1, Ordering::Relaxed)
         );
-        forward!(self, b => b.create(&rel, None))?;
+        self.backend.create(&rel, None)?;
         Ok(rel)
     }
 
     /// Opens the `cgroup.procs` files of `rel` for writing (close-on-exec):
     /// the spawn child writes "0" to each before it executes anything.
     pub fn open_procs(&self, rel: &str) -> Result<Vec<OwnedFd>, CgroupError> {
-        let files = forward!(self, b => b.procs_files(rel));
+        let files = self.backend.procs_files(rel);
         files
             .iter()
             .map(|f| {
@@ -442,42 +150,43 @@ impl Cgroups {
 
     /// Kills every process in `rel` and below, and waits until it is empty.
     pub fn kill(&self, rel: &str) -> Result<(), CgroupError> {
-        forward!(self, b => b.kill(rel))
+        self.backend.kill(rel)
     }
 
     /// Whether `rel` still holds processes (background children of a command).
     pub fn populated(&self, rel: &str) -> bool {
-        forward!(self, b => b.populated(rel))
+        self.backend.populated(rel)
     }
 
     /// Removes an empty node.
     pub fn remove(&self, rel: &str) -> Result<(), CgroupError> {
-        forward!(self, b => b.remove(rel))
+        self.backend.remove(rel)
     }
 
     /// OOM kills inside `rel` so far.
     pub fn oom_kills(&self, rel: &str) -> u64 {
-        forward!(self, b => b.oom_kills(rel))
+        self.backend.oom_kills(rel)
     }
 
     /// Peak memory of `rel`, where the kernel reports it.
     pub fn memory_peak(&self, rel: &str) -> Option<u64> {
-        forward!(self, b => b.memory_peak(rel))
+        self.backend.memory_peak(rel)
     }
 
-    /// Kills everything in a session and removes its leaves and itself.
-    pub fn destroy_session(&self, session: &str) -> Result<(), CgroupError> {
-        let killed = self.kill(session);
+    /// Kills everything in a node (a session, a command leaf) and removes its
+    /// leaves and itself.
+    pub fn destroy(&self, node: &str) -> Result<(), CgroupError> {
+        let killed = self.kill(node);
         // A command being spawned at this moment may add a leaf after we
-        // listed them: kill and list again until the session can go.
-        let mut removed = Err(CgroupError::NotEmpty(PathBuf::from(session)));
+        // listed them: kill and list again until the node can go.
+        let mut removed = Err(CgroupError::NotEmpty(PathBuf::from(node)));
         for _ in 0..3 {
-            for cmd in forward!(self, b => b.commands(session)) {
-                let rel = format!("{session}/{cmd}");
+            for child in self.backend.children(node) {
+                let rel = format!("{node}/{child}");
                 let _ = self.kill(&rel);
                 let _ = self.remove(&rel);
             }
-            removed = self.remove(session);
+            removed = self.remove(node);
             if removed.is_ok() {
                 break;
             }
@@ -485,20 +194,13 @@ impl Cgroups {
         killed.and(removed)
     }
 
-    /// Removes a command leaf once its processes are gone (none left behind).
-    pub fn release_command(&self, rel: &str) {
-        if !self.populated(rel) {
-            let _ = self.remove(rel);
-        }
-    }
-
     /// Crash recovery: kills and removes every session cgroup left by an
     /// earlier daemon (SIGKILL, power loss); returns how many.
     pub fn recover_stale(&self) -> u64 {
-        let stale = forward!(self, b => b.sessions());
+        let stale = self.backend.children("");
         let mut recovered = 0;
         for session in stale {
-            match self.destroy_session(&session) {
+            match self.destroy(&session) {
                 Ok(()) => recovered += 1,
                 Err(e) => {
                     tracing::error!(session, error = %e, "cannot clean up a stale session cgroup")
@@ -517,80 +219,15 @@ impl Cgroups {
     /// At exit: destroys whatever sessions remain and removes our subtree.
     pub fn teardown(&self) {
         self.recover_stale();
-        match &self.backend {
-            Backend::V1(b) => {
-                for dir in b.base_dirs() {
-                    let _ = std::fs::remove_dir(dir);
-                }
-            }
-            Backend::V2(b) => {
-                let _ = std::fs::remove_dir(b.base());
-            }
+        for dir in self.backend.base_dirs() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
-}
-
-/// Takes an exclusive, non-blocking flock on `dir`; the lock lives with the
-/// open file we keep, and the kernel drops it when the daemon dies (so a
-/// crashed daemon never blocks its successor).
-fn lock_subtree(dir: &Path) -> Result<OwnedFd, CgroupError> {
-    let fd = OwnedFd::from(std::fs::File::open(dir).map_err(|e| io_err("open", dir, e))?);
-    // SAFETY: flock on a valid fd we own.
-    if unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } == 0
-    {
-        Ok(fd)
-    } else {
-        Err(CgroupError::InUse(dir.to_path_buf()))
-    }
-}
-
-/// The daemon's own cgroup in the v2 hierarchy, from `/proc/self/cgroup` (`0::/path`).
-fn own_v2_cgroup(self_cgroup: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(self_cgroup).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| PathBuf::from(p.trim()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const HYBRID: &str = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
-35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
-39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-";
-
-    #[test]
-    fn mountinfo_of_a_hybrid_host() {
-        let m = Mounts::parse(HYBRID);
-        assert_eq!(
-            m.cgroup2.as_deref(),
-            Some(Path::new("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            m.v1_mount("memory"),
-            Some(Path::new("/sys/fs/cgroup/memory"))
-        );
-        assert_eq!(m.v1_mount("cpu"), Some(Path::new("/sys/fs/cgroup/cpu")));
-        assert_eq!(m.v1_mount("pids"), Some(Path::new("/sys/fs/cgroup/pids")));
-    }
-
-    #[test]
-    fn mountinfo_of_a_pure_v2_host() {
-        let m =
-            Mounts::parse("25 1 0:22 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n");
-        assert_eq!(m.cgroup2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
-        assert!(m.v1.is_empty());
-    }
 
     #[test]
     fn auto_on_a_fake_pure_v2_host_sets_up_the_v2_backend() {
@@ -674,24 +311,5 @@ mod tests {
             Cgroups::init(&auto, &roots).unwrap().is_none(),
             "auto falls back to off"
         );
-    }
-
-    #[test]
-    fn key_value_files_are_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("memory.oom_control");
-        std::fs::write(&f, "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").unwrap();
-        assert_eq!(read_key(&f, "oom_kill"), Some(3));
-        assert_eq!(read_key(&f, "missing"), None);
-    }
-
-    #[test]
-    fn cpu_quota_follows_cores() {
-        let l = CgroupLimits {
-            memory_max: 1,
-            cpu_max_cores: 0.2,
-            pids_max: 1,
-        };
-        assert_eq!(l.cpu_quota_us(), 20_000);
     }
 }

@@ -2,9 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{
-    CgroupError, CgroupLimits, kill_by_file, mkdir, mkdir_new, read_key, rmdir, wait_empty, write,
+use super::fs::{
+    all_pids_below, child_dirs, kill_by_file, mkdir, mkdir_new, read_key, read_u64, rmdir,
+    wait_empty, write,
 };
+use super::{Backend, CgroupError, CgroupLimits};
 
 /// The v1 hierarchies a node is created in, plus the cgroup2 ("unified")
 /// mount of a hybrid host, used to track every process and to kill them all
@@ -57,8 +59,40 @@ impl V1 {
         self.bases().into_iter().map(|b| b.join(rel)).collect()
     }
 
+    /// v1 fallback: freeze (so nothing forks meanwhile), SIGKILL every pid, thaw; until empty.
+    fn kill_by_freezing(&self, rel: &str) -> Result<(), CgroupError> {
+        let pids_dir = self.pids.join(rel);
+        let freezer = self.freezer.as_ref().map(|f| f.join(rel));
+        for _ in 0..100 {
+            let pids = all_pids_below(&pids_dir);
+            if pids.is_empty() {
+                return Ok(());
+            }
+            if let Some(f) = &freezer {
+                let _ = std::fs::write(f.join("freezer.state"), "FROZEN");
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Some(f) = &freezer {
+                let _ = std::fs::write(f.join("freezer.state"), "THAWED");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Err(CgroupError::NotEmpty(pids_dir))
+    }
+}
+
+impl Backend for V1 {
+    fn name(&self) -> &'static str {
+        "v1"
+    }
+
     /// Creates the node `rel` in every hierarchy; with `limits` (a session), writes them.
-    pub fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError> {
+    fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError> {
         for dir in self.dirs(rel) {
             mkdir_new(&dir)?;
         }
@@ -88,7 +122,7 @@ impl V1 {
     }
 
     /// The `cgroup.procs` files a process writes "0" to, to join `rel`: one per hierarchy.
-    pub fn procs_files(&self, rel: &str) -> Vec<PathBuf> {
+    fn procs_files(&self, rel: &str) -> Vec<PathBuf> {
         self.dirs(rel)
             .into_iter()
             .map(|d| d.join("cgroup.procs"))
@@ -97,7 +131,7 @@ impl V1 {
 
     /// Kills every process in `rel` and below and waits until it is empty:
     /// `cgroup.kill` in the unified hierarchy, else freeze / SIGKILL each / thaw.
-    pub fn kill(&self, rel: &str) -> Result<(), CgroupError> {
+    fn kill(&self, rel: &str) -> Result<(), CgroupError> {
         if let Some(unified) = &self.unified {
             let dir = unified.join(rel);
             if dir.join("cgroup.kill").exists() {
@@ -108,44 +142,18 @@ impl V1 {
         self.kill_by_freezing(rel)
     }
 
-    /// v1 fallback: freeze (so nothing forks meanwhile), SIGKILL every pid, thaw; until empty.
-    fn kill_by_freezing(&self, rel: &str) -> Result<(), CgroupError> {
-        let pids_dir = self.pids.join(rel);
-        let freezer = self.freezer.as_ref().map(|f| f.join(rel));
-        for _ in 0..100 {
-            let pids = super::all_pids_below(&pids_dir);
-            if pids.is_empty() {
-                return Ok(());
-            }
-            if let Some(f) = &freezer {
-                let _ = std::fs::write(f.join("freezer.state"), "FROZEN");
-            }
-            for pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            if let Some(f) = &freezer {
-                let _ = std::fs::write(f.join("freezer.state"), "THAWED");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        Err(CgroupError::NotEmpty(pids_dir))
-    }
-
     /// Whether `rel` still holds processes.
-    pub fn populated(&self, rel: &str) -> bool {
+    fn populated(&self, rel: &str) -> bool {
         match &self.unified {
             Some(u) => {
                 read_key(&u.join(rel).join("cgroup.events"), "populated").is_some_and(|v| v > 0)
             }
-            None => !super::all_pids_below(&self.pids.join(rel)).is_empty(),
+            None => !all_pids_below(&self.pids.join(rel)).is_empty(),
         }
     }
 
     /// Removes the node from every hierarchy (it must be empty).
-    pub fn remove(&self, rel: &str) -> Result<(), CgroupError> {
+    fn remove(&self, rel: &str) -> Result<(), CgroupError> {
         let mut first_error = None;
         for dir in self.dirs(rel) {
             if let Err(e) = rmdir(&dir) {
@@ -156,7 +164,7 @@ impl V1 {
     }
 
     /// How many processes of `rel` the OOM killer has killed (memory.oom_control).
-    pub fn oom_kills(&self, rel: &str) -> u64 {
+    fn oom_kills(&self, rel: &str) -> u64 {
         read_key(
             &self.memory.join(rel).join("memory.oom_control"),
             "oom_kill",
@@ -165,26 +173,17 @@ impl V1 {
     }
 
     /// Peak memory of `rel`, bytes.
-    pub fn memory_peak(&self, rel: &str) -> Option<u64> {
-        std::fs::read_to_string(self.memory.join(rel).join("memory.max_usage_in_bytes"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+    fn memory_peak(&self, rel: &str) -> Option<u64> {
+        read_u64(&self.memory.join(rel).join("memory.max_usage_in_bytes"))
     }
 
-    /// The session nodes found in any hierarchy (for crash recovery).
-    pub fn sessions(&self) -> Vec<String> {
-        children_in_any(&self.bases())
+    /// The child nodes of `rel` found in any hierarchy.
+    fn children(&self, rel: &str) -> Vec<String> {
+        children_in_any(&self.dirs(rel))
     }
 
-    /// The command nodes of a session, in any hierarchy.
-    pub fn commands(&self, session: &str) -> Vec<String> {
-        children_in_any(&self.dirs(session))
-    }
-
-    /// The per-hierarchy bases (for removing the parent at exit).
-    pub fn base_dirs(&self) -> Vec<PathBuf> {
+    /// The per-hierarchy bases, memory's first.
+    fn base_dirs(&self) -> Vec<PathBuf> {
         self.bases()
     }
 }
@@ -192,8 +191,195 @@ impl V1 {
 /// The child cgroups found in any of `dirs` (a node lives in every hierarchy;
 /// a half-created or half-removed one may be in some only).
 fn children_in_any(dirs: &[PathBuf]) -> Vec<String> {
-    let mut all: Vec<String> = dirs.iter().flat_map(|d| super::child_dirs(d)).collect();
+    let mut all: Vec<String> = dirs.iter().flat_map(|d| child_dirs(d)).collect();
     all.sort();
     all.dedup();
     all
+}
+
+#[cfg(test)]
+mod tests {
+    //! The v1 backend against a fake hybrid tree in a temp dir.
+    use super::*;
+
+    /// Fake mounts under a temp dir: memory, cpu, pids, freezer, and a
+    /// unified (cgroup2) one when `unified`; the backend set up in them.
+    fn fake_tree(unified: bool) -> (tempfile::TempDir, V1) {
+        let root = tempfile::tempdir().unwrap();
+        let m = |c: &str| {
+            let dir = root.path().join(c);
+            std::fs::create_dir(&dir).unwrap();
+            dir
+        };
+        let (memory, cpu, pids, freezer) = (m("memory"), m("cpu"), m("pids"), m("freezer"));
+        let unified = unified.then(|| m("unified"));
+        let v1 = V1::setup(
+            &memory,
+            &cpu,
+            &pids,
+            Some(&freezer),
+            unified.as_deref(),
+            "sessiond",
+        )
+        .unwrap();
+        (root, v1)
+    }
+
+    fn read(p: &Path) -> String {
+        std::fs::read_to_string(p).unwrap()
+    }
+
+    fn limits() -> CgroupLimits {
+        CgroupLimits {
+            memory_max: 64 << 20,
+            cpu_max_cores: 0.5,
+            pids_max: 32,
+        }
+    }
+
+    #[test]
+    fn setup_makes_the_parent_in_every_hierarchy_memory_first() {
+        let (root, v1) = fake_tree(true);
+        let bases = v1.base_dirs();
+        assert_eq!(bases[0], root.path().join("memory/sessiond"));
+        assert_eq!(bases.len(), 5);
+        assert!(bases.iter().all(|b| b.is_dir()));
+    }
+
+    #[test]
+    fn setup_is_refused_when_a_hierarchy_is_not_there() {
+        let root = tempfile::tempdir().unwrap();
+        let gone = root.path().join("gone");
+        let err = V1::setup(&gone, &gone, &gone, None, None, "sessiond").unwrap_err();
+        assert!(matches!(err, CgroupError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_session_gets_its_limit_files_and_a_leaf_joins_every_hierarchy() {
+        let (root, v1) = fake_tree(true);
+        v1.create("s-1", Some(&limits())).unwrap();
+        let dir = |c: &str| root.path().join(c).join("sessiond/s-1");
+        assert_eq!(
+            read(&dir("memory").join("memory.limit_in_bytes")),
+            "67108864"
+        );
+        assert_eq!(
+            read(&dir("memory").join("memory.memsw.limit_in_bytes")),
+            "67108864"
+        );
+        assert_eq!(read(&dir("cpu").join("cpu.cfs_period_us")), "100000");
+        assert_eq!(read(&dir("cpu").join("cpu.cfs_quota_us")), "50000");
+        assert_eq!(read(&dir("pids").join("pids.max")), "32");
+        v1.create("s-1/cmd-1", None).unwrap();
+        let procs = v1.procs_files("s-1/cmd-1");
+        assert_eq!(procs.len(), 5);
+        assert!(procs.contains(&dir("pids").join("cmd-1/cgroup.procs")));
+        assert!(procs.contains(&dir("unified").join("cmd-1/cgroup.procs")));
+    }
+
+    #[test]
+    fn an_existing_node_is_refused() {
+        let (_root, v1) = fake_tree(false);
+        v1.create("s-1", None).unwrap();
+        assert!(v1.create("s-1", None).is_err());
+    }
+
+    #[test]
+    fn kill_with_a_unified_mount_writes_cgroup_kill() {
+        let (root, v1) = fake_tree(true);
+        v1.create("s-1", None).unwrap();
+        let dir = root.path().join("unified/sessiond/s-1");
+        std::fs::write(dir.join("cgroup.kill"), "").unwrap();
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+        v1.kill("s-1").unwrap();
+        assert_eq!(read(&dir.join("cgroup.kill")), "1");
+    }
+
+    #[test]
+    fn kill_without_a_unified_mount_freezes_and_kills_each_pid() {
+        let (root, v1) = fake_tree(false);
+        v1.create("s-1", None).unwrap();
+        let procs = root.path().join("pids/sessiond/s-1/cgroup.procs");
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        std::fs::write(&procs, format!("{}\n", child.id())).unwrap();
+        let killer = std::thread::spawn(move || v1.kill("s-1"));
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        // The kernel would drop the pid from the file; the fake tree is told.
+        std::fs::write(&procs, "").unwrap();
+        killer.join().unwrap().unwrap();
+        assert_eq!(
+            read(&root.path().join("freezer/sessiond/s-1/freezer.state")),
+            "THAWED"
+        );
+    }
+
+    #[test]
+    fn populated_comes_from_unified_events_or_else_the_pids_hierarchy() {
+        let (root, v1) = fake_tree(true);
+        v1.create("s-1", None).unwrap();
+        let events = root.path().join("unified/sessiond/s-1/cgroup.events");
+        std::fs::write(&events, "populated 1\nfrozen 0\n").unwrap();
+        assert!(v1.populated("s-1"));
+        std::fs::write(&events, "populated 0\nfrozen 0\n").unwrap();
+        assert!(!v1.populated("s-1"));
+
+        let (root, v1) = fake_tree(false);
+        v1.create("s-1", None).unwrap();
+        let procs = root.path().join("pids/sessiond/s-1/cgroup.procs");
+        std::fs::write(&procs, "").unwrap();
+        assert!(!v1.populated("s-1"));
+        std::fs::write(&procs, "4242\n").unwrap();
+        assert!(v1.populated("s-1"));
+    }
+
+    #[test]
+    fn remove_takes_the_node_out_of_every_hierarchy() {
+        let (root, v1) = fake_tree(true);
+        v1.create("s-1", None).unwrap();
+        v1.remove("s-1").unwrap();
+        for c in ["memory", "cpu", "pids", "freezer", "unified"] {
+            assert!(!root.path().join(c).join("sessiond/s-1").exists(), "{c}");
+        }
+        v1.remove("s-1").expect("a node already gone is fine");
+    }
+
+    #[test]
+    fn oom_kills_and_peak_come_from_the_memory_hierarchy() {
+        let (root, v1) = fake_tree(true);
+        v1.create("s-1", None).unwrap();
+        let dir = root.path().join("memory/sessiond/s-1");
+        assert_eq!((v1.oom_kills("s-1"), v1.memory_peak("s-1")), (0, None));
+        std::fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("memory.max_usage_in_bytes"), "123456\n").unwrap();
+        assert_eq!(
+            (v1.oom_kills("s-1"), v1.memory_peak("s-1")),
+            (2, Some(123456))
+        );
+    }
+
+    #[test]
+    fn recovery_lists_nodes_found_in_any_hierarchy() {
+        let (root, v1) = fake_tree(true);
+        v1.create("s-1", None).unwrap();
+        v1.create("s-1/cmd-1", None).unwrap();
+        // Half-made by a daemon that died: in the pids hierarchy only.
+        std::fs::create_dir(root.path().join("pids/sessiond/s-2")).unwrap();
+        std::fs::create_dir(root.path().join("cpu/sessiond/s-1/cmd-7")).unwrap();
+        assert_eq!(v1.children(""), vec!["s-1".to_string(), "s-2".to_string()]);
+        assert_eq!(
+            v1.children("s-1"),
+            vec!["cmd-1".to_string(), "cmd-7".to_string()]
+        );
+    }
 }

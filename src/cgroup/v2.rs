@@ -2,9 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{
-    CgroupError, CgroupLimits, kill_by_file, mkdir, mkdir_new, read_key, rmdir, wait_empty, write,
+use super::fs::{
+    child_dirs, kill_by_file, mkdir, mkdir_new, read_key, read_u64, rmdir, wait_empty, write,
 };
+use super::{Backend, CgroupError, CgroupLimits};
 
 /// Controllers a session needs, enabled for its children.
 const CONTROLLERS: &str = "+memory +cpu +pids";
@@ -85,12 +86,18 @@ impl V2 {
     fn dir(&self, rel: &str) -> PathBuf {
         self.base.join(rel)
     }
+}
+
+impl Backend for V2 {
+    fn name(&self) -> &'static str {
+        "v2"
+    }
 
     /// Creates the node `rel`; with `limits` (a session), writes them and
     /// enables the controllers for its children (its command leaves), then
     /// checks the limit files exist (a silently missing controller would
     /// leave the session unlimited).
-    pub fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError> {
+    fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError> {
         let dir = self.dir(rel);
         mkdir_new(&dir)?;
         if let Some(l) = limits {
@@ -112,49 +119,45 @@ impl V2 {
     }
 
     /// The `cgroup.procs` files a process writes "0" to, to join `rel`.
-    pub fn procs_files(&self, rel: &str) -> Vec<PathBuf> {
+    fn procs_files(&self, rel: &str) -> Vec<PathBuf> {
         vec![self.dir(rel).join("cgroup.procs")]
     }
 
     /// Kills every process in `rel` and below (cgroup.kill), and waits until it is empty.
-    pub fn kill(&self, rel: &str) -> Result<(), CgroupError> {
+    fn kill(&self, rel: &str) -> Result<(), CgroupError> {
         let dir = self.dir(rel);
         kill_by_file(&dir)?;
         wait_empty(&dir)
     }
 
     /// Whether `rel` still holds processes.
-    pub fn populated(&self, rel: &str) -> bool {
+    fn populated(&self, rel: &str) -> bool {
         read_key(&self.dir(rel).join("cgroup.events"), "populated").is_some_and(|v| v > 0)
     }
 
     /// Removes the node (it must be empty of processes and children).
-    pub fn remove(&self, rel: &str) -> Result<(), CgroupError> {
+    fn remove(&self, rel: &str) -> Result<(), CgroupError> {
         rmdir(&self.dir(rel))
     }
 
     /// How many processes of `rel` the OOM killer has killed.
-    pub fn oom_kills(&self, rel: &str) -> u64 {
+    fn oom_kills(&self, rel: &str) -> u64 {
         read_key(&self.dir(rel).join("memory.events"), "oom_kill").unwrap_or(0)
     }
 
     /// Peak memory of `rel` (kernel ≥ 5.19), bytes.
-    pub fn memory_peak(&self, rel: &str) -> Option<u64> {
-        std::fs::read_to_string(self.dir(rel).join("memory.peak"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+    fn memory_peak(&self, rel: &str) -> Option<u64> {
+        read_u64(&self.dir(rel).join("memory.peak"))
     }
 
-    /// The session nodes found under the base (for crash recovery).
-    pub fn sessions(&self) -> Vec<String> {
-        super::child_dirs(&self.base)
+    /// The child nodes of `rel`.
+    fn children(&self, rel: &str) -> Vec<String> {
+        child_dirs(&self.dir(rel))
     }
 
-    /// The command nodes of a session.
-    pub fn commands(&self, session: &str) -> Vec<String> {
-        super::child_dirs(&self.dir(session))
+    /// Where the sessions live.
+    fn base_dirs(&self) -> Vec<PathBuf> {
+        vec![self.base.clone()]
     }
 }
 
@@ -253,8 +256,8 @@ mod tests {
             v2.procs_files("s-1/c-1"),
             vec![dir.join("c-1/cgroup.procs")]
         );
-        assert_eq!(v2.sessions(), vec!["s-1".to_string()]);
-        assert_eq!(v2.commands("s-1"), vec!["c-1".to_string()]);
+        assert_eq!(v2.children(""), vec!["s-1".to_string()]);
+        assert_eq!(v2.children("s-1"), vec!["c-1".to_string()]);
     }
 
     #[test]

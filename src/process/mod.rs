@@ -1,6 +1,7 @@
-//! Processes under the CommandActor: spawn, shell state, capped output, the run loop (timeout, kill), the process table and reaper.
+//! Processes under the CommandActor: spawn, shell state, capped output, the run loop, the timeout and kills, the process table and reaper.
 
 pub mod child;
+pub mod kill;
 pub mod live_output;
 pub mod output;
 pub mod procfs;

@@ -2,7 +2,28 @@
 
 use std::collections::VecDeque;
 
-use crate::protocol::KeepOutput;
+/// What to keep of a stream longer than its cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeepOutput {
+    /// The first bytes.
+    #[default]
+    Head,
+    /// The last bytes.
+    Tail,
+    /// The first half and the last half of the cap; the middle is dropped.
+    Both,
+}
+
+/// What was captured of one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// The kept bytes: head, then tail.
+    pub bytes: Vec<u8>,
+    /// How many bytes the stream carried in all.
+    pub total: u64,
+    /// Whether bytes were dropped.
+    pub truncated: bool,
+}
 
 /// Bytes kept of one stream. Memory is bounded by `cap` whatever the command
 /// writes: past the cap, bytes are counted and dropped, never buffered, and
@@ -63,6 +84,15 @@ impl CappedOutput {
     /// Whether bytes were dropped.
     pub fn truncated(&self) -> bool {
         self.total > (self.head.len() + self.tail.len()) as u64
+    }
+
+    /// What was captured, once the stream ended.
+    pub fn finish(self) -> Captured {
+        Captured {
+            truncated: self.truncated(),
+            total: self.total,
+            bytes: self.into_bytes(),
+        }
     }
 
     /// The kept bytes: head, then tail.

@@ -1,7 +1,7 @@
-//! Runs one command to its end: spawn, feed stdin, capture capped output, and enforce the timeout and kill requests.
+//! Runs one command to its end: spawn, feed stdin, capture capped output, with [`super::kill`] enforcing the timeout and kill requests.
 //!
-//! This is where a command's timeout is enforced ([`supervise`]) and where
-//! "done" is decided: the shell process exited. Background children that keep
+//! This is where "done" is decided: the shell process exited (its timeout
+//! and kills are in [`super::kill::supervise`]). Background children that keep
 //! the pipes open get [`DRAIN_AFTER_EXIT`] more, then the pipes are dropped
 //! (design-rules: waiting for EOF took as long as `sleep 2 &`).
 
@@ -9,28 +9,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
-use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
-use super::child::{ChildProcess, ExitInfo};
-use super::output::CappedOutput;
+use super::child::ExitInfo;
+use super::kill::{self, KillReason};
+use super::output::{CappedOutput, Captured, KeepOutput};
 use super::shell::{self, EnvMap, ShellState};
 use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
-use crate::cgroup::{CgroupError, Cgroups};
+use crate::cgroup::{CgroupError, LeafParent};
 use crate::limits::Rlimit;
 use std::os::fd::AsRawFd;
-
-/// A command's cgroup leaf.
-#[derive(Debug, Clone)]
-struct CommandCgroup {
-    cgroups: Arc<Cgroups>,
-    rel: String,
-}
-use crate::protocol::{ExecResult, KeepOutput, KilledBy};
 
 /// How long output is still read after the shell exited, for what it wrote
 /// last; a background child holding the pipe open does not hold the answer.
@@ -62,20 +53,27 @@ pub struct RunSpec {
     /// The identity to run as, when not the daemon's.
     pub credentials: Option<Credentials>,
     /// The session's cgroup, in which the command gets a leaf of its own.
-    pub cgroup: Option<CgroupPlace>,
+    pub cgroup: Option<LeafParent>,
 }
 
-/// Where a command's cgroup leaf goes: the daemon's cgroups and the session's node.
-#[derive(Debug, Clone)]
-pub struct CgroupPlace {
-    pub cgroups: Arc<Cgroups>,
-    pub session: String,
-}
-
-/// A finished command: its result and, when it ended by itself, the shell state it left.
+/// A finished command, as the process layer saw it (the CommandActor turns
+/// it into the wire's answer).
 #[derive(Debug)]
-pub struct RunOutcome {
-    pub result: ExecResult,
+pub struct RunReport {
+    /// How the shell ended, its CPU time and rusage peak.
+    pub exit: ExitInfo,
+    /// Why the daemon or a limit ended it, if one did.
+    pub killed_by: Option<KillReason>,
+    pub stdout: Captured,
+    pub stderr: Captured,
+    /// Wall time from spawn to the shell's exit (and the output drained).
+    pub duration: Duration,
+    /// Peak memory: the command's cgroup leaf's where the kernel reports it,
+    /// else the shell's own peak RSS.
+    pub max_rss_bytes: u64,
+    /// The working directory after the command (the session's when it left no state).
+    pub cwd: PathBuf,
+    /// The shell state it left (cwd, exported env), when it ended by itself.
     pub state: Option<ShellState>,
 }
 
@@ -100,8 +98,8 @@ pub async fn run_command(
     table: &Arc<ProcessTable>,
     session: SessionKey,
     spec: RunSpec,
-    mut kill: watch::Receiver<Option<KilledBy>>,
-) -> Result<RunOutcome, RunError> {
+    mut kill: watch::Receiver<Option<KillReason>>,
+) -> Result<RunReport, RunError> {
     let argv = shell::wrapper_argv(&spec.shell, &spec.command).map_err(RunError::BadCommand)?;
     let envp = shell::envp(&spec.env, &spec.cwd);
     let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
@@ -126,25 +124,14 @@ pub async fn run_command(
                 errno: nix::errno::Errno::EAGAIN,
             }));
         }
-        // The command's own leaf, and its cgroup.procs files open for the child to join.
-        let leaf = match &place {
-            Some(p) => {
-                let rel = p.cgroups.create_command(&p.session)?;
-                let fds = match p.cgroups.open_procs(&rel) {
-                    Ok(fds) => fds,
-                    Err(e) => {
-                        p.cgroups.release_command(&rel);
-                        return Err(e.into());
-                    }
-                };
-                Some((p.cgroups.clone(), rel, fds))
-            }
-            None => None,
+        // The command's own leaf, and its cgroup.procs files open for the
+        // child to join. On any error below, dropping the leaf removes it.
+        let leaf = place.as_ref().map(LeafParent::create_command).transpose()?;
+        let fds = match &leaf {
+            Some(leaf) => leaf.open_procs()?,
+            None => Vec::new(),
         };
-        let procs: Vec<i32> = leaf
-            .iter()
-            .flat_map(|(_, _, fds)| fds.iter().map(|f| f.as_raw_fd()))
-            .collect();
+        let procs: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let request = SpawnRequest {
             program: &argv[0],
             argv: &argv,
@@ -156,17 +143,8 @@ pub async fn run_command(
             credentials,
             cgroup_procs: &procs,
         };
-        let spawned = spawn::spawn(&table, session, &request);
-        let leaf = leaf.map(|(cgroups, rel, _fds)| CommandCgroup { cgroups, rel });
-        match spawned {
-            Ok((child, pipes)) => Ok((child, pipes, leaf)),
-            Err(e) => {
-                if let Some(leaf) = leaf {
-                    leaf.cgroups.release_command(&leaf.rel);
-                }
-                Err(e.into())
-            }
-        }
+        let (child, pipes) = spawn::spawn(&table, session, &request)?;
+        Ok((child, pipes, leaf))
     })
     .await
     .map_err(|e| RunError::Wait(std::io::Error::other(e)))?;
@@ -192,7 +170,7 @@ pub async fn run_command(
             )
         };
         tokio::pin!(io);
-        let ended = supervise(
+        let ended = kill::supervise(
             &mut child,
             leaf.as_ref(),
             spec.timeout,
@@ -224,149 +202,40 @@ pub async fn run_command(
     let duration = started.elapsed();
     // What the kernel says of the command's leaf: OOM kills and peak memory;
     // then the leaf goes, unless background processes still live in it.
-    let (oom_kills, memory_peak) = match &leaf {
+    let (oom_kills, memory_peak) = match leaf {
         Some(leaf) => {
-            let reading = leaf.clone();
-            let found = tokio::task::spawn_blocking(move || {
-                let cg = &reading.cgroups;
-                (cg.oom_kills(&reading.rel), cg.memory_peak(&reading.rel))
-            })
-            .await
-            .unwrap_or((0, None));
-            // Removing the leaf (rmdir in every hierarchy, the slowest part on
-            // v1) need not delay the answer.
-            let leaf = leaf.clone();
-            tokio::task::spawn_blocking(move || leaf.cgroups.release_command(&leaf.rel));
-            found
+            let reading =
+                tokio::task::spawn_blocking(move || ((leaf.oom_kills(), leaf.memory_peak()), leaf))
+                    .await;
+            match reading {
+                Ok((found, leaf)) => {
+                    // Removing the leaf (rmdir in every hierarchy, the slowest
+                    // part on v1) need not delay the answer.
+                    tokio::task::spawn_blocking(move || leaf.release());
+                    found
+                }
+                Err(_) => (0, None),
+            }
         }
         None => (0, None),
     };
-    let killed_by = killed_by
-        .or((oom_kills > 0).then_some(KilledBy::MemoryLimit))
-        .or_else(|| cpu_limit_kill(&exit, &spec.rlimits));
+    let killed_by = killed_by.or_else(|| kill::attribute(&exit, oom_kills, &spec.rlimits));
 
     let state = match (killed_by, exit.code) {
         (None, Some(_)) if !report.truncated() => shell::parse_report(&report.into_bytes()),
         _ => None,
     };
-    let cwd = state
-        .as_ref()
-        .map_or(&spec.cwd, |s| &s.cwd)
-        .to_string_lossy()
-        .into_owned();
-    let result = ExecResult {
-        command_id: None,
-        exit_code: exit.code,
-        signal: exit.signal,
-        timed_out: killed_by == Some(KilledBy::Timeout),
+    let cwd = state.as_ref().map_or(&spec.cwd, |s| &s.cwd).clone();
+    Ok(RunReport {
+        exit,
         killed_by,
-        stdout_truncated: stdout.truncated(),
-        stderr_truncated: stderr.truncated(),
-        stdout_total_bytes: stdout.total(),
-        stderr_total_bytes: stderr.total(),
-        stdout: ByteBuf::from(stdout.into_bytes()),
-        stderr: ByteBuf::from(stderr.into_bytes()),
-        duration_ms: duration.as_millis() as u64,
-        cpu_ms: Some(exit.cpu.as_millis() as u64),
-        max_rss_bytes: Some(memory_peak.unwrap_or(exit.max_rss_bytes)),
+        stdout: stdout.finish(),
+        stderr: stderr.finish(),
+        duration,
+        max_rss_bytes: memory_peak.unwrap_or(exit.max_rss_bytes),
         cwd,
-    };
-    Ok(RunOutcome { result, state })
-}
-
-/// Waits for the shell to exit, or ends it: on timeout or a kill request,
-/// SIGTERM to its process group, then SIGKILL after `grace` (at once for
-/// session destroy and shutdown, whose grace was already given).
-async fn supervise(
-    child: &mut ChildProcess,
-    leaf: Option<&CommandCgroup>,
-    timeout: Duration,
-    grace: Duration,
-    kill: &mut watch::Receiver<Option<KilledBy>>,
-) -> std::io::Result<(ExitInfo, Option<KilledBy>)> {
-    let reason = tokio::select! {
-        r = child.wait() => return Ok((r?, None)),
-        _ = tokio::time::sleep(timeout) => KilledBy::Timeout,
-        r = kill_requested(kill) => r,
-    };
-    let mut exited = None;
-    // Groups of descendants that left the shell's group (setsid); found while
-    // the shell is alive, killed at the end even if the shell is gone by then.
-    let mut escaped = Vec::new();
-    if !matches!(reason, KilledBy::SessionDestroyed | KilledBy::Shutdown) {
-        escaped.extend(child.signal_tree(Signal::SIGTERM).await);
-        let grace_end = tokio::time::Instant::now() + grace;
-        tokio::select! {
-            r = child.wait() => exited = Some(r?),
-            _ = tokio::time::sleep_until(grace_end) => {}
-            // Only an escalation (destroy, shutdown) changes the value now; it ends the grace.
-            _ = escalation(kill) => {}
-        }
-        // The shell is gone; the rest of its group gets what is left of the grace.
-        while exited.is_some() && child.group_alive() && tokio::time::Instant::now() < grace_end {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    if exited.is_none() {
-        escaped.extend(child.signal_tree(Signal::SIGKILL).await);
-    }
-    child.signal_group(Signal::SIGKILL);
-    // With cgroups, the command's leaf holds its whole tree, setsid'd or not.
-    if let Some(leaf) = leaf.cloned() {
-        let _ = tokio::task::spawn_blocking(move || leaf.cgroups.kill(&leaf.rel)).await;
-    }
-    for pgid in escaped {
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
-    }
-    let info = match exited {
-        Some(info) => info,
-        None => child.wait().await?,
-    };
-    Ok((info, Some(reason)))
-}
-
-/// Whether RLIMIT_CPU ended the command: SIGXCPU at the soft limit (or SIGKILL
-/// at the hard one) ended the shell, or a child of it (the shell then exits
-/// 128 + signal), and the command's processes used at least the soft limit of
-/// a good part of it in CPU. rusage reads well under the limit (851 ms of a
-/// 1 s limit was measured here, with cgroup CPU throttling), so the bar is
-/// half the limit: enough to keep a command's own `exit 152` or an outside
-/// `kill -9` of an idle command from being taken for a CPU-limit kill.
-fn cpu_limit_kill(exit: &ExitInfo, rlimits: &[Rlimit]) -> Option<KilledBy> {
-    let soft = rlimits
-        .iter()
-        .find(|l| l.resource == libc::RLIMIT_CPU)?
-        .soft;
-    if soft == libc::RLIM_INFINITY {
-        return None;
-    }
-    let by_signal = |sig: i32| exit.signal == Some(sig) || exit.code == Some(128 + sig);
-    let cpu_ms = exit.cpu.as_millis();
-    let soft_ms = u128::from(soft) * 1_000;
-    // SIGXCPU comes from nothing else in practice; SIGKILL has many senders
-    // (OOM killer, `timeout -s KILL`), so it counts only with the full limit used.
-    let xcpu = by_signal(libc::SIGXCPU) && cpu_ms * 2 >= soft_ms;
-    let hard_kill = by_signal(libc::SIGKILL) && cpu_ms >= soft_ms;
-    (xcpu || hard_kill).then_some(KilledBy::CpuLimit)
-}
-
-/// Resolves when the kill request changes after it was first seen; never when the sender is gone.
-async fn escalation(kill: &mut watch::Receiver<Option<KilledBy>>) {
-    if kill.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Resolves when a kill is requested (at once if one already was); never when the sender is gone.
-async fn kill_requested(kill: &mut watch::Receiver<Option<KilledBy>>) -> KilledBy {
-    loop {
-        if let Some(reason) = *kill.borrow_and_update() {
-            return reason;
-        }
-        if kill.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
+        state,
+    })
 }
 
 /// Reads what background children write after their command answered, and drops it.

@@ -296,6 +296,14 @@ SESSIOND_TEST_TAG = "{tag}"
         found
     }
 
+    /// The `cmd-*` leaves of this daemon's sessions, in every hierarchy.
+    pub fn command_cgroups(&self) -> Vec<PathBuf> {
+        self.cgroup_dirs()
+            .iter()
+            .flat_map(|dir| session_cgroups(dir).1)
+            .collect()
+    }
+
     /// Panics when a cgroup of this daemon's subtree is left.
     pub fn assert_no_cgroups_left(&self) {
         let left = self.cgroup_dirs();

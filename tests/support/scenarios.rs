@@ -478,6 +478,35 @@ pub async fn command_actor_fault(c: &Arc<Client>, work_dir: &Path, action: Fault
     s
 }
 
+/// A CommandActor panic while its command has a setsid'd child in its
+/// cgroup leaf: the leaf and that child are gone at once, while the session
+/// lives on (not when it ends). Needs cgroups (the leaf is what finds the
+/// child that left the command's process group).
+pub async fn command_actor_panic_with_setsid_child(c: &Arc<Client>, d: &super::TestDaemon) {
+    assert!(!d.cgroup_dirs().is_empty(), "cgroups are on");
+    let s = session(c, None).await;
+    let pidfile = d.work_dir().join(format!("{s}.setsid.pid"));
+    let runner = super::spawn_run(
+        c,
+        &s,
+        &format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 1000' & sleep 60",
+            pidfile.display()
+        ),
+    );
+    let escaped = read_pid_file(&pidfile).await;
+    assert!(!d.command_cgroups().is_empty(), "the command has its leaf");
+    fail_while_running(c, FaultTarget::Command, FaultAction::Panic, &s, runner).await;
+    wait_until_async(
+        "the struck command's leaf and its setsid'd child are gone",
+        Duration::from_secs(5),
+        || async { !alive(escaped) && d.command_cgroups().is_empty() },
+    )
+    .await;
+    c.run(&s, "true").await.expect("the session lives on");
+    c.destroy_session(&s).await.unwrap();
+}
+
 /// A SessionActor panic (or error): that session is lost, with its processes
 /// (a running command and a background one); later calls are SESSION_NOT_FOUND.
 /// Returns the lost session's id.

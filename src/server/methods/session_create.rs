@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{ask, env_param};
 use crate::actors::registry::{CreateRequest, RegistryMsg};
-use crate::cgroup::CgroupLimits;
+use crate::cgroup::{CgroupLimits, MIN_CPU_CORES, MIN_MEMORY_BYTES, MIN_PIDS};
 use crate::config::Config;
 use crate::limits::{Limit, SessionRlimits};
 use crate::protocol::{
@@ -109,7 +109,7 @@ fn resolve_limits(
     }
     let c = &mut resolved.cgroup;
     if let Some(v) = limits.memory_max_bytes {
-        if v > c.memory_max || v < 4 << 20 {
+        if v > c.memory_max || v < MIN_MEMORY_BYTES {
             return Err(loosen(
                 "memory_max_bytes",
                 v.to_string(),
@@ -119,7 +119,7 @@ fn resolve_limits(
         c.memory_max = v;
     }
     if let Some(v) = limits.cpu_max_cores {
-        if !(v.is_finite() && v >= 0.01 && v <= c.cpu_max_cores) {
+        if !(v.is_finite() && v >= MIN_CPU_CORES && v <= c.cpu_max_cores) {
             return Err(loosen(
                 "cpu_max_cores",
                 v.to_string(),
@@ -129,7 +129,7 @@ fn resolve_limits(
         c.cpu_max_cores = v;
     }
     if let Some(v) = limits.pids_max {
-        if v > c.pids_max || v < 8 {
+        if v > c.pids_max || v < MIN_PIDS {
             return Err(loosen(
                 "pids_max",
                 v.to_string(),
