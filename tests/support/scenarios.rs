@@ -495,12 +495,24 @@ pub async fn command_actor_panic_with_setsid_child(c: &Arc<Client>, d: &super::T
         ),
     );
     let escaped = read_pid_file(&pidfile).await;
-    assert!(!d.command_cgroups().is_empty(), "the command has its leaf");
+    // The command's leaf, in every hierarchy: the `cmd-*` cgroups holding the child.
+    let leaf: Vec<_> = d
+        .command_cgroups()
+        .into_iter()
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("cgroup.procs"))
+                .is_ok_and(|p| p.split_whitespace().any(|x| x == escaped.to_string()))
+        })
+        .collect();
+    assert!(
+        !leaf.is_empty(),
+        "the setsid'd child is in its command's leaf"
+    );
     fail_while_running(c, FaultTarget::Command, FaultAction::Panic, &s, runner).await;
     wait_until_async(
         "the struck command's leaf and its setsid'd child are gone",
         Duration::from_secs(5),
-        || async { !alive(escaped) && d.command_cgroups().is_empty() },
+        || async { !alive(escaped) && leaf.iter().all(|dir| !dir.exists()) },
     )
     .await;
     c.run(&s, "true").await.expect("the session lives on");
