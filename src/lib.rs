@@ -16,7 +16,6 @@
 //! are in [`process::ProcessTable`].
 
 pub mod actors;
-pub mod bench;
 pub mod cgroup;
 pub mod client;
 pub mod config;
