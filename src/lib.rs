@@ -12,18 +12,21 @@
 //! The data path: socket → [`protocol::frame`] → [`server::connection`] →
 //! [`server::dispatch`] → RegistryActor → SessionActor → CommandActor →
 //! [`process::run`] (spawn, timeout, kill, capture) → result → frame → socket.
-//! Counters live in [`stats`], outside any actor; the processes the daemon owns
+//! Counters live in `stats`, outside any actor; the processes the daemon owns
 //! are in [`process::ProcessTable`].
 
-pub mod actors;
-pub mod cgroup;
+// Public is what others build on: clients (`client`, `protocol`), the daemon
+// binary (`config`, `server`) and the integration tests (`process`: the
+// process table, reaper and procfs scans; `fault`). The rest is internal.
+pub(crate) mod actors;
+pub(crate) mod cgroup;
 pub mod client;
 pub mod config;
-pub mod context;
+pub(crate) mod context;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
-pub mod limits;
+pub(crate) mod limits;
 pub mod process;
 pub mod protocol;
 pub mod server;
-pub mod stats;
+pub(crate) mod stats;
