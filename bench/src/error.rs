@@ -19,6 +19,8 @@ pub enum BenchError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the tokio runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("request to the bench daemon: {0}")]
     Client(#[from] ClientError),
     /// The daemon misbehaved: did not start, did not exit cleanly, left something behind.

@@ -45,11 +45,18 @@ fn run(cli: Cli) -> Result<(), BenchError> {
         Some(path) => path,
         None => sibling_daemon()?,
     };
+    // Checked before the floor workload, which takes a while.
+    if let Err(source) = std::fs::metadata(&daemon) {
+        return Err(BenchError::DaemonBinary {
+            path: daemon,
+            source,
+        });
+    }
     let scale = if cli.quick { Scale::QUICK } else { Scale::FULL };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| BenchError::io("start the runtime for", &cli.out, e))?;
+        .map_err(BenchError::Runtime)?;
     println!("daemon: {}", daemon.display());
     let report = runtime.block_on(workloads::run(scale, &daemon))?;
     report.write(&cli.out)?;
@@ -65,9 +72,5 @@ fn run(cli: Cli) -> Result<(), BenchError> {
 /// the workspace in the same target dir (`target/release/`, `target/debug/`).
 fn sibling_daemon() -> Result<PathBuf, BenchError> {
     let exe = std::env::current_exe().map_err(|e| BenchError::io("locate", "/proc/self/exe", e))?;
-    let path = exe.with_file_name("sessiond");
-    match std::fs::metadata(&path) {
-        Ok(_) => Ok(path),
-        Err(source) => Err(BenchError::DaemonBinary { path, source }),
-    }
+    Ok(exe.with_file_name("sessiond"))
 }
