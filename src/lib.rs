@@ -11,22 +11,24 @@
 //!
 //! The data path: socket → [`protocol::frame`] → [`server::connection`] →
 //! [`server::methods`] (one file per method: parse, validate) → RegistryActor
-//! (reached through [`actors::tree::ActorTree`]) → SessionActor → CommandActor →
+//! (reached through the `actors::tree::ActorTree` handle) → SessionActor → CommandActor →
 //! [`process::run`] (spawn, timeout, kill, capture) → result → frame → socket.
-//! Counters live in [`stats`], outside any actor; the processes the daemon owns
+//! Counters live in `stats`, outside any actor; the processes the daemon owns
 //! are in [`process::ProcessTable`].
 
-pub mod actors;
-pub mod bench;
-pub mod cgroup;
+// Public is what others build on: clients (`client`, `protocol`), the daemon
+// binary (`config`, `server`) and the integration tests (`process`: the
+// process table, reaper and procfs scans; `fault`). The rest is internal.
+pub(crate) mod actors;
+pub(crate) mod cgroup;
 pub mod client;
 pub mod config;
-pub mod context;
+pub(crate) mod context;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
-pub mod limits;
+pub(crate) mod limits;
 pub mod process;
 pub mod protocol;
 pub mod server;
-pub mod stats;
-pub mod timing;
+pub(crate) mod stats;
+pub(crate) mod timing;

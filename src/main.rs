@@ -32,15 +32,6 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
-    /// Benchmark a daemon against the physical floor (starts its own daemons); prints a table, writes JSON and SVG plots.
-    Bench {
-        /// A smoke run: every workload, tiny counts (seconds).
-        #[arg(long)]
-        quick: bool,
-        /// Where bench.json and the plots go.
-        #[arg(long, default_value = "bench-out")]
-        out: PathBuf,
-    },
     /// Validate a config and print the effective configuration.
     CheckConfig {
         #[arg(long)]
@@ -132,37 +123,6 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Bench { quick, out } => {
-            let scale = if quick {
-                sessiond::bench::Scale::QUICK
-            } else {
-                sessiond::bench::Scale::FULL
-            };
-            let runtime = match build_runtime(true) {
-                Ok(r) => r,
-                Err(code) => return code,
-            };
-            match runtime.block_on(sessiond::bench::run(scale, &out)) {
-                Ok(report) => {
-                    println!(
-                        "machine: {}
-
-{}",
-                        report.machine,
-                        report.table()
-                    );
-                    println!(
-                        "wrote {}/bench.json, concurrency.svg, rss.svg",
-                        out.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("sessiond bench: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
         other => client_command(other),
     }
 }
@@ -260,7 +220,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// A tokio runtime (multi-threaded for the daemon and the bench, one thread for a client call).
+/// A tokio runtime (multi-threaded for the daemon, one thread for a client call).
 fn build_runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
     let mut builder = if multi_thread {
         tokio::runtime::Builder::new_multi_thread()
@@ -345,7 +305,7 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
             stdin,
             command,
         } => return run_command(&c, session, timeout, stdin, command.join(" ")).await,
-        Command::Serve { .. } | Command::CheckConfig { .. } | Command::Bench { .. } => {
+        Command::Serve { .. } | Command::CheckConfig { .. } => {
             unreachable!("handled in main")
         }
     }

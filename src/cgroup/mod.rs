@@ -36,7 +36,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use detect::{Mounts, OsRoots};
+pub use detect::OsRoots;
 pub use error::CgroupError;
 pub use limits::{
     CPU_PERIOD_US, CgroupLimits, CgroupMode, CgroupsConfig, MIN_CPU_CORES, MIN_MEMORY_BYTES,

@@ -79,6 +79,7 @@ impl V2 {
     }
 
     /// Where the sessions live.
+    #[cfg(test)]
     pub fn base(&self) -> &Path {
         &self.base
     }
