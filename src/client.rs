@@ -11,13 +11,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::protocol::frame::response_codec;
 use crate::protocol::{
-    CancelResult, CreateParams, CreateResult, DestroyResult, ExecParams, ExecResult, ListResult,
-    PingResult, SessionIdParams, StatsResult, WireError, method,
+    CancelParams, CancelResult, CreateParams, CreateResult, DestroyResult, Event, ExecParams,
+    ExecResult, ListResult, PingResult, ReadParams, ReadResult, SessionIdParams, StartResult,
+    StatsResult, WireError, WriteParams, WriteResult, method,
 };
 
 /// Why a call failed.
@@ -32,6 +33,10 @@ pub enum ClientError {
     Closed,
     #[error("cannot decode the answer: {0}")]
     Decode(String),
+    /// No answer within the call's deadline (the call is abandoned; the
+    /// daemon may still carry out the request).
+    #[error("no answer within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 impl ClientError {
@@ -49,6 +54,8 @@ type Pending = Arc<Mutex<PendingCalls>>;
 #[derive(Default)]
 struct PendingCalls {
     waiting: HashMap<u64, oneshot::Sender<Result<rmpv::Value, ClientError>>>,
+    /// Event frames of streaming calls, by id (dropped with the call's final answer).
+    events: HashMap<u64, mpsc::UnboundedSender<Event>>,
     /// Set when the connection ended; later calls fail at once.
     closed: Option<WireError>,
 }
@@ -60,6 +67,8 @@ pub struct Client {
     pending: Pending,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    /// How long a call waits for its answer; `None`: as long as it takes.
+    deadline: Option<std::time::Duration>,
 }
 
 impl Drop for Client {
@@ -83,7 +92,37 @@ impl Client {
             pending,
             next_id: AtomicU64::new(1),
             reader,
+            deadline: None,
         })
+    }
+
+    /// Every call on this client gives up after `deadline` without an answer
+    /// ([`ClientError::TimedOut`]): a daemon that never answers cannot hold
+    /// the caller forever. A streaming call's deadline applies to each event
+    /// and to its result.
+    pub fn with_deadline(mut self, deadline: std::time::Duration) -> Client {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Waits for `answer` within the call deadline; on timeout the call is forgotten.
+    async fn within<T>(
+        &self,
+        id: u64,
+        answer: impl std::future::Future<Output = T>,
+    ) -> Result<T, ClientError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(answer.await);
+        };
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(t) => Ok(t),
+            Err(_) => {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                pending.waiting.remove(&id);
+                pending.events.remove(&id);
+                Err(ClientError::TimedOut(deadline))
+            }
+        }
     }
 
     /// Calls `method` with `params` and returns the raw `result` value.
@@ -92,6 +131,19 @@ impl Client {
         method: &str,
         params: impl Serialize,
     ) -> Result<rmpv::Value, ClientError> {
+        let (id, rx) = self.send(method, params, None).await?;
+        self.within(id, rx)
+            .await?
+            .map_err(|_| ClientError::Closed)?
+    }
+
+    /// Sends a request; the answer comes on the returned receiver, its events (if any) on `events`.
+    async fn send(
+        &self,
+        method: &str,
+        params: impl Serialize,
+        events: Option<mpsc::UnboundedSender<Event>>,
+    ) -> Result<(u64, oneshot::Receiver<Result<rmpv::Value, ClientError>>), ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Named maps (string keys), as the protocol requires: rmp_serde's
         // `to_vec_named`, not rmpv's `to_value`, which writes structs as arrays.
@@ -104,17 +156,20 @@ impl Client {
                 return Err(ClientError::Server(err.clone()));
             }
             pending.waiting.insert(id, tx);
+            if let Some(events) = events {
+                pending.events.insert(id, events);
+            }
         }
         if let Err(write_error) = self.writer.lock().await.send(Bytes::from(body)).await {
             // The daemon may have refused the connection (PERMISSION_DENIED,
             // TOO_MANY_CONNECTIONS) and closed it before our write: prefer its
             // error frame, which the reader hands to every waiting call.
             return match tokio::time::timeout(std::time::Duration::from_secs(1), rx).await {
-                Ok(Ok(answer)) => answer,
+                Ok(Ok(Err(refused))) => Err(refused),
                 _ => Err(ClientError::Io(write_error)),
             };
         }
-        rx.await.map_err(|_| ClientError::Closed)?
+        Ok((id, rx))
     }
 
     /// Calls `method` and decodes its result as `R`.
@@ -124,11 +179,7 @@ impl Client {
         params: impl Serialize,
     ) -> Result<R, ClientError> {
         let value = self.call_value(method, params).await?;
-        // Through rmp_serde: rmpv's Value deserializer cannot read enum variants from strings.
-        let mut bytes = Vec::new();
-        rmpv::encode::write_value(&mut bytes, &value)
-            .map_err(|e| ClientError::Decode(e.to_string()))?;
-        rmp_serde::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+        decode(&value)
     }
 
     /// `system.ping`
@@ -178,18 +229,110 @@ impl Client {
         .await
     }
 
-    /// `exec.cancel`
+    /// `exec.cancel` of every command the session runs.
     pub async fn cancel(&self, session_id: &str) -> Result<bool, ClientError> {
         let r: CancelResult = self
             .call(
                 method::EXEC_CANCEL,
-                SessionIdParams {
-                    session_id: session_id.into(),
+                CancelParams {
+                    session_id: Some(session_id.into()),
+                    command_id: None,
                 },
             )
             .await?;
         Ok(r.cancelled)
     }
+
+    /// `exec.cancel` of one command by id.
+    pub async fn cancel_command(&self, command_id: &str) -> Result<bool, ClientError> {
+        let r: CancelResult = self
+            .call(
+                method::EXEC_CANCEL,
+                CancelParams {
+                    session_id: None,
+                    command_id: Some(command_id.into()),
+                },
+            )
+            .await?;
+        Ok(r.cancelled)
+    }
+
+    /// `exec.start`: the command's id, as soon as it runs.
+    pub async fn start(&self, params: ExecParams) -> Result<String, ClientError> {
+        let r: StartResult = self.call(method::EXEC_START, params).await?;
+        Ok(r.command_id)
+    }
+
+    /// `exec.read`
+    pub async fn read(&self, params: ReadParams) -> Result<ReadResult, ClientError> {
+        self.call(method::EXEC_READ, params).await
+    }
+
+    /// `exec.write`: how many bytes the command took (all, unless it stopped reading for 5 s).
+    pub async fn write(
+        &self,
+        command_id: &str,
+        data: &[u8],
+        eof: bool,
+    ) -> Result<u64, ClientError> {
+        let r: WriteResult = self
+            .call(
+                method::EXEC_WRITE,
+                WriteParams {
+                    command_id: command_id.into(),
+                    data: serde_bytes::ByteBuf::from(data.to_vec()),
+                    eof,
+                },
+            )
+            .await?;
+        Ok(r.written)
+    }
+
+    /// `exec.run` with `stream: true`: events as the command runs, then its result.
+    pub async fn exec_stream(&self, mut params: ExecParams) -> Result<ExecStream<'_>, ClientError> {
+        params.stream = true;
+        let (tx, events) = mpsc::unbounded_channel();
+        let (id, result) = self.send(method::EXEC_RUN, params, Some(tx)).await?;
+        Ok(ExecStream {
+            client: self,
+            id,
+            events,
+            result,
+        })
+    }
+}
+
+/// A streaming `exec.run` in progress: its events, then its result.
+pub struct ExecStream<'a> {
+    client: &'a Client,
+    id: u64,
+    events: mpsc::UnboundedReceiver<Event>,
+    result: oneshot::Receiver<Result<rmpv::Value, ClientError>>,
+}
+
+impl ExecStream<'_> {
+    /// The next event; `None` once the result is in (then call [`Self::result`]).
+    pub async fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
+        self.client.within(self.id, self.events.recv()).await
+    }
+
+    /// The command's result (after the events, which it drops if unread).
+    pub async fn result(self) -> Result<ExecResult, ClientError> {
+        let value = self
+            .client
+            .within(self.id, self.result)
+            .await?
+            .map_err(|_| ClientError::Closed)??;
+        decode(&value)
+    }
+}
+
+/// Decodes a result value as `R`, through rmp_serde (rmpv's Value
+/// deserializer cannot read enum variants from strings).
+fn decode<R: DeserializeOwned>(value: &rmpv::Value) -> Result<R, ClientError> {
+    let mut bytes = Vec::new();
+    rmpv::encode::write_value(&mut bytes, value).map_err(|e| ClientError::Decode(e.to_string()))?;
+    rmp_serde::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
 }
 
 #[derive(Serialize)]
@@ -221,6 +364,15 @@ async fn read_answers(
                     .map(|(_, v)| v.clone())
             })
         };
+        let id = field("id").and_then(|id| id.as_u64());
+        if let (Some(id), Some(_)) = (id, field("event")) {
+            // An event of a streaming call: it has no result, the call goes on.
+            let events = pending.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(tx), Ok(event)) = (events.events.get(&id), decode::<Event>(&value)) {
+                let _ = tx.send(event);
+            }
+            continue;
+        }
         let outcome = match (field("result"), field("error")) {
             (Some(result), _) => Ok(result),
             (None, Some(error)) => match rmpv::ext::from_value::<WireError>(error) {
@@ -231,13 +383,13 @@ async fn read_answers(
                 "answer has neither result nor error".into(),
             )),
         };
-        match field("id").and_then(|id| id.as_u64()) {
+        match id {
             Some(id) => {
-                let waiter = pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .waiting
-                    .remove(&id);
+                let mut calls = pending.lock().unwrap_or_else(|p| p.into_inner());
+                // The final answer closes the call's event stream.
+                calls.events.remove(&id);
+                let waiter = calls.waiting.remove(&id);
+                drop(calls);
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(outcome);
                 }
@@ -256,6 +408,7 @@ async fn read_answers(
         limit: None,
         retry_after_ms: None,
     });
+    pending.events.clear();
     for (_, waiter) in pending.waiting.drain() {
         let _ = waiter.send(Err(ClientError::Server(closed.clone())));
     }
