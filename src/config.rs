@@ -122,8 +122,13 @@ pub struct CommandsConfig {
     pub kill_grace: Duration,
     /// Bytes kept per stream (stdout, stderr); the rest is drained and counted.
     pub max_output_bytes: ByteSize,
-    /// Largest `stdin` a request may carry (`STDIN_TOO_LARGE`).
+    /// Largest `stdin` a request (or one `exec.write`) may carry (`STDIN_TOO_LARGE`).
     pub max_stdin_bytes: ByteSize,
+    /// How long a finished command stays readable with `exec.read`.
+    #[serde(with = "humantime_serde")]
+    pub retain_finished: Duration,
+    /// Finished commands kept readable per session, oldest dropped first (0: none).
+    pub retain_per_session: usize,
     /// When the daemon is root: run commands as this user (its uid and primary
     /// group, no supplementary groups; HOME, USER, SHELL from its entry). Empty: the daemon's user.
     pub run_as_user: String,
@@ -180,6 +185,8 @@ impl Default for CommandsConfig {
             kill_grace: Duration::from_secs(2),
             max_output_bytes: ByteSize::mib(4),
             max_stdin_bytes: ByteSize::mib(1),
+            retain_finished: Duration::from_secs(600),
+            retain_per_session: 16,
             run_as_user: String::new(),
             oom_score_adj: 1000,
             env,

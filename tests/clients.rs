@@ -167,8 +167,10 @@ fn a_stalled_partial_frame_is_disconnected_while_others_are_served() {
 
 #[test]
 fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
+    // No finished command is retained for `exec.read` here: what is measured
+    // is that unread answers are not kept.
     let d = TestDaemon::start(
-        "[server]\nmax_unsent_bytes = \"4 MiB\"\n[commands]\nmax_concurrent = 32\nmax_per_session = 4\n",
+        "[server]\nmax_unsent_bytes = \"4 MiB\"\n[commands]\nmax_concurrent = 32\nmax_per_session = 4\nretain_per_session = 0\n",
     );
     let rss = || support::rss_of(d.pid());
     let mut setup = d.raw();

@@ -1,4 +1,4 @@
-//! CommandActor: short-lived child of a SessionActor; owns one running command and answers its `exec.run`.
+//! CommandActor: short-lived child of a SessionActor; owns one running command from spawn to end, and records how it ended in the command's [`CommandRecord`].
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use futures::FutureExt;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
+use super::command_record::{CommandRecord, FinishOnDrop};
 use super::session::SessionMsg;
 use crate::context::Context;
 use crate::process::kill::KillReason;
@@ -14,18 +15,20 @@ use crate::process::output;
 use crate::process::run::{RunError, RunReport, RunSpec, run_command};
 use crate::process::shell::{self, EnvMap, ShellState};
 use crate::process::table::SessionKey;
-use crate::protocol::{ExecResult, KeepOutput, KilledBy, RequestError};
+use crate::protocol::{CommandResult, KeepOutput, KilledBy, RequestError};
 use crate::stats::Stats;
 
-/// The answer an `exec.run` waits for.
-pub type ExecReply = RpcReplyPort<Result<ExecResult, RequestError>>;
+/// The answer `exec.start` (and `exec.run`, which starts then waits) gets
+/// once the command runs: its record, to read, write and wait on.
+pub type StartReply = RpcReplyPort<Result<Arc<CommandRecord>, RequestError>>;
 
-/// Runs one command in a task it owns and answers with its result. It has no
-/// children; if it panics, its state is dropped, which aborts the task, whose
-/// [`crate::process::ChildProcess`] kills the command's process group and
-/// whose [`crate::cgroup::CgroupNode`] kills and removes the command's cgroup
-/// leaf (setsid'd descendants included); the dropped reply port makes the
-/// connection answer `INTERNAL`.
+/// Runs one command in a task it owns. Nobody waits on the actor: readers
+/// wait on the command's [`CommandRecord`], which this actor finishes. It has
+/// no children; if it panics, its state is dropped, which aborts the task,
+/// whose [`crate::process::ChildProcess`] kills the command's process group
+/// and whose [`crate::cgroup::CgroupNode`] kills and removes the command's
+/// cgroup leaf (setsid'd descendants included), and whose [`FinishOnDrop`]
+/// answers every reader (and the waiting `exec.run`) with `INTERNAL`.
 pub struct CommandActor;
 
 /// What a CommandActor is started with.
@@ -38,16 +41,20 @@ pub struct CommandArgs {
     /// keep per-command variables from sticking to the session.
     pub session_env: EnvMap,
     pub request_env: EnvMap,
-    /// This command's share of `max_concurrent`; returned before the answer goes out.
+    /// This command's share of `max_concurrent`; returned before its end is recorded.
     pub permit: OwnedSemaphorePermit,
-    pub reply: ExecReply,
+    pub record: Arc<CommandRecord>,
+    /// Answered once the command runs (or could not be started).
+    pub started: StartReply,
 }
 
 /// Messages of a CommandActor.
 #[derive(Debug)]
 pub enum CommandMsg {
-    /// Kill the command's process tree; it answers with `killed_by: reason`.
+    /// Kill the command's process tree; it ends with `killed_by: reason`.
     Kill(KilledBy),
+    /// The command runs (sent by the run task).
+    Spawned,
     /// The run task finished (sent by the task itself).
     Finished(Result<RunReport, RunFailure>),
     /// Fault injection: strike this actor's handler.
@@ -73,7 +80,9 @@ pub struct CommandState {
     /// Aborts the run task when the state is dropped (stop, kill or panic).
     _task: AbortOnDrop,
     permit: Option<OwnedSemaphorePermit>,
-    reply: Option<ExecReply>,
+    /// Finishes the record with `INTERNAL` if the actor dies first.
+    record: FinishOnDrop,
+    started: Option<StartReply>,
 }
 
 /// Aborts a task when dropped: the task must not outlive its actor.
@@ -102,8 +111,15 @@ impl Actor for CommandActor {
         let me = myself.clone();
         let task = tokio::spawn(async move {
             // Never await the process inside `handle`: the run lives in this task
-            // and comes back as a message, panics included (design-rules).
-            let run = AssertUnwindSafe(run_command(&table, key, spec, kill_rx)).catch_unwind();
+            // and comes back as a message, panics included (docs/design-notes.md, "Actors").
+            let spawned = {
+                let me = me.clone();
+                move || {
+                    let _ = me.cast(CommandMsg::Spawned);
+                }
+            };
+            let run =
+                AssertUnwindSafe(run_command(&table, key, spec, kill_rx, spawned)).catch_unwind();
             let finished = match run.await {
                 Ok(Ok(outcome)) => Ok(outcome),
                 Ok(Err(e)) => Err(RunFailure::Run(e)),
@@ -120,7 +136,8 @@ impl Actor for CommandActor {
             kill: kill_tx,
             _task: AbortOnDrop(task),
             permit: Some(args.permit),
-            reply: Some(args.reply),
+            record: FinishOnDrop(args.record),
+            started: Some(args.started),
         })
     }
 
@@ -146,6 +163,11 @@ impl Actor for CommandActor {
                     }
                 });
             }
+            CommandMsg::Spawned => {
+                if let Some(started) = state.started.take() {
+                    let _ = started.send(Ok(state.record.0.clone()));
+                }
+            }
             #[cfg(feature = "fault-injection")]
             CommandMsg::Fault(fault) => return fault.strike("CommandActor").await,
             CommandMsg::Finished(finished) => {
@@ -159,17 +181,23 @@ impl Actor for CommandActor {
 
 impl CommandState {
     /// Counts the outcome, hands the shell state to the session, returns the
-    /// slot, then answers — in that order, so a client that sends its next
-    /// command on receipt finds the session idle, the slot free and the new cwd.
+    /// slot, then records the end (which wakes every reader) — in that order,
+    /// so a client that sends its next command on seeing the end finds the
+    /// session idle, the slot free and the new cwd. A command that never ran
+    /// answers its `exec.start` with the error instead.
     fn finish(&mut self, me: ActorId, finished: Result<RunReport, RunFailure>) {
         let stats = &self.ctx.stats;
-        let (answer, new_state) = match finished {
+        let record = self.record.0.clone();
+        let (outcome, new_state) = match finished {
             Ok(mut report) => {
                 Stats::bump(&stats.commands_completed);
                 let state = report.state.take();
-                let r = exec_result(report);
+                let r = command_result(&record, report);
                 if r.timed_out {
                     Stats::bump(&stats.commands_timed_out);
+                }
+                if r.killed_by == Some(KilledBy::IdleTimeout) {
+                    Stats::bump(&stats.commands_idle_timed_out);
                 }
                 if r.killed_by.is_some() {
                     Stats::bump(&stats.commands_killed);
@@ -192,9 +220,7 @@ impl CommandState {
                 Stats::bump(&stats.spawn_failed);
                 (Err(RequestError::SpawnFailed(e.to_string())), None)
             }
-            Err(RunFailure::Run(e @ RunError::BadCommand(_))) => {
-                (Err(RequestError::InvalidRequest(e.to_string())), None)
-            }
+            // The method files refuse NUL bytes; one here is a bug of ours.
             Err(RunFailure::Run(e)) => (Err(RequestError::Internal(e.to_string())), None),
             Err(RunFailure::Panicked(msg)) => {
                 Stats::bump(&stats.actor_failures);
@@ -212,27 +238,39 @@ impl CommandState {
             state: new_state,
         });
         drop(self.permit.take());
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(answer);
+        match (self.started.take(), &outcome) {
+            // It never ran: `exec.start` gets the error itself.
+            (Some(started), Err(e)) => {
+                let _ = started.send(Err(e.clone()));
+            }
+            (Some(started), Ok(_)) => {
+                let _ = started.send(Ok(record.clone()));
+            }
+            (None, _) => {}
         }
+        if let Ok(r) = &outcome {
+            tracing::debug!(command = %record.id, exit_code = ?r.exit_code, killed_by = ?r.killed_by, duration_ms = r.duration_ms, "command ended");
+        }
+        record.finish(outcome);
     }
 }
 
-/// The wire's answer for a finished command.
-fn exec_result(report: RunReport) -> ExecResult {
+/// The wire's result (without output) of a finished command.
+fn command_result(record: &CommandRecord, report: RunReport) -> CommandResult {
     let killed_by = report.killed_by.map(killed_by);
-    ExecResult {
-        command_id: None,
+    let (stdout_total_bytes, stderr_total_bytes) = record.output.totals();
+    let (stdout_truncated, stderr_truncated) = record.output.truncated();
+    CommandResult {
+        command_id: Some(record.id.clone()),
         exit_code: report.exit.code,
         signal: report.exit.signal,
-        timed_out: killed_by == Some(KilledBy::Timeout),
+        // An idle timeout is a timeout too (`timed_out: true`), with its own `killed_by`.
+        timed_out: matches!(killed_by, Some(KilledBy::Timeout | KilledBy::IdleTimeout)),
         killed_by,
-        stdout_truncated: report.stdout.truncated,
-        stderr_truncated: report.stderr.truncated,
-        stdout_total_bytes: report.stdout.total,
-        stderr_total_bytes: report.stderr.total,
-        stdout: report.stdout.bytes.into(),
-        stderr: report.stderr.bytes.into(),
+        stdout_truncated,
+        stderr_truncated,
+        stdout_total_bytes,
+        stderr_total_bytes,
         duration_ms: report.duration.as_millis() as u64,
         cpu_ms: Some(report.exit.cpu.as_millis() as u64),
         max_rss_bytes: Some(report.max_rss_bytes),

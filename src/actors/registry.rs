@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::command::ExecReply;
+use super::command::StartReply;
+use super::command_record::CommandRecord;
 use super::session::{
     CreateReply, ExecRequest, SessionActor, SessionArgs, SessionDescription, SessionEnd,
     SessionMsg, SessionPhase,
@@ -70,11 +71,23 @@ pub enum RegistryMsg {
         uid: u32,
         session_id: String,
         request: ExecRequest,
-        reply: ExecReply,
+        reply: StartReply,
     },
     Cancel {
         uid: u32,
         session_id: String,
+        reply: RpcReplyPort<Result<bool, RequestError>>,
+    },
+    /// The caller's command by id, from the session that owns it.
+    FindCommand {
+        uid: u32,
+        command_id: String,
+        reply: RpcReplyPort<Result<Arc<CommandRecord>, RequestError>>,
+    },
+    /// Cancel the caller's command by id.
+    CancelCommand {
+        uid: u32,
+        command_id: String,
         reply: RpcReplyPort<Result<bool, RequestError>>,
     },
     /// The sessions of `uid`, described by a task of the registry's (it never awaits them).
@@ -196,6 +209,20 @@ impl Actor for RegistryActor {
                     let _ = reply.send(Err(e));
                 }
             },
+            RegistryMsg::FindCommand {
+                uid,
+                command_id,
+                reply,
+            } => state.route_to_command(uid, command_id, reply, |command_id, reply| {
+                SessionMsg::Find { command_id, reply }
+            }),
+            RegistryMsg::CancelCommand {
+                uid,
+                command_id,
+                reply,
+            } => state.route_to_command(uid, command_id, reply, |command_id, reply| {
+                SessionMsg::CancelCommand { command_id, reply }
+            }),
             RegistryMsg::List { uid, reply } => state.list(uid, reply),
             RegistryMsg::SessionEnded { actor, end } => state.session_ended(actor, end),
             RegistryMsg::Sweep => state.sweep(),
@@ -386,7 +413,7 @@ impl RegistryState {
 
     /// Decides `SHUTTING_DOWN` and `SESSION_NOT_FOUND`, then hands the command
     /// to the session (which decides `SESSION_BUSY` and `TOO_MANY_COMMANDS`).
-    fn route_run(&mut self, uid: u32, session_id: &str, request: ExecRequest, reply: ExecReply) {
+    fn route_run(&mut self, uid: u32, session_id: &str, request: ExecRequest, reply: StartReply) {
         if self.ctx.draining() || self.shutting_down {
             let _ = reply.send(Err(RequestError::ShuttingDown));
             return;
@@ -403,6 +430,40 @@ impl RegistryState {
         {
             let _ = reply.send(Err(RequestError::SessionNotFound(session_id.to_string())));
         }
+    }
+
+    /// Forwards a request about a command to the session its id names; a
+    /// command id of another uid's session, an unknown or a malformed one is
+    /// `COMMAND_NOT_FOUND` (never a hint that it exists).
+    fn route_to_command<T: Send + 'static>(
+        &self,
+        uid: u32,
+        command_id: String,
+        reply: RpcReplyPort<Result<T, RequestError>>,
+        message: impl FnOnce(String, RpcReplyPort<Result<T, RequestError>>) -> SessionMsg,
+    ) {
+        let session = CommandRecord::session_of(&command_id)
+            .and_then(|session| self.lookup(uid, session).ok())
+            .map(|entry| entry.actor.clone());
+        let Some(session) = session else {
+            let _ = reply.send(Err(RequestError::CommandNotFound(command_id)));
+            return;
+        };
+        // A session that is gone drops the port: INTERNAL would mislead, so answer here.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if session
+            .cast(message(command_id.clone(), tx.into()))
+            .is_err()
+        {
+            let _ = reply.send(Err(RequestError::CommandNotFound(command_id)));
+            return;
+        }
+        tokio::spawn(async move {
+            let answer = rx
+                .await
+                .unwrap_or(Err(RequestError::CommandNotFound(command_id)));
+            let _ = reply.send(answer);
+        });
     }
 
     /// A session stopped: unlist it if it still is, and count why.

@@ -1,6 +1,6 @@
 //! SessionActor: child of the root supervisor, one per session; shell state, idle timer, busy check, parent of its CommandActors.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
+use super::command::{CommandActor, CommandArgs, CommandMsg, StartReply};
+use super::command_record::CommandRecord;
 use crate::cgroup::{CgroupLimits, CgroupNode};
 use crate::context::Context;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
+use crate::process::live_output::LiveOutput;
 use crate::process::run::RunSpec;
 use crate::process::shell::{EnvMap, ShellState};
 use crate::process::table::SessionKey;
@@ -70,6 +72,10 @@ pub struct ExecRequest {
     pub stdin: Option<Vec<u8>>,
     pub env: EnvMap,
     pub keep_output: KeepOutput,
+    /// Keep stdin open for `exec.write` until `eof`.
+    pub stdin_open: bool,
+    /// Kill the command after this long without output.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// One session. Supervision policy (`handle_supervisor_evt`): a CommandActor
@@ -101,11 +107,24 @@ pub struct SessionArgs {
 pub enum SessionMsg {
     /// The first message, sent to itself: make the cgroup, answer `session.create`.
     Setup,
-    /// Start a command (if this session is not busy and a global slot is free); answer on `reply`.
+    /// Start a command (if this session is not busy and a global slot is
+    /// free); `reply` gets its record once it runs.
     Run {
         request: ExecRequest,
-        reply: ExecReply,
+        reply: StartReply,
     },
+    /// A running or retained command of this session, by id.
+    Find {
+        command_id: String,
+        reply: RpcReplyPort<Result<Arc<CommandRecord>, RequestError>>,
+    },
+    /// Cancel one running command by id; answers whether it was running.
+    CancelCommand {
+        command_id: String,
+        reply: RpcReplyPort<Result<bool, RequestError>>,
+    },
+    /// Drop retained commands that ended more than `retain_finished` ago.
+    PruneRetained,
     /// A CommandActor finished; `state` is the shell state it left, if it ended by itself.
     CommandDone {
         command: ActorId,
@@ -168,6 +187,12 @@ impl Drop for SessionProcesses {
     }
 }
 
+/// A command the session runs now.
+struct Running {
+    actor: ActorRef<CommandMsg>,
+    record: Arc<CommandRecord>,
+}
+
 /// State of one session.
 pub struct SessionState {
     ctx: Arc<Context>,
@@ -191,7 +216,10 @@ pub struct SessionState {
     /// The `session.create` waiting for `Setup`.
     create_reply: Option<CreateReply>,
     /// Commands running now; at most `max_per_session`.
-    running: HashMap<ActorId, ActorRef<CommandMsg>>,
+    running: HashMap<ActorId, Running>,
+    /// Finished commands still readable, oldest first: at most
+    /// `retain_per_session`, none older than `retain_finished`.
+    retained: VecDeque<(Instant, Arc<CommandRecord>)>,
     /// Set by the first Destroy, or on expiry: refuses new commands, waits for running ones to end.
     ending: bool,
     /// Everyone waiting for the end (a destroy may be asked twice across a registry restart).
@@ -235,6 +263,7 @@ impl Actor for SessionActor {
             cgroup_limits: args.cgroup_limits,
             create_reply: Some(args.created),
             running: HashMap::new(),
+            retained: VecDeque::new(),
             ending: false,
             end_waiters: Vec::new(),
         })
@@ -253,7 +282,7 @@ impl Actor for SessionActor {
                 command,
                 state: shell,
             } => {
-                state.running.remove(&command);
+                state.retire(&myself, &command);
                 if let Some(shell) = shell {
                     state.cwd = shell.cwd;
                     state.env = shell.env;
@@ -263,16 +292,36 @@ impl Actor for SessionActor {
             }
             SessionMsg::Cancel { reply } => {
                 for command in state.running.values() {
-                    let _ = command.cast(CommandMsg::Kill(KilledBy::Cancelled));
+                    let _ = command.actor.cast(CommandMsg::Kill(KilledBy::Cancelled));
                 }
                 let _ = reply.send(Ok(!state.running.is_empty()));
             }
+            SessionMsg::CancelCommand { command_id, reply } => {
+                let running = state.running.values().find(|c| c.record.id == command_id);
+                let answer = match running {
+                    Some(command) => {
+                        let _ = command.actor.cast(CommandMsg::Kill(KilledBy::Cancelled));
+                        Ok(true)
+                    }
+                    None if state.find(&command_id).is_some() => Ok(false),
+                    None => Err(RequestError::CommandNotFound(command_id)),
+                };
+                let _ = reply.send(answer);
+            }
+            SessionMsg::Find { command_id, reply } => {
+                let _ = reply.send(
+                    state
+                        .find(&command_id)
+                        .ok_or(RequestError::CommandNotFound(command_id)),
+                );
+            }
+            SessionMsg::PruneRetained => state.prune_retained(),
             SessionMsg::Describe { reply } => {
                 let _ = reply.send(state.describe());
             }
             SessionMsg::Destroy { reason, reply } => {
                 for command in state.running.values() {
-                    let _ = command.cast(CommandMsg::Kill(reason));
+                    let _ = command.actor.cast(CommandMsg::Kill(reason));
                 }
                 // Background groups of earlier commands die in `end`, after the running
                 // commands: killing a running shell's group first would orphan its
@@ -298,7 +347,7 @@ impl Actor for SessionActor {
                     return fault.strike("SessionActor").await;
                 }
                 for command in state.running.values() {
-                    let _ = command.cast(CommandMsg::Fault(fault));
+                    let _ = command.actor.cast(CommandMsg::Fault(fault));
                 }
                 let _ = reply.send(Ok(state.running.len() as u64));
             }
@@ -324,7 +373,9 @@ impl Actor for SessionActor {
             SupervisionEvent::ActorFailed(cell, err) => {
                 Stats::bump(&state.ctx.stats.actor_failures);
                 tracing::error!(session = %state.id, actor = %cell.get_id(), error = %err, "CommandActor failed; its request gets INTERNAL, the session goes on");
-                state.running.remove(&cell.get_id());
+                // Its record was finished with INTERNAL by its Drop guard; keep it
+                // readable like any ended command, so a re-attaching client sees why.
+                state.retire(&myself, &cell.get_id());
                 state.last_active = Instant::now();
                 state.end_if_idle(&myself).await;
             }
@@ -380,7 +431,12 @@ impl SessionState {
     /// (a permit of the global semaphore, held by the CommandActor), then starts
     /// the CommandActor. Busy is checked first so a request that is refused
     /// never holds a global slot, not even for a moment.
-    async fn run(&mut self, myself: &ActorRef<SessionMsg>, request: ExecRequest, reply: ExecReply) {
+    async fn run(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        request: ExecRequest,
+        reply: StartReply,
+    ) {
         if self.ending {
             // Expired or destroyed while the request was on its way.
             let _ = reply.send(Err(RequestError::SessionNotFound(self.id.clone())));
@@ -410,6 +466,14 @@ impl SessionState {
             return;
         };
         let commands = &self.ctx.config.commands;
+        let record = Arc::new(CommandRecord::new(
+            format!("{}/c-{}", self.id, uuid::Uuid::new_v4().simple()),
+            LiveOutput::new(
+                commands.max_output_bytes.as_u64() as usize,
+                super::command::keep_output(request.keep_output),
+                request.stdin_open,
+            ),
+        ));
         let mut env = self.env.clone();
         env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let spec = RunSpec {
@@ -419,9 +483,9 @@ impl SessionState {
             env,
             stdin: request.stdin,
             timeout,
+            idle_timeout: request.idle_timeout,
             kill_grace: commands.kill_grace,
-            max_output_bytes: commands.max_output_bytes.as_u64() as usize,
-            keep_output: super::command::keep_output(request.keep_output),
+            output: record.output.clone(),
             rlimits: self.rlimits,
             oom_score_adj: commands.oom_score_adj,
             credentials: self.ctx.credentials,
@@ -435,11 +499,13 @@ impl SessionState {
             session_env: self.env.clone(),
             request_env: request.env,
             permit,
-            reply,
+            record: record.clone(),
+            started: reply,
         };
         match Actor::spawn_linked(None, CommandActor, args, myself.get_cell()).await {
-            Ok((command, _)) => {
-                self.running.insert(command.get_id(), command);
+            Ok((actor, _)) => {
+                self.running
+                    .insert(actor.get_id(), Running { actor, record });
                 self.last_active = Instant::now();
             }
             // pre_start cannot fail today; its args (and the reply port) are gone if it did,
@@ -447,6 +513,53 @@ impl SessionState {
             Err(e) => {
                 tracing::error!(session = %self.id, error = %e, "could not start a CommandActor")
             }
+        }
+    }
+
+    /// A running or retained command by id.
+    fn find(&self, command_id: &str) -> Option<Arc<CommandRecord>> {
+        self.running
+            .values()
+            .map(|c| &c.record)
+            .chain(self.retained.iter().map(|(_, r)| r))
+            .find(|r| r.id == command_id)
+            .cloned()
+    }
+
+    /// The running commands' ids, oldest first.
+    fn running_ids(&self) -> Vec<String> {
+        let mut running: Vec<&Running> = self.running.values().collect();
+        running.sort_by_key(|c| c.record.started);
+        running.iter().map(|c| c.record.id.clone()).collect()
+    }
+
+    /// A command ended (or its actor failed): from running to retained,
+    /// dropping the oldest past `retain_per_session`; the newest is dropped
+    /// after `retain_finished` by a timer.
+    fn retire(&mut self, myself: &ActorRef<SessionMsg>, command: &ActorId) {
+        let Some(running) = self.running.remove(command) else {
+            return;
+        };
+        let commands = &self.ctx.config.commands;
+        if commands.retain_per_session == 0 {
+            return;
+        }
+        self.retained.push_back((Instant::now(), running.record));
+        while self.retained.len() > commands.retain_per_session {
+            self.retained.pop_front();
+        }
+        myself.send_after(commands.retain_finished, || SessionMsg::PruneRetained);
+    }
+
+    /// Drops retained commands that ended `retain_finished` ago or more.
+    fn prune_retained(&mut self) {
+        let keep_for = self.ctx.config.commands.retain_finished;
+        while self
+            .retained
+            .front()
+            .is_some_and(|(ended, _)| ended.elapsed() >= keep_for)
+        {
+            self.retained.pop_front();
         }
     }
 
@@ -468,8 +581,8 @@ impl SessionState {
                 },
                 busy: !self.running.is_empty(),
                 cwd: self.cwd.to_string_lossy().into_owned(),
-                command_ids: Vec::new(),
-                command_id: None,
+                command_ids: self.running_ids(),
+                command_id: self.running_ids().pop(),
             },
         }
     }

@@ -5,12 +5,13 @@
 //! (setsid'd descendants included). [`attribute`] names the limit that ended
 //! a command by itself: the cgroup's OOM killer, or RLIMIT_CPU.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
 use super::child::{ChildProcess, ExitInfo};
+use super::live_output::LiveOutput;
 use crate::cgroup::CgroupNode;
 use crate::limits::Rlimit;
 
@@ -41,19 +42,23 @@ pub fn attribute(exit: &ExitInfo, oom_kills: u64, rlimits: &[Rlimit]) -> Option<
         .or_else(|| cpu_limit_kill(exit, rlimits))
 }
 
-/// Waits for the shell to exit, or ends it: on timeout or a kill request,
+/// Waits for the shell to exit, or ends it: on timeout, idle timeout (no
+/// output on either stream of `idle.1` for `idle.0`) or a kill request,
 /// SIGTERM to its process group, then SIGKILL after `grace` (at once for
-/// session destroy and shutdown, whose grace was already given).
+/// session destroy and shutdown, whose grace was already given). This is
+/// where a command's timeouts are enforced.
 pub async fn supervise(
     child: &mut ChildProcess,
     leaf: Option<&CgroupNode>,
     timeout: Duration,
+    idle: Option<(Duration, &LiveOutput)>,
     grace: Duration,
     kill: &mut watch::Receiver<Option<KillReason>>,
 ) -> std::io::Result<(ExitInfo, Option<KillReason>)> {
     let reason = tokio::select! {
         r = child.wait() => return Ok((r?, None)),
         _ = tokio::time::sleep(timeout) => KillReason::Timeout,
+        _ = silent_for(idle) => KillReason::IdleTimeout,
         r = kill_requested(kill) => r,
     };
     let mut exited = None;
@@ -115,6 +120,20 @@ fn cpu_limit_kill(exit: &ExitInfo, rlimits: &[Rlimit]) -> Option<KillReason> {
     let xcpu = by_signal(libc::SIGXCPU) && cpu_ms * 2 >= soft_ms;
     let hard_kill = by_signal(libc::SIGKILL) && cpu_ms >= soft_ms;
     (xcpu || hard_kill).then_some(KillReason::CpuLimit)
+}
+
+/// Resolves once `idle.1` has had no output for `idle.0`; never without an idle timeout.
+async fn silent_for(idle: Option<(Duration, &LiveOutput)>) {
+    let Some((after, output)) = idle else {
+        return std::future::pending().await;
+    };
+    loop {
+        let quiet_until = output.last_output() + after;
+        if Instant::now() >= quiet_until {
+            return;
+        }
+        tokio::time::sleep_until(quiet_until.into()).await;
+    }
 }
 
 /// Resolves when the kill request changes after it was first seen; never when the sender is gone.

@@ -5,7 +5,6 @@
 //! bounded by the two [`StreamBuffer`]s (see there); nothing here queues
 //! per reader, so any number of readers cost nothing but their own reads.
 
-use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -155,6 +154,12 @@ impl LiveOutput {
         (s.stdout.total(), s.stderr.total())
     }
 
+    /// Whether the result drops bytes of (stdout, stderr).
+    pub fn truncated(&self) -> (bool, bool) {
+        let s = self.streams();
+        (s.stdout.truncated(), s.stderr.truncated())
+    }
+
     /// Bytes held now by both streams.
     pub fn held(&self) -> usize {
         let s = self.streams();
@@ -166,16 +171,25 @@ impl LiveOutput {
         self.version.subscribe()
     }
 
-    /// Hands the command's stdin pipe over for `exec.write` (when started
-    /// with `stdin_open`); otherwise gives it back, to be closed by the caller.
-    pub async fn keep_stdin(&self, pipe: pipe::Sender) -> Option<pipe::Sender> {
-        let mut stdin = self.stdin.lock().await;
-        match &mut *stdin {
-            Stdin::Open(slot @ None) => {
+    /// Keeps the command's stdin pipe for `exec.write` (started with
+    /// `stdin_open`). Called before the command's id is handed out, so
+    /// nobody else can hold the lock yet.
+    pub fn install_stdin(&self, pipe: pipe::Sender) {
+        if let Ok(mut stdin) = self.stdin.try_lock() {
+            if let Stdin::Open(slot @ None) = &mut *stdin {
                 *slot = Some(pipe);
-                None
             }
-            _ => Some(pipe),
+        }
+    }
+
+    /// Writes the request's `stdin` bytes to the kept stdin pipe, however
+    /// long the command takes to read them; `exec.write`s queue behind them.
+    pub async fn feed_initial(&self, data: &[u8]) {
+        let mut stdin = self.stdin.lock().await;
+        if let Stdin::Open(Some(pipe)) = &mut *stdin {
+            if pipe.write_all(data).await.is_err() {
+                *stdin = Stdin::Closed;
+            }
         }
     }
 
@@ -197,17 +211,20 @@ impl LiveOutput {
         eof: bool,
         timeout: Duration,
     ) -> Result<u64, WriteRefused> {
-        let mut stdin = self.stdin.lock().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let Ok(mut stdin) = tokio::time::timeout_at(deadline, self.stdin.lock()).await else {
+            // Earlier bytes still wait for the command to read them.
+            return Ok(0);
+        };
         let pipe = match &mut *stdin {
             Stdin::NotOpen => return Err(WriteRefused::NotOpen),
             Stdin::Closed if self.ended() => return Err(WriteRefused::Ended),
             Stdin::Closed => return Err(WriteRefused::Closed),
-            // Open, and the command not spawned yet: it is spawned before
-            // its id is handed out, so this is a command that just failed to start.
+            // The pipe is installed before the id is handed out: no pipe
+            // means the command never got one (it failed to start).
             Stdin::Open(None) => return Err(WriteRefused::Ended),
             Stdin::Open(Some(pipe)) => pipe,
         };
-        let deadline = tokio::time::Instant::now() + timeout;
         let mut written = 0usize;
         let mut broken = false;
         while written < data.len() {
@@ -252,11 +269,6 @@ pub struct KeptOutput {
     pub stderr_truncated: bool,
 }
 
-/// Makes a pipe sender of a stdin fd.
-pub fn stdin_sender(fd: OwnedFd) -> std::io::Result<pipe::Sender> {
-    pipe::Sender::from_owned_fd(fd)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +300,7 @@ mod tests {
         );
         let open = LiveOutput::new(16, Keep::Head, true);
         let (tx, rx) = pipe::pipe().unwrap();
-        assert!(open.keep_stdin(tx).await.is_none());
+        open.install_stdin(tx);
         assert_eq!(
             open.write(b"abc", true, Duration::from_secs(1)).await,
             Ok(3)
@@ -314,7 +326,7 @@ mod tests {
     async fn a_write_to_a_command_that_does_not_read_returns_what_went_in() {
         let open = LiveOutput::new(16, Keep::Head, true);
         let (tx, _rx) = pipe::pipe().unwrap();
-        open.keep_stdin(tx).await;
+        open.install_stdin(tx);
         let data = vec![0u8; 1 << 20];
         let written = open
             .write(&data, false, Duration::from_millis(200))

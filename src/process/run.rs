@@ -15,7 +15,8 @@ use tokio::sync::watch;
 
 use super::child::ExitInfo;
 use super::kill::{self, KillReason};
-use super::output::{CappedOutput, Captured, KeepOutput};
+use super::live_output::{LiveOutput, Stream};
+use super::output::{CappedOutput, KeepOutput};
 use super::shell::{self, EnvMap, ShellState};
 use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
@@ -43,9 +44,11 @@ pub struct RunSpec {
     pub env: EnvMap,
     pub stdin: Option<Vec<u8>>,
     pub timeout: Duration,
+    /// Kill the command when it writes nothing for this long.
+    pub idle_timeout: Option<Duration>,
     pub kill_grace: Duration,
-    pub max_output_bytes: usize,
-    pub keep_output: KeepOutput,
+    /// Where its output goes (and its stdin comes from, when kept open).
+    pub output: Arc<LiveOutput>,
     /// setrlimit values for the command's processes.
     pub rlimits: [Rlimit; 5],
     /// oom_score_adj of the command's processes.
@@ -64,8 +67,6 @@ pub struct RunReport {
     pub exit: ExitInfo,
     /// Why the daemon or a limit ended it, if one did.
     pub killed_by: Option<KillReason>,
-    pub stdout: Captured,
-    pub stderr: Captured,
     /// Wall time from spawn to the shell's exit (and the output drained).
     pub duration: Duration,
     /// Peak memory: the command's cgroup leaf's where the kernel reports it,
@@ -93,18 +94,22 @@ pub enum RunError {
 }
 
 /// Runs `spec` in a group of `session`. `kill` carries a kill request
-/// (cancel, session destroyed, shutdown); the timeout is enforced here.
+/// (cancel, session destroyed, shutdown); `spawned` is called once the
+/// command runs. Its output goes to `spec.output` as it comes, and the
+/// output is cut to what the result keeps when the command has ended.
 pub async fn run_command(
     table: &Arc<ProcessTable>,
     session: SessionKey,
     spec: RunSpec,
     mut kill: watch::Receiver<Option<KillReason>>,
+    on_spawned: impl FnOnce(),
 ) -> Result<RunReport, RunError> {
     let argv = shell::wrapper_argv(&spec.shell, &spec.command).map_err(RunError::BadCommand)?;
     let envp = shell::envp(&spec.env, &spec.cwd);
     let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
-    let (table, cwd_path, with_stdin) = (table.clone(), spec.cwd.clone(), spec.stdin.is_some());
+    let with_stdin = spec.stdin.is_some() || spec.output.stdin_open();
+    let (table, cwd_path) = (table.clone(), spec.cwd.clone());
     let (rlimits, credentials, place) = (spec.rlimits, spec.credentials, spec.cgroup.clone());
     let oom_score_adj = std::ffi::CString::new(spec.oom_score_adj.to_string()).expect("digits");
 
@@ -148,7 +153,14 @@ pub async fn run_command(
     })
     .await
     .map_err(|e| RunError::Wait(std::io::Error::other(e)))?;
-    let (mut child, pipes, leaf) = spawned?;
+    let (mut child, mut pipes, leaf) = spawned?;
+    let output = spec.output.clone();
+    if output.stdin_open() {
+        if let Some(fd) = pipes.stdin.take() {
+            output.install_stdin(pipe::Sender::from_owned_fd(fd).map_err(RunError::Wait)?);
+        }
+    }
+    on_spawned();
 
     let receiver = |fd| pipe::Receiver::from_owned_fd(fd).map_err(RunError::Wait);
     let (mut stdout_rx, mut stderr_rx, mut state_rx) = (
@@ -156,24 +168,24 @@ pub async fn run_command(
         receiver(pipes.stderr)?,
         receiver(pipes.state)?,
     );
-    let mut stdout = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
-    let mut stderr = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
     let mut report = CappedOutput::new(STATE_REPORT_MAX, KeepOutput::Head);
 
     let (exit, killed_by, io_done) = {
         let io = async {
             tokio::join!(
-                pump(&mut stdout_rx, &mut stdout),
-                pump(&mut stderr_rx, &mut stderr),
-                pump(&mut state_rx, &mut report),
-                feed(pipes.stdin, spec.stdin.as_deref()),
+                pump(&mut stdout_rx, |b| output.push(Stream::Stdout, b)),
+                pump(&mut stderr_rx, |b| output.push(Stream::Stderr, b)),
+                pump(&mut state_rx, |b| report.push(b)),
+                feed(pipes.stdin, spec.stdin.as_deref(), &output),
             )
         };
         tokio::pin!(io);
+        let idle = spec.idle_timeout.map(|after| (after, &*output));
         let ended = kill::supervise(
             &mut child,
             leaf.as_ref(),
             spec.timeout,
+            idle,
             spec.kill_grace,
             &mut kill,
         );
@@ -200,6 +212,8 @@ pub async fn run_command(
         tokio::spawn(discard_until_eof([stdout_rx, stderr_rx]));
     }
     let duration = started.elapsed();
+    // Cut to what the result keeps; readers and the result read it from there.
+    output.end();
     // What the kernel says of the command's leaf: OOM kills and peak memory;
     // then the leaf goes, unless background processes still live in it.
     let (oom_kills, memory_peak) = match leaf {
@@ -229,8 +243,6 @@ pub async fn run_command(
     Ok(RunReport {
         exit,
         killed_by,
-        stdout: stdout.finish(),
-        stderr: stderr.finish(),
         duration,
         max_rss_bytes: memory_peak.unwrap_or(exit.max_rss_bytes),
         cwd,
@@ -251,7 +263,7 @@ async fn discard_until_eof(pipes: [pipe::Receiver; 2]) {
 }
 
 /// Reads a pipe to EOF into `out`, which keeps what its cap allows and counts the rest.
-async fn pump(rx: &mut pipe::Receiver, out: &mut CappedOutput) {
+async fn pump(rx: &mut pipe::Receiver, mut out: impl FnMut(&[u8])) {
     // Uninitialised capacity, filled by `read_buf`: a command that prints
     // little touches one page of it, not 64 KiB zeroed three times per
     // command (memset and page faults were the top user-space cost in a
@@ -261,21 +273,26 @@ async fn pump(rx: &mut pipe::Receiver, out: &mut CappedOutput) {
         buf.clear();
         match rx.read_buf(&mut buf).await {
             Ok(0) => return,
-            Ok(_) => out.push(&buf),
+            Ok(_) => out(&buf),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }
 }
 
-/// Writes stdin and closes it so the command sees EOF; a command that exits
-/// without reading makes the write fail with EPIPE, which is fine.
-async fn feed(fd: Option<std::os::fd::OwnedFd>, data: Option<&[u8]>) {
-    let (Some(fd), Some(data)) = (fd, data) else {
-        return;
-    };
-    let Ok(mut tx) = pipe::Sender::from_owned_fd(fd) else {
-        return;
-    };
-    let _ = tx.write_all(data).await;
+/// Writes the request's stdin: to a pipe of its own that is then closed so
+/// the command sees EOF, or (`stdin_open`, the pipe already kept by `output`)
+/// ahead of any `exec.write`. A command that exits without reading makes the
+/// write fail with EPIPE, which is fine.
+async fn feed(fd: Option<std::os::fd::OwnedFd>, data: Option<&[u8]>, output: &LiveOutput) {
+    let data = data.unwrap_or_default();
+    match fd {
+        Some(fd) => {
+            if let Ok(mut tx) = pipe::Sender::from_owned_fd(fd) {
+                let _ = tx.write_all(data).await;
+            }
+        }
+        None if !data.is_empty() => output.feed_initial(data).await,
+        None => {}
+    }
 }

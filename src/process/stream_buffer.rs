@@ -11,17 +11,7 @@
 
 use std::collections::VecDeque;
 
-/// Which part of a stream longer than the cap is kept for the result.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Keep {
-    /// The first `cap` bytes.
-    #[default]
-    Head,
-    /// The last `cap` bytes.
-    Tail,
-    /// The first `cap / 2` and the last `cap - cap / 2` bytes.
-    Both,
-}
+pub use super::output::KeepOutput as Keep;
 
 /// Bytes read from a stream at some offset.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -221,6 +221,15 @@ pub fn encode_result<T: Serialize>(id: u64, result: &T) -> Bytes {
     }
 }
 
+/// Encodes an event frame of request `id`: `{"id", "event", ...}`.
+pub fn encode_event(id: u64, event: &super::Event) -> Bytes {
+    let frame = super::EventFrame {
+        id,
+        event: event.clone(),
+    };
+    Bytes::from(rmp_serde::to_vec_named(&frame).expect("an event always encodes"))
+}
+
 /// Encodes an error response body.
 pub fn encode_error(id: Option<u64>, error: &RequestError) -> Bytes {
     encode_wire_error(id, &error.to_wire())

@@ -210,7 +210,13 @@ pub struct PingResult {
     pub version: String,
     pub protocol: u32,
     pub uptime_ms: u64,
+    /// The protocol 2 additions this daemon has (see [`FEATURES`]).
+    #[serde(default)]
+    pub features: Vec<String>,
 }
+
+/// What `system.ping` lists in `features`: each protocol 2 addition this daemon implements.
+pub const FEATURES: &[&str] = &["stream", "start", "idle-timeout"];
 
 /// `system.stats` result.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -159,9 +159,15 @@ async fn serve_frame(
                 .await;
         }
     };
+    let events = EventSink {
+        id: request.id,
+        outbox: outbox.clone(),
+    };
     if Method::from_name(&request.method).is_some_and(Method::is_inline) {
         return outbox
-            .send(Outgoing::Frame(dispatch(daemon, uid, request).await))
+            .send(Outgoing::Frame(
+                dispatch(daemon, uid, request, &events).await,
+            ))
             .await;
     }
     let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -172,7 +178,7 @@ async fn serve_frame(
         let id = request.id;
         let ctx = &daemon.ctx;
         // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
-        let answer = AssertUnwindSafe(dispatch(&daemon, uid, request))
+        let answer = AssertUnwindSafe(dispatch(&daemon, uid, request, &events))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -215,6 +221,8 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
 struct Outbox {
     tx: mpsc::Sender<Outgoing>,
     unsent: Arc<AtomicUsize>,
+    /// Notified each time the writer takes a frame off the queue.
+    progress: Arc<tokio::sync::Notify>,
     budget: usize,
     overflow: CancellationToken,
     ctx: Arc<Context>,
@@ -229,11 +237,16 @@ impl Outbox {
         let outbox = Outbox {
             tx,
             unsent: Arc::new(AtomicUsize::new(0)),
+            progress: Arc::new(tokio::sync::Notify::new()),
             budget: ctx.config.server.max_unsent_bytes.as_u64() as usize,
             overflow: CancellationToken::new(),
             ctx: ctx.clone(),
         };
-        let (unsent, overflow) = (outbox.unsent.clone(), outbox.overflow.clone());
+        let (unsent, overflow, progress) = (
+            outbox.unsent.clone(),
+            outbox.overflow.clone(),
+            outbox.progress.clone(),
+        );
         let writer = tokio::spawn(async move {
             let mut sink = FramedWrite::new(write_half, response_codec());
             loop {
@@ -248,6 +261,7 @@ impl Outbox {
                 };
                 // Off the queue: from here on this answer is "being written".
                 unsent.fetch_sub(frame.len(), Ordering::Relaxed);
+                progress.notify_waiters();
                 let sent = tokio::select! {
                     sent = sink.send(frame) => sent.is_ok(),
                     _ = overflow.cancelled() => false,
@@ -289,6 +303,31 @@ impl Outbox {
     /// Resolves once the budget was exceeded.
     async fn overflowed(&self) {
         self.overflow.cancelled().await
+    }
+}
+
+/// Where a streaming request sends its event frames: the connection's
+/// outbox, in order with everything else of that request (its result last).
+pub struct EventSink {
+    id: u64,
+    outbox: Outbox,
+}
+
+impl EventSink {
+    /// Queues an event of this request; false when the connection is gone.
+    pub async fn send(&self, event: &crate::protocol::Event) -> bool {
+        let frame = crate::protocol::frame::encode_event(self.id, event);
+        self.outbox.send(Outgoing::Frame(frame)).await
+    }
+
+    /// Bytes queued on this connection and not yet taken by the writer.
+    pub fn backlog(&self) -> usize {
+        self.outbox.unsent.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the writer has taken a frame off the queue (the backlog shrank).
+    pub async fn progress(&self) {
+        self.outbox.progress.notified().await
     }
 }
 

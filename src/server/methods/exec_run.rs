@@ -1,19 +1,56 @@
-//! `exec.run`: params → a validated [`ExecRequest`] (command, stdin size, timeout, env, keep_output) → registry → session → CommandActor; answered with the command's result.
+//! `exec.run`: params → a validated [`ExecRequest`] → registry → session → CommandActor; then it waits for the command's end inside the daemon (the same path as `exec.start`), streaming `started` and `output` events first when asked.
+
+use std::sync::Arc;
 
 use super::{ask, env_param};
+use crate::actors::command_record::CommandRecord;
 use crate::actors::registry::RegistryMsg;
 use crate::actors::session::ExecRequest;
 use crate::config::Config;
 use crate::process::shell::MAX_ARG_BYTES;
-use crate::protocol::{ExecParams, ExecResult, RequestError, parse_params, seconds_param};
+use crate::protocol::{
+    Event, ExecParams, ExecResult, RequestError, StreamName, parse_params, seconds_param,
+};
 use crate::server::Daemon;
+use crate::server::connection::EventSink;
+
+/// Bytes of one stream in one output event, at most.
+const EVENT_CHUNK: usize = 64 * 1024;
+
+/// Unsent bytes on the connection above which no output event is made: a
+/// client that does not keep up misses events (the offsets show the gap)
+/// instead of holding the command back or growing the daemon.
+const EVENT_BACKLOG: usize = 256 * 1024;
 
 pub(super) async fn serve(
     daemon: &Daemon,
     uid: u32,
     params: &[u8],
+    events: &EventSink,
 ) -> Result<ExecResult, RequestError> {
-    let (session_id, request) = parse(&daemon.ctx.config, params)?;
+    let (session_id, request, stream) = parse(&daemon.ctx.config, params)?;
+    if request.stdin_open && !stream {
+        return Err(RequestError::InvalidRequest(
+            "param `stdin_open`: only with `stream: true`, whose `started` event gives the command id to write to".into(),
+        ));
+    }
+    let record = start(daemon, uid, session_id, request).await?;
+    if stream {
+        stream_events(&record, events).await;
+    }
+    match record.ended().await {
+        Ok(result) => Ok(record.exec_result(result)),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// Starts a command: its record once it runs (`exec.start` and `exec.run` alike).
+pub(super) async fn start(
+    daemon: &Daemon,
+    uid: u32,
+    session_id: String,
+    request: ExecRequest,
+) -> Result<Arc<CommandRecord>, RequestError> {
     ask(daemon, |reply| RegistryMsg::Run {
         uid,
         session_id,
@@ -23,9 +60,13 @@ pub(super) async fn serve(
     .await?
 }
 
-/// Every param check of `exec.run`. The timeout is checked against the
-/// session's own maximum by the session (`TimeoutOverSessionMax`).
-fn parse(config: &Config, params: &[u8]) -> Result<(String, ExecRequest), RequestError> {
+/// Every param check of `exec.run` and `exec.start`: the session id, the
+/// request, and whether events were asked for. The timeout is checked
+/// against the session's own maximum by the session (`TimeoutOverSessionMax`).
+pub(super) fn parse(
+    config: &Config,
+    params: &[u8],
+) -> Result<(String, ExecRequest, bool), RequestError> {
     let p: ExecParams = parse_params(params)?;
     let limit = config.commands.max_stdin_bytes.as_u64();
     if let Some(stdin) = &p.stdin {
@@ -50,8 +91,69 @@ fn parse(config: &Config, params: &[u8]) -> Result<(String, ExecRequest), Reques
         stdin: p.stdin.map(|b| b.into_vec()),
         env: env_param("env", p.env)?,
         keep_output: p.keep_output.unwrap_or_default(),
+        stdin_open: p.stdin_open,
+        idle_timeout: p
+            .idle_timeout_s
+            .map(|s| seconds_param("idle_timeout_s", s))
+            .transpose()?,
     };
-    Ok((p.session_id, request))
+    Ok((p.session_id, request, p.stream))
+}
+
+/// Sends `started`, then output events as output comes, until the command
+/// has ended (or the connection is gone). Never holds the command back: it
+/// reads what the command's buffers still hold, and makes no event while
+/// the client is behind by more than [`EVENT_BACKLOG`].
+async fn stream_events(record: &CommandRecord, events: &EventSink) {
+    let started = Event::Started {
+        command_id: record.id.clone(),
+    };
+    if !events.send(&started).await {
+        return;
+    }
+    let mut changes = record.output.subscribe();
+    let (mut stdout_at, mut stderr_at) = (0u64, 0u64);
+    loop {
+        // Whether it had ended before this read: then the read sees all there is.
+        let ended = record.outcome().is_some();
+        if events.backlog() > EVENT_BACKLOG {
+            if ended {
+                return;
+            }
+            tokio::select! {
+                _ = events.progress() => {}
+                _ = record.ended() => {}
+            }
+            continue;
+        }
+        let (stdout, stderr) = record.output.read(stdout_at, stderr_at, EVENT_CHUNK);
+        let mut sent = false;
+        for (stream, chunk, at) in [
+            (StreamName::Stdout, stdout, &mut stdout_at),
+            (StreamName::Stderr, stderr, &mut stderr_at),
+        ] {
+            if chunk.data.is_empty() {
+                continue;
+            }
+            *at = chunk.next();
+            let event = Event::Output {
+                stream,
+                offset: chunk.offset,
+                data: serde_bytes::ByteBuf::from(chunk.data),
+            };
+            if !events.send(&event).await {
+                return;
+            }
+            sent = true;
+        }
+        if sent {
+            continue;
+        }
+        if ended {
+            return;
+        }
+        let _ = changes.changed().await;
+    }
 }
 
 #[cfg(test)]
@@ -92,13 +194,26 @@ mod tests {
             session_id: "s".into(),
             command: "true".into(),
             timeout_s: Some(2.5),
+            idle_timeout_s: Some(0.5),
+            stream: true,
             ..Default::default()
         };
-        let (id, request) = parse(&config, &encoded(&ok)).unwrap();
+        let (id, request, stream) = parse(&config, &encoded(&ok)).unwrap();
         assert_eq!(id, "s");
+        assert!(stream);
         assert_eq!(
             request.timeout,
             Some(std::time::Duration::from_millis(2500))
         );
+        assert_eq!(
+            request.idle_timeout,
+            Some(std::time::Duration::from_millis(500))
+        );
+        let bad_idle = ExecParams {
+            idle_timeout_s: Some(-1.0),
+            ..ok
+        };
+        let err = parse(&config, &encoded(&bad_idle)).unwrap_err();
+        assert!(err.to_string().contains("idle_timeout_s"), "{err}");
     }
 }

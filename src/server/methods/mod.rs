@@ -8,7 +8,10 @@
 
 mod debug_fault;
 mod exec_cancel;
+mod exec_read;
 mod exec_run;
+mod exec_start;
+mod exec_write;
 mod session_create;
 mod session_destroy;
 mod session_list;
@@ -21,6 +24,7 @@ use ractor::RpcReplyPort;
 use serde::Serialize;
 
 use super::Daemon;
+use super::connection::EventSink;
 use crate::actors::registry::RegistryMsg;
 use crate::process::shell::{EnvMap, MAX_ARG_BYTES};
 use crate::protocol::frame::{Request, encode_error, encode_result};
@@ -36,6 +40,9 @@ pub enum Method {
     SessionDestroy,
     SessionList,
     ExecRun,
+    ExecStart,
+    ExecRead,
+    ExecWrite,
     ExecCancel,
     /// Only with the `fault-injection` feature; else `UNKNOWN_METHOD`.
     #[cfg(feature = "fault-injection")]
@@ -50,6 +57,9 @@ const TABLE: &[(&str, Method)] = &[
     (method::SESSION_DESTROY, Method::SessionDestroy),
     (method::SESSION_LIST, Method::SessionList),
     (method::EXEC_RUN, Method::ExecRun),
+    (method::EXEC_START, Method::ExecStart),
+    (method::EXEC_READ, Method::ExecRead),
+    (method::EXEC_WRITE, Method::ExecWrite),
     (method::EXEC_CANCEL, Method::ExecCancel),
     #[cfg(feature = "fault-injection")]
     (method::DEBUG_FAULT, Method::DebugFault),
@@ -67,8 +77,9 @@ impl Method {
     }
 }
 
-/// Answers one request from client `uid`: the encoded response frame body.
-pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request) -> Bytes {
+/// Answers one request from client `uid`: the encoded response frame body
+/// (event frames, for a streaming request, go to `events` before it).
+pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request, events: &EventSink) -> Bytes {
     let ctx = &daemon.ctx;
     let id = request.id;
     Stats::bump(&ctx.stats.requests);
@@ -93,7 +104,16 @@ pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request) -> Bytes {
         Some(Method::SessionList) => session_list::serve(daemon, uid)
             .await
             .map(|r| encode(id, r)),
-        Some(Method::ExecRun) => exec_run::serve(daemon, uid, params)
+        Some(Method::ExecRun) => exec_run::serve(daemon, uid, params, events)
+            .await
+            .map(|r| encode(id, r)),
+        Some(Method::ExecStart) => exec_start::serve(daemon, uid, params)
+            .await
+            .map(|r| encode(id, r)),
+        Some(Method::ExecRead) => exec_read::serve(daemon, uid, params)
+            .await
+            .map(|r| encode(id, r)),
+        Some(Method::ExecWrite) => exec_write::serve(daemon, uid, params)
             .await
             .map(|r| encode(id, r)),
         Some(Method::ExecCancel) => exec_cancel::serve(daemon, uid, params)

@@ -2,7 +2,7 @@
 
 use crate::context::Context;
 use crate::protocol::{
-    ClientStats, CommandStats, PROTOCOL_VERSION, PingResult, RuntimeStats, SessionStats,
+    ClientStats, CommandStats, FEATURES, PROTOCOL_VERSION, PingResult, RuntimeStats, SessionStats,
     StatsResult,
 };
 use crate::stats::{Stats, rss_bytes};
@@ -13,6 +13,7 @@ pub(super) fn ping(ctx: &Context) -> PingResult {
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: PROTOCOL_VERSION,
         uptime_ms: ctx.uptime_ms(),
+        features: FEATURES.iter().map(|f| f.to_string()).collect(),
     }
 }
 

@@ -1,0 +1,18 @@
+//! `exec.start`: params (as `exec.run`'s) → the same start path → `{"command_id"}` as soon as the command runs; read, write and cancel it by id.
+
+use super::exec_run;
+use crate::protocol::{RequestError, StartResult};
+use crate::server::Daemon;
+
+pub(super) async fn serve(
+    daemon: &Daemon,
+    uid: u32,
+    params: &[u8],
+) -> Result<StartResult, RequestError> {
+    // `stream` means nothing here: events belong to `exec.run`.
+    let (session_id, request, _stream) = exec_run::parse(&daemon.ctx.config, params)?;
+    let record = exec_run::start(daemon, uid, session_id, request).await?;
+    Ok(StartResult {
+        command_id: record.id.clone(),
+    })
+}
