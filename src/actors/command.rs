@@ -102,7 +102,7 @@ impl Actor for CommandActor {
         let me = myself.clone();
         let task = tokio::spawn(async move {
             // Never await the process inside `handle`: the run lives in this task
-            // and comes back as a message, panics included (design-rules).
+            // and comes back as a message, panics included (docs/design-notes.md, "Actors").
             let run = AssertUnwindSafe(run_command(&table, key, spec, kill_rx)).catch_unwind();
             let finished = match run.await {
                 Ok(Ok(outcome)) => Ok(outcome),
