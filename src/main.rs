@@ -169,7 +169,7 @@ fn serve(config_path: Option<PathBuf>, socket: Option<PathBuf>, log_format: LogF
 /// a command as something it is not.
 fn ensure_standard_fds() {
     for fd in 0..3 {
-        if nix::fcntl::fcntl(unsafe_borrow(fd), nix::fcntl::FcntlArg::F_GETFD).is_err() {
+        if !fd_is_open(fd) {
             if let Ok(f) = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -194,16 +194,16 @@ fn close_inherited_fds_on_exec() {
         .filter(|fd| *fd > 2)
         .collect();
     for fd in fds {
-        let _ = nix::fcntl::fcntl(
-            unsafe_borrow(fd),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
+        // SAFETY: fcntl on a raw number touches no memory of ours; an fd that
+        // is closed by now (the listing's own) fails with EBADF, ignored.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
 }
 
-fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: only used with F_GETFD/F_SETFD, which tolerate a closed fd (EBADF).
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+/// Whether `fd` is open. A raw number, not a `BorrowedFd`: it may be closed.
+fn fd_is_open(fd: i32) -> bool {
+    // SAFETY: F_GETFD only reads the fd's flags; a closed fd fails with EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,15 +1,15 @@
-//! Per-client controls against the real daemon: identity and ownership across uids, rate limits, connection limits, stalled and non-reading clients.
+//! Per-client controls against the real daemon: identity and ownership across uids, rate limits, non-reading clients (connection admission is in lifecycle.rs, a stalled partial frame in fault_clients.rs).
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sessiond::client::ClientError;
 use sessiond::protocol::CreateParams;
-use support::{TestDaemon, error_code, get, request, wait_until};
+use support::{TestDaemon, get, request, wait_until};
 
 /// Runs the CLI as uid/gid 65534 (`nobody`) against the daemon.
 fn as_nobody(d: &TestDaemon, args: &[&str]) -> Output {
@@ -27,11 +27,9 @@ fn open_to_everyone(d: &TestDaemon) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (connects as another uid)"]
 async fn another_uid_cannot_see_or_touch_root_sessions() {
-    if !nix::unistd::getuid().is_root() {
-        eprintln!("skipped: needs root to connect as another uid");
-        return;
-    }
+    assert!(nix::unistd::getuid().is_root(), "needs root");
     let d = TestDaemon::start("[server]\nsocket_mode = 0o666\nallowed_uids = [0, 65534]\n");
     open_to_everyone(&d);
     let c = d.client().await;
@@ -112,56 +110,6 @@ async fn a_burst_over_the_rate_is_refused_with_a_usable_retry_after() {
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert!(c.stats().await.unwrap().clients.rate_limited_total >= 1);
     drop(c);
-    d.stop();
-}
-
-#[test]
-fn connection_257_is_refused_with_an_error_frame() {
-    let d = TestDaemon::start("");
-    // Fill the 256 slots (the harness's readiness probe may hold one for a moment).
-    let mut served = Vec::new();
-    wait_until(
-        "256 connections are served",
-        Duration::from_secs(30),
-        || {
-            let mut conn = d.raw();
-            if conn.try_send(&request(1, "system.ping", vec![]))
-                && conn.read().is_some_and(|r| error_code(&r).is_none())
-            {
-                served.push(conn);
-            }
-            served.len() == 256
-        },
-    );
-    let mut extra = d.raw();
-    let r = extra.read().expect("an error frame");
-    assert_eq!(error_code(&r).as_deref(), Some("TOO_MANY_CONNECTIONS"));
-    assert_eq!(get(get(&r, "error"), "limit").as_u64(), Some(256));
-    assert!(extra.is_closed());
-    drop(served);
-    d.stop();
-}
-
-#[test]
-fn a_stalled_partial_frame_is_disconnected_while_others_are_served() {
-    let d = TestDaemon::start("[server]\nrequest_read_timeout = \"300ms\"\n");
-    let mut idle = d.raw();
-    let mut stalled = d.raw();
-    // Half a frame, then nothing.
-    stalled.write_bytes(&[0, 0, 0, 50, 0x82]);
-    let started = Instant::now();
-    let mut other = d.raw();
-    other.send(&request(1, "system.ping", vec![]));
-    assert!(other.read().is_some(), "others are served meanwhile");
-    assert!(stalled.is_closed(), "the stalled connection is closed");
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "not before the deadline"
-    );
-    // An idle connection (no partial frame) is not disconnected.
-    idle.send(&request(2, "system.ping", vec![]));
-    assert_eq!(get(&idle.read().unwrap(), "id").as_u64(), Some(2));
-    drop((idle, other));
     d.stop();
 }
 

@@ -6,6 +6,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sessiond::protocol::StatsResult;
 use support::scenarios::{self as sc};
@@ -31,7 +32,7 @@ async fn hostile_clients_cost_only_their_own_connection() {
     let s = socket.clone();
     support::blocking(move || sc::huge_length_prefix(&s)).await;
     let s = socket.clone();
-    support::blocking(move || sc::stalled_partial_frame(&s)).await;
+    support::blocking(move || sc::stalled_partial_frame(&s, Duration::from_millis(500))).await;
     let s = socket.clone();
     support::blocking(move || sc::truncated_frames(&s)).await;
     inv.check_live(&d, &c).await;

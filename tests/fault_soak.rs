@@ -16,7 +16,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,7 @@ fn config(clients: usize) -> String {
         r#"
 [server]
 max_unsent_bytes = "1 MiB"
-request_read_timeout = "500ms"
+request_read_timeout = "{read_timeout_ms}ms"
 shutdown_grace = "2s"
 max_connections = {connections}
 [sessions]
@@ -54,9 +54,12 @@ nofile = 2048
 cpu_max_cores = 0.5
 "#,
         // Each client: its own connection, a burst, a few raw ones.
-        connections = 64 + clients * (BURST as usize + 4)
+        connections = 64 + clients * (BURST as usize + 4),
+        read_timeout_ms = READ_TIMEOUT.as_millis(),
     )
 }
+/// The daemon's `request_read_timeout`: a stalled partial frame's deadline.
+const READ_TIMEOUT: Duration = Duration::from_millis(500);
 /// Connections one `connection_burst` opens at once.
 const BURST: u64 = 20;
 const OUTPUT_CAP: usize = 1 << 20;
@@ -73,50 +76,125 @@ enum Kind {
     Alone,
 }
 
-/// Every operation of the soak: name, kind, weight (per mille, roughly), whether it needs cgroups.
+/// One operation a soak client can draw.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Op {
+    NormalWork,
+    SessionChurn,
+    CancelRunning,
+    CpuSpin,
+    FloodBothStreams,
+    YesTail,
+    ThousandFiles,
+    DaemonizingChild,
+    TermIgnorer,
+    EarlyStdoutClose,
+    MemoryHog,
+    ForkBomb,
+    GarbageBytes,
+    HugeLengthPrefix,
+    TruncatedFrames,
+    StalledPartialFrame,
+    DisconnectMidExec,
+    ConnectionBurst,
+    NeverReads,
+    CommandPanic,
+    CommandError,
+    SessionPanic,
+    SessionError,
+    SessionStall,
+    RegistryPanic,
+    RegistryError,
+    SpawnFailure,
+    SupervisorPanic,
+    SigkillRestart,
+    SigtermRestart,
+    Audit,
+}
+
+impl Op {
+    /// Its name in the report.
+    fn name(self) -> &'static str {
+        match self {
+            Op::NormalWork => "normal_work",
+            Op::SessionChurn => "session_churn",
+            Op::CancelRunning => "cancel_running",
+            Op::CpuSpin => "cpu_spin",
+            Op::FloodBothStreams => "flood_both_streams",
+            Op::YesTail => "yes_tail",
+            Op::ThousandFiles => "thousand_files",
+            Op::DaemonizingChild => "daemonizing_child",
+            Op::TermIgnorer => "term_ignorer",
+            Op::EarlyStdoutClose => "early_stdout_close",
+            Op::MemoryHog => "memory_hog",
+            Op::ForkBomb => "fork_bomb",
+            Op::GarbageBytes => "garbage_bytes",
+            Op::HugeLengthPrefix => "huge_length_prefix",
+            Op::TruncatedFrames => "truncated_frames",
+            Op::StalledPartialFrame => "stalled_partial_frame",
+            Op::DisconnectMidExec => "disconnect_mid_exec",
+            Op::ConnectionBurst => "connection_burst",
+            Op::NeverReads => "never_reads",
+            Op::CommandPanic => "command_panic",
+            Op::CommandError => "command_error",
+            Op::SessionPanic => "session_panic",
+            Op::SessionError => "session_error",
+            Op::SessionStall => "session_stall",
+            Op::RegistryPanic => "registry_panic",
+            Op::RegistryError => "registry_error",
+            Op::SpawnFailure => "spawn_failure",
+            Op::SupervisorPanic => "supervisor_panic",
+            Op::SigkillRestart => "sigkill_restart",
+            Op::SigtermRestart => "sigterm_restart",
+            Op::Audit => "audit",
+        }
+    }
+
+    /// Whether it injects a fault (everything but normal work and the audit).
+    fn is_fault(self) -> bool {
+        !matches!(
+            self,
+            Op::NormalWork | Op::SessionChurn | Op::CancelRunning | Op::Audit
+        )
+    }
+}
+
+/// Every operation of the soak: kind, weight (per mille, roughly), whether it needs cgroups.
 /// The operations that end an epoch (supervisor, SIGKILL, SIGTERM) are rare,
 /// so most of the run is concurrent work.
-const OPS: &[(&str, Kind, u32, bool)] = &[
-    ("normal_work", Kind::Shared, 400, false),
-    ("session_churn", Kind::Shared, 80, false),
-    ("cancel_running", Kind::Shared, 40, false),
-    ("cpu_spin", Kind::Shared, 30, false),
-    ("flood_both_streams", Kind::Shared, 20, false),
-    ("yes_tail", Kind::Shared, 30, false),
-    ("thousand_files", Kind::Shared, 20, false),
-    ("daemonizing_child", Kind::Shared, 30, false),
-    ("term_ignorer", Kind::Shared, 30, false),
-    ("early_stdout_close", Kind::Shared, 30, false),
-    ("memory_hog", Kind::Shared, 20, true),
-    ("fork_bomb", Kind::Shared, 20, true),
-    ("garbage_bytes", Kind::Shared, 30, false),
-    ("huge_length_prefix", Kind::Shared, 30, false),
-    ("truncated_frames", Kind::Shared, 30, false),
-    ("stalled_partial_frame", Kind::Shared, 20, false),
-    ("disconnect_mid_exec", Kind::Shared, 30, false),
-    ("connection_burst", Kind::Shared, 20, false),
-    ("never_reads", Kind::Shared, 10, false),
-    ("command_panic", Kind::Shared, 20, false),
-    ("command_error", Kind::Shared, 20, false),
-    ("session_panic", Kind::Shared, 20, false),
-    ("session_error", Kind::Shared, 10, false),
-    ("session_stall", Kind::Shared, 20, false),
-    ("registry_panic", Kind::Alone, 5, false),
-    ("registry_error", Kind::Alone, 5, false),
-    ("spawn_failure", Kind::Alone, 5, false),
-    ("supervisor_panic", Kind::Alone, 2, false),
-    ("sigkill_restart", Kind::Alone, 2, false),
-    ("sigterm_restart", Kind::Alone, 2, false),
-    ("audit", Kind::Alone, 10, false),
+const OPS: &[(Op, Kind, u32, bool)] = &[
+    (Op::NormalWork, Kind::Shared, 400, false),
+    (Op::SessionChurn, Kind::Shared, 80, false),
+    (Op::CancelRunning, Kind::Shared, 40, false),
+    (Op::CpuSpin, Kind::Shared, 30, false),
+    (Op::FloodBothStreams, Kind::Shared, 20, false),
+    (Op::YesTail, Kind::Shared, 30, false),
+    (Op::ThousandFiles, Kind::Shared, 20, false),
+    (Op::DaemonizingChild, Kind::Shared, 30, false),
+    (Op::TermIgnorer, Kind::Shared, 30, false),
+    (Op::EarlyStdoutClose, Kind::Shared, 30, false),
+    (Op::MemoryHog, Kind::Shared, 20, true),
+    (Op::ForkBomb, Kind::Shared, 20, true),
+    (Op::GarbageBytes, Kind::Shared, 30, false),
+    (Op::HugeLengthPrefix, Kind::Shared, 30, false),
+    (Op::TruncatedFrames, Kind::Shared, 30, false),
+    (Op::StalledPartialFrame, Kind::Shared, 20, false),
+    (Op::DisconnectMidExec, Kind::Shared, 30, false),
+    (Op::ConnectionBurst, Kind::Shared, 20, false),
+    (Op::NeverReads, Kind::Shared, 10, false),
+    (Op::CommandPanic, Kind::Shared, 20, false),
+    (Op::CommandError, Kind::Shared, 20, false),
+    (Op::SessionPanic, Kind::Shared, 20, false),
+    (Op::SessionError, Kind::Shared, 10, false),
+    (Op::SessionStall, Kind::Shared, 20, false),
+    (Op::RegistryPanic, Kind::Alone, 5, false),
+    (Op::RegistryError, Kind::Alone, 5, false),
+    (Op::SpawnFailure, Kind::Alone, 5, false),
+    (Op::SupervisorPanic, Kind::Alone, 2, false),
+    (Op::SigkillRestart, Kind::Alone, 2, false),
+    (Op::SigtermRestart, Kind::Alone, 2, false),
+    (Op::Audit, Kind::Alone, 10, false),
 ];
-
-/// Operations that inject a fault (everything but normal work and the audit).
-fn is_fault(op: &str) -> bool {
-    !matches!(
-        op,
-        "normal_work" | "session_churn" | "cancel_running" | "audit"
-    )
-}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().map_or(default, |v| {
@@ -252,7 +330,7 @@ impl World {
 /// What the soak did, for the report.
 #[derive(Default)]
 struct Tally {
-    ops: Mutex<BTreeMap<&'static str, u64>>,
+    ops: Mutex<HashMap<Op, u64>>,
     checks: AtomicU64,
     /// The last operations started, newest last (bounded: `RECENT`).
     recent: Mutex<VecDeque<String>>,
@@ -271,53 +349,53 @@ impl Tally {
         ));
     }
 
-    fn done(&self, op: &'static str) {
+    fn done(&self, op: Op) {
         *self.ops.lock().unwrap().entry(op).or_default() += 1;
     }
 }
 
 /// One client's operation in a shared epoch.
-async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, garbage_seed: u64) {
+async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garbage_seed: u64) {
     let e = &w.expected;
     let socket = w.d.socket.clone();
     let work = w.d.work_dir();
     match op {
-        "normal_work" => sc::normal_work(c, home, n).await,
-        "session_churn" => {
+        Op::NormalWork => sc::normal_work(c, home, n).await,
+        Op::SessionChurn => {
             let s = sc::session(c, None).await;
             sc::normal_work(c, &s, n).await;
             c.destroy_session(&s).await.unwrap();
         }
-        "cancel_running" => sc::cancel_running(c).await,
-        "cpu_spin" => {
+        Op::CancelRunning => sc::cancel_running(c).await,
+        Op::CpuSpin => {
             sc::cpu_spin(c).await;
             e.timed_out.fetch_add(1, Ordering::SeqCst);
         }
-        "flood_both_streams" => {
+        Op::FloodBothStreams => {
             sc::flood_both_streams(c, OUTPUT_CAP).await;
             e.output_truncated.fetch_add(1, Ordering::SeqCst);
         }
-        "yes_tail" => {
+        Op::YesTail => {
             sc::yes_tail(c).await;
             e.timed_out.fetch_add(1, Ordering::SeqCst);
             e.output_truncated.fetch_add(1, Ordering::SeqCst);
         }
-        "thousand_files" => sc::thousand_files(c).await,
-        "daemonizing_child" => sc::daemonizing_child(c).await,
-        "term_ignorer" => {
+        Op::ThousandFiles => sc::thousand_files(c).await,
+        Op::DaemonizingChild => sc::daemonizing_child(c).await,
+        Op::TermIgnorer => {
             sc::term_ignorer(c).await;
             e.timed_out.fetch_add(1, Ordering::SeqCst);
         }
-        "early_stdout_close" => sc::early_stdout_close(c).await,
-        "memory_hog" => {
+        Op::EarlyStdoutClose => sc::early_stdout_close(c).await,
+        Op::MemoryHog => {
             sc::memory_hog(c).await;
             e.oom_killed.fetch_add(1, Ordering::SeqCst);
         }
-        "fork_bomb" => {
+        Op::ForkBomb => {
             sc::fork_bomb(c).await;
             e.timed_out.fetch_add(1, Ordering::SeqCst);
         }
-        "garbage_bytes" => {
+        Op::GarbageBytes => {
             let mut rng = StdRng::seed_from_u64(garbage_seed);
             let garbage: Vec<u8> = (0..rng.random_range(1..4096))
                 .map(|_| rng.random())
@@ -325,45 +403,47 @@ async fn shared_op(op: &str, w: &World, c: &Arc<Client>, home: &str, n: u64, gar
             support::blocking(move || sc::garbage_bytes(&socket, &garbage)).await;
             e.bad_frames_at_least.fetch_add(1, Ordering::SeqCst);
         }
-        "huge_length_prefix" => {
+        Op::HugeLengthPrefix => {
             support::blocking(move || sc::huge_length_prefix(&socket)).await;
             e.bad_frames_at_least.fetch_add(1, Ordering::SeqCst);
         }
-        "truncated_frames" => support::blocking(move || sc::truncated_frames(&socket)).await,
-        "disconnect_mid_exec" => sc::disconnect_mid_exec(c, &socket, &work).await,
-        "connection_burst" => support::blocking(move || sc::connection_burst(&socket, BURST)).await,
-        "never_reads" => {
+        Op::TruncatedFrames => support::blocking(move || sc::truncated_frames(&socket)).await,
+        Op::DisconnectMidExec => sc::disconnect_mid_exec(c, &socket, &work).await,
+        Op::ConnectionBurst => {
+            support::blocking(move || sc::connection_burst(&socket, BURST)).await
+        }
+        Op::NeverReads => {
             sc::never_reads(c, &socket, UNSENT_BUDGET).await;
             e.slow_readers.fetch_add(1, Ordering::SeqCst);
         }
-        "command_panic" | "command_error" | "session_panic" | "session_error" => {
-            let action = if op.ends_with("panic") {
+        Op::CommandPanic | Op::CommandError | Op::SessionPanic | Op::SessionError => {
+            let action = if matches!(op, Op::CommandPanic | Op::SessionPanic) {
                 FaultAction::Panic
             } else {
                 FaultAction::Error
             };
-            if op.starts_with("command") {
+            if matches!(op, Op::CommandPanic | Op::CommandError) {
                 sc::command_actor_fault(c, &work, action).await;
             } else {
                 sc::session_actor_fault(c, &work, action).await;
             }
             e.actor_failures.fetch_add(1, Ordering::SeqCst);
         }
-        "session_stall" => sc::session_stall(c).await,
-        "stalled_partial_frame" => {
-            support::blocking(move || sc::stalled_partial_frame(&socket)).await;
+        Op::SessionStall => sc::session_stall(c).await,
+        Op::StalledPartialFrame => {
+            support::blocking(move || sc::stalled_partial_frame(&socket, READ_TIMEOUT)).await;
             e.stalled.fetch_add(1, Ordering::SeqCst);
         }
-        other => unreachable!("{other} is not a shared operation"),
+        other => unreachable!("{} is not a shared operation", other.name()),
     }
 }
 
 /// An operation that runs alone. Returns true when it began a new epoch.
-async fn alone_op(op: &str, w: &mut World) -> bool {
+async fn alone_op(op: Op, w: &mut World) -> bool {
     match op {
-        "audit" => w.audit().await,
-        "registry_panic" | "registry_error" => {
-            let action = if op == "registry_panic" {
+        Op::Audit => w.audit().await,
+        Op::RegistryPanic | Op::RegistryError => {
+            let action = if op == Op::RegistryPanic {
                 FaultAction::Panic
             } else {
                 FaultAction::Error
@@ -371,30 +451,30 @@ async fn alone_op(op: &str, w: &mut World) -> bool {
             sc::registry_fault(&w.checker, action, w.live_sessions() as usize).await;
             w.expected.actor_failures.fetch_add(1, Ordering::SeqCst);
         }
-        "spawn_failure" => {
+        Op::SpawnFailure => {
             sc::spawn_failure(&w.checker).await;
             w.expected.spawn_failed.fetch_add(1, Ordering::SeqCst);
         }
-        "supervisor_panic" => {
+        Op::SupervisorPanic => {
             w.audit().await;
             sc::supervisor_fault(&w.checker).await;
             w.begin_epoch(false).await;
             return true;
         }
-        "sigkill_restart" | "sigterm_restart" => {
+        Op::SigkillRestart | Op::SigtermRestart => {
             w.audit().await;
             let live = w.live_sessions();
             w.requests_before = w.requests_so_far().await;
             let cgroups = w.base.runtime.cgroups != "off";
             tokio::task::block_in_place(|| {
-                if op == "sigkill_restart" {
+                if op == Op::SigkillRestart {
                     w.d.crash_and_restart();
                 } else {
                     w.d.stop_and_restart();
                 }
             });
             w.begin_epoch(true).await;
-            if op == "sigkill_restart" && cgroups {
+            if op == Op::SigkillRestart && cgroups {
                 assert_eq!(
                     w.base.runtime.cgroups_recovered_total, live,
                     "the dead daemon's session cgroups are recovered"
@@ -402,7 +482,7 @@ async fn alone_op(op: &str, w: &mut World) -> bool {
             }
             return true;
         }
-        other => unreachable!("{other} is not an operation that runs alone"),
+        other => unreachable!("{} is not an operation that runs alone", other.name()),
     }
     false
 }
@@ -435,7 +515,7 @@ async fn client(run: Arc<Run>, worker: usize, seed: u64) {
             })
             .unwrap();
         let garbage_seed = rng.random();
-        run.tally.started(worker, n, op, run.start);
+        run.tally.started(worker, n, op.name(), run.start);
         let work = async {
             if kind == Kind::Alone {
                 let mut w = run.world.write().await;
@@ -461,7 +541,12 @@ async fn client(run: Arc<Run>, worker: usize, seed: u64) {
         };
         tokio::time::timeout(OP_DEADLINE, work)
             .await
-            .unwrap_or_else(|_| panic!("client {worker} op #{n} {op} took over {OP_DEADLINE:?}"));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "client {worker} op #{n} {} took over {OP_DEADLINE:?}",
+                    op.name()
+                )
+            });
         run.tally.done(op);
     }
     // Leave: the home session goes, then the connection.
@@ -588,7 +673,7 @@ async fn chaos_soak_keeps_every_invariant() {
     let total_ops: u64 = ops.values().sum();
     let faults: u64 = ops
         .iter()
-        .filter(|(op, _)| is_fault(op))
+        .filter(|(op, _)| op.is_fault())
         .map(|(_, n)| n)
         .sum();
     eprintln!(
@@ -598,8 +683,14 @@ async fn chaos_soak_keeps_every_invariant() {
         w.epoch,
         run.tally.checks.load(Ordering::Relaxed)
     );
-    for (op, n) in &ops {
+    // By name, as the report always listed them; then what this host could not run.
+    let mut counts: Vec<_> = ops.iter().map(|(op, n)| (op.name(), *n)).collect();
+    counts.sort();
+    for (op, n) in counts {
         eprintln!("  {op:<22} {n}");
+    }
+    for (op, ..) in OPS.iter().filter(|o| o.3 && !run.cgroups) {
+        eprintln!("  {:<22} skipped: cgroups are off here", op.name());
     }
     assert!(total_ops > 0 && faults > 0, "the soak did something");
     drop(w.checker);

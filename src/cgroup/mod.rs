@@ -8,7 +8,7 @@
 //! command's tree only, while background processes of earlier commands live
 //! on in their leaves until the session ends.
 //!
-//! Why files and not the cgroups-rs crate: design-rules measured that it can
+//! Why files, not cgroups-rs (docs/design-notes.md, "cgroups"): it can
 //! only add a process after spawn (grandchildren escaped 3 of 3 runs), that
 //! its kill refuses v1, and that on v2 several calls are wrong or silent (zero
 //! OOM count, ignored subtree_control failures, destroy moving live processes

@@ -3,7 +3,7 @@
 //! This is where "done" is decided: the shell process exited (its timeout
 //! and kills are in [`super::kill::supervise`]). Background children that keep
 //! the pipes open get [`DRAIN_AFTER_EXIT`] more, then the pipes are dropped
-//! (design-rules: waiting for EOF took as long as `sleep 2 &`).
+//! (docs/design-notes.md, "Ending a command": EOF waited for `sleep 2 &`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The spawn path: `clone(CLONE_VM|CLONE_VFORK)` of the shell, whose child sets limits, identity and pipes with raw syscalls, then execs.
 //!
 //! Why not `std::process::Command` with `pre_exec`: a `pre_exec` hook forces a
-//! full `fork()`, whose cost grows with the daemon's memory (design-rules:
+//! full `fork()`, whose cost grows with the daemon's memory (docs/design-notes.md, "Spawning a command":
 //! 0.6 ms idle, 36 ms at +1 GiB). Why not `posix_spawn`: it cannot set rlimits,
 //! oom_score_adj or credentials, and an exec shim that could costs another
 //! exec (≈0.7 ms for a tiny binary, ≈1.3 ms for ours, measured here).
@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
+use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 use nix::unistd::{Pid, pipe2};
 
 use super::child::ChildProcess;
@@ -214,7 +215,7 @@ pub fn spawn(
     let mut stack = vec![0u8; CHILD_STACK_BYTES];
 
     let pid = table.spawn_owned(session, || {
-        let pid = clone_vfork(&mut plan, &mut stack).map_err(setup("clone"))?;
+        let pid = clone_vfork(&mut plan, &mut stack).map_err(|(step, errno)| setup(step)(errno))?;
         // SAFETY: the child has exec'd or exited (CLONE_VFORK); nobody writes the plan now.
         let (step, errno) = unsafe {
             (
@@ -250,16 +251,17 @@ pub fn spawn(
 
 /// Clones a child that shares our memory until it execs, with every signal
 /// blocked around the clone so no handler of ours can run on the child's stack.
-fn clone_vfork(plan: &mut ChildPlan, stack: &mut [u8]) -> Result<Pid, Errno> {
-    // SAFETY: sigset_t is plain data; sigfillset initialises it.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut saved: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to initialised sigsets.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut saved);
-    }
+/// An error names the step that failed.
+fn clone_vfork(plan: &mut ChildPlan, stack: &mut [u8]) -> Result<Pid, (&'static str, Errno)> {
+    let mut saved = SigSet::empty();
+    // Unblocked, a signal could run a handler of ours in the child, on its
+    // stack and in our memory: no clone then.
+    pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut saved),
+    )
+    .map_err(|errno| ("blocking signals", errno))?;
     // The stack grows down on every Linux target we support: pass its top, 16-byte aligned.
     let top = stack.as_mut_ptr_range().end;
     let top = top.wrapping_sub(top as usize % 16);
@@ -275,12 +277,18 @@ fn clone_vfork(plan: &mut ChildPlan, stack: &mut [u8]) -> Result<Pid, Errno> {
         )
     };
     let clone_errno = Errno::last();
-    // SAFETY: restores the mask saved above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut());
+    if let Err(errno) = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None) {
+        // Cannot happen with valid arguments; if it does, this thread keeps
+        // every signal blocked, and the spawn fails without leaving a child.
+        if rc > 0 {
+            let pid = Pid::from_raw(rc);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        return Err(("restoring the signal mask", errno));
     }
     if rc < 0 {
-        return Err(clone_errno);
+        return Err(("clone", clone_errno));
     }
     Ok(Pid::from_raw(rc))
 }
@@ -288,11 +296,39 @@ fn clone_vfork(plan: &mut ChildPlan, stack: &mut [u8]) -> Result<Pid, Errno> {
 /// Runs in the cloned child, on its own stack, in the parent's memory, with
 /// every signal blocked. Raw syscalls only; on failure it records the step and
 /// errno in the plan and exits 127.
+///
+/// What the child must never do, and why. `CLONE_VM | CLONE_VFORK` without
+/// `CLONE_SETTLS`: every byte the child writes is the daemon's memory, and
+/// the child runs with the parent thread's thread pointer, so every
+/// thread-local it touches is that thread's. The child can also end at any
+/// instruction (exec, `_exit`, a SIGKILL from outside, the OOM killer once it
+/// is in its cgroup). So it must never
+/// - allocate (`Vec`, `String`, `format!`, `Box`): it would use the parent
+///   thread's allocator cache, and a heap left half-updated by a child that
+///   died mid-call corrupts the daemon; a completed allocation leaks at exec;
+/// - lock anything (stdio, `tracing`, a `Mutex`, the allocator's arenas): a
+///   lock taken and never released (the child execs or dies) stays taken in
+///   the daemon, recorded as held by the parent's thread;
+/// - log: it locks and allocates;
+/// - panic: the panic machinery allocates its payload, bumps a thread-local
+///   panic count and locks stderr, all in the daemon's memory. Hence no
+///   `unwrap`, no `[]` indexing (each array is walked by a loop bounded by its
+///   count, through a pointer the parent took from a slice of that length),
+///   no arithmetic that can overflow.
+///
+/// The only per-thread state it does touch is glibc's own words of the
+/// suspended parent thread: `errno` (set by a failing wrapper, read back here
+/// for the report) and the cancellation state a cancellable wrapper (open,
+/// write, close) sets and restores. The parent thread sleeps in `clone` until
+/// we exec or exit, reads `errno` only when `clone` itself failed (then no
+/// child ran), and the daemon never calls `pthread_cancel`.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the plan the parent passed; it stays valid until we exec or exit.
+    // SAFETY: `arg` is the plan the parent passed; it stays valid until we
+    // exec or exit, and the parent does not touch it meanwhile (suspended).
     let plan = unsafe { &mut *arg.cast::<ChildPlan>() };
     // SAFETY: every call below is a thin, async-signal-safe syscall wrapper on
-    // pointers the parent prepared and keeps alive.
+    // pointers the parent prepared and keeps alive; nothing allocates, locks
+    // or can panic (see the function's comment for the rules and why).
     unsafe {
         if let Err(step) = child_setup(plan) {
             std::ptr::write_volatile(&mut plan.failed_errno, *libc::__errno_location());
@@ -335,8 +371,13 @@ unsafe fn child_setup(plan: &ChildPlan) -> Result<(), ChildStep> {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         for sig in 1..=64 {
-            // SIGKILL, SIGSTOP and glibc's internal signals refuse; that is fine.
-            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            // SIGKILL, SIGSTOP and glibc's internal signals refuse (EINVAL);
+            // that is fine. Any other failure leaves a disposition of ours.
+            if libc::sigaction(sig, &dfl, std::ptr::null_mut()) < 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                return Err(ChildStep::Signals);
+            }
         }
         if libc::setsid() < 0 {
             return Err(ChildStep::Session);

@@ -13,7 +13,7 @@ pub type SessionKey = u64;
 /// What the daemon owns, shared by spawners, the reaper and shutdown.
 ///
 /// 1. `waited`: pids whose exit status a [`super::ChildProcess`] will collect.
-///    The reaper never touches them (design-rules "Reaping": a `waitpid(-1)`
+///    The reaper never touches them (docs/design-notes.md "Reaping": `waitpid(-1)`
 ///    stole statuses; reaping only zombies outside this set got 50/50 right).
 /// 2. `groups`: every process group a command of a session started (one per
 ///    command, pgid = the shell's pid). Background children stay in their

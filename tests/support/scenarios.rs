@@ -208,15 +208,26 @@ pub async fn daemonizing_child(c: &Client) {
     wait_dead(pid, "the daemonized child dies with its session").await;
 }
 
-/// A command that ignores SIGTERM gets SIGKILL after the grace.
+/// A command that ignores SIGTERM gets SIGKILL after the grace; its answer
+/// is a timeout with the output written before it. The timeout leaves the
+/// shell ample time to install its trap even on a loaded machine (at 0.3 s
+/// the scenario failed once on a machine busy with builds).
 pub async fn term_ignorer(c: &Client) {
     let r = in_own_session(
         c,
         None,
-        cmd("trap '' TERM; while :; do sleep 0.05; done", 0.3),
+        cmd(
+            "trap '' TERM; echo ready; while :; do sleep 0.05; done",
+            2.0,
+        ),
     )
     .await;
-    assert_eq!((r.timed_out, r.signal), (true, Some(9)), "{r:?}");
+    assert_eq!(
+        (r.timed_out, r.killed_by, r.signal),
+        (true, Some(KilledBy::Timeout), Some(9)),
+        "SIGKILL after kill_grace: {r:?}"
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "ready\n");
 }
 
 /// A command that closes its stdout early and goes on: the answer waits for its exit.
@@ -283,8 +294,11 @@ pub fn truncated_frames(socket: &Path) {
     RawConn::connect(socket).write_bytes(&[0, 0, 0, 100, 0x82, 0xa2]);
 }
 
-/// A client that hangs up in the middle of an exec: the command runs to its
-/// end (it writes a marker), and the session is usable again afterwards.
+/// A client that hangs up in the middle of an exec: the command outlives its
+/// connection by design and runs to its end (it writes a marker); seen through
+/// another connection, its session turns idle, and then no process of the
+/// command (the shell, its background child) is left before anything else
+/// could kill them; the session is usable again.
 pub async fn disconnect_mid_exec(c: &Client, socket: &Path, work_dir: &Path) {
     let s = session(c, None).await;
     let started = work_dir.join(format!("{s}.started"));
@@ -298,7 +312,7 @@ pub async fn disconnect_mid_exec(c: &Client, socket: &Path, work_dir: &Path) {
             (
                 "command",
                 format!(
-                    "echo > {}; sleep 0.3; echo done > {}",
+                    "sleep 0.3 & echo $$ $! > {}.tmp; mv {0}.tmp {0}; wait; echo done > {}",
                     started.display(),
                     marker.display()
                 )
@@ -310,23 +324,39 @@ pub async fn disconnect_mid_exec(c: &Client, socket: &Path, work_dir: &Path) {
         started.exists()
     })
     .await;
+    let pids: Vec<i32> = std::fs::read_to_string(&started)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().expect("a pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "the shell's pid and its child's");
     drop(conn);
     wait_until_async(
-        "the abandoned command finishes and frees its session",
+        "the abandoned command ends (its session is idle)",
         Duration::from_secs(20),
         || async {
-            match c.run(&s, "true").await {
-                Ok(_) => true,
-                Err(e) if e.code() == Some("SESSION_BUSY") => false,
-                Err(e) => panic!("the session after its client hung up: {e}"),
-            }
+            let list = c.list_sessions().await.expect("session.list");
+            !list
+                .sessions
+                .iter()
+                .find(|i| i.session_id == s)
+                .expect("the session outlives its client's connection")
+                .busy
         },
     )
     .await;
+    for pid in pids {
+        assert!(
+            !alive(pid),
+            "process {pid} of the abandoned command is left"
+        );
+    }
     assert_eq!(
         std::fs::read_to_string(&marker).expect("the abandoned command ran to its end"),
         "done\n"
     );
+    let r = exec_bounded(c, &s, cmd("true", 10.0)).await;
+    assert_eq!(r.exit_code, Some(0), "the session runs its next command");
     let _ = std::fs::remove_file(&marker);
     let _ = std::fs::remove_file(&started);
     c.destroy_session(&s).await.unwrap();
@@ -393,16 +423,28 @@ pub async fn never_reads(c: &Client, socket: &Path, unsent_budget: u64) {
 }
 
 /// A client that sends half a frame and stalls is disconnected once
-/// `request_read_timeout` passes (the read waits for the hang-up); a client
-/// that sends nothing is not.
-pub fn stalled_partial_frame(socket: &Path) {
+/// `read_timeout` (the daemon's `request_read_timeout`) passes, not before
+/// (the read waits for the hang-up); others are served meanwhile, and a
+/// client that sends nothing is not disconnected.
+pub fn stalled_partial_frame(socket: &Path, read_timeout: Duration) {
     let mut idle = RawConn::connect(socket);
     let mut stalled = RawConn::connect(socket);
+    // Before the write: the daemon's deadline starts when it reads the bytes.
+    let started = std::time::Instant::now();
     stalled.write_bytes(&[0, 0, 0, 50, 0x82]);
-    assert!(stalled.is_closed(), "the stalled connection is closed");
-    idle.send(&request(1, "system.ping", vec![]));
-    let r = idle.read().expect("the idle connection is served");
+    let mut other = RawConn::connect(socket);
+    other.send(&request(1, "system.ping", vec![]));
+    let r = other.read().expect("others are served meanwhile");
     assert_eq!(get(&r, "id").as_u64(), Some(1));
+    assert!(stalled.is_closed(), "the stalled connection is closed");
+    assert!(
+        started.elapsed() >= read_timeout,
+        "closed after {:?}, before the {read_timeout:?} deadline",
+        started.elapsed()
+    );
+    idle.send(&request(2, "system.ping", vec![]));
+    let r = idle.read().expect("the idle connection is served");
+    assert_eq!(get(&r, "id").as_u64(), Some(2));
 }
 
 // --------------------------------------------------------------- actor faults
