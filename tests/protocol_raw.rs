@@ -18,7 +18,16 @@ fn every_method_answers_by_id_over_raw_frames() {
     assert_eq!(get(&r, "id").as_u64(), Some(1));
     let result = get(&r, "result");
     assert_eq!(get(result, "pong").as_bool(), Some(true));
-    assert_eq!(get(result, "protocol").as_u64(), Some(1));
+    assert_eq!(get(result, "protocol").as_u64(), Some(2));
+    let features: Vec<&str> = get(result, "features")
+        .as_array()
+        .expect("features is a list")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    for f in ["stream", "start", "idle-timeout"] {
+        assert!(features.contains(&f), "{f} missing from {features:?}");
+    }
     assert_eq!(
         get(result, "version").as_str(),
         Some(env!("CARGO_PKG_VERSION"))
