@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use sessiond::client::{Client, ClientError};
 use sessiond::config::{Config, default_socket_path};
-use sessiond::protocol::{CreateParams, ExecParams};
+use sessiond::protocol::{CreateParams, Event, ExecParams, ExecResult, ReadParams, StreamName};
 use sessiond::server::{self, Exit};
 
 /// sessiond: hosts shell sessions and runs their commands under limits.
@@ -52,7 +52,9 @@ enum Command {
         #[command(subcommand)]
         action: SessionAction,
     },
-    /// Run COMMAND in a fresh session (destroyed after) or in --session; exit with its exit code.
+    /// Run COMMAND in a fresh session (destroyed after) or in --session,
+    /// printing its output as it comes; exit with its exit code (128 + N when
+    /// a signal ended it). Ctrl-C or SIGTERM cancels the command first.
     Run {
         #[command(flatten)]
         connect: Connect,
@@ -62,12 +64,42 @@ enum Command {
         /// Timeout in seconds.
         #[arg(long)]
         timeout: Option<f64>,
+        /// Kill the command when it writes nothing for this many seconds.
+        #[arg(long)]
+        idle_timeout: Option<f64>,
         /// Feed this file to the command's stdin.
         #[arg(long)]
         stdin: Option<PathBuf>,
+        /// Start the command, print its id and exit; follow it with `attach`.
+        /// A fresh session is left to its idle timeout.
+        #[arg(long)]
+        detach: bool,
         /// The command and its arguments (joined with spaces, run by the session's shell).
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
+    },
+    /// Follow a command's output (from its start) to its end and exit with its
+    /// exit code. Ctrl-C stops following; the command runs on.
+    Attach {
+        #[command(flatten)]
+        connect: Connect,
+        /// The command's id (from `run --detach`, `session list` or an event).
+        id: String,
+    },
+    /// Send this program's stdin on to a command started with an open stdin.
+    Write {
+        #[command(flatten)]
+        connect: Connect,
+        id: String,
+        /// Close the command's stdin afterwards.
+        #[arg(long)]
+        eof: bool,
+    },
+    /// Cancel a command by id.
+    Cancel {
+        #[command(flatten)]
+        connect: Connect,
+        id: String,
     },
 }
 
@@ -302,9 +334,60 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
             connect: c,
             session,
             timeout,
+            idle_timeout,
             stdin,
+            detach,
             command,
-        } => return run_command(&c, session, timeout, stdin, command.join(" ")).await,
+        } => {
+            let params = ExecParams {
+                command: command.join(" "),
+                timeout_s: timeout,
+                idle_timeout_s: idle_timeout,
+                stdin: match stdin {
+                    Some(path) => Some(serde_bytes::ByteBuf::from(std::fs::read(&path)?)),
+                    None => None,
+                },
+                ..Default::default()
+            };
+            return run_command(&c, session, params, detach).await;
+        }
+        Command::Attach { connect: c, id } => return attach(&c, &id).await,
+        Command::Write {
+            connect: c,
+            id,
+            eof,
+        } => {
+            let client = connect(&c).await?;
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
+            let mut sent = 0;
+            // One call at most max_stdin_bytes: send in 512 KiB parts, in order.
+            for part in data.chunks(512 * 1024) {
+                let written = client.write(&id, part, false).await? as usize;
+                sent += written;
+                if written < part.len() {
+                    eprintln!(
+                        "sessiond: the command took {sent} of {} bytes (it stopped reading its stdin)",
+                        data.len()
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            if eof {
+                client.write(&id, b"", true).await?;
+            }
+        }
+        Command::Cancel { connect: c, id } => {
+            let cancelled = connect(&c).await?.cancel_command(&id).await?;
+            println!(
+                "{}",
+                if cancelled {
+                    "cancelled"
+                } else {
+                    "not running"
+                }
+            );
+        }
         Command::Serve { .. } | Command::CheckConfig { .. } => {
             unreachable!("handled in main")
         }
@@ -312,38 +395,135 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `sessiond run`: streams the command's output to ours; a Ctrl-C or
+/// SIGTERM cancels it (and destroys a fresh session) before we exit 128 + N.
 async fn run_command(
     c: &Connect,
     session: Option<String>,
-    timeout: Option<f64>,
-    stdin: Option<PathBuf>,
-    command: String,
+    mut params: ExecParams,
+    detach: bool,
 ) -> Result<ExitCode, ClientError> {
     let client = connect(c).await?;
-    let stdin = match stdin {
-        Some(path) => Some(serde_bytes::ByteBuf::from(std::fs::read(&path)?)),
-        None => None,
-    };
     let (session_id, fresh) = match session {
         Some(id) => (id, false),
         None => (client.create_session(CreateParams::default()).await?, true),
     };
-    let result = client
-        .exec(ExecParams {
-            session_id: session_id.clone(),
-            command,
-            timeout_s: timeout,
-            stdin,
-            ..Default::default()
-        })
-        .await;
+    params.session_id = session_id.clone();
+    if detach {
+        let id = client.start(params).await?;
+        println!("{id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let streamed = stream_to_stdio(&client, params).await;
     if fresh {
         let _ = client.destroy_session(&session_id).await;
     }
-    let r = result?;
-    let _ = std::io::stdout().write_all(&r.stdout);
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().write_all(&r.stderr);
+    match streamed? {
+        Streamed::Ended(r) => Ok(report(&r)),
+        Streamed::Interrupted(signal) => Ok(ExitCode::from(128 + signal as u8)),
+    }
+}
+
+/// How a streamed run ended for us.
+enum Streamed {
+    Ended(ExecResult),
+    /// We got this signal and cancelled the command.
+    Interrupted(i32),
+}
+
+/// Runs `params` with streaming, copying output events to our stdout and
+/// stderr as they come; on SIGINT or SIGTERM cancels the command by id.
+async fn stream_to_stdio(client: &Client, params: ExecParams) -> Result<Streamed, ClientError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut stream = client.exec_stream(params).await?;
+    let mut command_id = None;
+    let mut at = [0u64; 2];
+    loop {
+        let event = tokio::select! {
+            event = stream.next_event() => event?,
+            _ = sigint.recv() => return cancel(client, command_id.as_deref(), libc::SIGINT).await,
+            _ = sigterm.recv() => return cancel(client, command_id.as_deref(), libc::SIGTERM).await,
+        };
+        match event {
+            None => break,
+            Some(Event::Started { command_id: id }) => command_id = Some(id),
+            Some(Event::Output {
+                stream: which,
+                offset,
+                data,
+            }) => {
+                let i = usize::from(which == StreamName::Stderr);
+                if offset > at[i] {
+                    eprintln!(
+                        "sessiond: {} bytes of output skipped (we fell behind)",
+                        offset - at[i]
+                    );
+                }
+                at[i] = offset + data.len() as u64;
+                let _ = match which {
+                    StreamName::Stdout => {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&data).and_then(|_| out.flush())
+                    }
+                    StreamName::Stderr => std::io::stderr().write_all(&data),
+                };
+            }
+        }
+    }
+    Ok(Streamed::Ended(stream.result().await?))
+}
+
+/// Cancels the remote command (if it started) after we got `signal`.
+async fn cancel(
+    client: &Client,
+    command_id: Option<&str>,
+    signal: i32,
+) -> Result<Streamed, ClientError> {
+    if let Some(id) = command_id {
+        let _ = client.cancel_command(id).await;
+    }
+    Ok(Streamed::Interrupted(signal))
+}
+
+/// `sessiond attach`: follows a command's output to its end.
+async fn attach(c: &Connect, id: &str) -> Result<ExitCode, ClientError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let client = connect(c).await?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let (mut stdout_at, mut stderr_at) = (0, 0);
+    loop {
+        let read = client.read(ReadParams {
+            command_id: id.to_string(),
+            stdout_offset: stdout_at,
+            stderr_offset: stderr_at,
+            wait_s: Some(30.0),
+        });
+        let r = tokio::select! {
+            r = read => r?,
+            _ = sigint.recv() => return Ok(ExitCode::from(128 + libc::SIGINT as u8)),
+        };
+        for (offset, asked) in [(r.stdout_offset, stdout_at), (r.stderr_offset, stderr_at)] {
+            if offset > asked {
+                eprintln!(
+                    "sessiond: {} bytes of output no longer retained",
+                    offset - asked
+                );
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&r.stdout).and_then(|_| out.flush());
+        let _ = std::io::stderr().write_all(&r.stderr);
+        (stdout_at, stderr_at) = (r.stdout_next, r.stderr_next);
+        if let Some(result) = r.result {
+            return Ok(report(&result.with_output(Vec::new(), Vec::new())));
+        }
+    }
+}
+
+/// Says on stderr what cut or killed the command; its exit code as ours (128 + N for a signal).
+fn report(r: &ExecResult) -> ExitCode {
     if r.stdout_truncated || r.stderr_truncated {
         eprintln!(
             "sessiond: output truncated (stdout {} bytes, stderr {} bytes written in all)",
@@ -351,8 +531,12 @@ async fn run_command(
         );
     }
     if let Some(by) = r.killed_by {
+        let name = serde_json::to_value(by)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{by:?}"));
         eprintln!(
-            "sessiond: command killed ({by:?}) after {} ms",
+            "sessiond: command killed ({name}) after {} ms",
             r.duration_ms
         );
     }
@@ -361,5 +545,5 @@ async fn run_command(
         (None, Some(sig)) => 128 + sig,
         (None, None) => 1,
     };
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    ExitCode::from(code.clamp(0, 255) as u8)
 }

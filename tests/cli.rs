@@ -2,9 +2,11 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use support::TestDaemon;
+use support::{TestDaemon, tagged_pids, wait_until};
 
 fn sessiond(d: &TestDaemon, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sessiond"))
@@ -32,7 +34,7 @@ fn run_prints_output_and_exits_with_the_command_code() {
     let o = sessiond(&d, &["run", "--timeout", "0.2", "--", "sleep", "30"]);
     assert_eq!(o.status.code(), Some(128 + 15));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("killed (Timeout)"),
+        String::from_utf8_lossy(&o.stderr).contains("killed (timeout)"),
         "{o:?}"
     );
 
@@ -116,4 +118,108 @@ fn check_config_names_the_bad_key() {
     // A serve with a bad config refuses to start, with the same message.
     let o = with_config("serve", &bad);
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// `sessiond run` prints each line as the command writes it: the command
+/// waits for a file the test creates only after reading the first line.
+#[test]
+fn run_streams_output_as_it_comes() {
+    let d = TestDaemon::start("");
+    let flag = d.work_dir().join("next");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["run", "--"])
+        .arg(format!(
+            "echo one; while [ ! -e {0} ]; do sleep 0.01; done; echo two",
+            flag.display()
+        ))
+        .env("SESSIOND_SOCKET", &d.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(cli.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "one");
+    std::fs::write(&flag, b"").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "two");
+    assert!(cli.wait().unwrap().success());
+    d.stop();
+}
+
+/// Ctrl-C (SIGINT) to `sessiond run` cancels the remote command and
+/// destroys its fresh session before the CLI exits 128 + 2; nothing is left.
+#[test]
+fn ctrl_c_cancels_the_remote_command_and_leaves_nothing() {
+    let d = TestDaemon::start("");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["run", "--", "echo started; sleep 30"])
+        .env("SESSIOND_SOCKET", &d.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(cli.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "started");
+    assert!(!tagged_pids(&d.tag).is_empty(), "the command runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cli.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(cli.wait().unwrap().code(), Some(128 + 2));
+    wait_until(
+        "the command's processes are gone",
+        Duration::from_secs(10),
+        || tagged_pids(&d.tag).is_empty(),
+    );
+    let o = sessiond(&d, &["session", "list"]);
+    assert_eq!(stdout(&o), "", "the fresh session was destroyed");
+    d.stop();
+}
+
+/// `run --detach` prints the id; `attach` follows the output to the end and
+/// exits with the command's code; `write` sends stdin on.
+#[test]
+fn detach_attach_and_write() {
+    let d = TestDaemon::start("");
+    let session = stdout(&sessiond(&d, &["session", "create"]))
+        .trim()
+        .to_string();
+    let o = sessiond(
+        &d,
+        &[
+            "run",
+            "--session",
+            &session,
+            "--detach",
+            "--",
+            "echo hello; exit 4",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let id = stdout(&o).trim().to_string();
+    let o = sessiond(&d, &["attach", &id]);
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(4), "hello\n"));
+    // write: a command reading its stdin, started with it open.
+    let c = tokio::runtime::Runtime::new().unwrap();
+    let id = c.block_on(async {
+        d.client()
+            .await
+            .start(sessiond::protocol::ExecParams {
+                session_id: session.clone(),
+                command: "tr a-z A-Z".into(),
+                stdin_open: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    });
+    let mut write = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["write", &id, "--eof"])
+        .env("SESSIOND_SOCKET", &d.socket)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut write.stdin.take().unwrap(), b"shout\n").unwrap();
+    assert!(write.wait().unwrap().success());
+    let o = sessiond(&d, &["attach", &id]);
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(0), "SHOUT\n"));
+    d.stop();
 }

@@ -2,29 +2,11 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use sessiond::client::ClientError;
 use sessiond::protocol::CreateParams;
-use support::{TestDaemon, get, request, wait_until};
-
-/// Runs the CLI as uid/gid 65534 (`nobody`) against the daemon.
-fn as_nobody(d: &TestDaemon, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(args)
-        .env("SESSIOND_SOCKET", &d.socket)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap()
-}
-
-fn open_to_everyone(d: &TestDaemon) {
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-}
+use support::{TestDaemon, as_nobody, get, open_to_everyone, request, wait_until};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root (connects as another uid)"]

@@ -367,7 +367,9 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
-                state.running.remove(&cell.get_id());
+                // Supervision events may overtake the actor's last message
+                // (`CommandDone`): whichever comes first retires the command.
+                state.retire(&myself, &cell.get_id());
                 state.end_if_idle(&myself).await;
             }
             SupervisionEvent::ActorFailed(cell, err) => {

@@ -730,3 +730,22 @@ fn session_cgroups(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let commands = sessions.iter().flat_map(|s| subdirs(s, "cmd-")).collect();
     (sessions, commands)
 }
+
+/// Runs the CLI as uid/gid 65534 (`nobody`) against the daemon (which must
+/// allow that uid, with its directory opened by [`open_to_everyone`]).
+pub fn as_nobody(d: &TestDaemon, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(args)
+        .env("SESSIOND_SOCKET", &d.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+/// Lets other uids reach the daemon's socket directory.
+pub fn open_to_everyone(d: &TestDaemon) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
