@@ -10,8 +10,9 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use super::session::SessionMsg;
 use crate::context::Context;
 use crate::process::run::{RunError, RunOutcome, RunSpec, run_command};
-use crate::process::shell::{self, EnvMap, ShellState};
+use crate::process::shell::EnvMap;
 use crate::process::table::SessionKey;
+use crate::process::terminal::{self, TerminalState};
 use crate::protocol::{ExecResult, KilledBy, RequestError};
 use crate::stats::Stats;
 
@@ -30,9 +31,9 @@ pub struct CommandArgs {
     pub session: ActorRef<SessionMsg>,
     pub session_key: SessionKey,
     pub spec: RunSpec,
-    /// The session's env before this command and the request's own env, to
+    /// The session's state before this command and the request's own env, to
     /// keep per-command variables from sticking to the session.
-    pub session_env: EnvMap,
+    pub session_state: Arc<TerminalState>,
     pub request_env: EnvMap,
     /// This command's share of `max_concurrent`; returned before the answer goes out.
     pub permit: OwnedSemaphorePermit,
@@ -63,7 +64,7 @@ pub enum RunFailure {
 pub struct CommandState {
     ctx: Arc<Context>,
     session: ActorRef<SessionMsg>,
-    session_env: EnvMap,
+    session_state: Arc<TerminalState>,
     request_env: EnvMap,
     kill: watch::Sender<Option<KilledBy>>,
     /// Aborts the run task when the state is dropped (stop, kill or panic).
@@ -111,7 +112,7 @@ impl Actor for CommandActor {
         Ok(CommandState {
             ctx: args.ctx,
             session: args.session,
-            session_env: args.session_env,
+            session_state: args.session_state,
             request_env: args.request_env,
             kill: kill_tx,
             _task: AbortOnDrop(task),
@@ -173,9 +174,12 @@ impl CommandState {
                 if r.stdout_truncated || r.stderr_truncated {
                     Stats::bump(&stats.output_truncated);
                 }
-                let new_state = outcome.state.map(|s| ShellState {
-                    env: shell::carry_over(&self.session_env, &self.request_env, s.env),
-                    cwd: s.cwd,
+                let new_state = outcome.state.map(|s| {
+                    Box::new(terminal::carry_over(
+                        &self.session_state,
+                        &self.request_env,
+                        *s,
+                    ))
                 });
                 (Ok(outcome.result), new_state)
             }

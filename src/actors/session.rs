@@ -1,4 +1,4 @@
-//! SessionActor: child of the root supervisor, one per session; shell state, idle timer, busy check, parent of its CommandActors.
+//! SessionActor: child of the root supervisor, one per session; terminal state, idle timer, busy check, parent of its CommandActors.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,8 +15,9 @@ use crate::context::Context;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
 use crate::process::run::{CgroupPlace, RunSpec};
-use crate::process::shell::{EnvMap, ShellState};
+use crate::process::shell::EnvMap;
 use crate::process::table::SessionKey;
+use crate::process::terminal::TerminalState;
 use crate::protocol::{KeepOutput, KilledBy, RequestError, SessionInfo};
 use crate::stats::Stats;
 
@@ -61,10 +62,10 @@ pub enum SessionMsg {
         request: ExecRequest,
         reply: ExecReply,
     },
-    /// A CommandActor finished; `state` is the shell state it left, if it ended by itself.
+    /// A CommandActor finished; `state` is the terminal state it left, if it ended by itself.
     CommandDone {
         command: ActorId,
-        state: Option<ShellState>,
+        state: Option<Box<TerminalState>>,
     },
     /// Kill every running command (`killed_by: "cancelled"`); answers whether any ran.
     Cancel {
@@ -170,8 +171,8 @@ pub struct SessionState {
     owner: u32,
     created: Instant,
     last_active: Instant,
-    cwd: PathBuf,
-    env: EnvMap,
+    /// The terminal state the next command starts from (cwd, variables, functions…).
+    terminal: Arc<TerminalState>,
     default_timeout: Duration,
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
@@ -225,8 +226,7 @@ impl Actor for SessionActor {
             owner: args.owner,
             created: now,
             last_active: now,
-            cwd: args.cwd,
-            env: args.env,
+            terminal: Arc::new(TerminalState::new(args.cwd, &args.env)),
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             rlimits: args.rlimits,
@@ -252,8 +252,7 @@ impl Actor for SessionActor {
             } => {
                 state.running.remove(&command);
                 if let Some(shell) = shell {
-                    state.cwd = shell.cwd;
-                    state.env = shell.env;
+                    state.terminal = Arc::from(shell);
                 }
                 state.last_active = Instant::now();
                 state.end_if_idle(&myself).await;
@@ -366,13 +365,12 @@ impl SessionState {
             return;
         };
         let commands = &self.ctx.config.commands;
-        let mut env = self.env.clone();
-        env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let spec = RunSpec {
             shell: self.ctx.shell.clone(),
             command: request.command,
-            cwd: self.cwd.clone(),
-            env,
+            state: self.terminal.clone(),
+            request_env: request.env.clone(),
+            max_state_bytes: self.ctx.config.sessions.max_state_bytes.as_u64() as usize,
             stdin: request.stdin,
             timeout,
             kill_grace: commands.kill_grace,
@@ -391,7 +389,7 @@ impl SessionState {
             session: myself.clone(),
             session_key: self.key,
             spec,
-            session_env: self.env.clone(),
+            session_state: self.terminal.clone(),
             request_env: request.env,
             permit,
             reply,
@@ -429,7 +427,7 @@ impl SessionState {
                     0
                 },
                 busy: !self.running.is_empty(),
-                cwd: self.cwd.to_string_lossy().into_owned(),
+                cwd: self.terminal.cwd.to_string_lossy().into_owned(),
             },
         }
     }

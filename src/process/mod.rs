@@ -1,4 +1,4 @@
-//! Processes under the CommandActor: spawn, shell state, capped output, the run loop (timeout, kill), the process table and reaper.
+//! Processes under the CommandActor: spawn, terminal state, capped output, the run loop (timeout, kill), the process table and reaper.
 
 pub mod child;
 pub mod output;
@@ -8,6 +8,7 @@ pub mod run;
 pub mod shell;
 pub mod spawn;
 pub mod table;
+pub mod terminal;
 
 pub use child::{ChildProcess, ExitInfo};
 pub use table::ProcessTable;

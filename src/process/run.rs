@@ -17,9 +17,10 @@ use tokio::sync::watch;
 
 use super::child::{ChildProcess, ExitInfo};
 use super::output::CappedOutput;
-use super::shell::{self, EnvMap, ShellState};
+use super::shell::{self, EnvMap};
 use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
+use super::terminal::{self, StateError, TerminalState};
 use crate::cgroup::{CgroupError, Cgroups};
 use crate::limits::Rlimit;
 use std::os::fd::AsRawFd;
@@ -36,9 +37,6 @@ use crate::protocol::{ExecResult, KeepOutput, KilledBy};
 /// last; a background child holding the pipe open does not hold the answer.
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
 
-/// Bound on the shell-state report (cwd + exported env); a larger one is ignored.
-pub const STATE_REPORT_MAX: usize = 1 << 20;
-
 /// Size of each read from a pipe.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -47,9 +45,12 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct RunSpec {
     pub shell: PathBuf,
     pub command: String,
-    pub cwd: PathBuf,
-    /// The complete environment of the command.
-    pub env: EnvMap,
+    /// The session's terminal state before this command (its cwd included).
+    pub state: Arc<TerminalState>,
+    /// The request's own `env`: exported for this command only.
+    pub request_env: EnvMap,
+    /// `sessions.max_state_bytes`: a larger saved state is refused (`state_error`).
+    pub max_state_bytes: usize,
     pub stdin: Option<Vec<u8>>,
     pub timeout: Duration,
     pub kill_grace: Duration,
@@ -72,11 +73,11 @@ pub struct CgroupPlace {
     pub session: String,
 }
 
-/// A finished command: its result and, when it ended by itself, the shell state it left.
+/// A finished command: its result and, when it ended by itself, the terminal state it left.
 #[derive(Debug)]
 pub struct RunOutcome {
     pub result: ExecResult,
-    pub state: Option<ShellState>,
+    pub state: Option<Box<TerminalState>>,
 }
 
 /// Why a command could not be run to an answer.
@@ -103,10 +104,42 @@ pub async fn run_command(
     mut kill: watch::Receiver<Option<KilledBy>>,
 ) -> Result<RunOutcome, RunError> {
     let argv = shell::wrapper_argv(&spec.shell, &spec.command).map_err(RunError::BadCommand)?;
-    let envp = shell::envp(&spec.env, &spec.cwd);
-    let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
+    // The state goes in and out through two memfds (not argv: E2BIG past 128 KiB).
+    let nonce = terminal::nonce();
+    let bash = shell::is_bash(&spec.shell);
+    let (restore, env) = if bash {
+        let mut env = spec.request_env.clone();
+        env.insert(
+            b"BASH_ENV".to_vec(),
+            format!("/dev/fd/{}", terminal::RESTORE_FD).into_bytes(),
+        );
+        (
+            terminal::restore_script(&spec.state, &nonce, &spec.request_env),
+            env,
+        )
+    } else {
+        let mut env = spec.state.env();
+        env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        (
+            shell::sh_restore_script(&spec.state, &nonce, &spec.request_env),
+            env,
+        )
+    };
+    let state_fds = (state_memfd(&restore)?, state_memfd(b"")?);
+    let envp = shell::envp(&env, &spec.state.cwd);
+    let cwd = std::ffi::CString::new(spec.state.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
-    let (table, cwd_path, with_stdin) = (table.clone(), spec.cwd.clone(), spec.stdin.is_some());
+    let (table, cwd_path, with_stdin) =
+        (table.clone(), spec.state.cwd.clone(), spec.stdin.is_some());
+    let (at_restore, at_save) = if bash {
+        (terminal::RESTORE_FD, terminal::SAVE_FD)
+    } else {
+        (shell::SH_RESTORE_FD, shell::SH_SAVE_FD)
+    };
+    let fds = [
+        (state_fds.0.as_raw_fd(), at_restore),
+        (state_fds.1.as_raw_fd(), at_save),
+    ];
     let (rlimits, credentials, place) = (spec.rlimits, spec.credentials, spec.cgroup.clone());
     let oom_score_adj = std::ffi::CString::new(spec.oom_score_adj.to_string()).expect("digits");
 
@@ -155,6 +188,7 @@ pub async fn run_command(
             oom_score_adj: Some(&oom_score_adj),
             credentials,
             cgroup_procs: &procs,
+            state_fds: fds,
         };
         let spawned = spawn::spawn(&table, session, &request);
         let leaf = leaf.map(|(cgroups, rel, _fds)| CommandCgroup { cgroups, rel });
@@ -173,21 +207,15 @@ pub async fn run_command(
     let (mut child, pipes, leaf) = spawned?;
 
     let receiver = |fd| pipe::Receiver::from_owned_fd(fd).map_err(RunError::Wait);
-    let (mut stdout_rx, mut stderr_rx, mut state_rx) = (
-        receiver(pipes.stdout)?,
-        receiver(pipes.stderr)?,
-        receiver(pipes.state)?,
-    );
+    let (mut stdout_rx, mut stderr_rx) = (receiver(pipes.stdout)?, receiver(pipes.stderr)?);
     let mut stdout = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
     let mut stderr = CappedOutput::new(spec.max_output_bytes, spec.keep_output);
-    let mut report = CappedOutput::new(STATE_REPORT_MAX, KeepOutput::Head);
 
     let (exit, killed_by, io_done) = {
         let io = async {
             tokio::join!(
                 pump(&mut stdout_rx, &mut stdout),
                 pump(&mut stderr_rx, &mut stderr),
-                pump(&mut state_rx, &mut report),
                 feed(pipes.stdin, spec.stdin.as_deref()),
             )
         };
@@ -245,13 +273,18 @@ pub async fn run_command(
         .or((oom_kills > 0).then_some(KilledBy::MemoryLimit))
         .or_else(|| cpu_limit_kill(&exit, &spec.rlimits));
 
-    let state = match (killed_by, exit.code) {
-        (None, Some(_)) if !report.truncated() => shell::parse_report(&report.into_bytes()),
-        _ => None,
+    // Only a command that ended by itself leaves a state; a killed one keeps the old.
+    let saved = match (killed_by, exit.code) {
+        (None, Some(_)) => read_saved(&state_fds.1, spec.max_state_bytes, &nonce, bash),
+        _ => Ok(None),
+    };
+    let (state, state_error) = match saved {
+        Ok(state) => (state.map(Box::new), None),
+        Err(e) => (None, Some(e.to_string())),
     };
     let cwd = state
         .as_ref()
-        .map_or(&spec.cwd, |s| &s.cwd)
+        .map_or(&spec.state.cwd, |s| &s.cwd)
         .to_string_lossy()
         .into_owned();
     let result = ExecResult {
@@ -269,6 +302,7 @@ pub async fn run_command(
         cpu_ms: Some(exit.cpu.as_millis() as u64),
         max_rss_bytes: Some(memory_peak.unwrap_or(exit.max_rss_bytes)),
         cwd,
+        state_error,
     };
     Ok(RunOutcome { result, state })
 }
@@ -377,6 +411,45 @@ async fn discard_until_eof(pipes: [pipe::Receiver; 2]) {
                 break;
             }
         }
+    }
+}
+
+/// A close-on-exec memfd holding `data`, read from the start by the child.
+fn state_memfd(data: &[u8]) -> Result<std::os::fd::OwnedFd, RunError> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: a valid NUL-terminated name; the returned fd is checked and then owned.
+    let fd = unsafe { libc::memfd_create(c"sessiond-state".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(RunError::Wait(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh fd that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(data).map_err(RunError::Wait)?;
+    file.rewind().map_err(RunError::Wait)?;
+    Ok(file.into())
+}
+
+/// Reads and parses what the save trap wrote to its memfd, bounded by `limit`.
+fn read_saved(
+    fd: &std::os::fd::OwnedFd,
+    limit: usize,
+    nonce: &str,
+    bash: bool,
+) -> Result<Option<TerminalState>, StateError> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd.try_clone().map_err(|_| StateError::Malformed("memfd"))?);
+    let size = file.metadata().map_or(0, |m| m.len() as usize);
+    if size > limit {
+        return Err(StateError::TooLarge { size, limit });
+    }
+    let mut report = vec![0u8; size];
+    file.read_exact_at(&mut report, 0)
+        .map_err(|_| StateError::Malformed("memfd"))?;
+    if bash {
+        terminal::parse_save(&report, nonce)
+    } else {
+        shell::parse_sh_save(&report, nonce)
     }
 }
 

@@ -192,6 +192,9 @@ pub struct PingResult {
     pub version: String,
     pub protocol: u32,
     pub uptime_ms: u64,
+    /// The protocol additions this daemon has (e.g. "terminal-state", "init").
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 /// `system.stats` result.
@@ -328,6 +331,9 @@ pub struct ExecResult {
     pub max_rss_bytes: Option<u64>,
     /// The session's working directory after the command.
     pub cwd: String,
+    /// Why the state this command left was not kept (the session keeps its previous one).
+    #[serde(default)]
+    pub state_error: Option<String>,
 }
 
 /// `exec.cancel` result.

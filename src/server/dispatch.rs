@@ -90,8 +90,12 @@ fn ping(ctx: &Context) -> PingResult {
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: PROTOCOL_VERSION,
         uptime_ms: ctx.uptime_ms(),
+        features: FEATURES.iter().map(|f| f.to_string()).collect(),
     }
 }
+
+/// Protocol additions this daemon implements (`system.ping` `features`).
+pub const FEATURES: &[&str] = &["terminal-state"];
 
 fn stats(ctx: &Context) -> StatsResult {
     let s = &ctx.stats;
