@@ -101,6 +101,9 @@ pub struct SessionsConfig {
     /// Become a child subreaper, so orphaned descendants of commands are
     /// reparented to the daemon and reaped by it; `None`: only when running as PID 1.
     pub subreaper: Option<bool>,
+    /// Largest terminal state a session carries; a command that leaves a larger
+    /// one gets `state_error` and the session keeps its previous state.
+    pub max_state_bytes: ByteSize,
 }
 
 /// `[commands]`: how each command runs.
@@ -164,6 +167,7 @@ impl Default for SessionsConfig {
             default_cwd: None,
             reap_interval: Duration::from_secs(5),
             subreaper: None,
+            max_state_bytes: ByteSize::kib(256),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! RootSupervisor                 restarts the registry; tells it when a session ends
 //! ├── RegistryActor              session table, admission, routing, periodic sweep
-//! └── SessionActor (per session) shell state (cwd, env), idle timer, SESSION_BUSY
+//! └── SessionActor (per session) terminal state (cwd, variables, functions…), idle timer, SESSION_BUSY
 //!     └── CommandActor (per run) spawns, enforces the timeout, caps output, answers
 //! ```
 //!

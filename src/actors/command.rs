@@ -13,8 +13,9 @@ use crate::context::Context;
 use crate::process::kill::KillReason;
 use crate::process::output;
 use crate::process::run::{RunError, RunReport, RunSpec, run_command};
-use crate::process::shell::{self, EnvMap, ShellState};
+use crate::process::shell::EnvMap;
 use crate::process::table::SessionKey;
+use crate::process::terminal::{self, TerminalState};
 use crate::protocol::{CommandResult, KeepOutput, KilledBy, RequestError};
 use crate::stats::Stats;
 
@@ -37,9 +38,9 @@ pub struct CommandArgs {
     pub session: ActorRef<SessionMsg>,
     pub session_key: SessionKey,
     pub spec: RunSpec,
-    /// The session's env before this command and the request's own env, to
+    /// The session's state before this command and the request's own env, to
     /// keep per-command variables from sticking to the session.
-    pub session_env: EnvMap,
+    pub session_state: Arc<TerminalState>,
     pub request_env: EnvMap,
     /// This command's share of `max_concurrent`; returned before its end is recorded.
     pub permit: OwnedSemaphorePermit,
@@ -74,7 +75,7 @@ pub enum RunFailure {
 pub struct CommandState {
     ctx: Arc<Context>,
     session: ActorRef<SessionMsg>,
-    session_env: EnvMap,
+    session_state: Arc<TerminalState>,
     request_env: EnvMap,
     kill: watch::Sender<Option<KillReason>>,
     /// Aborts the run task when the state is dropped (stop, kill or panic).
@@ -131,7 +132,7 @@ impl Actor for CommandActor {
         Ok(CommandState {
             ctx: args.ctx,
             session: args.session,
-            session_env: args.session_env,
+            session_state: args.session_state,
             request_env: args.request_env,
             kill: kill_tx,
             _task: AbortOnDrop(task),
@@ -208,9 +209,12 @@ impl CommandState {
                 if r.stdout_truncated || r.stderr_truncated {
                     Stats::bump(&stats.output_truncated);
                 }
-                let new_state = state.map(|s| ShellState {
-                    env: shell::carry_over(&self.session_env, &self.request_env, s.env),
-                    cwd: s.cwd,
+                let new_state = state.map(|s| {
+                    Box::new(terminal::carry_over(
+                        &self.session_state,
+                        &self.request_env,
+                        *s,
+                    ))
                 });
                 (Ok(r), new_state)
             }
@@ -275,6 +279,7 @@ fn command_result(record: &CommandRecord, report: RunReport) -> CommandResult {
         cpu_ms: Some(report.exit.cpu.as_millis() as u64),
         max_rss_bytes: Some(report.max_rss_bytes),
         cwd: report.cwd.to_string_lossy().into_owned(),
+        state_error: report.state_error,
     }
 }
 

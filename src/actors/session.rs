@@ -1,4 +1,4 @@
-//! SessionActor: child of the root supervisor, one per session; shell state, idle timer, busy check, parent of its CommandActors.
+//! SessionActor: child of the root supervisor, one per session; terminal state, idle timer, busy check, parent of its CommandActors.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -16,8 +16,9 @@ use crate::limits::Rlimit;
 use crate::process::ProcessTable;
 use crate::process::live_output::LiveOutput;
 use crate::process::run::RunSpec;
-use crate::process::shell::{EnvMap, ShellState};
+use crate::process::shell::EnvMap;
 use crate::process::table::SessionKey;
+use crate::process::terminal::TerminalState;
 use crate::protocol::{CreateResult, KeepOutput, KilledBy, RequestError, SessionInfo};
 use crate::stats::Stats;
 use crate::timing;
@@ -125,10 +126,10 @@ pub enum SessionMsg {
     },
     /// Drop retained commands that ended more than `retain_finished` ago.
     PruneRetained,
-    /// A CommandActor finished; `state` is the shell state it left, if it ended by itself.
+    /// A CommandActor finished; `state` is the terminal state it left, if it ended by itself.
     CommandDone {
         command: ActorId,
-        state: Option<ShellState>,
+        state: Option<Box<TerminalState>>,
     },
     /// Kill every running command (`killed_by: "cancelled"`); answers whether any ran.
     Cancel {
@@ -201,8 +202,8 @@ pub struct SessionState {
     owner: u32,
     created: Instant,
     last_active: Instant,
-    cwd: PathBuf,
-    env: EnvMap,
+    /// The terminal state the next command starts from (cwd, variables, functions…).
+    terminal: Arc<TerminalState>,
     default_timeout: Duration,
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
@@ -254,8 +255,7 @@ impl Actor for SessionActor {
             owner: args.owner,
             created: now,
             last_active: now,
-            cwd: args.cwd,
-            env: args.env,
+            terminal: Arc::new(TerminalState::new(args.cwd, &args.env)),
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             rlimits: args.rlimits,
@@ -284,8 +284,7 @@ impl Actor for SessionActor {
             } => {
                 state.retire(&myself, &command);
                 if let Some(shell) = shell {
-                    state.cwd = shell.cwd;
-                    state.env = shell.env;
+                    state.terminal = Arc::from(shell);
                 }
                 state.last_active = Instant::now();
                 state.end_if_idle(&myself).await;
@@ -476,13 +475,12 @@ impl SessionState {
                 request.stdin_open,
             ),
         ));
-        let mut env = self.env.clone();
-        env.extend(request.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let spec = RunSpec {
             shell: self.ctx.shell.clone(),
             command: request.command,
-            cwd: self.cwd.clone(),
-            env,
+            state: self.terminal.clone(),
+            request_env: request.env.clone(),
+            max_state_bytes: self.ctx.config.sessions.max_state_bytes.as_u64() as usize,
             stdin: request.stdin,
             timeout,
             idle_timeout: request.idle_timeout,
@@ -498,7 +496,7 @@ impl SessionState {
             session: myself.clone(),
             session_key: self.key,
             spec,
-            session_env: self.env.clone(),
+            session_state: self.terminal.clone(),
             request_env: request.env,
             permit,
             record: record.clone(),
@@ -582,7 +580,7 @@ impl SessionState {
                     0
                 },
                 busy: !self.running.is_empty(),
-                cwd: self.cwd.to_string_lossy().into_owned(),
+                cwd: self.terminal.cwd.to_string_lossy().into_owned(),
                 command_ids: self.running_ids(),
                 command_id: self.running_ids().pop(),
             },

@@ -1,4 +1,4 @@
-//! Processes under the CommandActor: spawn, shell state, capped output, the run loop, the timeout and kills, the process table and reaper.
+//! Processes under the CommandActor: spawn, terminal state, capped output, the run loop, the timeout and kills, the process table and reaper.
 
 pub mod child;
 pub mod kill;
@@ -11,6 +11,7 @@ pub mod shell;
 pub mod spawn;
 pub mod stream_buffer;
 pub mod table;
+pub mod terminal;
 
 pub use child::{ChildProcess, ExitInfo};
 pub use table::ProcessTable;

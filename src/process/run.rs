@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use super::child::ExitInfo;
 use super::kill::{self, KillReason};
 use super::live_output::{LiveOutput, Stream};
-use super::output::{CappedOutput, KeepOutput};
-use super::shell::{self, EnvMap, ShellState};
+use super::shell::{self, EnvMap};
 use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
+use super::terminal::{self, StateError, TerminalState};
 use crate::cgroup::{CgroupError, LeafParent};
 use crate::limits::Rlimit;
 use std::os::fd::AsRawFd;
@@ -27,9 +27,6 @@ use std::os::fd::AsRawFd;
 /// How long output is still read after the shell exited, for what it wrote
 /// last; a background child holding the pipe open does not hold the answer.
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
-
-/// Bound on the shell-state report (cwd + exported env); a larger one is ignored.
-pub const STATE_REPORT_MAX: usize = 1 << 20;
 
 /// Size of each read from a pipe.
 const READ_CHUNK: usize = 64 * 1024;
@@ -39,9 +36,12 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct RunSpec {
     pub shell: PathBuf,
     pub command: String,
-    pub cwd: PathBuf,
-    /// The complete environment of the command.
-    pub env: EnvMap,
+    /// The session's terminal state before this command (its cwd included).
+    pub state: Arc<TerminalState>,
+    /// The request's own `env`: exported for this command only.
+    pub request_env: EnvMap,
+    /// `sessions.max_state_bytes`: a larger saved state is refused (`state_error`).
+    pub max_state_bytes: usize,
     pub stdin: Option<Vec<u8>>,
     pub timeout: Duration,
     /// Kill the command when it writes nothing for this long.
@@ -74,8 +74,10 @@ pub struct RunReport {
     pub max_rss_bytes: u64,
     /// The working directory after the command (the session's when it left no state).
     pub cwd: PathBuf,
-    /// The shell state it left (cwd, exported env), when it ended by itself.
-    pub state: Option<ShellState>,
+    /// The terminal state it left, when it ended by itself.
+    pub state: Option<Box<TerminalState>>,
+    /// Why the state it left was not kept (the session keeps its previous one).
+    pub state_error: Option<String>,
 }
 
 /// Why a command could not be run to an answer.
@@ -105,11 +107,42 @@ pub async fn run_command(
     on_spawned: impl FnOnce(),
 ) -> Result<RunReport, RunError> {
     let argv = shell::wrapper_argv(&spec.shell, &spec.command).map_err(RunError::BadCommand)?;
-    let envp = shell::envp(&spec.env, &spec.cwd);
-    let cwd = std::ffi::CString::new(spec.cwd.as_os_str().as_encoded_bytes())
+    // The state goes in and out through two memfds (not argv: E2BIG past 128 KiB).
+    let nonce = terminal::nonce();
+    let bash = shell::is_bash(&spec.shell);
+    let (restore, env) = if bash {
+        let mut env = spec.request_env.clone();
+        env.insert(
+            b"BASH_ENV".to_vec(),
+            format!("/dev/fd/{}", terminal::RESTORE_FD).into_bytes(),
+        );
+        (
+            terminal::restore_script(&spec.state, &nonce, &spec.request_env),
+            env,
+        )
+    } else {
+        let mut env = spec.state.env();
+        env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        (
+            shell::sh_restore_script(&spec.state, &nonce, &spec.request_env),
+            env,
+        )
+    };
+    let state_fds = (state_memfd(&restore)?, state_memfd(b"")?);
+    let envp = shell::envp(&env, &spec.state.cwd);
+    let cwd = std::ffi::CString::new(spec.state.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
+    let (at_restore, at_save) = if bash {
+        (terminal::RESTORE_FD, terminal::SAVE_FD)
+    } else {
+        (shell::SH_RESTORE_FD, shell::SH_SAVE_FD)
+    };
+    let state_at = [
+        (state_fds.0.as_raw_fd(), at_restore),
+        (state_fds.1.as_raw_fd(), at_save),
+    ];
     let with_stdin = spec.stdin.is_some() || spec.output.stdin_open();
-    let (table, cwd_path) = (table.clone(), spec.cwd.clone());
+    let (table, cwd_path) = (table.clone(), spec.state.cwd.clone());
     let (rlimits, credentials, place) = (spec.rlimits, spec.credentials, spec.cgroup.clone());
     let oom_score_adj = std::ffi::CString::new(spec.oom_score_adj.to_string()).expect("digits");
 
@@ -147,6 +180,7 @@ pub async fn run_command(
             oom_score_adj: Some(&oom_score_adj),
             credentials,
             cgroup_procs: &procs,
+            state_fds: state_at,
         };
         let (child, pipes) = spawn::spawn(&table, session, &request)?;
         Ok((child, pipes, leaf))
@@ -163,19 +197,13 @@ pub async fn run_command(
     on_spawned();
 
     let receiver = |fd| pipe::Receiver::from_owned_fd(fd).map_err(RunError::Wait);
-    let (mut stdout_rx, mut stderr_rx, mut state_rx) = (
-        receiver(pipes.stdout)?,
-        receiver(pipes.stderr)?,
-        receiver(pipes.state)?,
-    );
-    let mut report = CappedOutput::new(STATE_REPORT_MAX, KeepOutput::Head);
+    let (mut stdout_rx, mut stderr_rx) = (receiver(pipes.stdout)?, receiver(pipes.stderr)?);
 
     let (exit, killed_by, io_done) = {
         let io = async {
             tokio::join!(
                 pump(&mut stdout_rx, |b| output.push(Stream::Stdout, b)),
                 pump(&mut stderr_rx, |b| output.push(Stream::Stderr, b)),
-                pump(&mut state_rx, |b| report.push(b)),
                 feed(pipes.stdin, spec.stdin.as_deref(), &output),
             )
         };
@@ -235,11 +263,16 @@ pub async fn run_command(
     };
     let killed_by = killed_by.or_else(|| kill::attribute(&exit, oom_kills, &spec.rlimits));
 
-    let state = match (killed_by, exit.code) {
-        (None, Some(_)) if !report.truncated() => shell::parse_report(&report.into_bytes()),
-        _ => None,
+    // Only a command that ended by itself leaves a state; a killed one keeps the old.
+    let saved = match (killed_by, exit.code) {
+        (None, Some(_)) => read_saved(&state_fds.1, spec.max_state_bytes, &nonce, bash),
+        _ => Ok(None),
     };
-    let cwd = state.as_ref().map_or(&spec.cwd, |s| &s.cwd).clone();
+    let (state, state_error) = match saved {
+        Ok(state) => (state.map(Box::new), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let cwd = state.as_ref().map_or(&spec.state.cwd, |s| &s.cwd).clone();
     Ok(RunReport {
         exit,
         killed_by,
@@ -247,7 +280,47 @@ pub async fn run_command(
         max_rss_bytes: memory_peak.unwrap_or(exit.max_rss_bytes),
         cwd,
         state,
+        state_error,
     })
+}
+
+/// A close-on-exec memfd holding `data`, read from the start by the child.
+fn state_memfd(data: &[u8]) -> Result<std::os::fd::OwnedFd, RunError> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: a valid NUL-terminated name; the returned fd is checked and then owned.
+    let fd = unsafe { libc::memfd_create(c"sessiond-state".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(RunError::Wait(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh fd that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(data).map_err(RunError::Wait)?;
+    file.rewind().map_err(RunError::Wait)?;
+    Ok(file.into())
+}
+
+/// Reads and parses what the save trap wrote to its memfd, bounded by `limit`.
+fn read_saved(
+    fd: &std::os::fd::OwnedFd,
+    limit: usize,
+    nonce: &str,
+    bash: bool,
+) -> Result<Option<TerminalState>, StateError> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd.try_clone().map_err(|_| StateError::Malformed("memfd"))?);
+    let size = file.metadata().map_or(0, |m| m.len() as usize);
+    if size > limit {
+        return Err(StateError::TooLarge { size, limit });
+    }
+    let mut report = vec![0u8; size];
+    file.read_exact_at(&mut report, 0)
+        .map_err(|_| StateError::Malformed("memfd"))?;
+    if bash {
+        terminal::parse_save(&report, nonce)
+    } else {
+        shell::parse_sh_save(&report, nonce)
+    }
 }
 
 /// Reads what background children write after their command answered, and drops it.

@@ -1,17 +1,20 @@
-//! Shell state of a session: the wrapper that runs a command and reports cwd and exports, and its parser.
+//! How a command is handed to the session's shell: its argv and environment, and the POSIX-sh fallback's state wrapper.
 //!
-//! Each command runs as `shell -c WRAPPER sessiond COMMAND`. The wrapper
-//! installs an EXIT trap that writes the shell's final `$PWD` (NUL-terminated)
-//! and `export -p` to fd 3, then `eval`s the command with fd 3 closed, so the
-//! command and its children never see the state pipe. The trap runs on a
-//! normal end and on `exit N` inside the command; a command killed by a signal
-//! writes nothing and the session keeps its previous state. No extra process
-//! is forked: `export -p` and `printf` are builtins.
+//! With bash the command is the `-c` string itself (see [`super::terminal`]).
+//! A POSIX sh (the fallback when bash is absent) has no BASH_ENV and no way to
+//! list functions: its wrapper sources the restore from `/dev/fd/62`, `eval`s
+//! the command, and its EXIT trap saves the cwd, umask, `set` flags and
+//! variables (exported or not) to fd 63. Functions, aliases, traps, arrays and
+//! `$?` are not carried under sh.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use super::terminal::{
+    self, StateError, TerminalState, Var, ansi_c_quoted, double_quoted, single_quoted,
+};
 
 /// An environment: names to values, as raw bytes (values need not be UTF-8).
 pub type EnvMap = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -20,32 +23,163 @@ pub type EnvMap = BTreeMap<Vec<u8>, Vec<u8>>;
 /// (MAX_ARG_STRLEN, including the NUL): one longer makes every spawn fail with E2BIG.
 pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
 
-/// Variables that describe the shell process itself and must not be carried
-/// from one command to the next (SHLVL would grow by one per command).
-const NOT_CARRIED: &[&[u8]] = &[b"SHLVL", b"_"];
+/// Where a POSIX sh finds the restore script and writes its state: dash
+/// redirects only fds 0-9.
+pub const SH_RESTORE_FD: i32 = 8;
+pub const SH_SAVE_FD: i32 = 9;
 
-/// Wrapper for bash: `builtin` keeps a user function named `printf` or `export` from hijacking the report.
-const BASH_WRAPPER: &str = r#"trap 'builtin printf "%s\0" "$PWD" >&3; builtin export -p >&3' EXIT
-eval "set --; $1" 3>&-"#;
+/// Whether `shell` is bash (full terminal state) rather than a POSIX sh.
+pub fn is_bash(shell: &Path) -> bool {
+    shell.file_name() == Some(OsStr::new("bash"))
+}
 
-/// Wrapper for a POSIX sh (the fallback when bash is absent).
-const POSIX_WRAPPER: &str = r#"trap 'printf "%s\0" "$PWD" >&3; export -p >&3' EXIT
-eval "set --; $1" 3>&-"#;
-
-/// The argv that runs `command` under `shell` with the state report on fd 3.
+/// The argv that runs `command`: `bash -c COMMAND bash` (so `$0` is "bash"
+/// and errors read as bash's own), or the sh wrapper that evals it.
 pub fn wrapper_argv(shell: &Path, command: &str) -> Result<Vec<CString>, String> {
-    let is_bash = shell.file_name() == Some(OsStr::new("bash"));
-    let script = if is_bash { BASH_WRAPPER } else { POSIX_WRAPPER };
     let command =
         CString::new(command).map_err(|_| "param `command` holds a NUL byte".to_string())?;
+    let program = CString::new(shell.as_os_str().as_bytes())
+        .map_err(|_| "shell path holds a NUL byte".to_string())?;
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    if is_bash(shell) {
+        return Ok(vec![program, c("-c"), command, c("bash")]);
+    }
     Ok(vec![
-        CString::new(shell.as_os_str().as_bytes())
-            .map_err(|_| "shell path holds a NUL byte".to_string())?,
-        CString::new("-c").expect("no NUL"),
-        CString::new(script).expect("no NUL"),
-        CString::new("sessiond").expect("no NUL"),
+        program,
+        c("-c"),
+        c(&format!(". /dev/fd/{SH_RESTORE_FD}\neval \"set --; $1\"")),
+        c("sh"),
         command,
     ])
+}
+
+/// `set` flags of a POSIX sh that are carried, by letter.
+const SH_FLAGS: &[(u8, &str)] = &[
+    (b'a', "allexport"),
+    (b'C', "noclobber"),
+    (b'e', "errexit"),
+    (b'f', "noglob"),
+    (b'u', "nounset"),
+    (b'v', "verbose"),
+    (b'x', "xtrace"),
+];
+
+/// Variables a POSIX sh owns.
+const SH_OWNED: &[&[u8]] = &[
+    b"PPID", b"PWD", b"OPTIND", b"PS1", b"PS2", b"PS4", b"_", b"SHLVL",
+];
+
+/// The sh restore script: umask, variables, exports, the save trap, then the `set` flags.
+pub fn sh_restore_script(state: &TerminalState, n: &str, skip: &EnvMap) -> Vec<u8> {
+    let mut s = format!("exec {SH_RESTORE_FD}<&-\n").into_bytes();
+    if let Some(umask) = &state.umask {
+        s.extend_from_slice(b"umask ");
+        s.extend_from_slice(umask);
+        s.push(b'\n');
+    }
+    for (name, var) in &state.vars {
+        let Some(value) = &var.value else { continue };
+        if skip.contains_key(name) {
+            continue;
+        }
+        s.extend_from_slice(name);
+        s.push(b'=');
+        s.extend_from_slice(&terminal::single_quote(value));
+        s.push(b'\n');
+        if var.exported {
+            s.extend_from_slice(b"export ");
+            s.extend_from_slice(name);
+            s.push(b'\n');
+        }
+    }
+    let save = format!(
+        "__sd_{n}_s=$?; {{ set +x; }} 2>/dev/null; {{ printf '%s\\0' \"$PWD\"; umask; printf '\\0%s\\0' \"$-\"; set; printf '\\0'; export -p; printf '\\0%s-end\\0' {n}; }} 2>/dev/null >&{SH_SAVE_FD}"
+    );
+    s.extend_from_slice(b"trap ");
+    s.extend_from_slice(&terminal::single_quote(save.as_bytes()));
+    s.extend_from_slice(b" EXIT\n");
+    if let Some(on) = &state.set_options {
+        s.extend_from_slice(b"set");
+        for (_, name) in SH_FLAGS {
+            let sign = if on.iter().any(|o| o == name.as_bytes()) {
+                " -o "
+            } else {
+                " +o "
+            };
+            s.extend_from_slice(sign.as_bytes());
+            s.extend_from_slice(name.as_bytes());
+        }
+        s.push(b'\n');
+    }
+    s
+}
+
+/// Parses what the sh save trap wrote: `PWD\0umask\0$-\0` then `set` output,
+/// `\0`, `export -p` output, `\0N-end\0`.
+pub fn parse_sh_save(report: &[u8], n: &str) -> Result<Option<TerminalState>, StateError> {
+    let malformed = StateError::Malformed;
+    let end = format!("\0{n}-end\0");
+    let Some(i) = report.windows(end.len()).position(|w| w == end.as_bytes()) else {
+        return Ok(None);
+    };
+    let mut parts = report[..i].split(|b| *b == 0);
+    let mut next = || parts.next().ok_or(malformed("sh report"));
+    let (cwd, umask, flags, set, exports) = (next()?, next()?, next()?, next()?, next()?);
+    let cwd = PathBuf::from(OsStr::from_bytes(cwd));
+    if !cwd.is_absolute() {
+        return Err(malformed("cwd"));
+    }
+    let mut state = TerminalState {
+        cwd,
+        bytes: report.len(),
+        ..TerminalState::default()
+    };
+    let umask = umask.strip_suffix(b"\n").unwrap_or(umask);
+    if !umask.is_empty() && umask.iter().all(u8::is_ascii_digit) {
+        state.umask = Some(umask.to_vec());
+    }
+    state.set_options = Some(
+        SH_FLAGS
+            .iter()
+            .filter(|(letter, _)| flags.contains(letter))
+            .map(|(_, name)| name.as_bytes().to_vec())
+            .collect(),
+    );
+    let mut exported = std::collections::BTreeSet::new();
+    let mut rest = exports;
+    while !rest.is_empty() {
+        let (entry, after) = parse_export_line(rest).ok_or(malformed("export -p"))?;
+        rest = after;
+        if let Some((name, _)) = entry {
+            exported.insert(name);
+        }
+    }
+    let mut rest = set;
+    while !rest.is_empty() {
+        // `set` prints `NAME='value'` lines: the export parser reads them with a prefix.
+        let mut line = b"export ".to_vec();
+        line.extend_from_slice(rest);
+        let (entry, after) = parse_export_line(&line).ok_or(malformed("set"))?;
+        rest = &rest[rest.len() - after.len()..];
+        let Some((name, value)) = entry else { continue };
+        if SH_OWNED.contains(&name.as_slice()) || name.starts_with(format!("__sd_{n}_").as_bytes())
+        {
+            continue;
+        }
+        let is_exported = exported.contains(&name);
+        if is_exported && name.len() + 1 + value.len() > MAX_ARG_BYTES {
+            // Passed through the environment, it would make every later spawn fail (E2BIG).
+            return Err(malformed("an exported variable over 128 KiB"));
+        }
+        let mut var = terminal::exported_var(&name, &value);
+        var.exported = is_exported;
+        if !is_exported {
+            var.decl
+                .splice(..b"declare -x".len(), b"declare --".iter().copied());
+        }
+        state.vars.insert(name, Var { ..var });
+    }
+    Ok(Some(state))
 }
 
 /// `KEY=VALUE` strings for `posix_spawn`, with PWD set to `cwd`.
@@ -70,39 +204,6 @@ pub fn envp(env: &EnvMap, cwd: &Path) -> Vec<CString> {
         out.push(c);
     }
     out
-}
-
-/// The state a finished command left: its cwd and exported environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShellState {
-    pub cwd: PathBuf,
-    pub env: EnvMap,
-}
-
-/// Parses the wrapper's report: `PWD\0` then `export -p` output.
-/// Returns `None` when the report is missing or malformed (the session then keeps its state).
-pub fn parse_report(report: &[u8]) -> Option<ShellState> {
-    let nul = report.iter().position(|b| *b == 0)?;
-    let cwd = PathBuf::from(OsStr::from_bytes(&report[..nul]));
-    if !cwd.is_absolute() {
-        return None;
-    }
-    let mut env = EnvMap::new();
-    let mut rest = &report[nul + 1..];
-    while !rest.is_empty() {
-        let (entry, after) = parse_export_line(rest)?;
-        rest = after;
-        if let Some((name, value)) = entry {
-            if name.len() + 1 + value.len() > MAX_ARG_BYTES {
-                // Carrying it would make every later command fail to start.
-                return None;
-            }
-            if !NOT_CARRIED.contains(&name.as_slice()) {
-                env.insert(name, value);
-            }
-        }
-    }
-    Some(ShellState { cwd, env })
 }
 
 type Entry = Option<(Vec<u8>, Vec<u8>)>;
@@ -152,198 +253,4 @@ fn parse_export_line(input: &[u8]) -> Option<(Entry, &[u8])> {
         }
     }
     Some((Some((name, value)), rest))
-}
-
-/// Inside "...": backslash escapes only `"`, `\`, `$`, `` ` `` (and newline).
-fn double_quoted<'a>(mut s: &'a [u8], out: &mut Vec<u8>) -> Option<&'a [u8]> {
-    loop {
-        match *s.first()? {
-            b'"' => return Some(&s[1..]),
-            b'\\' if matches!(s.get(1), Some(b'"' | b'\\' | b'$' | b'`' | b'\n')) => {
-                out.push(s[1]);
-                s = &s[2..];
-            }
-            b => {
-                out.push(b);
-                s = &s[1..];
-            }
-        }
-    }
-}
-
-/// Inside '...': everything is literal.
-fn single_quoted<'a>(s: &'a [u8], out: &mut Vec<u8>) -> Option<&'a [u8]> {
-    let end = s.iter().position(|b| *b == b'\'')?;
-    out.extend_from_slice(&s[..end]);
-    Some(&s[end + 1..])
-}
-
-/// Inside $'...': C-style escapes as bash writes them.
-fn ansi_c_quoted<'a>(mut s: &'a [u8], out: &mut Vec<u8>) -> Option<&'a [u8]> {
-    loop {
-        match *s.first()? {
-            b'\'' => return Some(&s[1..]),
-            b'\\' => {
-                let e = *s.get(1)?;
-                s = &s[2..];
-                let simple = match e {
-                    b'a' => Some(7),
-                    b'b' => Some(8),
-                    b'e' | b'E' => Some(0x1b),
-                    b'f' => Some(0x0c),
-                    b'n' => Some(b'\n'),
-                    b'r' => Some(b'\r'),
-                    b't' => Some(b'\t'),
-                    b'v' => Some(0x0b),
-                    b'\\' | b'\'' | b'"' | b'?' => Some(e),
-                    _ => None,
-                };
-                if let Some(b) = simple {
-                    out.push(b);
-                } else if e.is_ascii_digit() && e < b'8' {
-                    let mut v = u32::from(e - b'0');
-                    let mut n = 1;
-                    while n < 3 && s.first().is_some_and(|d| (b'0'..b'8').contains(d)) {
-                        v = v * 8 + u32::from(s[0] - b'0');
-                        s = &s[1..];
-                        n += 1;
-                    }
-                    out.push(v as u8);
-                } else if e == b'x' {
-                    let digits = s
-                        .iter()
-                        .take(2)
-                        .take_while(|d| d.is_ascii_hexdigit())
-                        .count();
-                    let v = u8::from_str_radix(std::str::from_utf8(&s[..digits]).ok()?, 16).ok()?;
-                    out.push(v);
-                    s = &s[digits..];
-                } else {
-                    out.push(b'\\');
-                    out.push(e);
-                }
-            }
-            b => {
-                out.push(b);
-                s = &s[1..];
-            }
-        }
-    }
-}
-
-/// The state to keep after a command that ran with `request_env` on top of
-/// `before`: a variable the request set and the command left untouched is
-/// restored to its session value, so per-command env does not stick.
-pub fn carry_over(before: &EnvMap, request_env: &EnvMap, mut after: EnvMap) -> EnvMap {
-    for (k, v) in request_env {
-        if after.get(k) == Some(v) {
-            match before.get(k) {
-                Some(prev) => {
-                    after.insert(k.clone(), prev.clone());
-                }
-                None => {
-                    after.remove(k);
-                }
-            }
-        }
-    }
-    after
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::process::Command;
-
-    fn env_of(pairs: &[(&str, &[u8])]) -> EnvMap {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
-            .collect()
-    }
-
-    #[test]
-    fn parses_bash_quoting() {
-        let report = b"/tmp\0declare -x A=$'x\\ny'\ndeclare -x B=\"q\\\"\\$\\`\\\\z\"\ndeclare -x C=$'\\001\\303\\251'\ndeclare -x D\ndeclare -x E=\"\"\ndeclare -x SHLVL=\"1\"\n";
-        let state = parse_report(report).unwrap();
-        assert_eq!(state.cwd, PathBuf::from("/tmp"));
-        assert_eq!(
-            state.env,
-            env_of(&[
-                ("A", b"x\ny"),
-                ("B", b"q\"$`\\z"),
-                ("C", b"\x01\xc3\xa9"),
-                ("E", b"")
-            ])
-        );
-    }
-
-    #[test]
-    fn parses_posix_quoting() {
-        let report = b"/\0export A='it'\\''s'\nexport B='two\nlines'\n";
-        let state = parse_report(report).unwrap();
-        assert_eq!(state.env, env_of(&[("A", b"it's"), ("B", b"two\nlines")]));
-    }
-
-    #[test]
-    fn a_variable_too_long_to_exec_is_not_carried() {
-        let mut report = b"/\0declare -x BIG=\"".to_vec();
-        report.extend(std::iter::repeat_n(b'x', MAX_ARG_BYTES));
-        report.extend_from_slice(b"\"\n");
-        assert!(parse_report(&report).is_none());
-    }
-
-    #[test]
-    fn missing_or_relative_report_is_none() {
-        assert!(parse_report(b"").is_none());
-        assert!(parse_report(b"relative\0").is_none());
-        assert!(parse_report(b"/x\0garbage line\n").is_none());
-    }
-
-    /// The parser against the real bash on this machine (the default shell:
-    /// the test suite needs it), with hostile values.
-    #[test]
-    fn round_trips_through_real_bash() {
-        let values: &[&[u8]] = &[
-            b"plain",
-            b"sp ace",
-            b"q\"uote",
-            b"$dollar`tick\\",
-            b"new\nline",
-            b"\x01\x7f\xff",
-            b"it's",
-            b"",
-        ];
-        let mut cmd = Command::new("/bin/bash");
-        cmd.env_clear();
-        cmd.arg("-c")
-            .arg("builtin printf '%s\\0' \"$PWD\"; export -p")
-            .current_dir("/");
-        for (i, v) in values.iter().enumerate() {
-            cmd.env(format!("V{i}"), OsStr::from_bytes(v));
-        }
-        let out = cmd.output().unwrap();
-        let state = parse_report(&out.stdout).unwrap();
-        for (i, v) in values.iter().enumerate() {
-            assert_eq!(
-                state
-                    .env
-                    .get(format!("V{i}").as_bytes())
-                    .map(|v| v.as_slice()),
-                Some(*v),
-                "V{i}"
-            );
-        }
-    }
-
-    #[test]
-    fn request_env_does_not_stick_unless_changed() {
-        let before = env_of(&[("A", b"1")]);
-        let request = env_of(&[("A", b"req"), ("B", b"req"), ("C", b"req")]);
-        let after = env_of(&[("A", b"req"), ("B", b"req"), ("C", b"changed")]);
-        assert_eq!(
-            carry_over(&before, &request, after),
-            env_of(&[("A", b"1"), ("C", b"changed")])
-        );
-    }
 }

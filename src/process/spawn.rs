@@ -28,9 +28,6 @@ use super::child::ChildProcess;
 use super::table::{ProcessTable, SessionKey};
 use crate::limits::Rlimit;
 
-/// The fd number at which the shell wrapper writes the session state (cwd, env).
-pub const STATE_FD: i32 = 3;
-
 /// Stack of the cloned child until it execs; it only makes a few syscalls.
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
@@ -63,6 +60,9 @@ pub struct SpawnRequest<'a> {
     /// Open `cgroup.procs` files of the command's cgroup leaf (one per
     /// hierarchy); the child writes "0" to each before anything else.
     pub cgroup_procs: &'a [RawFd],
+    /// The terminal state memfds, restore then save, each with the fd number
+    /// the shell expects it at (62 and 63 for bash, 8 and 9 for a POSIX sh).
+    pub state_fds: [(RawFd, i32); 2],
 }
 
 /// The parent's ends of the child's pipes (all close-on-exec).
@@ -70,7 +70,6 @@ pub struct ChildPipes {
     pub stdin: Option<OwnedFd>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
-    pub state: OwnedFd,
 }
 
 /// The step of the child's setup that failed.
@@ -103,7 +102,7 @@ impl ChildStep {
             ChildStep::Cgroup => "joining the command's cgroup",
             ChildStep::Signals => "resetting signal dispositions",
             ChildStep::Session => "starting a new session",
-            ChildStep::Stdio => "connecting stdin, stdout, stderr and the state pipe",
+            ChildStep::Stdio => "connecting stdin, stdout, stderr and the state fds",
             ChildStep::OomScore => "setting oom_score_adj",
             ChildStep::Rlimit => "setting resource limits",
             ChildStep::Identity => "switching to the command user",
@@ -142,7 +141,7 @@ struct ChildPlan {
     stdin: libc::c_int,
     stdout: libc::c_int,
     stderr: libc::c_int,
-    state: libc::c_int,
+    state_fds: [(libc::c_int, libc::c_int); 2],
     rlimits: *const Rlimit,
     rlimit_count: usize,
     oom_score_adj: *const libc::c_char,
@@ -160,7 +159,7 @@ fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
     pipe2(OFlag::O_CLOEXEC)
 }
 
-/// Starts `req.program` with stdout, stderr and the state pipe at fds 1, 2, 3,
+/// Starts `req.program` with stdout, stderr at fds 1, 2 and the state memfds where asked,
 /// stdin from a pipe or /dev/null, as the leader of a new session, with the
 /// requested limits, oom_score_adj and identity. Blocking (the calling thread
 /// sleeps until the child execs): call it off the async workers. The pid is
@@ -187,7 +186,6 @@ pub fn spawn(
     };
     let (stdout_r, stdout_w) = cloexec_pipe().map_err(setup("stdout pipe"))?;
     let (stderr_r, stderr_w) = cloexec_pipe().map_err(setup("stderr pipe"))?;
-    let (state_r, state_w) = cloexec_pipe().map_err(setup("state pipe"))?;
 
     let mut argv: Vec<*const libc::c_char> = req.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -201,7 +199,7 @@ pub fn spawn(
         stdin: stdin.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
         stdout: stdout_w.as_raw_fd(),
         stderr: stderr_w.as_raw_fd(),
-        state: state_w.as_raw_fd(),
+        state_fds: req.state_fds,
         rlimits: req.rlimits.as_ptr(),
         rlimit_count: req.rlimits.len(),
         oom_score_adj: req.oom_score_adj.map_or(std::ptr::null(), CStr::as_ptr),
@@ -237,14 +235,13 @@ pub fn spawn(
     })?;
     // The child's ends close here; from now on EOF on a pipe means every
     // holder of the write end (the shell and anything it left behind) is gone.
-    drop((stdout_w, stderr_w, state_w));
+    drop((stdout_w, stderr_w));
 
     let child = ChildProcess::adopt(pid, table.clone());
     let pipes = ChildPipes {
         stdin: stdin.map(|(_, w)| w),
         stdout: stdout_r,
         stderr: stderr_r,
-        state: state_r,
     };
     Ok((child, pipes))
 }
@@ -350,7 +347,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// 1. Every signal back to its default disposition (the daemon ignores
 ///    SIGPIPE, and ignored signals survive exec; handlers would run in our memory).
 /// 2. A new session: the command leads its own process group, killable as one.
-/// 3. stdin, stdout, stderr and the state pipe at 0-3 (dup2 clears close-on-exec).
+/// 3. stdin, stdout, stderr at 0-2 and the state memfds (dup2 clears close-on-exec).
 /// 4. oom_score_adj (raising it needs no privilege; done before the identity change).
 /// 5. rlimits (while still privileged, so hard limits can be set as asked).
 /// 6. No supplementary groups, the gid, then the uid (raw syscalls).
@@ -395,7 +392,8 @@ unsafe fn child_setup(plan: &ChildPlan) -> Result<(), ChildStep> {
             (stdin, 0),
             (plan.stdout, 1),
             (plan.stderr, 2),
-            (plan.state, 3),
+            plan.state_fds[0],
+            plan.state_fds[1],
         ] {
             let ok = if from == to {
                 // dup2 onto itself keeps close-on-exec: clear it instead.

@@ -64,6 +64,9 @@ pub struct CommandResult {
     pub cpu_ms: Option<u64>,
     pub max_rss_bytes: Option<u64>,
     pub cwd: String,
+    /// Why the state this command left was not kept (nil when it was, or when it left none).
+    #[serde(default)]
+    pub state_error: Option<String>,
 }
 
 impl CommandResult {
@@ -85,6 +88,7 @@ impl CommandResult {
             cpu_ms: self.cpu_ms,
             max_rss_bytes: self.max_rss_bytes,
             cwd: self.cwd,
+            state_error: self.state_error,
         }
     }
 }

@@ -216,7 +216,7 @@ pub struct PingResult {
 }
 
 /// What `system.ping` lists in `features`: each protocol 2 addition this daemon implements.
-pub const FEATURES: &[&str] = &["stream", "start", "idle-timeout"];
+pub const FEATURES: &[&str] = &["stream", "start", "idle-timeout", "terminal-state"];
 
 /// `system.stats` result.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -369,6 +369,9 @@ pub struct ExecResult {
     pub max_rss_bytes: Option<u64>,
     /// The session's working directory after the command.
     pub cwd: String,
+    /// Why the state this command left was not kept (the session keeps its previous one).
+    #[serde(default)]
+    pub state_error: Option<String>,
 }
 
 /// `exec.cancel` result.

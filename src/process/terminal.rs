@@ -1,0 +1,936 @@
+//! Terminal state of a session (held by the SessionActor): the bash restore script fed to each command, the save trap, and the parser of what it saved.
+//!
+//! A command runs as `bash -c COMMAND bash`, so it is parsed and run at the
+//! top level exactly as typed (`set -x` traces it with one `+`, errors read
+//! `bash: line 1: …`). The state reaches the shell before the command through
+//! `BASH_ENV=/dev/fd/62`: a memfd written by the daemon, which any command
+//! user can reopen through /dev/fd (a memfd is mode 0777; a root-owned pipe
+//! is not). The restore installs an EXIT trap that writes the state left by
+//! the command, with builtins only, to fd 63 (a second memfd read by the
+//! daemon once the shell has exited, so a background child holding it open
+//! delays nothing). Every name of ours carries a per-command random nonce.
+//!
+//! What is carried, what is not and why: docs/protocol.md "Terminal state".
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use super::shell::EnvMap;
+
+/// Fd at which the shell finds the restore script (closed by the restore itself).
+pub const RESTORE_FD: i32 = 62;
+/// Fd to which the save trap writes the state. High, so `exec 3>&-` and
+/// friends in a command leave it alone.
+pub const SAVE_FD: i32 = 63;
+
+/// Variables bash owns or that describe one shell process: never carried.
+const BASH_OWNED: &[&str] = &[
+    "BASH",
+    "BASHOPTS",
+    "BASHPID",
+    "BASH_ALIASES",
+    "BASH_ARGC",
+    "BASH_ARGV",
+    "BASH_ARGV0",
+    "BASH_CMDS",
+    "BASH_COMMAND",
+    "BASH_EXECUTION_STRING",
+    "BASH_LINENO",
+    "BASH_REMATCH",
+    "BASH_SOURCE",
+    "BASH_SUBSHELL",
+    "BASH_VERSINFO",
+    "BASH_VERSION",
+    "BASH_XTRACEFD",
+    "COLUMNS",
+    "DIRSTACK",
+    "EPOCHREALTIME",
+    "EPOCHSECONDS",
+    "EUID",
+    "FUNCNAME",
+    "GROUPS",
+    "HISTCMD",
+    "HOSTNAME",
+    "HOSTTYPE",
+    "LINENO",
+    "LINES",
+    "MACHTYPE",
+    "OSTYPE",
+    "PIPESTATUS",
+    "POSIXLY_CORRECT",
+    "PPID",
+    "PWD",
+    "RANDOM",
+    "SECONDS",
+    "SHELLOPTS",
+    "SHLVL",
+    "SRANDOM",
+    "UID",
+    "_",
+];
+
+/// Variables whose assignment changes how bash parses or runs what follows:
+/// restored after every other variable, just before the options.
+const LATE: &[&str] = &["IFS", "LANG", "BASH_COMPAT", "FUNCNEST", "GLOBIGNORE"];
+
+/// `set -o` options restored (the rest are bash's own business: `history`,
+/// `monitor` and line editing need a terminal, `noexec` and `onecmd` would stop
+/// the command itself, `privileged` cannot be set back, `posix` goes last).
+const SET_OPTIONS: &[&str] = &[
+    "allexport",
+    "braceexpand",
+    "errexit",
+    "errtrace",
+    "functrace",
+    "hashall",
+    "histexpand",
+    "ignoreeof",
+    "interactive-comments",
+    "keyword",
+    "noclobber",
+    "noglob",
+    "nolog",
+    "notify",
+    "nounset",
+    "physical",
+    "pipefail",
+    "verbose",
+    "xtrace",
+];
+
+/// `shopt` options restored (all but the read-only `login_shell` and `restricted_shell`).
+const SHOPT_OPTIONS: &[&str] = &[
+    "autocd",
+    "assoc_expand_once",
+    "cdable_vars",
+    "cdspell",
+    "checkhash",
+    "checkjobs",
+    "checkwinsize",
+    "cmdhist",
+    "compat31",
+    "compat32",
+    "compat40",
+    "compat41",
+    "compat42",
+    "compat43",
+    "compat44",
+    "complete_fullquote",
+    "direxpand",
+    "dirspell",
+    "dotglob",
+    "execfail",
+    "expand_aliases",
+    "extdebug",
+    "extglob",
+    "extquote",
+    "failglob",
+    "force_fignore",
+    "globasciiranges",
+    "globskipdots",
+    "globstar",
+    "gnu_errfmt",
+    "histappend",
+    "histreedit",
+    "histverify",
+    "hostcomplete",
+    "huponexit",
+    "inherit_errexit",
+    "interactive_comments",
+    "lastpipe",
+    "lithist",
+    "localvar_inherit",
+    "localvar_unset",
+    "mailwarn",
+    "no_empty_cmd_completion",
+    "nocaseglob",
+    "nocasematch",
+    "noexpand_translation",
+    "nullglob",
+    "patsub_replacement",
+    "progcomp",
+    "progcomp_alias",
+    "promptvars",
+    "shift_verbose",
+    "sourcepath",
+    "varredir_close",
+    "xpg_echo",
+];
+
+/// Traps that fire on our own restore code if installed early: set last, in the final function.
+const LATE_TRAPS: &[&[u8]] = &[b"DEBUG", b"ERR", b"RETURN"];
+
+/// One carried variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Var {
+    /// A `declare` statement that recreates it (as `declare -p` prints it).
+    pub decl: Vec<u8>,
+    /// Its value, when it is a scalar (what a POSIX sh can carry).
+    pub value: Option<Vec<u8>>,
+    pub exported: bool,
+}
+
+/// Everything a session carries from one command to the next.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TerminalState {
+    pub cwd: PathBuf,
+    pub vars: BTreeMap<Vec<u8>, Var>,
+    /// `declare -f` output: every function's definition.
+    pub functions: Vec<u8>,
+    /// Names of every function (`declare -F`).
+    pub function_names: Vec<Vec<u8>>,
+    /// Names of exported and of read-only functions.
+    pub exported_functions: Vec<Vec<u8>>,
+    pub readonly_functions: Vec<Vec<u8>>,
+    /// Alias name → its value as `alias -p` quotes it.
+    pub aliases: Vec<(Vec<u8>, Vec<u8>)>,
+    /// (action as quoted by `trap -p`, signal name), EXIT excluded.
+    pub traps: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The directory stack below the cwd (DIRSTACK[1..]), as quoted words.
+    pub dirstack: Vec<Vec<u8>>,
+    /// `umask` output, e.g. "0022"; `None` keeps the spawn's default.
+    pub umask: Option<Vec<u8>>,
+    /// `$?` left by the last command.
+    pub status: u8,
+    /// Enabled `set -o` options and `shopt` options; `None` before any command ran.
+    pub set_options: Option<Vec<Vec<u8>>>,
+    pub shopt_options: Option<Vec<Vec<u8>>>,
+    /// Size of the report it was parsed from (what the cap is charged with).
+    pub bytes: usize,
+}
+
+impl TerminalState {
+    /// A new session's state: its cwd and environment, aliases expanded (as at a prompt).
+    pub fn new(cwd: PathBuf, env: &EnvMap) -> TerminalState {
+        let vars = env
+            .iter()
+            .map(|(k, v)| (k.clone(), exported_var(k, v)))
+            .collect();
+        TerminalState {
+            cwd,
+            vars,
+            ..TerminalState::default()
+        }
+    }
+
+    /// The exported scalar variables: the environment a POSIX sh starts with.
+    pub fn env(&self) -> EnvMap {
+        self.vars
+            .iter()
+            .filter(|(_, v)| v.exported)
+            .filter_map(|(k, v)| Some((k.clone(), v.value.clone()?)))
+            .collect()
+    }
+}
+
+/// A `declare -x NAME=$'…'` for an environment variable.
+pub fn exported_var(name: &[u8], value: &[u8]) -> Var {
+    let mut decl = b"declare -x ".to_vec();
+    decl.extend_from_slice(name);
+    decl.push(b'=');
+    decl.extend_from_slice(&ansi_c_quote(value));
+    Var {
+        decl,
+        value: Some(value.to_vec()),
+        exported: true,
+    }
+}
+
+/// `$'…'` quoting of any bytes (never a NUL in a shell value).
+fn ansi_c_quote(value: &[u8]) -> Vec<u8> {
+    let mut out = b"$'".to_vec();
+    for &b in value {
+        match b {
+            b'\\' | b'\'' => {
+                out.push(b'\\');
+                out.push(b);
+            }
+            0x20..=0x7e => out.push(b),
+            _ => out.extend_from_slice(format!("\\{b:03o}").as_bytes()),
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+/// A fresh random nonce for the names one command's wrapper uses.
+pub fn nonce() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    id[..16].to_string()
+}
+
+/// The EXIT trap that saves the state to [`SAVE_FD`]. It first captures `$?`
+/// and the options and silences tracing in one assignment (no command a
+/// function or alias could take over), then turns on posix mode by assigning
+/// POSIXLY_CORRECT, in which `set`, `unset`, `export`, `readonly` and `trap`
+/// are found before functions. `\name` keeps aliases out. The remaining
+/// builtins (`declare`, `alias`, `umask`, `printf`) are called through
+/// `builtin`, or directly when `builtin` itself is a user function.
+fn save_trap(n: &str) -> String {
+    let dump = |b: &str| {
+        format!(
+            "{b}printf '\\0%s\\0' {n}\n{b}declare -p\n{b}declare -p DIRSTACK\n{b}printf '\\0'\n{b}declare -f\n{b}printf '\\0'\n{b}declare -F\n{b}printf '\\0'\n{b}alias -p\n{b}printf '\\0'\n{b}umask\n{b}printf '\\0%s-end\\0' {n}\n"
+        )
+    };
+    format!(
+        "{{ __sd_{n}_s=$? __sd_{n}_o=$SHELLOPTS __sd_{n}_b=$BASHOPTS __sd_{n}_w=$PWD POSIXLY_CORRECT=y\n\
+         \\set +o xtrace +o verbose +o errexit +o nounset +o noclobber\n}} 2>/dev/null {{BASH_XTRACEFD}}>/dev/null\n\
+         \\trap - ERR DEBUG RETURN 2>/dev/null\n\
+         \\unset -f __sd_{n}_fin 2>/dev/null\n\
+         {{\n\\trap -p\n\\export -f\n\\readonly -f\n\
+         if \\export -f builtin\nthen\n{direct}else\n{via}fi\n}} 2>/dev/null >&{SAVE_FD}\n",
+        direct = dump("\\"),
+        via = dump("\\builtin "),
+    )
+}
+
+/// Single-quotes `s` for the shell.
+pub(super) fn single_quote(s: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'\''];
+    for &b in s {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+    out
+}
+
+/// The restore script for the next command, which `bash` reads through
+/// `BASH_ENV` before the command. `skip` names the variables the request's own
+/// `env` sets for this command (they come from the environment instead).
+///
+/// Order, so that nothing restored can break the restore: first what only
+/// builtins do (umask, directory stack, shopt, traps that cannot fire now, our
+/// EXIT trap), then variables (those that change parsing — IFS, LANG, LC_*,
+/// BASH_COMPAT, FUNCNEST, GLOBIGNORE — last), aliases by assignment to
+/// BASH_ALIASES (no command a function could take over), the functions, their
+/// attributes in posix mode; last a function of ours that sets DEBUG, ERR and
+/// RETURN traps and the `set -o` options (errexit, nounset, xtrace…) and
+/// returns the carried `$?`, with its stderr (where xtrace goes) on /dev/null.
+pub fn restore_script(state: &TerminalState, n: &str, skip: &EnvMap) -> Vec<u8> {
+    let mut s: Vec<u8> = Vec::with_capacity(state.bytes + 4096);
+    s.extend_from_slice(format!("{{\nunset BASH_ENV\nexec {RESTORE_FD}<&-\n").as_bytes());
+    if let Some(umask) = &state.umask {
+        if umask.iter().all(u8::is_ascii_digit) {
+            s.extend_from_slice(b"umask ");
+            s.extend_from_slice(umask);
+            s.push(b'\n');
+        }
+    }
+    for dir in state.dirstack.iter().rev() {
+        s.extend_from_slice(b"pushd -n ");
+        s.extend_from_slice(dir);
+        s.push(b'\n');
+    }
+    match &state.shopt_options {
+        // A new session: aliases defined in one command work in the next, as at a prompt.
+        None => s.extend_from_slice(b"shopt -s expand_aliases\n"),
+        Some(on) => {
+            let on: BTreeSet<&[u8]> = on.iter().map(Vec::as_slice).collect();
+            let (mut set, mut unset) = (b"shopt -s".to_vec(), b"shopt -u".to_vec());
+            for name in SHOPT_OPTIONS {
+                let target = if on.contains(name.as_bytes()) {
+                    &mut set
+                } else {
+                    &mut unset
+                };
+                target.push(b' ');
+                target.extend_from_slice(name.as_bytes());
+            }
+            for line in [set, unset] {
+                s.extend_from_slice(&line);
+                s.push(b'\n');
+            }
+        }
+    }
+    for (action, signal) in &state.traps {
+        if !LATE_TRAPS.contains(&signal.as_slice()) {
+            push_trap(&mut s, action, signal, "");
+        }
+    }
+    s.extend_from_slice(b"trap -- ");
+    s.extend_from_slice(&single_quote(save_trap(n).as_bytes()));
+    s.extend_from_slice(b" EXIT\n");
+    let is_late = |k: &[u8]| LATE.iter().any(|l| l.as_bytes() == k) || k.starts_with(b"LC_");
+    for late in [false, true] {
+        for (name, var) in &state.vars {
+            if is_late(name) == late && !skip.contains_key(name) {
+                s.extend_from_slice(&var.decl);
+                s.push(b'\n');
+            }
+        }
+    }
+    for (name, value) in &state.aliases {
+        s.extend_from_slice(b"BASH_ALIASES[");
+        s.extend_from_slice(&single_quote(name));
+        s.extend_from_slice(b"]=");
+        s.extend_from_slice(value);
+        s.push(b'\n');
+    }
+    s.extend_from_slice(&state.functions);
+    s.extend_from_slice(b"\n} >/dev/null 2>&1\nPOSIXLY_CORRECT=y\n");
+    for (list, cmd) in [
+        (&state.exported_functions, "\\export -f"),
+        (&state.readonly_functions, "\\readonly -f"),
+    ] {
+        if !list.is_empty() {
+            s.extend_from_slice(cmd.as_bytes());
+            for name in list {
+                s.push(b' ');
+                s.extend_from_slice(name);
+            }
+            s.extend_from_slice(b" 2>/dev/null\n");
+        }
+    }
+    s.extend_from_slice(format!("__sd_{n}_fin() {{\n").as_bytes());
+    for (action, signal) in &state.traps {
+        if LATE_TRAPS.contains(&signal.as_slice()) {
+            push_trap(&mut s, action, signal, "\\");
+        }
+    }
+    let mut posix = false;
+    if let Some(on) = &state.set_options {
+        let on: BTreeSet<&[u8]> = on.iter().map(Vec::as_slice).collect();
+        posix = on.contains(&b"posix"[..]);
+        s.extend_from_slice(b"\\set");
+        for name in SET_OPTIONS {
+            let sign = if on.contains(name.as_bytes()) {
+                " -o "
+            } else {
+                " +o "
+            };
+            s.extend_from_slice(sign.as_bytes());
+            s.extend_from_slice(name.as_bytes());
+        }
+        s.push(b'\n');
+    }
+    s.extend_from_slice(format!("\\unset -f __sd_{n}_fin\n\\unset POSIXLY_CORRECT\n").as_bytes());
+    if posix {
+        s.extend_from_slice(b"\\set -o posix\n");
+    }
+    // Leaving posix mode resets these two; set them back as they were (a new
+    // session has aliases expanded). Through `builtin` unless that is a function.
+    let on = |o: &str| match &state.shopt_options {
+        None => o == "expand_aliases",
+        Some(list) => list.iter().any(|x| x == o.as_bytes()),
+    };
+    let reset: Vec<&str> = ["expand_aliases", "shift_verbose"]
+        .into_iter()
+        .filter(|o| on(o))
+        .collect();
+    if !reset.is_empty() {
+        let shadowed = state.function_names.iter().any(|f| f == b"builtin");
+        let prefix = if shadowed { "\\" } else { "\\builtin " };
+        s.extend_from_slice(format!("{prefix}shopt -s {}\n", reset.join(" ")).as_bytes());
+    }
+    // Called on the left of `&&`: a non-zero `$?` to carry trips neither
+    // errexit nor ERR; the right side's trace (xtrace is on by then) goes to /dev/null.
+    s.extend_from_slice(
+        format!(
+            "\\return {}\n}} 2>/dev/null\n__sd_{n}_fin && {{ :; }} 2>/dev/null\n",
+            state.status
+        )
+        .as_bytes(),
+    );
+    s
+}
+
+fn push_trap(s: &mut Vec<u8>, action: &[u8], signal: &[u8], prefix: &str) {
+    s.extend_from_slice(prefix.as_bytes());
+    s.extend_from_slice(b"trap -- ");
+    s.extend_from_slice(action);
+    s.push(b' ');
+    s.extend_from_slice(signal);
+    s.push(b'\n');
+}
+
+/// Why a saved state was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "the terminal state reached {size} bytes, over sessions.max_state_bytes ({limit}); the session keeps its previous state"
+    )]
+    TooLarge { size: usize, limit: usize },
+    #[error("the terminal state could not be read ({0}); the session keeps its previous state")]
+    Malformed(&'static str),
+}
+
+/// Parses what the save trap of the command with nonce `n` wrote. `Ok(None)`
+/// when it wrote nothing (a documented exception: own EXIT trap, `exec`,
+/// `set -n`, `enable -n`); the session then keeps its state.
+pub fn parse_save(report: &[u8], n: &str) -> Result<Option<TerminalState>, StateError> {
+    if report.is_empty() {
+        return Ok(None);
+    }
+    let malformed = StateError::Malformed;
+    let end_marker = format!("\0{n}-end\0");
+    let body = match find(report, end_marker.as_bytes()) {
+        Some(i) => &report[..i],
+        // A dump cut short (the shell was killed while writing, or a builtin was disabled).
+        None => return Ok(None),
+    };
+    let head = format!("\0{n}\0");
+    let i = find(body, head.as_bytes()).ok_or(malformed("no header"))?;
+    let first = &body[..i];
+    let mut parts = body[i + head.len()..].split(|b| *b == 0);
+    let (vars, functions, names, aliases, umask) = (
+        parts.next().ok_or(malformed("no variables"))?,
+        parts.next().ok_or(malformed("no functions"))?,
+        parts.next().ok_or(malformed("no function names"))?,
+        parts.next().ok_or(malformed("no aliases"))?,
+        parts.next().ok_or(malformed("no umask"))?,
+    );
+    let mut state = TerminalState {
+        bytes: report.len(),
+        functions: functions.to_vec(),
+        ..TerminalState::default()
+    };
+    for line in shell_lines(first).ok_or(malformed("traps"))? {
+        let words = words(line).ok_or(malformed("traps"))?;
+        match words.as_slice() {
+            [t, dd, action, signal] if t == b"trap" && dd == b"--" => {
+                if action != b"-" && signal != b"EXIT" {
+                    state.traps.push((action.to_vec(), signal.to_vec()));
+                }
+            }
+            [e, f, name] if e == b"export" && f == b"-f" => {
+                state.exported_functions.push(name.to_vec())
+            }
+            [r, f, name] if r == b"readonly" && f == b"-f" => {
+                state.readonly_functions.push(name.to_vec())
+            }
+            _ => return Err(malformed("traps")),
+        }
+    }
+    for line in names.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let name = line
+            .strip_prefix(b"declare -f")
+            .and_then(|r| r.iter().position(|b| *b == b' ').map(|i| &r[i + 1..]))
+            .ok_or(malformed("function names"))?;
+        state.function_names.push(name.to_vec());
+    }
+    let ours = format!("__sd_{n}_");
+    let mut cwd = None;
+    for line in shell_lines(vars).ok_or(malformed("variables"))? {
+        let entry = parse_declare(line).ok_or(malformed("variables"))?;
+        if let Some(key) = entry.name.strip_prefix(ours.as_bytes()) {
+            let value = entry.scalar().unwrap_or_default();
+            match key {
+                b"s" => {
+                    state.status = std::str::from_utf8(&value)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                }
+                b"o" => state.set_options = Some(split_colon(&value)),
+                b"b" => state.shopt_options = Some(split_colon(&value)),
+                b"w" => cwd = Some(value),
+                _ => {}
+            }
+            continue;
+        }
+        if entry.name == b"DIRSTACK" {
+            state.dirstack = entry.array_values().unwrap_or_default();
+            if !state.dirstack.is_empty() {
+                state.dirstack.remove(0);
+            }
+            continue;
+        }
+        if BASH_OWNED.iter().any(|o| o.as_bytes() == entry.name) {
+            continue;
+        }
+        state.vars.insert(
+            entry.name.to_vec(),
+            Var {
+                decl: line.to_vec(),
+                value: entry.scalar(),
+                exported: entry.flags.contains(&b'x'),
+            },
+        );
+    }
+    let cwd = cwd.ok_or(malformed("no cwd"))?;
+    state.cwd = PathBuf::from(OsStr::from_bytes(&cwd));
+    if !state.cwd.is_absolute() {
+        return Err(malformed("cwd"));
+    }
+    for line in shell_lines(aliases).ok_or(malformed("aliases"))? {
+        let rest = line.strip_prefix(b"alias ").ok_or(malformed("aliases"))?;
+        let eq = rest
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or(malformed("aliases"))?;
+        let name = rest[..eq].strip_prefix(b"-- ").unwrap_or(&rest[..eq]);
+        state.aliases.push((name.to_vec(), rest[eq + 1..].to_vec()));
+    }
+    let umask = umask.strip_suffix(b"\n").unwrap_or(umask);
+    if !umask.is_empty() && umask.iter().all(u8::is_ascii_digit) {
+        state.umask = Some(umask.to_vec());
+    }
+    Ok(Some(state))
+}
+
+fn split_colon(s: &[u8]) -> Vec<Vec<u8>> {
+    s.split(|b| *b == b':')
+        .filter(|w| !w.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Splits shell text into logical lines: newlines inside quotes do not count.
+fn shell_lines(text: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < text.len() {
+        match text[i] {
+            b'\n' => {
+                if i > start {
+                    out.push(&text[start..i]);
+                }
+                start = i + 1;
+                i += 1;
+            }
+            b'\\' => i += 2,
+            b'\'' => i = i + 1 + text[i + 1..].iter().position(|b| *b == b'\'')? + 1,
+            b'"' => i = skip_double(text, i + 1)?,
+            b'$' if text.get(i + 1) == Some(&b'\'') => i = skip_ansi(text, i + 2)?,
+            _ => i += 1,
+        }
+    }
+    if start < text.len() {
+        out.push(&text[start..]);
+    }
+    Some(out)
+}
+
+/// Index after the closing `"` of a double-quoted string starting at `i`.
+fn skip_double(text: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        match *text.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// Index after the closing `'` of a `$'…'` string whose body starts at `i`.
+fn skip_ansi(text: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        match *text.get(i)? {
+            b'\'' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// Splits one line into words, keeping each word's quoting as written.
+fn words(line: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < line.len() {
+        if line[i] == b' ' || line[i] == b'\t' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < line.len() && line[i] != b' ' && line[i] != b'\t' {
+            match line[i] {
+                b'\\' => i += 2,
+                b'\'' => i = i + 1 + line[i + 1..].iter().position(|b| *b == b'\'')? + 1,
+                b'"' => i = skip_double(line, i + 1)?,
+                b'$' if line.get(i + 1) == Some(&b'\'') => i = skip_ansi(line, i + 2)?,
+                _ => i += 1,
+            }
+        }
+        out.push(&line[start..i.min(line.len())]);
+    }
+    Some(out)
+}
+
+/// One `declare -FLAGS NAME[=VALUE]` line of `declare -p`.
+struct Declare<'a> {
+    flags: &'a [u8],
+    name: &'a [u8],
+    value: Option<&'a [u8]>,
+}
+
+fn parse_declare(line: &[u8]) -> Option<Declare<'_>> {
+    let rest = line.strip_prefix(b"declare -")?;
+    let sp = rest.iter().position(|b| *b == b' ')?;
+    let (flags, rest) = (&rest[..sp], &rest[sp + 1..]);
+    let eq = rest.iter().position(|b| *b == b'=');
+    let name = &rest[..eq.unwrap_or(rest.len())];
+    if name.is_empty() || !name.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_') {
+        return None;
+    }
+    Some(Declare {
+        flags,
+        name,
+        value: eq.map(|e| &rest[e + 1..]),
+    })
+}
+
+impl Declare<'_> {
+    /// The value of a scalar (not an array).
+    fn scalar(&self) -> Option<Vec<u8>> {
+        if self.flags.contains(&b'a') || self.flags.contains(&b'A') {
+            return None;
+        }
+        unquote(self.value?)
+    }
+
+    /// The values of an indexed array, as quoted words, in index order.
+    fn array_values(&self) -> Option<Vec<Vec<u8>>> {
+        let v = self.value?.strip_prefix(b"(")?.strip_suffix(b")")?;
+        let mut out = Vec::new();
+        for w in words(v)? {
+            let eq = w.iter().position(|b| *b == b'=')?;
+            out.push(w[eq + 1..].to_vec());
+        }
+        Some(out)
+    }
+}
+
+/// Decodes one shell word made of `"…"`, `'…'`, `$'…'` and bare parts.
+pub fn unquote(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut value = Vec::new();
+    while let Some(&b) = rest.first() {
+        match b {
+            b'"' => rest = double_quoted(&rest[1..], &mut value)?,
+            b'\'' => rest = single_quoted(&rest[1..], &mut value)?,
+            b'$' if rest.get(1) == Some(&b'\'') => rest = ansi_c_quoted(&rest[2..], &mut value)?,
+            b'\\' => {
+                value.push(*rest.get(1)?);
+                rest = &rest[2..];
+            }
+            _ => {
+                value.push(b);
+                rest = &rest[1..];
+            }
+        }
+    }
+    Some(value)
+}
+
+/// Inside "...": backslash escapes only `"`, `\`, `$`, `` ` `` (and newline).
+pub(super) fn double_quoted<'a>(mut s: &'a [u8], out: &mut Vec<u8>) -> Option<&'a [u8]> {
+    loop {
+        match *s.first()? {
+            b'"' => return Some(&s[1..]),
+            b'\\' if matches!(s.get(1), Some(b'"' | b'\\' | b'$' | b'`' | b'\n')) => {
+                out.push(s[1]);
+                s = &s[2..];
+            }
+            b => {
+                out.push(b);
+                s = &s[1..];
+            }
+        }
+    }
+}
+
+/// Inside '...': everything is literal.
+pub(super) fn single_quoted<'a>(s: &'a [u8], out: &mut Vec<u8>) -> Option<&'a [u8]> {
+    let end = s.iter().position(|b| *b == b'\'')?;
+    out.extend_from_slice(&s[..end]);
+    Some(&s[end + 1..])
+}
+
+/// Inside $'...': C-style escapes as bash writes them.
+pub(super) fn ansi_c_quoted<'a>(mut s: &'a [u8], out: &mut Vec<u8>) -> Option<&'a [u8]> {
+    loop {
+        match *s.first()? {
+            b'\'' => return Some(&s[1..]),
+            b'\\' => {
+                let e = *s.get(1)?;
+                s = &s[2..];
+                let simple = match e {
+                    b'a' => Some(7),
+                    b'b' => Some(8),
+                    b'e' | b'E' => Some(0x1b),
+                    b'f' => Some(0x0c),
+                    b'n' => Some(b'\n'),
+                    b'r' => Some(b'\r'),
+                    b't' => Some(b'\t'),
+                    b'v' => Some(0x0b),
+                    b'\\' | b'\'' | b'"' | b'?' => Some(e),
+                    _ => None,
+                };
+                if let Some(b) = simple {
+                    out.push(b);
+                } else if e.is_ascii_digit() && e < b'8' {
+                    let mut v = u32::from(e - b'0');
+                    let mut n = 1;
+                    while n < 3 && s.first().is_some_and(|d| (b'0'..b'8').contains(d)) {
+                        v = v * 8 + u32::from(s[0] - b'0');
+                        s = &s[1..];
+                        n += 1;
+                    }
+                    out.push(v as u8);
+                } else if e == b'x' {
+                    let digits = s
+                        .iter()
+                        .take(2)
+                        .take_while(|d| d.is_ascii_hexdigit())
+                        .count();
+                    let v = u8::from_str_radix(std::str::from_utf8(&s[..digits]).ok()?, 16).ok()?;
+                    out.push(v);
+                    s = &s[digits..];
+                } else {
+                    out.push(b'\\');
+                    out.push(e);
+                }
+            }
+            b => {
+                out.push(b);
+                s = &s[1..];
+            }
+        }
+    }
+}
+
+/// The state to keep after a command that ran with `request_env` on top of
+/// `before`: a variable the request set and the command left exported with
+/// the same value goes back to what the session had, so per-command env does
+/// not stick unless the command itself assigned it.
+pub fn carry_over(
+    before: &TerminalState,
+    request_env: &EnvMap,
+    mut after: TerminalState,
+) -> TerminalState {
+    for (k, v) in request_env {
+        let untouched = after
+            .vars
+            .get(k)
+            .is_some_and(|var| var.exported && var.value.as_ref() == Some(v));
+        if untouched {
+            match before.vars.get(k) {
+                Some(prev) => {
+                    after.vars.insert(k.clone(), prev.clone());
+                }
+                None => {
+                    after.vars.remove(k);
+                }
+            }
+        }
+    }
+    after
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    /// Runs `command` as the daemon does (bash -c, restore on fd 62, save on
+    /// fd 63) from `state`; returns stdout, stderr, exit code and the saved state.
+    pub(crate) fn run(
+        state: &TerminalState,
+        command: &str,
+    ) -> (
+        Vec<u8>,
+        Vec<u8>,
+        i32,
+        Result<Option<TerminalState>, StateError>,
+    ) {
+        let n = nonce();
+        let mut restore = tempfile::tempfile().unwrap();
+        restore
+            .write_all(&restore_script(state, &n, &EnvMap::new()))
+            .unwrap();
+        restore.rewind().unwrap();
+        let mut save = tempfile::tempfile().unwrap();
+        let (r, w) = (restore.as_raw_fd(), save.as_raw_fd());
+        let mut cmd = std::process::Command::new("/bin/bash");
+        cmd.env_clear()
+            .env("BASH_ENV", "/dev/fd/62")
+            .args(["-c", command, "bash"])
+            .current_dir(&state.cwd);
+        // SAFETY: dup2 is async-signal-safe; both fds stay open until the child has exec'd.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(r, RESTORE_FD) < 0 || libc::dup2(w, SAVE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let mut report = Vec::new();
+        save.rewind().unwrap();
+        save.read_to_end(&mut report).unwrap();
+        let parsed = parse_save(&report, &n);
+        (
+            out.stdout,
+            out.stderr,
+            out.status.code().unwrap_or(-1),
+            parsed,
+        )
+    }
+
+    fn fresh() -> TerminalState {
+        let mut env = EnvMap::new();
+        env.insert(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec());
+        TerminalState::new(PathBuf::from("/"), &env)
+    }
+
+    /// Runs commands one after the other, each from the state the previous left.
+    fn chain(commands: &[&str]) -> (Vec<u8>, Vec<u8>, TerminalState) {
+        let mut state = fresh();
+        let mut last = (Vec::new(), Vec::new());
+        for c in commands {
+            let (o, e, _, saved) = run(&state, c);
+            if let Some(s) = saved.unwrap() {
+                state = s;
+            }
+            last = (o, e);
+        }
+        (last.0, last.1, state)
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    #[test]
+    fn carries_every_kind_of_state() {
+        let (out, err, _) = chain(&[
+            "x=1; declare -i n=5; a=(1 \"2 3\"); declare -A h=([k]=v); export E=e; f() { echo hi; }; alias ll='echo LL'; set -o pipefail; shopt -s extglob; umask 077; cd /tmp; pushd -n /usr >/dev/null; trap 'echo int' INT; false",
+            "echo \"st=$? x=$x n=$((n+1)) a=${a[1]} h=${h[k]} E=$E\"; f; ll; shopt -o pipefail; shopt extglob; umask; pwd; dirs; trap -p INT; env | grep -c '^E=e$'",
+        ]);
+        assert_eq!(text(&err), "");
+        assert_eq!(
+            text(&out),
+            "st=1 x=1 n=6 a=2 3 h=v E=e\nhi\nLL\npipefail       \ton\nextglob        \ton\n0077\n/tmp\n/tmp /usr\ntrap -- 'echo int' SIGINT\n1\n"
+        );
+    }
+
+    #[test]
+    fn control_bytes_round_trip() {
+        let (out, err, _) = chain(&[
+            "v=$'a\\001b\\177c\\377'; a=(\"$v\"); export X=\"$v\"",
+            "printf '%s|%s|' \"$v\" \"${a[0]}\"; printenv X",
+        ]);
+        assert_eq!(text(&err), "");
+        assert_eq!(out, b"a\x01b\x7fc\xff|a\x01b\x7fc\xff|a\x01b\x7fc\xff\n");
+    }
+
+    #[test]
+    fn xtrace_traces_the_command_only() {
+        let (out, err, _) = chain(&["set -x", "echo a", "echo b"]);
+        assert_eq!(text(&out), "b\n");
+        assert_eq!(text(&err), "+ echo b\n");
+    }
+}
