@@ -112,6 +112,9 @@ enum SessionAction {
         /// Working directory of the session.
         #[arg(long)]
         cwd: Option<String>,
+        /// A script run in the session before it is handed out (its state is the starting state).
+        #[arg(long)]
+        init: Option<String>,
     },
     /// List this user's sessions.
     List(Connect),
@@ -303,11 +306,16 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
             println!("{}", text.map_err(|e| ClientError::Decode(e.to_string()))?);
         }
         Command::Session { action } => match action {
-            SessionAction::Create { connect: c, cwd } => {
+            SessionAction::Create {
+                connect: c,
+                cwd,
+                init,
+            } => {
                 let id = connect(&c)
                     .await?
                     .create_session(CreateParams {
                         cwd,
+                        init,
                         ..Default::default()
                     })
                     .await?;
@@ -531,12 +539,9 @@ fn report(r: &ExecResult) -> ExitCode {
         );
     }
     if let Some(by) = r.killed_by {
-        let name = serde_json::to_value(by)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| format!("{by:?}"));
         eprintln!(
-            "sessiond: command killed ({name}) after {} ms",
+            "sessiond: command killed ({}) after {} ms",
+            by.name(),
             r.duration_ms
         );
     }

@@ -480,11 +480,133 @@ async fn ping_lists_the_features() {
     let d = TestDaemon::start("");
     let c = d.client().await;
     let p = c.ping().await.unwrap();
+    for feature in ["terminal-state", "init"] {
+        assert!(
+            p.features.iter().any(|f| f == feature),
+            "{feature}: {:?}",
+            p.features
+        );
+    }
+    drop(c);
+    d.stop();
+}
+
+fn with_init(init: &str) -> CreateParams {
+    CreateParams {
+        init: Some(init.into()),
+        ..Default::default()
+    }
+}
+
+/// `init` sets the session's starting state: variables, functions, cwd, options.
+#[tokio::test(flavor = "multi_thread")]
+async fn init_gives_the_starting_state() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let s = c
+        .create_session(with_init(
+            "cd /tmp; LIB=loaded; greet() { echo \"hi $1\"; }; set -o pipefail",
+        ))
+        .await
+        .unwrap();
+    expect(
+        &c,
+        &s,
+        "pwd; echo $LIB; greet you; [[ -o pipefail ]] && echo pipefail",
+        "/tmp\nloaded\nhi you\npipefail\n",
+        "",
+    )
+    .await;
+    assert_eq!(c.stats().await.unwrap().sessions.created_total, 1);
+    drop(c);
+    d.stop();
+}
+
+/// A failing init fails the create with SPAWN_FAILED naming the exit status
+/// and the end of its stderr; no session remains.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_init_fails_the_create_and_leaves_nothing() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let long = "x".repeat(10_000);
+    let err = c
+        .create_session(with_init(&format!(
+            "echo {long} >&2; echo the-end >&2; exit 3"
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("SPAWN_FAILED"));
+    let message = err.to_string();
+    assert!(message.contains("exit status 3"), "{message}");
     assert!(
-        p.features.iter().any(|f| f == "terminal-state"),
-        "{:?}",
-        p.features
+        message.contains("the-end"),
+        "the last bytes of stderr: {message}"
     );
+    assert!(
+        message.len() < 4096 + 200,
+        "at most 4 KiB of stderr: {}",
+        message.len()
+    );
+    // Killed by its timeout (the session's default): SPAWN_FAILED too.
+    let err = c
+        .create_session(CreateParams {
+            limits: Some(sessiond::protocol::SessionLimits {
+                timeout_s: Some(0.3),
+                ..Default::default()
+            }),
+            ..with_init("sleep 30")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("SPAWN_FAILED"));
+    assert!(err.to_string().contains("timeout"), "{err}");
+    assert!(c.list_sessions().await.unwrap().sessions.is_empty());
+    let stats = c.stats().await.unwrap();
+    assert_eq!(
+        (stats.sessions.active, stats.sessions.created_total),
+        (0, 0)
+    );
+    assert_eq!(stats.sessions.rejected_total, 2);
+    support::wait_until("init's processes are gone", Duration::from_secs(10), || {
+        support::tagged_pids(&d.tag).is_empty()
+    });
+    drop(c);
+    d.stop();
+}
+
+/// An init takes a command slot like any command, and a slow init holds up
+/// nobody else: another client's session runs commands meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn init_takes_a_slot_and_holds_up_nobody() {
+    let d = TestDaemon::start("[commands]\nmax_concurrent = 2\n");
+    let c = std::sync::Arc::new(d.client().await);
+    let flag = d.work_dir().join("init-may-end");
+    let slow = {
+        let (c, flag) = (c.clone(), flag.clone());
+        tokio::spawn(async move {
+            c.create_session(with_init(&format!(
+                "while [ ! -e {0} ]; do sleep 0.01; done",
+                flag.display()
+            )))
+            .await
+        })
+    };
+    support::wait_running(&c, 1).await;
+    let other = c.create_session(CreateParams::default()).await.unwrap();
+    expect(&c, &other, "echo meanwhile", "meanwhile\n", "").await;
+    // Both slots taken (the slow init and a running command): an init is refused.
+    let busy = c.start(sessiond::protocol::ExecParams {
+        session_id: other.clone(),
+        command: "sleep 30".into(),
+        ..Default::default()
+    });
+    let busy = busy.await.unwrap();
+    let err = c.create_session(with_init("true")).await.unwrap_err();
+    assert_eq!(err.code(), Some("TOO_MANY_COMMANDS"), "{err}");
+    c.cancel_command(&busy).await.unwrap();
+    std::fs::write(&flag, b"").unwrap();
+    let s = slow.await.unwrap().unwrap();
+    expect(&c, &s, "echo ready", "ready\n", "").await;
     drop(c);
     d.stop();
 }

@@ -53,6 +53,8 @@ pub struct CreateRequest {
     pub rlimits: [Rlimit; 5],
     /// The session's cgroup limits.
     pub cgroup_limits: crate::cgroup::CgroupLimits,
+    /// Run before the session is handed out (`session.create` `init`).
+    pub init: Option<String>,
 }
 
 /// Messages of the RegistryActor.
@@ -306,6 +308,7 @@ impl RegistryState {
             max_timeout,
             rlimits: request.rlimits,
             cgroup_limits: request.cgroup_limits,
+            init: request.init,
             created: reply,
         };
         match Actor::spawn_linked(None, SessionActor, args, self.supervisor.clone()).await {

@@ -19,7 +19,9 @@ use crate::process::run::RunSpec;
 use crate::process::shell::EnvMap;
 use crate::process::table::SessionKey;
 use crate::process::terminal::TerminalState;
-use crate::protocol::{CreateResult, KeepOutput, KilledBy, RequestError, SessionInfo};
+use crate::protocol::{
+    CommandResult, CreateResult, KeepOutput, KilledBy, RequestError, SessionInfo,
+};
 use crate::stats::Stats;
 use crate::timing;
 
@@ -101,13 +103,17 @@ pub struct SessionArgs {
     pub cgroup_limits: CgroupLimits,
     /// Answered by the session once it is set up (or could not be).
     pub created: CreateReply,
+    /// Run as the session's first command before `created` is answered.
+    pub init: Option<String>,
 }
 
 /// Messages of a SessionActor. Run, Cancel and Destroy come only through the
 /// registry, so a Destroy is always the last of them a session sees.
 pub enum SessionMsg {
-    /// The first message, sent to itself: make the cgroup, answer `session.create`.
+    /// The first message, sent to itself: make the cgroup, run `init`, answer `session.create`.
     Setup,
+    /// `init` ended (from the task that waits for it): hand the session out, or fail its create.
+    InitDone(Result<(), RequestError>),
     /// Start a command (if this session is not busy and a global slot is
     /// free); `reply` gets its record once it runs.
     Run {
@@ -214,8 +220,10 @@ pub struct SessionState {
     cgroup: Option<CgroupNode>,
     /// Limits for the cgroup, made by `Setup`.
     cgroup_limits: CgroupLimits,
-    /// The `session.create` waiting for `Setup`.
+    /// The `session.create` waiting for `Setup` (and `init`).
     create_reply: Option<CreateReply>,
+    /// The script to run before the session is handed out.
+    init: Option<String>,
     /// Commands running now; at most `max_per_session`.
     running: HashMap<ActorId, Running>,
     /// Finished commands still readable, oldest first: at most
@@ -262,6 +270,7 @@ impl Actor for SessionActor {
             cgroup: None,
             cgroup_limits: args.cgroup_limits,
             create_reply: Some(args.created),
+            init: args.init,
             running: HashMap::new(),
             retained: VecDeque::new(),
             ending: false,
@@ -277,6 +286,7 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Setup => state.setup(&myself).await,
+            SessionMsg::InitDone(outcome) => state.init_done(&myself, outcome).await,
             SessionMsg::Run { request, reply } => state.run(&myself, request, reply).await,
             SessionMsg::CommandDone {
                 command,
@@ -418,6 +428,66 @@ impl SessionState {
                 }
             }
         }
+        match self.init.take() {
+            Some(script) => self.start_init(myself, script).await,
+            None => self.hand_out(),
+        }
+    }
+
+    /// Runs `init` as the session's first command, like any other (its
+    /// limits, its default timeout, a command slot); a task waits for its
+    /// end and reports it, so nothing waits here.
+    async fn start_init(&mut self, myself: &ActorRef<SessionMsg>, script: String) {
+        let request = ExecRequest {
+            command: script,
+            timeout: None,
+            stdin: None,
+            env: EnvMap::new(),
+            // The last bytes of stderr are what a failed init reports.
+            keep_output: KeepOutput::Tail,
+            stdin_open: false,
+            idle_timeout: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.run(myself, request, tx.into()).await;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let outcome = match rx.await {
+                Ok(Ok(record)) => init_outcome(&record, record.ended().await)
+                    .map_err(|why| RequestError::SpawnFailed(format!("init failed: {why}"))),
+                // Refused (TOO_MANY_COMMANDS) or not started (SPAWN_FAILED): as it is.
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(RequestError::Internal(
+                    "the init command could not be started".into(),
+                )),
+            };
+            let _ = me.cast(SessionMsg::InitDone(outcome));
+        });
+    }
+
+    /// `init` ended: the session is handed out, or its create fails with
+    /// `SPAWN_FAILED` and the session ends (nothing of it remains).
+    async fn init_done(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        outcome: Result<(), RequestError>,
+    ) {
+        match outcome {
+            Ok(()) if !self.ending => self.hand_out(),
+            failed => {
+                // Ok while ending: destroyed (shutdown) while init ran.
+                let error = failed.err().unwrap_or(RequestError::ShuttingDown);
+                if let Some(reply) = self.create_reply.take() {
+                    let _ = reply.send(Err(error));
+                }
+                self.ending = true;
+                self.end(myself, SessionEnd::SetupFailed).await;
+            }
+        }
+    }
+
+    /// Answers `session.create`: the session is the client's from now on.
+    fn hand_out(&mut self) {
         Stats::bump(&self.ctx.stats.sessions_created);
         tracing::info!(session = %self.id, uid = self.owner, "session created");
         if let Some(reply) = self.create_reply.take() {
@@ -637,4 +707,30 @@ impl SessionState {
         }
         myself.stop(Some(why.stop_reason()));
     }
+}
+
+/// Whether `init` succeeded: it exited 0 by itself. Otherwise its exit
+/// status or kill reason and the last bytes of its stderr (at most 4 KiB).
+fn init_outcome(
+    record: &CommandRecord,
+    ended: &Result<CommandResult, RequestError>,
+) -> Result<(), String> {
+    const STDERR_TAIL: usize = 4096;
+    let result = ended.as_ref().map_err(|e| e.to_string())?;
+    if result.exit_code == Some(0) && result.killed_by.is_none() {
+        return Ok(());
+    }
+    let status = match (result.killed_by, result.exit_code, result.signal) {
+        (Some(by), _, _) => format!("killed ({})", by.name()),
+        (None, Some(code), _) => format!("exit status {code}"),
+        (None, None, Some(signal)) => format!("ended by signal {signal}"),
+        (None, None, None) => "ended".to_string(),
+    };
+    let stderr = record.output.kept().stderr;
+    let tail = &stderr[stderr.len().saturating_sub(STDERR_TAIL)..];
+    Err(format!(
+        "{status}; stderr (last {} bytes): {}",
+        tail.len(),
+        String::from_utf8_lossy(tail)
+    ))
 }

@@ -119,6 +119,10 @@ pub struct CreateParams {
     /// Limits that may only tighten the configured ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<SessionLimits>,
+    /// A script run in the new session before it is handed out; the state it
+    /// leaves is the session's starting state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
 }
 
 /// Per-session tightening of the configured limits.
@@ -216,7 +220,7 @@ pub struct PingResult {
 }
 
 /// What `system.ping` lists in `features`: each protocol 2 addition this daemon implements.
-pub const FEATURES: &[&str] = &["stream", "start", "idle-timeout", "terminal-state"];
+pub const FEATURES: &[&str] = &["stream", "start", "idle-timeout", "terminal-state", "init"];
 
 /// `system.stats` result.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -344,6 +348,22 @@ pub enum KilledBy {
     /// A reason this client does not know (from a newer daemon); never sent by this one.
     #[serde(other)]
     Other,
+}
+
+impl KilledBy {
+    /// Its name on the wire, e.g. `idle_timeout`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KilledBy::Timeout => "timeout",
+            KilledBy::IdleTimeout => "idle_timeout",
+            KilledBy::CpuLimit => "cpu_limit",
+            KilledBy::MemoryLimit => "memory_limit",
+            KilledBy::Cancelled => "cancelled",
+            KilledBy::SessionDestroyed => "session_destroyed",
+            KilledBy::Shutdown => "shutdown",
+            KilledBy::Other => "other",
+        }
+    }
 }
 
 /// `exec.run` result.

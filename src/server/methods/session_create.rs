@@ -8,6 +8,7 @@ use crate::actors::registry::{CreateRequest, RegistryMsg};
 use crate::cgroup::{CgroupLimits, MIN_CPU_CORES, MIN_MEMORY_BYTES, MIN_PIDS};
 use crate::config::Config;
 use crate::limits::{Limit, SessionRlimits};
+use crate::process::shell::MAX_ARG_BYTES;
 use crate::protocol::{
     CreateParams, CreateResult, RequestError, SessionLimits, parse_params, seconds_param,
 };
@@ -52,12 +53,20 @@ async fn parse(
         }
     };
     let limits = resolve_limits(config, cgroups_on, p.limits.as_ref())?;
+    if let Some(init) = &p.init {
+        if init.contains('\0') || init.len() > MAX_ARG_BYTES {
+            return Err(RequestError::InvalidRequest(format!(
+                "param `init`: must hold no NUL byte and at most {MAX_ARG_BYTES} bytes"
+            )));
+        }
+    }
     Ok(CreateRequest {
         cwd,
         env: env_param("env", p.env)?,
         timeout: limits.timeout,
         rlimits: limits.rlimits.to_rlimits(),
         cgroup_limits: limits.cgroup,
+        init: p.init,
     })
 }
 
