@@ -57,6 +57,7 @@ pub async fn run(scale: Scale, daemon: &Path) -> Result<Report, BenchError> {
         let exec_p50 = sequential_exec(&mut report, &c, &mode, floor_p50, scale).await?;
         create_destroy(&mut report, &c, &mode, scale).await?;
         if !cgroups {
+            heavy_state_exec(&mut report, &c, floor_p50, scale).await?;
             concurrency(&mut report, &d, scale).await?;
             spawn_vs_memory(&mut report, &d, &c, exec_p50, scale).await?;
             let ping_p50 = ping(&mut report, &d, &c, scale).await?;
@@ -121,6 +122,44 @@ async fn sequential_exec(
         p50 / floor_p50 <= goal,
     );
     Ok(p50)
+}
+
+/// What sourcing nvm.sh leaves in a shell, roughly: 2 000 variables and 300 functions.
+const HEAVY_STATE: &str = "for i in $(seq 1 2000); do eval \"v_$i='value number $i with some text'\"; done; \
+     for i in $(seq 1 300); do eval \"f_$i() { local a=\\$1; echo \\\"fn $i \\$a\\\"; if [ -n \\\"\\$a\\\" ]; then return 1; fi; }\"; done";
+
+/// `exec.run true` in a session carrying a heavy terminal state (restored
+/// and saved around every command), against the floor. SWE-ReX, which keeps
+/// a bash per session, takes 118 ms for `true` on this kind of machine.
+async fn heavy_state_exec(
+    report: &mut Report,
+    c: &Client,
+    floor_p50: f64,
+    scale: Scale,
+) -> Result<(), BenchError> {
+    let workload = "exec.run true, 2 000 variables + 300 functions carried";
+    let s = c.create_session(CreateParams::default()).await?;
+    let setup = c.run(&s, HEAVY_STATE).await?;
+    if setup.exit_code != Some(0) || setup.state_error.is_some() {
+        return Err(BenchError::Daemon(format!(
+            "the heavy state was not set up: {setup:?}"
+        )));
+    }
+    let lat = sorted_us(time_execs(c, &s, "true", scale.exec_runs).await?);
+    let functions = c.run(&s, "declare -F | wc -l").await?;
+    c.destroy_session(&s).await?;
+    if String::from_utf8_lossy(&functions.stdout)
+        .trim()
+        .parse::<u32>()
+        .unwrap_or(0)
+        < 300
+    {
+        return Err(BenchError::Daemon("the functions were not carried".into()));
+    }
+    let p50 = percentile(&lat, 0.5);
+    report.info(workload, "p50", p50, "µs");
+    report.info(workload, "p50 / floor p50", p50 / floor_p50, "×");
+    Ok(())
 }
 
 /// `session.create` then `session.destroy`, back to back.
