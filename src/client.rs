@@ -414,3 +414,63 @@ async fn read_answers(
     }
     pending.closed = Some(closed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result from a newer daemon: an unknown `killed_by`, unknown fields.
+    #[test]
+    fn results_of_a_newer_daemon_decode() {
+        let newer = rmpv::Value::Map(vec![
+            ("exit_code".into(), rmpv::Value::Nil),
+            ("signal".into(), 9.into()),
+            ("timed_out".into(), false.into()),
+            ("killed_by".into(), "frozen_by_operator".into()),
+            ("stdout".into(), rmpv::Value::Binary(b"x".to_vec())),
+            ("stderr".into(), rmpv::Value::Binary(Vec::new())),
+            ("stdout_truncated".into(), false.into()),
+            ("stderr_truncated".into(), false.into()),
+            ("stdout_total_bytes".into(), 1.into()),
+            ("stderr_total_bytes".into(), 0.into()),
+            ("duration_ms".into(), 3.into()),
+            ("cpu_ms".into(), rmpv::Value::Nil),
+            ("max_rss_bytes".into(), rmpv::Value::Nil),
+            ("cwd".into(), "/".into()),
+            ("a_field_from_the_future".into(), 42.into()),
+        ]);
+        let r: ExecResult = decode(&newer).unwrap();
+        assert_eq!(r.killed_by, Some(crate::protocol::KilledBy::Other));
+        assert_eq!(r.stdout.as_slice(), b"x");
+    }
+
+    /// A daemon that accepts the connection and never answers: the call
+    /// gives up at its deadline, and the client stays usable.
+    #[tokio::test]
+    async fn a_call_gives_up_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("silent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            // Hold the connection open, read nothing, answer nothing.
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            drop(stream);
+        });
+        let deadline = std::time::Duration::from_millis(200);
+        let client = Client::connect(&path)
+            .await
+            .unwrap()
+            .with_deadline(deadline);
+        let err = client.ping().await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::TimedOut(d) if d == deadline),
+            "{err}"
+        );
+        assert!(
+            client.pending.lock().unwrap().waiting.is_empty(),
+            "the abandoned call is forgotten"
+        );
+        server.abort();
+    }
+}
