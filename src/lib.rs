@@ -24,9 +24,11 @@ pub mod config;
 pub mod context;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod isolation;
 pub mod limits;
 pub mod process;
 pub mod protocol;
 pub mod server;
+pub mod socket_dir;
 pub mod stats;
 pub mod timing;

@@ -49,3 +49,18 @@ async fn hostile_commands_kill_only_themselves() {
     drop(c);
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_cannot_touch_another_session() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: uid-per-session needs a root daemon");
+        return;
+    }
+    let d = TestDaemon::start_isolated(4, "");
+    let c = d.client().await;
+    let inv = Invariants::baseline(&d, &c).await;
+    sc::touch_another_session(&c).await;
+    inv.check_after(&d, &c).await;
+    drop(c);
+    d.stop();
+}

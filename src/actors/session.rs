@@ -11,6 +11,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use super::command::{CommandActor, CommandArgs, CommandMsg, ExecReply};
 use crate::cgroup::{CgroupLimits, Cgroups};
 use crate::context::Context;
+use crate::isolation::Lease;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
 use crate::process::run::{CgroupPlace, RunSpec};
@@ -86,6 +87,8 @@ pub struct SessionArgs {
     pub id: String,
     pub owner: u32,
     pub cwd: PathBuf,
+    /// Whether `session.create` named the cwd (else, under uid-per-session, it is the session's home).
+    pub cwd_explicit: bool,
     pub env: EnvMap,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
@@ -220,6 +223,11 @@ pub struct SessionState {
     cgroup_limits: CgroupLimits,
     /// The `session.create` waiting for `Setup`.
     create_reply: Option<CreateReply>,
+    /// Whether `session.create` named the cwd.
+    cwd_explicit: bool,
+    /// Under uid-per-session: the session's own uid and home, made by `Setup`;
+    /// released by `end`, or by its Drop when the actor dies without ending.
+    identity: Option<Lease>,
     /// Commands running now; at most `max_per_session`.
     running: HashMap<ActorId, ActorRef<CommandMsg>>,
     /// Set by the first Destroy, or on expiry: refuses new commands, waits for running ones to end.
@@ -264,6 +272,8 @@ impl Actor for SessionActor {
             cgroup: SessionCgroupGuard(None),
             cgroup_limits: args.cgroup_limits,
             create_reply: Some(args.created),
+            cwd_explicit: args.cwd_explicit,
+            identity: None,
             running: HashMap::new(),
             ending: false,
             end_waiters: Vec::new(),
@@ -370,6 +380,15 @@ impl SessionState {
     /// answers `session.create`. When the cgroup cannot be made, the create
     /// fails and the session stops without ever having been handed out.
     async fn setup(&mut self, myself: &ActorRef<SessionMsg>) {
+        if let Err(e) = self.take_identity().await {
+            tracing::warn!(session = %self.id, error = %e, "cannot give the session a uid of its own");
+            if let Some(reply) = self.create_reply.take() {
+                let _ = reply.send(Err(e));
+            }
+            self.ending = true;
+            myself.stop(Some(SessionEnd::SetupFailed.stop_reason()));
+            return;
+        }
         if let Some(cgroups) = self.ctx.cgroups.clone() {
             let (key, limits) = (self.key, self.cgroup_limits);
             let made = tokio::task::spawn_blocking({
@@ -406,6 +425,53 @@ impl SessionState {
                 session_id: self.id.clone(),
             }));
         }
+    }
+
+    /// Under uid-per-session: leases the session's uid and makes its home
+    /// (blocking, off the async workers; awaited here, in this new session's
+    /// own task). The home is the default cwd and `HOME` (`TMPDIR` with
+    /// `private_tmp`), `USER` is the uid. An explicit cwd is checked here,
+    /// where the uid is known: one the uid cannot enter is `INVALID_REQUEST`
+    /// (the uid is freed again by the lease's Drop).
+    async fn take_identity(&mut self) -> Result<(), RequestError> {
+        let Some(isolation) = self.ctx.isolation.clone() else {
+            return Ok(());
+        };
+        let explicit = self.cwd_explicit.then(|| self.cwd.clone());
+        let lease = tokio::task::spawn_blocking(move || {
+            let lease = isolation
+                .acquire()
+                .map_err(|e| RequestError::Internal(format!("cannot start the session: {e}")))?;
+            if let Some(cwd) = explicit {
+                lease.can_enter(&cwd).map_err(|errno| {
+                    RequestError::InvalidRequest(format!(
+                        "param `cwd`: {} cannot be entered by the session's uid {} ({errno}); under uid-per-session a session runs as a uid of its own, so its cwd needs search permission for others on every directory of the path, or omit `cwd` to start in the session's home",
+                        cwd.display(),
+                        lease.uid()
+                    ))
+                })?;
+            }
+            Ok(lease)
+        })
+        .await
+        .map_err(|e| RequestError::Internal(format!("cannot start the session: {e}")))??;
+        let home = lease.home();
+        let bytes = |p: &std::path::Path| p.as_os_str().as_encoded_bytes().to_vec();
+        // The daemon user's HOME and USER from the base env do not apply; a
+        // HOME the client set in `session.create` stays.
+        if self.env.get(b"HOME".as_slice()) == self.ctx.base_env.get(b"HOME".as_slice()) {
+            self.env.insert(b"HOME".to_vec(), bytes(&home));
+        }
+        self.env
+            .insert(b"USER".to_vec(), lease.uid().to_string().into_bytes());
+        if let Some(tmp) = lease.tmpdir() {
+            self.env.insert(b"TMPDIR".to_vec(), bytes(&tmp));
+        }
+        if !self.cwd_explicit {
+            self.cwd = home;
+        }
+        self.identity = Some(lease);
+        Ok(())
     }
 
     /// Decides, in this order, `SESSION_BUSY`, the command's timeout
@@ -457,7 +523,11 @@ impl SessionState {
             keep_output: request.keep_output,
             rlimits: self.rlimits,
             oom_score_adj: commands.oom_score_adj,
-            credentials: self.ctx.credentials,
+            credentials: self
+                .identity
+                .as_ref()
+                .map(Lease::credentials)
+                .or(self.ctx.credentials),
             cgroup: self.cgroup.0.as_ref().map(|c| CgroupPlace {
                 cgroups: c.cgroups.clone(),
                 session: c.rel.clone(),
@@ -546,6 +616,11 @@ impl SessionState {
             let _ = tokio::task::spawn_blocking(move || cgroup.destroy()).await;
         }
         self.ctx.processes.signal_session(self.key, Signal::SIGKILL);
+        if let Some(lease) = self.identity.take() {
+            // Everything else of the uid (setsid'd escapees, IPC, tmp files,
+            // the home) goes before the destroy is answered.
+            let _ = tokio::task::spawn_blocking(move || lease.release()).await;
+        }
         for reply in self.end_waiters.drain(..) {
             let _ = reply.send(Ok(()));
         }
