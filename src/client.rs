@@ -104,7 +104,12 @@ impl Client {
             UnixStream::connect(path).await?
         } else {
             let me = nix::unistd::geteuid().as_raw();
-            let dir = SocketDir::open(path, me)?;
+            let dir = SocketDir::open(path, me).map_err(|e| match e {
+                // No such directory (no daemon), or not ours to enter: a plain
+                // connection error, as connect(2) would have said.
+                SocketDirError::Open { errno, .. } => ClientError::Io(errno.into()),
+                unsafe_dir => ClientError::UnsafeSocketDir(unsafe_dir),
+            })?;
             dir.check_socket_owner(me)?;
             UnixStream::connect(dir.fd_path()).await?
         };
