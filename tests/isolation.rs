@@ -325,6 +325,55 @@ async fn a_uid_is_reused_only_after_everything_of_its_session_is_gone() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_session_still_frees_its_uid_clean() {
+    if !needs_root() {
+        return;
+    }
+    // No cgroups: only the lease's Drop can find the setsid'd process.
+    let d = TestDaemon::start_isolated(1, "[cgroups]\nmode = \"off\"\n");
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let uid = uid_of(&c, &s).await;
+    let home = d.state_dir().join(uid.to_string());
+    let (pid, paths) = leave_traces(&c, &s, &d.tag).await;
+    use sessiond::fault::{FaultAction, FaultTarget};
+    let reached =
+        support::scenarios::inject(&c, FaultTarget::Session, FaultAction::Panic, Some(&s)).await;
+    assert_eq!(reached, 1);
+    support::wait_dead(pid, "the panicked session's setsid'd process is killed");
+    wait_until(
+        "the panicked session's home is removed",
+        Duration::from_secs(5),
+        || !home.exists(),
+    );
+    // The one uid of the range is handed out again, and nothing of before is left.
+    // (Polled: until then, create is TOO_MANY_SESSIONS or finds no free uid.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let next = loop {
+        match c.create_session(CreateParams::default()).await {
+            Ok(s) => break s,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the uid is never free again: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(uid_of(&c, &next).await, uid);
+    for p in &paths {
+        assert!(
+            std::fs::symlink_metadata(p).is_err(),
+            "{} removed",
+            p.display()
+        );
+    }
+    assert_eq!(sysv_objects_of(uid), 0);
+    c.destroy_session(&next).await.unwrap();
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn uids_are_handed_out_least_recently_used() {
     if !needs_root() {
         return;
