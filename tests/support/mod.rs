@@ -69,6 +69,8 @@ pub struct TestDaemon {
     pub tag: String,
     child: Option<Child>,
     pub stderr_path: PathBuf,
+    /// The uids of a `start_isolated` daemon's sessions.
+    uid_range: Option<(u32, u32)>,
 }
 
 fn merge(base: &mut toml::Table, extra: toml::Table) {
@@ -112,7 +114,9 @@ impl TestDaemon {
             &mut config,
             toml::from_str(extra).expect("extra config is TOML"),
         );
-        Self::start_in(dir, &toml::to_string(&config).unwrap())
+        let mut daemon = Self::start_in(dir, &toml::to_string(&config).unwrap());
+        daemon.uid_range = Some((first, first + uids - 1));
+        daemon
     }
 
     fn start_in(dir: tempfile::TempDir, extra: &str) -> TestDaemon {
@@ -162,6 +166,7 @@ SESSIOND_TEST_TAG = "{tag}"
             tag,
             child: Some(child),
             stderr_path,
+            uid_range: None,
         }
     }
 
@@ -366,6 +371,20 @@ impl Drop for TestDaemon {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+        // ...so does anything of its session uids (a failed test may have
+        // broken their cleanup): processes, SysV IPC, files in the shared tmp dirs...
+        if let Some((first, last)) = self.uid_range {
+            use sessiond::isolation::cleanup;
+            let ours = |u: u32| (first..=last).contains(&u);
+            for (pid, _) in cleanup::processes_of(&ours) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            cleanup::remove_sysv_ipc(&ours);
+            cleanup::remove_files_in(&cleanup::SHARED_TMP, &ours);
         }
         // ...and its cgroups go, deepest first (only this daemon's own subtree).
         for dir in self.cgroup_dirs() {
