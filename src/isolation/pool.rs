@@ -41,6 +41,8 @@ impl UidPool {
     /// `uid`'s cleanup failed: neither leased nor free until a retry succeeds.
     pub fn mark_dirty(&mut self, uid: u32) {
         self.leased.remove(&uid);
+        // Recovery marks uids that were never taken: out of the free queue too.
+        self.free.retain(|&u| u != uid);
         self.dirty.insert(uid);
     }
 
@@ -77,5 +79,12 @@ mod tests {
         assert_eq!(pool.dirty(), vec![11]);
         pool.put_back(b);
         assert_eq!(pool.take(), Some(11));
+
+        // A free uid found dirty (at recovery) is never handed out until cleaned.
+        let mut pool = UidPool::new(UidRange { first: 1, last: 2 });
+        pool.mark_dirty(1);
+        assert_eq!((pool.take(), pool.take()), (Some(2), None));
+        pool.put_back(1);
+        assert_eq!(pool.take(), Some(1));
     }
 }
