@@ -416,23 +416,28 @@ impl Isolation {
     }
 
     /// Leases the least recently used clean uid and makes its home (0700,
-    /// owned by the uid; with `private_tmp`, a `tmp` inside). Uids whose
-    /// cleanup failed earlier are retried first. Blocking.
+    /// owned by the uid; with `private_tmp`, a `tmp` inside). Only when no
+    /// uid is free are those whose cleanup failed earlier retried (a retry
+    /// may wait for processes that will not die). Blocking.
     pub fn acquire(self: &Arc<Self>) -> Result<Lease, IsolationError> {
-        let dirty = self.pool().dirty();
-        for uid in dirty {
-            if self.clean(uid).is_ok() {
-                tracing::info!(uid, "uid cleaned on retry; free again");
-                self.pool().put_back(uid);
+        let mut taken = self.pool().take();
+        if taken.is_none() {
+            let dirty = self.pool().dirty();
+            for uid in dirty {
+                if self.clean(uid).is_ok() {
+                    tracing::info!(uid, "uid cleaned on retry; free again");
+                    self.pool().put_back(uid);
+                }
             }
+            taken = self.pool().take();
         }
-        let uid = {
-            let mut pool = self.pool();
-            pool.take().ok_or_else(|| IsolationError::Exhausted {
+        let uid = taken.ok_or_else(|| {
+            let pool = self.pool();
+            IsolationError::Exhausted {
                 leased: pool.leased().len(),
                 dirty: pool.dirty().len(),
-            })?
-        };
+            }
+        })?;
         let lease = Lease {
             iso: self.clone(),
             uid,
