@@ -20,6 +20,7 @@ use crate::protocol::{
     ExecResult, ListResult, PingResult, ReadParams, ReadResult, SessionIdParams, StartResult,
     StatsResult, WireError, WriteParams, WriteResult, method,
 };
+use crate::socket_dir::{SocketDir, SocketDirError};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,21 @@ pub enum ClientError {
     /// daemon may still carry out the request).
     #[error("no answer within {0:?}")]
     TimedOut(std::time::Duration),
+    /// The socket's directory could be written by someone else, so the socket
+    /// may not be the daemon's (see [`ConnectOptions::insecure_socket_dir`]).
+    #[error(
+        "refusing to connect: {0} (to connect anyway, e.g. in a test: --insecure-socket-dir, or ConnectOptions::insecure_socket_dir)"
+    )]
+    UnsafeSocketDir(#[from] SocketDirError),
+}
+
+/// How [`Client::connect_with`] connects.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectOptions {
+    /// Connect even when the socket's directory fails the check (owned by
+    /// someone other than us or root, writable by others, a symlink). Anyone
+    /// who can write there can put their own socket in the daemon's place.
+    pub insecure_socket_dir: bool,
 }
 
 impl ClientError {
@@ -78,9 +94,34 @@ impl Drop for Client {
 }
 
 impl Client {
-    /// Connects to the daemon's socket.
+    /// Connects to the daemon's socket, after checking its directory like the
+    /// daemon does before binding (`socket_dir`): owned by us or root, not
+    /// writable by others unless sticky and ours (then the socket itself must
+    /// be ours or root's), not a symlink. The connection goes through the
+    /// directory that was checked, even if the path is swapped meanwhile.
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).await?;
+        Self::connect_with(path, ConnectOptions::default()).await
+    }
+
+    /// [`Client::connect`] with options.
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        options: ConnectOptions,
+    ) -> Result<Client, ClientError> {
+        let path = path.as_ref();
+        let stream = if options.insecure_socket_dir {
+            UnixStream::connect(path).await?
+        } else {
+            let me = nix::unistd::geteuid().as_raw();
+            let dir = SocketDir::open(path, me).map_err(|e| match e {
+                // No such directory (no daemon), or not ours to enter: a plain
+                // connection error, as connect(2) would have said.
+                SocketDirError::Open { errno, .. } => ClientError::Io(errno.into()),
+                unsafe_dir => ClientError::UnsafeSocketDir(unsafe_dir),
+            })?;
+            dir.check_socket_owner(me)?;
+            UnixStream::connect(dir.fd_path()).await?
+        };
         let (read_half, write_half) = stream.into_split();
         let pending: Pending = Arc::default();
         let reader = tokio::spawn(read_answers(

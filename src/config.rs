@@ -9,6 +9,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{self, CgroupsConfig};
+use crate::isolation::{IsolationMode, UidRange};
 use crate::limits::RlimitsConfig;
 
 /// Everything the daemon can be told at start. Every field has a default, so
@@ -139,6 +140,15 @@ pub struct CommandsConfig {
     pub oom_score_adj: i32,
     /// The base environment of every command; the daemon's own is never passed on.
     pub env: BTreeMap<String, String>,
+    /// Who a session's commands run as: `shared` (all as `run_as_user` or the
+    /// daemon's user) or `uid-per-session` (a uid and gid of its own per session).
+    pub isolation: IsolationMode,
+    /// `uid-per-session`: the uids (and the same gids) handed to sessions; none may belong to an account.
+    pub uid_range: UidRange,
+    /// `uid-per-session`: where each session's home (0700, owned by its uid) is made.
+    pub state_dir: PathBuf,
+    /// `uid-per-session`: `TMPDIR` is a directory inside the session's home.
+    pub private_tmp: bool,
 }
 
 impl Default for ServerConfig {
@@ -194,6 +204,10 @@ impl Default for CommandsConfig {
             run_as_user: String::new(),
             oom_score_adj: 1000,
             env,
+            isolation: IsolationMode::Shared,
+            uid_range: UidRange::default(),
+            state_dir: PathBuf::from("/var/lib/sessiond"),
+            private_tmp: false,
         }
     }
 }
@@ -416,6 +430,15 @@ impl Config {
             ));
         }
         self.command_user()?;
+        if let Err((key, value, allowed)) = crate::isolation::check_config(
+            c.isolation,
+            c.uid_range,
+            &c.state_dir,
+            &c.run_as_user,
+            ss.max_sessions,
+        ) {
+            return Err(invalid(key, value, allowed));
+        }
         for (key, value) in [
             ("server.oom_score_adj", self.server.oom_score_adj),
             ("commands.oom_score_adj", c.oom_score_adj),
@@ -584,6 +607,29 @@ mod tests {
         let c = Config::parse("[commands]\nrun_as_user = \"no-such-user-x\"\n").unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("commands.run_as_user"), "{err}");
+    }
+
+    #[test]
+    fn isolation_keys_parse_and_are_checked() {
+        let c = Config::parse(
+            "[commands]\nisolation = \"uid-per-session\"\nuid_range = \"300000-300009\"\nprivate_tmp = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.commands.isolation, IsolationMode::UidPerSession);
+        assert_eq!(c.commands.uid_range.len(), 10);
+        let err = c.validate().unwrap_err().to_string();
+        // 10 uids for 64 sessions (or, not as root: no uid switching at all).
+        assert!(
+            err.contains("commands.uid_range") || err.contains("commands.isolation"),
+            "{err}"
+        );
+        let err = Config::parse("[commands]\nuid_range = \"9-3\"\n").unwrap_err();
+        assert!(
+            err.contains("uid_range") && err.contains("FIRST-LAST"),
+            "{err}"
+        );
+        let err = Config::parse("[commands]\nisolation = \"per-uid\"\n").unwrap_err();
+        assert!(err.contains("uid-per-session"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! What every actor and connection shares: the config in force, counters, the process table, cgroups, command slots, rate limiter, draining flag — and no actor (actors are found through the actor tree's handle, `actors::tree::ActorTree`).
+//! What every actor and connection shares: the config in force, counters, the process table, cgroups, the uid pool, command slots, rate limiter, draining flag — and no actor (actors are found through the actor tree's handle, `actors::tree::ActorTree`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +26,8 @@ pub struct Context {
     pub default_cwd: PathBuf,
     /// `[commands.env]` plus HOME, USER and SHELL of the command user.
     pub base_env: EnvMap,
-    /// The identity commands switch to (`run_as_user`), or `None` for the daemon's own.
+    /// The identity commands switch to (`run_as_user`), or `None` for the
+    /// daemon's own; under uid-per-session each session's lease takes its place.
     pub credentials: Option<Credentials>,
     /// Counters behind `system.stats`.
     pub stats: Stats,
@@ -40,6 +41,8 @@ pub struct Context {
     rate_limiter: Option<governor::DefaultKeyedRateLimiter<u32>>,
     /// The daemon's cgroup subtree; `None` when cgroups are off.
     pub cgroups: Option<Arc<Cgroups>>,
+    /// The uid pool under `isolation = "uid-per-session"`; `None` when shared.
+    pub isolation: Option<Arc<crate::isolation::Isolation>>,
     /// Whether the daemon made itself a child subreaper at start.
     pub subreaper: bool,
     /// Set on SIGTERM: no new sessions or commands.
@@ -122,6 +125,7 @@ impl Context {
             credentials,
             rate_limiter,
             cgroups: None,
+            isolation: None,
             subreaper: false,
             stats: Stats::default(),
             processes: Arc::new(ProcessTable::default()),

@@ -26,9 +26,11 @@ pub mod config;
 pub(crate) mod context;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod isolation;
 pub(crate) mod limits;
 pub mod process;
 pub mod protocol;
 pub mod server;
+pub(crate) mod socket_dir;
 pub(crate) mod stats;
 pub(crate) mod timing;

@@ -131,6 +131,11 @@ struct Connect {
     /// The daemon's socket.
     #[arg(long, env = "SESSIOND_SOCKET")]
     socket: Option<PathBuf>,
+    /// Connect even if the socket's directory is not safe (writable by others,
+    /// owned by another user, a symlink): whoever can write there could be
+    /// answering in the daemon's place. For tests.
+    #[arg(long)]
+    insecure_socket_dir: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -151,6 +156,17 @@ fn main() -> ExitCode {
             Ok(c) => {
                 print!("{}", c.to_toml());
                 println!("# socket in force: {}", c.socket_path().display());
+                let k = &c.commands;
+                print!(
+                    "{}",
+                    sessiond::isolation::explain(
+                        k.isolation,
+                        k.uid_range,
+                        &k.state_dir,
+                        k.private_tmp,
+                        &k.run_as_user
+                    )
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -284,7 +300,10 @@ fn client_command(command: Command) -> ExitCode {
 
 async fn connect(c: &Connect) -> Result<Client, ClientError> {
     let path = c.socket.clone().unwrap_or_else(default_socket_path);
-    Client::connect(&path).await
+    let options = sessiond::client::ConnectOptions {
+        insecure_socket_dir: c.insecure_socket_dir,
+    };
+    Client::connect_with(&path, options).await
 }
 
 async fn run_client(command: Command) -> Result<ExitCode, ClientError> {

@@ -32,3 +32,11 @@ pub const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 
 /// After a failed `accept` (EMFILE and friends): back off instead of spinning.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// uid-per-session: before a uid is reused, its processes get SIGKILL and
+/// /proc is checked again, every this long…
+pub const UID_KILL_POLL: Duration = Duration::from_millis(10);
+
+/// …at most this many times; a uid whose processes are still alive then is
+/// held back from the pool until a later cleanup succeeds.
+pub const UID_KILL_ROUNDS: u32 = 200;

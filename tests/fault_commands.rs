@@ -92,3 +92,19 @@ async fn cgroup_limits_contain_memory_hogs_and_fork_bombs() {
     h.finish(&[(OOM_KILLED, 1), (TIMED_OUT, 1), (DESTROYED, 2)])
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (uid-per-session); CI runs it"]
+async fn a_command_cannot_touch_another_session() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "uid-per-session needs a root daemon"
+    );
+    let d = TestDaemon::start_isolated(4, "");
+    let c = d.client().await;
+    let inv = Invariants::baseline(&d, &c).await;
+    sc::touch_another_session(&c).await;
+    inv.check_after(&d, &c).await;
+    drop(c);
+    d.stop();
+}

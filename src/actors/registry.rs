@@ -291,6 +291,7 @@ impl RegistryState {
             Some(t) => (t, t),
             None => (cfg.commands.default_timeout, cfg.commands.max_timeout),
         };
+        let cwd_explicit = request.cwd.is_some();
         let cwd = request.cwd.unwrap_or_else(|| self.ctx.default_cwd.clone());
         let mut env = self.ctx.base_env.clone();
         env.extend(request.env);
@@ -303,6 +304,7 @@ impl RegistryState {
             id: id.clone(),
             owner: uid,
             cwd,
+            cwd_explicit,
             env,
             default_timeout,
             max_timeout,

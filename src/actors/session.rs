@@ -12,6 +12,7 @@ use super::command::{CommandActor, CommandArgs, CommandMsg, StartReply};
 use super::command_record::CommandRecord;
 use crate::cgroup::{CgroupLimits, CgroupNode};
 use crate::context::Context;
+use crate::isolation::Lease;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
 use crate::process::live_output::LiveOutput;
@@ -95,6 +96,8 @@ pub struct SessionArgs {
     pub id: String,
     pub owner: u32,
     pub cwd: PathBuf,
+    /// Whether `session.create` named the cwd (else, under uid-per-session, it is the session's home).
+    pub cwd_explicit: bool,
     pub env: EnvMap,
     pub default_timeout: Duration,
     pub max_timeout: Duration,
@@ -224,6 +227,11 @@ pub struct SessionState {
     create_reply: Option<CreateReply>,
     /// The script to run before the session is handed out.
     init: Option<String>,
+    /// Whether `session.create` named the cwd.
+    cwd_explicit: bool,
+    /// Under uid-per-session: the session's own uid and home, made by `Setup`;
+    /// released by `end`, or by its Drop when the actor dies without ending.
+    identity: Option<Lease>,
     /// Commands running now; at most `max_per_session`.
     running: HashMap<ActorId, Running>,
     /// Finished commands still readable, oldest first: at most
@@ -271,6 +279,8 @@ impl Actor for SessionActor {
             cgroup_limits: args.cgroup_limits,
             create_reply: Some(args.created),
             init: args.init,
+            cwd_explicit: args.cwd_explicit,
+            identity: None,
             running: HashMap::new(),
             retained: VecDeque::new(),
             ending: false,
@@ -402,6 +412,15 @@ impl SessionState {
     /// answers `session.create`. When the cgroup cannot be made, the create
     /// fails and the session stops without ever having been handed out.
     async fn setup(&mut self, myself: &ActorRef<SessionMsg>) {
+        if let Err(e) = self.take_identity().await {
+            tracing::warn!(session = %self.id, error = %e, "cannot give the session a uid of its own");
+            if let Some(reply) = self.create_reply.take() {
+                let _ = reply.send(Err(e));
+            }
+            self.ending = true;
+            myself.stop(Some(SessionEnd::SetupFailed.stop_reason()));
+            return;
+        }
         if let Some(cgroups) = self.ctx.cgroups.clone() {
             let (key, limits) = (self.key, self.cgroup_limits);
             let made = tokio::task::spawn_blocking(move || {
@@ -497,6 +516,57 @@ impl SessionState {
         }
     }
 
+    /// Under uid-per-session: leases the session's uid and makes its home
+    /// (blocking, off the async workers; awaited here, in this new session's
+    /// own task). The home is the default cwd and `HOME` (`TMPDIR` with
+    /// `private_tmp`), `USER` is the uid. An explicit cwd is checked here,
+    /// where the uid is known: one the uid cannot enter is `INVALID_REQUEST`
+    /// (the uid is freed again by the lease's Drop).
+    async fn take_identity(&mut self) -> Result<(), RequestError> {
+        let Some(isolation) = self.ctx.isolation.clone() else {
+            return Ok(());
+        };
+        let explicit = self.cwd_explicit.then(|| self.terminal.cwd.clone());
+        let lease = tokio::task::spawn_blocking(move || {
+            let lease = isolation
+                .acquire()
+                .map_err(|e| RequestError::Internal(format!("cannot start the session: {e}")))?;
+            if let Some(cwd) = explicit {
+                lease.can_enter(&cwd).map_err(|errno| {
+                    RequestError::InvalidRequest(format!(
+                        "param `cwd`: {} cannot be entered by the session's uid {} ({errno}); under uid-per-session a session runs as a uid of its own, so its cwd needs search permission for others on every directory of the path, or omit `cwd` to start in the session's home",
+                        cwd.display(),
+                        lease.uid()
+                    ))
+                })?;
+            }
+            Ok(lease)
+        })
+        .await
+        .map_err(|e| RequestError::Internal(format!("cannot start the session: {e}")))??;
+        let home = lease.home();
+        let bytes = |p: &std::path::Path| p.as_os_str().as_encoded_bytes().to_vec();
+        // A session starts with no state but its env: rebuild it for the uid.
+        let mut env = self.terminal.env();
+        // The daemon user's HOME and USER from the base env do not apply; a
+        // HOME the client set in `session.create` stays.
+        if env.get(b"HOME".as_slice()) == self.ctx.base_env.get(b"HOME".as_slice()) {
+            env.insert(b"HOME".to_vec(), bytes(&home));
+        }
+        env.insert(b"USER".to_vec(), lease.uid().to_string().into_bytes());
+        if let Some(tmp) = lease.tmpdir() {
+            env.insert(b"TMPDIR".to_vec(), bytes(&tmp));
+        }
+        let cwd = if self.cwd_explicit {
+            self.terminal.cwd.clone()
+        } else {
+            home
+        };
+        self.terminal = Arc::new(TerminalState::new(cwd, &env));
+        self.identity = Some(lease);
+        Ok(())
+    }
+
     /// Decides, in this order, `SESSION_BUSY`, the command's timeout
     /// (`INVALID_REQUEST` above the session's maximum) and `TOO_MANY_COMMANDS`
     /// (a permit of the global semaphore, held by the CommandActor), then starts
@@ -558,7 +628,11 @@ impl SessionState {
             output: record.output.clone(),
             rlimits: self.rlimits,
             oom_score_adj: commands.oom_score_adj,
-            credentials: self.ctx.credentials,
+            credentials: self
+                .identity
+                .as_ref()
+                .map(Lease::credentials)
+                .or(self.ctx.credentials),
             cgroup: self.cgroup.as_ref().map(CgroupNode::leaf_parent),
         };
         let args = CommandArgs {
@@ -702,6 +776,11 @@ impl SessionState {
             }
         }
         self.ctx.processes.signal_session(self.key, Signal::SIGKILL);
+        if let Some(lease) = self.identity.take() {
+            // Everything else of the uid (setsid'd escapees, IPC, tmp files,
+            // the home) goes before the destroy is answered.
+            let _ = tokio::task::spawn_blocking(move || lease.release()).await;
+        }
         for reply in self.end_waiters.drain(..) {
             let _ = reply.send(Ok(()));
         }

@@ -4,7 +4,7 @@ pub mod connection;
 pub mod methods;
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +21,9 @@ use crate::actors::tree::ActorTree;
 use crate::cgroup::{Cgroups, OsRoots};
 use crate::config::Config;
 use crate::context::Context;
+use crate::isolation::{Isolation, IsolationMode};
 use crate::protocol::RequestError;
+use crate::socket_dir::{SocketDir, SocketDirError};
 use crate::stats::Stats;
 use crate::timing;
 
@@ -39,6 +41,14 @@ pub enum ServeError {
     AlreadyRunning(PathBuf),
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    #[error(
+        "{0} is a symlink; refusing to follow or replace it (remove it, or give the socket another path)"
+    )]
+    SymlinkAtSocket(PathBuf),
+    #[error("{0}")]
+    SocketDir(#[from] SocketDirError),
+    #[error("isolation: {0}")]
+    Isolation(#[from] crate::isolation::IsolationError),
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -60,9 +70,10 @@ pub enum Exit {
     Forced,
 }
 
-/// A bound listening socket and the path it owns.
+/// A bound listening socket, the directory it is in and the inode it owns.
 pub struct BoundSocket {
     listener: StdUnixListener,
+    dir: SocketDir,
     path: PathBuf,
     inode: u64,
 }
@@ -72,10 +83,17 @@ pub struct BoundSocket {
 /// replaced; a live one is not.
 ///
 /// 1. Create the parent directory (0700) when missing.
-/// 2. If `path` exists: refuse when it is not a socket or a daemon answers on
-///    it; otherwise it is stale: remove it.
-/// 3. Bind under a umask that leaves exactly `mode`, so the socket is never
-///    wider than `mode`, not even for an instant; then chmod to `mode`.
+/// 2. Open the parent with `O_NOFOLLOW|O_DIRECTORY` and check it on the fd
+///    ([`SocketDir`]): owned by us or root, not writable by group or others
+///    unless sticky and ours, not a symlink. A directory that fails (the
+///    default one included) is a start error saying what to fix.
+/// 3. If the name exists in it: refuse a symlink (named, never followed)
+///    and anything that is not a socket, and a socket a daemon answers on;
+///    otherwise it is stale: remove it (by name in the open directory).
+/// 4. Bind through `/proc/self/fd/N/NAME` (that very directory) under a
+///    umask that leaves exactly `mode`, so the socket is never wider than
+///    `mode`, not even for an instant, and no path-based chmod follows.
+///    Then check the new entry: a socket, with `mode`, owned by us.
 pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ServeError> {
     let io_err = |action, source| ServeError::Io {
         action,
@@ -83,48 +101,83 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ServeError> {
         source,
     };
     if let Some(parent) = path.parent() {
-        if !parent.exists() {
-            std::fs::create_dir_all(parent).map_err(|e| io_err("create the directory of", e))?;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| io_err("set the mode of the directory of", e))?;
+        if !parent.as_os_str().is_empty() && std::fs::symlink_metadata(parent).is_err() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| io_err("create the directory of", e))?;
         }
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
+    let euid = nix::unistd::geteuid().as_raw();
+    let dir = SocketDir::open(path, euid)?;
+    let errno_err = |action, errno: nix::errno::Errno| io_err(action, io::Error::from(errno));
+    if let Some(st) = dir.stat_entry().map_err(|e| errno_err("stat", e))? {
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFLNK {
+            return Err(ServeError::SymlinkAtSocket(path.to_path_buf()));
+        }
+        if kind != libc::S_IFSOCK {
             return Err(ServeError::NotASocket(path.to_path_buf()));
         }
-        match std::os::unix::net::UnixStream::connect(path) {
+        match std::os::unix::net::UnixStream::connect(dir.fd_path()) {
             Ok(_) => return Err(ServeError::AlreadyRunning(path.to_path_buf())),
             Err(_) => {
                 tracing::warn!(path = %path.display(), "removing stale socket of a daemon that is gone");
-                std::fs::remove_file(path).map_err(|e| io_err("remove the stale socket", e))?;
+                nix::unistd::unlinkat(
+                    dir.fd(),
+                    dir.name(),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                )
+                .map_err(|e| errno_err("remove the stale socket", e))?;
             }
         }
     }
     let old = umask(Mode::from_bits_truncate(!mode & 0o777));
-    let bound = StdUnixListener::bind(path);
+    let bound = StdUnixListener::bind(dir.fd_path());
     umask(old);
     let listener = bound.map_err(|e| io_err("bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io_err("set the mode of", e))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| io_err("configure", e))?;
-    let inode = std::fs::metadata(path)
-        .map_err(|e| io_err("stat", e))?
-        .ino();
+    let st = dir
+        .stat_entry()
+        .map_err(|e| errno_err("stat", e))?
+        .ok_or_else(|| io_err("stat", io::ErrorKind::NotFound.into()))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+        || st.st_mode & 0o7777 != mode
+        || st.st_uid != euid
+    {
+        return Err(io_err(
+            "check",
+            io::Error::other(format!(
+                "the new socket has mode {:04o} and owner {} instead of {mode:04o} and {euid}",
+                st.st_mode & 0o7777,
+                st.st_uid
+            )),
+        ));
+    }
     Ok(BoundSocket {
         listener,
         path: path.to_path_buf(),
-        inode,
+        dir,
+        inode: st.st_ino,
     })
 }
 
 impl BoundSocket {
     /// Removes the socket file, if it is still ours (not replaced by another daemon).
     fn remove(&self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            let _ = std::fs::remove_file(&self.path);
+        if self
+            .dir
+            .stat_entry()
+            .is_ok_and(|st| st.is_some_and(|st| st.st_ino == self.inode))
+        {
+            let _ = nix::unistd::unlinkat(
+                self.dir.fd(),
+                self.dir.name(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
         }
     }
 }
@@ -150,6 +203,29 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     unblock_stop_signals();
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
+    // uid-per-session: lock the state directory, then kill and remove what the
+    // sessions of a dead daemon left under their uids, before any session starts.
+    if ctx.config.commands.isolation == IsolationMode::UidPerSession {
+        let c = &ctx.config.commands;
+        let (range, state_dir, private_tmp) = (c.uid_range, c.state_dir.clone(), c.private_tmp);
+        let isolation = tokio::task::spawn_blocking(move || {
+            let isolation = Isolation::init(range, &state_dir, private_tmp)?;
+            let recovered = isolation.recover();
+            Ok::<_, crate::isolation::IsolationError>((isolation, recovered))
+        })
+        .await
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+        let (isolation, recovered) = isolation?;
+        if recovered.uids > 0 {
+            tracing::warn!(
+                uids = recovered.uids,
+                processes = recovered.processes,
+                "recovered the uids of a dead daemon's sessions: processes killed, homes removed"
+            );
+        }
+        tracing::info!(uid_range = %range, "isolation: a uid of its own per session");
+        ctx.isolation = Some(Arc::new(isolation));
+    }
     // The kernel isolation layer: set up our subtree, clean what a crashed daemon left.
     // (cgroup file I/O runs off the async workers, like all of it)
     let cgroups_config = ctx.config.cgroups.clone();
@@ -263,6 +339,10 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     if let Some(cgroups) = ctx.cgroups.clone() {
         // Sessions ended cleanly remove their own cgroups; this catches a forced stop.
         let _ = tokio::task::spawn_blocking(move || cgroups.teardown()).await;
+    }
+    if let Some(isolation) = ctx.isolation.clone() {
+        // Sessions that ended cleanly freed their uids; this catches a forced stop.
+        let _ = tokio::task::spawn_blocking(move || isolation.release_all()).await;
     }
     socket.remove();
     tracing::info!(?exit, "sessiond stopped");

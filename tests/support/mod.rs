@@ -69,6 +69,8 @@ pub struct TestDaemon {
     pub tag: String,
     child: Option<Child>,
     pub stderr_path: PathBuf,
+    /// The uids of a `start_isolated` daemon's sessions.
+    uid_range: Option<(u32, u32)>,
 }
 
 fn merge(base: &mut toml::Table, extra: toml::Table) {
@@ -85,7 +87,39 @@ fn merge(base: &mut toml::Table, extra: toml::Table) {
 impl TestDaemon {
     /// Starts a daemon with test defaults plus `extra` (TOML, merged over them).
     pub fn start(extra: &str) -> TestDaemon {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), extra)
+    }
+
+    /// Starts a daemon under `isolation = "uid-per-session"` with `uids` uids
+    /// (and as many sessions at most), plus `extra`. Each such daemon of this
+    /// test process gets a uid range of its own (the crash recovery of one
+    /// would kill the sessions of another on the same range), its homes
+    /// under `<dir>/state`, and a temp dir others may search (0711), so
+    /// session uids reach their homes and other client uids the socket.
+    pub fn start_isolated(uids: u32, extra: &str) -> TestDaemon {
+        use std::os::unix::fs::PermissionsExt;
+        static NEXT_BLOCK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        assert!((1..=16).contains(&uids), "at most 16 uids per test daemon");
+        let block = NEXT_BLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
+        let first = 400_000 + (std::process::id() % 4096) * 256 + block * 16;
         let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let mut config: toml::Table = toml::from_str(&format!(
+            "[sessions]\nmax_sessions = {uids}\n[commands]\nisolation = \"uid-per-session\"\nuid_range = \"{first}-{last}\"\nstate_dir = \"{state}\"\n",
+            last = first + uids - 1,
+            state = dir.path().join("state").display(),
+        ))
+        .unwrap();
+        merge(
+            &mut config,
+            toml::from_str(extra).expect("extra config is TOML"),
+        );
+        let mut daemon = Self::start_in(dir, &toml::to_string(&config).unwrap());
+        daemon.uid_range = Some((first, first + uids - 1));
+        daemon
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &str) -> TestDaemon {
         let socket = dir.path().join("sessiond.sock");
         let tag = format!("t{}", uuid::Uuid::new_v4().simple());
         let work = dir.path().join("work");
@@ -132,6 +166,7 @@ SESSIOND_TEST_TAG = "{tag}"
             tag,
             child: Some(child),
             stderr_path,
+            uid_range: None,
         }
     }
 
@@ -204,6 +239,11 @@ SESSIOND_TEST_TAG = "{tag}"
     /// The daemon's pid.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Where the homes of a `start_isolated` daemon's sessions are.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// The working directory sessions start in.
@@ -339,6 +379,20 @@ impl Drop for TestDaemon {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+        // ...so does anything of its session uids (a failed test may have
+        // broken their cleanup): processes, SysV IPC, files in the shared tmp dirs...
+        if let Some((first, last)) = self.uid_range {
+            use sessiond::isolation::cleanup;
+            let ours = |u: u32| (first..=last).contains(&u);
+            for (pid, _) in cleanup::processes_of(&ours) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            cleanup::remove_sysv_ipc(&ours);
+            cleanup::remove_files_in(&cleanup::SHARED_TMP, &ours);
         }
         // ...and its cgroups go, deepest first (only this daemon's own subtree).
         for dir in self.cgroup_dirs() {

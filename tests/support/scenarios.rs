@@ -264,6 +264,39 @@ pub async fn fork_bomb(c: &Client) {
     assert!(r.timed_out, "{r:?}");
 }
 
+/// A command tries to touch another session: signal its process, read its
+/// environment. Only on a `uid-per-session` daemon (under `shared` the
+/// sessions are one uid and nothing stops it): both attempts fail with
+/// EPERM/EACCES and the other session's process lives on.
+pub async fn touch_another_session(c: &Client) {
+    let victim = session(c, None).await;
+    let r = exec_bounded(
+        c,
+        &victim,
+        cmd("sleep 60 > /dev/null 2>&1 < /dev/null & echo $!", 10.0),
+    )
+    .await;
+    let pid = printed_pid(&r);
+    let attacker = session(c, None).await;
+    let r = exec_bounded(
+        c,
+        &attacker,
+        cmd(
+            &format!(
+                "kill -KILL {pid}; echo kill=$?; cat /proc/{pid}/environ > /dev/null; echo environ=$?"
+            ),
+            10.0,
+        ),
+    )
+    .await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("kill=1") && out.contains("environ=1"), "{out}");
+    assert!(alive(pid), "the other session's process is untouched");
+    c.destroy_session(&attacker).await.expect("session.destroy");
+    c.destroy_session(&victim).await.expect("session.destroy");
+    wait_dead(pid, "the victim's process dies with its own session").await;
+}
+
 // ------------------------------------------------------------ hostile clients
 
 /// Garbage inside a frame is INVALID_REQUEST and the connection goes on;

@@ -44,6 +44,8 @@ async fn parse(
             let is_dir = tokio::task::spawn_blocking(move || probe.is_dir())
                 .await
                 .unwrap_or(false);
+            // Under uid-per-session, whether the session's uid may enter it is
+            // checked by the session's setup: the uid is not known before.
             if !path.is_absolute() || !is_dir {
                 return Err(RequestError::InvalidRequest(format!(
                     "param `cwd`: {cwd:?} is not an absolute path to an existing directory"
