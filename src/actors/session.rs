@@ -367,7 +367,10 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
-                state.running.remove(&cell.get_id());
+                // Retired here too, not only on its `CommandDone`: ractor hands
+                // supervision events over before queued messages, so this may
+                // come first, and a bare removal lost the ended command's record.
+                state.retire(&myself, &cell.get_id());
                 state.end_if_idle(&myself).await;
             }
             SupervisionEvent::ActorFailed(cell, err) => {
