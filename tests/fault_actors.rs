@@ -43,6 +43,18 @@ async fn a_command_actor_panic_kills_its_cgroup_leaf_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_command_actor_panic_answers_its_waiting_readers_and_stream_internal() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let inv = Invariants::baseline(&d, &c).await;
+    sc::command_panic_with_readers(&c, &d.socket, &d.work_dir()).await;
+    assert_eq!(c.stats().await.unwrap().runtime.actor_failures_total, 2);
+    inv.check_after(&d, &c).await;
+    drop(c);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_session_actor_failure_loses_that_session_only() {
     let d = TestDaemon::start("");
     let c = Arc::new(d.client().await);

@@ -1,6 +1,7 @@
 //! Fault scenarios: signals to the daemon under load. SIGTERM drains and ends
-//! everything cleanly; SIGKILL loses the sessions, and the next daemon removes
-//! whatever the dead one left.
+//! everything cleanly (streaming clients get their final frame or a clean
+//! close); SIGKILL loses the sessions, and the next daemon removes whatever
+//! the dead one left.
 
 mod support;
 
@@ -9,9 +10,12 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use sessiond::client::Client;
-use sessiond::protocol::KilledBy;
+use sessiond::protocol::{Event, ExecParams, KilledBy};
 use support::scenarios::{self as sc};
-use support::{Invariants, TestDaemon, alive, spawn_run, wait_until, wait_until_async};
+use support::{
+    Invariants, TestDaemon, alive, request, spawn_run, wait_running, wait_until, wait_until_async,
+    within,
+};
 
 /// Starts `sleep 60` (with a background `sleep 300`) in `n` new sessions; returns the sessions, every pid and the runs.
 async fn load(
@@ -108,6 +112,78 @@ async fn sigterm_under_load_drains_then_ends_everything_cleanly() {
     for pid in long_pids.iter().chain(&flood_pids).chain(&short_pids) {
         assert!(!alive(*pid), "process {pid} outlived the daemon");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_commands_stream_gives_every_streamer_its_end() {
+    let mut d = TestDaemon::start(
+        "[server]\nshutdown_grace = \"2s\"\n[sessions]\nmax_sessions_per_client = 16\n",
+    );
+    let c = d.client().await;
+    // Three clients streaming and reading along, each on its own connection.
+    let mut streamers = Vec::new();
+    for _ in 0..3 {
+        let s = sc::session(&c, None).await;
+        let client = d.client().await;
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        streamers.push((
+            tokio::spawn(async move {
+                let mut stream = client
+                    .exec_stream(ExecParams {
+                        session_id: s,
+                        command: "while :; do echo tick; sleep 0.05; done".into(),
+                        ..Default::default()
+                    })
+                    .await?;
+                let mut seen_tx = Some(seen_tx);
+                while let Some(event) = stream.next_event().await? {
+                    if matches!(event, Event::Output { .. }) {
+                        if let Some(tx) = seen_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                stream.result().await
+            }),
+            seen_rx,
+        ));
+    }
+    // One streaming a flood and never reading.
+    let s = sc::session(&c, None).await;
+    let mut idle = d.raw();
+    idle.send(&request(
+        1,
+        "exec.run",
+        vec![
+            ("session_id", s.as_str().into()),
+            ("command", "cat /dev/zero".into()),
+            ("stream", true.into()),
+        ],
+    ));
+    for (_, seen) in &mut streamers {
+        within(Duration::from_secs(20), "a streamer's first output", seen)
+            .await
+            .expect("output before the SIGTERM");
+    }
+    wait_running(&c, 4).await;
+
+    d.signal(Signal::SIGTERM);
+    // Every reading streamer gets its result: killed at the grace's end.
+    for (run, _) in streamers {
+        let r = within(Duration::from_secs(30), "a streamer's final frame", run)
+            .await
+            .unwrap()
+            .expect("the result, not a lost connection");
+        assert_eq!(r.killed_by, Some(KilledBy::Shutdown), "{r:?}");
+    }
+    // The non-reader's connection ends (after whatever it was sent), never hangs.
+    let drained = support::blocking(move || idle.read_until_closed()).await;
+    assert!(
+        drained.is_ok(),
+        "the non-reader's connection was kept: {drained:?}"
+    );
+    drop(c);
+    d.check_clean_exit();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -64,6 +64,8 @@ const READ_TIMEOUT: Duration = Duration::from_millis(500);
 const BURST: u64 = 20;
 const OUTPUT_CAP: usize = 1 << 20;
 const UNSENT_BUDGET: u64 = 1 << 20;
+/// What a streaming non-reader's command writes (past the cap: truncated).
+const STREAM_FLOOD: u64 = 64 << 20;
 /// No single operation may take longer; a hang is a failure.
 const OP_DEADLINE: Duration = Duration::from_secs(90);
 
@@ -98,7 +100,12 @@ enum Op {
     DisconnectMidExec,
     ConnectionBurst,
     NeverReads,
+    StreamAndRead,
+    StreamNeverReads,
+    StartWriteCancel,
+    Reattach,
     CommandPanic,
+    CommandPanicWithReaders,
     CommandError,
     SessionPanic,
     SessionError,
@@ -135,7 +142,12 @@ impl Op {
             Op::DisconnectMidExec => "disconnect_mid_exec",
             Op::ConnectionBurst => "connection_burst",
             Op::NeverReads => "never_reads",
+            Op::StreamAndRead => "stream_and_read",
+            Op::StreamNeverReads => "stream_never_reads",
+            Op::StartWriteCancel => "start_write_cancel",
+            Op::Reattach => "reattach",
             Op::CommandPanic => "command_panic",
+            Op::CommandPanicWithReaders => "command_panic_readers",
             Op::CommandError => "command_error",
             Op::SessionPanic => "session_panic",
             Op::SessionError => "session_error",
@@ -154,7 +166,12 @@ impl Op {
     fn is_fault(self) -> bool {
         !matches!(
             self,
-            Op::NormalWork | Op::SessionChurn | Op::CancelRunning | Op::Audit
+            Op::NormalWork
+                | Op::SessionChurn
+                | Op::CancelRunning
+                | Op::StreamAndRead
+                | Op::StartWriteCancel
+                | Op::Audit
         )
     }
 }
@@ -182,7 +199,12 @@ const OPS: &[(Op, Kind, u32, bool)] = &[
     (Op::DisconnectMidExec, Kind::Shared, 30, false),
     (Op::ConnectionBurst, Kind::Shared, 20, false),
     (Op::NeverReads, Kind::Shared, 10, false),
+    (Op::StreamAndRead, Kind::Shared, 40, false),
+    (Op::StreamNeverReads, Kind::Shared, 10, false),
+    (Op::StartWriteCancel, Kind::Shared, 40, false),
+    (Op::Reattach, Kind::Shared, 30, false),
     (Op::CommandPanic, Kind::Shared, 20, false),
+    (Op::CommandPanicWithReaders, Kind::Shared, 10, false),
     (Op::CommandError, Kind::Shared, 20, false),
     (Op::SessionPanic, Kind::Shared, 20, false),
     (Op::SessionError, Kind::Shared, 10, false),
@@ -415,6 +437,24 @@ async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garba
         Op::NeverReads => {
             sc::never_reads(c, &socket, UNSENT_BUDGET).await;
             e.slow_readers.fetch_add(1, Ordering::SeqCst);
+        }
+        Op::StreamAndRead => sc::stream_and_read(c).await,
+        Op::StreamNeverReads => {
+            let budgets = sc::StreamBudgets {
+                unsent: UNSENT_BUDGET,
+                output_cap: OUTPUT_CAP as u64,
+            };
+            let daemon = (w.d.pid(), w.inv.rss_bound);
+            if sc::stream_never_reads(c, &socket, &work, daemon, STREAM_FLOOD, budgets).await {
+                e.slow_readers.fetch_add(1, Ordering::SeqCst);
+            }
+            e.output_truncated.fetch_add(1, Ordering::SeqCst);
+        }
+        Op::StartWriteCancel => sc::start_write_cancel(c).await,
+        Op::Reattach => sc::reattach(c, &socket).await,
+        Op::CommandPanicWithReaders => {
+            sc::command_panic_with_readers(c, &socket, &work).await;
+            e.actor_failures.fetch_add(2, Ordering::SeqCst);
         }
         Op::CommandPanic | Op::CommandError | Op::SessionPanic | Op::SessionError => {
             let action = if matches!(op, Op::CommandPanic | Op::SessionPanic) {

@@ -12,10 +12,14 @@ use std::time::Duration;
 use sessiond::client::Client;
 use sessiond::fault::{FaultAction, FaultParams, FaultResult, FaultTarget};
 use sessiond::protocol::{
-    CreateParams, ExecParams, ExecResult, KeepOutput, KilledBy, SessionLimits,
+    CommandResult, CreateParams, Event, ExecParams, ExecResult, KeepOutput, KilledBy, ReadParams,
+    SessionLimits, StreamName,
 };
 
-use super::{RawConn, alive, error_code, get, printed_pid, request, wait_until_async, within};
+use super::{
+    RawConn, alive, blocking, error_code, get, printed_pid, request, rss_of, wait_until_async,
+    within,
+};
 
 /// How long a scenario waits for an answer that needs no command to finish.
 const ANSWER: Duration = Duration::from_secs(30);
@@ -701,4 +705,713 @@ pub async fn supervisor_fault(c: &Client) {
         c.run(&s, "true").await.unwrap_err().code(),
         Some("SESSION_NOT_FOUND")
     );
+}
+
+// ------------------------------------------------------ long-running commands
+
+/// Unsent bytes on a connection above which the daemon makes no output event
+/// (src/server/methods/exec_run.rs `EVENT_BACKLOG`), and the most one event
+/// adds to them (a 64 KiB chunk and its envelope).
+const EVENT_BACKLOG: u64 = 256 << 10;
+const EVENT_MAX: u64 = (64 << 10) + 1024;
+
+/// A daemon's `server.max_unsent_bytes` and `commands.max_output_bytes`:
+/// together they decide what becomes of a streaming client that never reads.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamBudgets {
+    pub unsent: u64,
+    pub output_cap: u64,
+}
+
+impl StreamBudgets {
+    /// Whether a streaming non-reader's connection is dropped when its result
+    /// comes. Its events stop once more than `EVENT_BACKLOG` is unsent, so when
+    /// the command ends its queue holds more than that and at most one event
+    /// more; the result (a capped stream: `output_cap` bytes plus envelope) is
+    /// queued only if it fits in the budget on top of them, else the
+    /// connection is dropped as a slow reader. Budgets between the two bounds
+    /// could go either way and are refused.
+    pub fn result_dropped(self) -> bool {
+        if self.output_cap + EVENT_BACKLOG >= self.unsent {
+            true
+        } else if self.output_cap + EVENT_BACKLOG + EVENT_MAX + 1024 <= self.unsent {
+            false
+        } else {
+            panic!("{self:?}: the outcome would depend on the events' sizes; pick budgets apart")
+        }
+    }
+}
+
+/// One streaming request's frames read off a raw connection: the id of its
+/// `started` event (which must come first), its output events in order
+/// (stream, offset, data), and its final frame (`None`: the connection ended
+/// first, maybe in the middle of a frame).
+struct RawStream {
+    command_id: String,
+    outputs: Vec<(String, u64, Vec<u8>)>,
+    last: Option<rmpv::Value>,
+}
+
+impl RawStream {
+    /// Reads frames of request `id` until its final frame or the connection's end.
+    fn read(conn: &mut RawConn, id: u64) -> RawStream {
+        let command_id = Self::started(conn, id);
+        Self::rest(conn, id, command_id, Vec::new())
+    }
+
+    /// Reads the first frame of request `id`, which must be `started`; its command id.
+    fn started(conn: &mut RawConn, id: u64) -> String {
+        let first = conn.read().expect("the started event");
+        assert_eq!(get(&first, "id").as_u64(), Some(id));
+        assert_eq!(
+            get(&first, "event").as_str(),
+            Some("started"),
+            "`started` comes first"
+        );
+        get(&first, "command_id")
+            .as_str()
+            .expect("a command id")
+            .to_string()
+    }
+
+    /// One frame of request `id`: an output event, or (`Err`) its final frame
+    /// (`None`: the connection ended first).
+    fn next(conn: &mut RawConn, id: u64) -> Result<(String, u64, Vec<u8>), Option<rmpv::Value>> {
+        let frame = conn.read().ok_or(None)?;
+        assert_eq!(get(&frame, "id").as_u64(), Some(id));
+        match get(&frame, "event").as_str() {
+            Some("output") => Ok((
+                get(&frame, "stream").as_str().expect("a stream").into(),
+                get(&frame, "offset").as_u64().expect("an offset"),
+                get(&frame, "data").as_slice().expect("data").to_vec(),
+            )),
+            Some(other) => panic!("unexpected event `{other}` after `started`"),
+            None => Err(Some(frame)),
+        }
+    }
+
+    /// Reads the events after `outputs` until the final frame or the connection's end.
+    fn rest(
+        conn: &mut RawConn,
+        id: u64,
+        command_id: String,
+        mut outputs: Vec<(String, u64, Vec<u8>)>,
+    ) -> RawStream {
+        loop {
+            match Self::next(conn, id) {
+                Ok(output) => outputs.push(output),
+                Err(last) => {
+                    return RawStream {
+                        command_id,
+                        outputs,
+                        last,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Per stream: the offsets never go back nor overlap; returns the end of
+    /// what the events carried and the gaps they showed (start, end) per stream.
+    fn check_offsets(&self) -> std::collections::HashMap<String, (u64, Vec<(u64, u64)>)> {
+        let mut seen: std::collections::HashMap<String, (u64, Vec<(u64, u64)>)> =
+            Default::default();
+        for (stream, offset, data) in &self.outputs {
+            assert!(!data.is_empty(), "an output event carries bytes");
+            let (end, gaps) = seen.entry(stream.clone()).or_default();
+            assert!(
+                *offset >= *end,
+                "{stream}: an event at {offset} goes back before {end}"
+            );
+            if *offset > *end {
+                gaps.push((*end, *offset));
+            }
+            *end = offset + data.len() as u64;
+        }
+        seen
+    }
+}
+
+/// The id of the command `s` runs, from `session.list` (another connection's view).
+async fn running_command(c: &Client, s: &str) -> String {
+    within(ANSWER, "the command is listed with its id", async {
+        loop {
+            let list = c.list_sessions().await.expect("session.list");
+            let listed = list
+                .sessions
+                .into_iter()
+                .find(|i| i.session_id == s)
+                .and_then(|i| i.command_id);
+            if let Some(id) = listed {
+                return id;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// Waits up to `wait_s` for command `id` to end (reading no bytes: the
+/// offsets are past any end); its result once it has.
+async fn ended(c: &Client, id: &str, wait_s: f64) -> Option<CommandResult> {
+    let r = c
+        .read(ReadParams {
+            command_id: id.into(),
+            stdout_offset: u64::MAX,
+            stderr_offset: u64::MAX,
+            wait_s: Some(wait_s),
+        })
+        .await
+        .expect("exec.read");
+    assert!(r.stdout.is_empty() && r.stderr.is_empty());
+    assert_eq!(r.done, r.result.is_some());
+    r.result
+}
+
+/// Reads command `id` with `exec.read` from offset 0 to its end: (stdout,
+/// stderr, result). Nothing may be skipped: the output must fit the retention.
+pub async fn read_to_end(c: &Client, id: &str) -> (Vec<u8>, Vec<u8>, CommandResult) {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    within(ANSWER, "exec.read to the command's end", async {
+        loop {
+            let r = c
+                .read(ReadParams {
+                    command_id: id.into(),
+                    stdout_offset: stdout.len() as u64,
+                    stderr_offset: stderr.len() as u64,
+                    wait_s: Some(10.0),
+                })
+                .await
+                .expect("exec.read");
+            assert_eq!(
+                (r.stdout_offset, r.stderr_offset),
+                (stdout.len() as u64, stderr.len() as u64),
+                "nothing skipped"
+            );
+            stdout.extend_from_slice(&r.stdout);
+            stderr.extend_from_slice(&r.stderr);
+            assert_eq!(
+                (r.stdout_next, r.stderr_next),
+                (stdout.len() as u64, stderr.len() as u64)
+            );
+            if let Some(result) = r.result {
+                assert!(r.done);
+                return (stdout, stderr, result);
+            }
+        }
+    })
+    .await
+}
+
+/// A client that streams a command writing `bytes` and never reads. The
+/// command runs to its end by itself at drain speed (seen from another
+/// connection, which is served meanwhile), the daemon's RSS stays under
+/// `daemon.1` (sampled while it runs), the session runs its next command.
+/// When the client finally reads: `started`, then output events from offset 0
+/// on that never go back and stop far short of `bytes` (no event is made
+/// while the client is behind; the skipped bytes show against the result's
+/// `stdout_total_bytes`), then the result — or, when `budgets` say the result
+/// cannot be queued behind the unread events, the connection's end instead
+/// (dropped as a slow reader). Returns whether it was dropped.
+pub async fn stream_never_reads(
+    c: &Client,
+    socket: &Path,
+    work_dir: &Path,
+    daemon: (i32, u64),
+    bytes: u64,
+    budgets: StreamBudgets,
+) -> bool {
+    let dropped = budgets.result_dropped();
+    assert!(
+        bytes > 2 * budgets.output_cap + (1 << 20),
+        "a flood past the cap"
+    );
+    let s = session(c, None).await;
+    let gate = work_dir.join(format!("{s}.go"));
+    let mut conn = RawConn::connect(socket);
+    conn.send(&request(
+        7,
+        "exec.run",
+        vec![
+            ("session_id", s.as_str().into()),
+            (
+                "command",
+                format!(
+                    "while [ ! -e {} ]; do sleep 0.01; done; head -c {bytes} /dev/zero",
+                    gate.display()
+                )
+                .into(),
+            ),
+            ("stream", true.into()),
+            ("timeout_s", 120.0.into()),
+        ],
+    ));
+    let id = running_command(c, &s).await;
+    std::fs::write(&gate, "").unwrap();
+    let (pid, rss_bound) = daemon;
+    let mut peak = 0;
+    let result = within(
+        Duration::from_secs(120),
+        "the unread command ends by itself",
+        async {
+            loop {
+                peak = peak.max(rss_of(pid));
+                if let Some(r) = ended(c, &id, 0.5).await {
+                    break r;
+                }
+                assert!(c.ping().await.expect("others are served").pong);
+            }
+        },
+    )
+    .await;
+    let _ = std::fs::remove_file(&gate);
+    assert!(peak < rss_bound, "daemon RSS {peak} over {rss_bound}");
+    assert_eq!(
+        (
+            result.exit_code,
+            result.stdout_total_bytes,
+            result.stdout_truncated
+        ),
+        (Some(0), bytes, true)
+    );
+    let r = exec_bounded(c, &s, cmd("echo next", 10.0)).await;
+    assert_eq!(r.stdout.as_ref(), b"next\n", "the session is free again");
+
+    let stream = blocking(move || RawStream::read(&mut conn, 7)).await;
+    assert_eq!(stream.command_id, id);
+    let ends = stream.check_offsets();
+    assert!(
+        stream
+            .outputs
+            .iter()
+            .all(|(name, _, data)| name == "stdout" && data.iter().all(|b| *b == 0)),
+        "only stdout's zeros"
+    );
+    assert_eq!(
+        stream.outputs.first().map(|o| o.1),
+        Some(0),
+        "the first event is the first bytes"
+    );
+    let seen = ends.get("stdout").map_or(0, |e| e.0);
+    assert!(
+        seen < bytes / 2,
+        "events stop while the client is behind: {seen} of {bytes} bytes"
+    );
+    match (&stream.last, dropped) {
+        (None, true) => {}
+        (Some(last), false) => {
+            let r = get(last, "result");
+            assert_eq!(
+                (
+                    get(r, "command_id").as_str(),
+                    get(r, "stdout_total_bytes").as_u64(),
+                    get(r, "stdout").as_slice().map(<[u8]>::len),
+                ),
+                (
+                    Some(id.as_str()),
+                    Some(bytes),
+                    Some(budgets.output_cap as usize)
+                ),
+                "the result after the events"
+            );
+        }
+        (last, _) => panic!(
+            "budgets {budgets:?}: expected {}, got {}",
+            if dropped {
+                "a dropped connection"
+            } else {
+                "the result"
+            },
+            match last {
+                Some(f) => format!("a final frame with error {:?}", error_code(f)),
+                None => "the connection's end".into(),
+            }
+        ),
+    }
+    c.destroy_session(&s).await.unwrap();
+    dropped
+}
+
+/// A streaming client that falls behind while its command writes `bytes`
+/// and catches up while the command still runs (it waits at a gate): the
+/// events go on from where they stopped through the retained head, then
+/// jump once — from the head's end to the retained window's start — and go
+/// on to the end; the result follows. Needs budgets under which the result
+/// is never dropped.
+pub async fn stream_reads_late(
+    c: &Client,
+    socket: &Path,
+    work_dir: &Path,
+    bytes: u64,
+    budgets: StreamBudgets,
+) {
+    assert!(
+        !budgets.result_dropped(),
+        "{budgets:?} would drop the result"
+    );
+    let cap = budgets.output_cap;
+    assert!(
+        bytes > 2 * cap + (1 << 20),
+        "a flood past the head and the window"
+    );
+    let s = session(c, None).await;
+    let gate = work_dir.join(format!("{s}.go"));
+    let mut conn = RawConn::connect(socket);
+    conn.send(&request(
+        8,
+        "exec.run",
+        vec![
+            ("session_id", s.as_str().into()),
+            (
+                "command",
+                format!(
+                    "head -c {bytes} /dev/zero; while [ ! -e {} ]; do sleep 0.01; done; echo end",
+                    gate.display()
+                )
+                .into(),
+            ),
+            ("stream", true.into()),
+            ("timeout_s", 120.0.into()),
+        ],
+    ));
+    let id = running_command(c, &s).await;
+    // Every byte written while the client reads nothing.
+    wait_until_async("the flood is written", Duration::from_secs(60), || async {
+        let r = c
+            .read(ReadParams {
+                command_id: id.clone(),
+                stdout_offset: u64::MAX,
+                stderr_offset: u64::MAX,
+                wait_s: Some(0.5),
+            })
+            .await
+            .expect("exec.read");
+        assert!(!r.done, "the command waits at its gate");
+        r.stdout_offset == bytes
+    })
+    .await;
+    let gate_for_reader = gate.clone();
+    let stream = blocking(move || {
+        // Catch up with the events while the command waits, then let it end.
+        let command_id = RawStream::started(&mut conn, 8);
+        let mut outputs = Vec::new();
+        loop {
+            let output = RawStream::next(&mut conn, 8).expect("events while the command runs");
+            let end = output.1 + output.2.len() as u64;
+            outputs.push(output);
+            if end == bytes {
+                break;
+            }
+        }
+        std::fs::write(&gate_for_reader, "").unwrap();
+        RawStream::rest(&mut conn, 8, command_id, outputs)
+    })
+    .await;
+    let _ = std::fs::remove_file(&gate);
+    assert_eq!(stream.command_id, id);
+    let ends = stream.check_offsets();
+    let (end, gaps) = &ends["stdout"];
+    // The flood's end at least. `end\n` too, unless the command ended before
+    // the streamer read it: the end cuts the stream to its kept head at once,
+    // so those last bytes show only in the result's total (a gap at the end).
+    assert!(
+        *end == bytes || *end == bytes + 4,
+        "the events reach the flood's end: {end} of {bytes} (+4)"
+    );
+    assert_eq!(
+        gaps,
+        &vec![(cap, bytes - cap)],
+        "one gap: from the retained head's end to the retained window's start"
+    );
+    let last = stream.last.expect("the result after the events");
+    let r = get(&last, "result");
+    assert_eq!(
+        (
+            get(r, "exit_code").as_i64(),
+            get(r, "stdout_total_bytes").as_u64()
+        ),
+        (Some(0), Some(bytes + 4))
+    );
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// A client that streams and reads along (through the client library): `started`
+/// first, then output events that carry every byte in order on each stream
+/// (the output is far under the event backlog, so nothing may be skipped),
+/// then the result, whose output and id agree with the events.
+pub async fn stream_and_read(c: &Client) {
+    let s = session(c, None).await;
+    let mut stream = c
+        .exec_stream(ExecParams {
+            session_id: s.clone(),
+            command: "for i in $(seq 1 2000); do echo line $i; done; echo oops >&2; exit 4".into(),
+            timeout_s: Some(60.0),
+            ..Default::default()
+        })
+        .await
+        .expect("exec.run stream");
+    let (mut id, mut stdout, mut stderr) = (None, Vec::new(), Vec::new());
+    within(ANSWER, "the events up to the result", async {
+        while let Some(event) = stream.next_event().await.expect("events") {
+            match event {
+                Event::Started { command_id } => {
+                    assert!(id.is_none(), "one `started`");
+                    id = Some(command_id);
+                }
+                Event::Output {
+                    stream,
+                    offset,
+                    data,
+                } => {
+                    assert!(id.is_some(), "`started` comes first");
+                    let out = match stream {
+                        StreamName::Stdout => &mut stdout,
+                        StreamName::Stderr => &mut stderr,
+                    };
+                    assert_eq!(offset, out.len() as u64, "{stream:?}: no gap, no overlap");
+                    out.extend_from_slice(&data);
+                }
+            }
+        }
+    })
+    .await;
+    let r = within(ANSWER, "the result", stream.result())
+        .await
+        .expect("the result");
+    let want: String = (1..=2000).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        (
+            r.exit_code,
+            r.command_id.as_deref(),
+            r.stdout.as_ref(),
+            r.stderr.as_ref()
+        ),
+        (Some(4), id.as_deref(), want.as_bytes(), &b"oops\n"[..])
+    );
+    assert_eq!(
+        (stdout.as_slice(), stderr.as_slice()),
+        (want.as_bytes(), &b"oops\n"[..])
+    );
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// A client that starts a streaming command with stdin open, sees its first
+/// output and hangs up mid-stream; from another connection the command is
+/// found by the id of its `started` event, written to, and read to its end:
+/// all its output and its result are there, and the session goes on.
+pub async fn reattach(c: &Client, socket: &Path) {
+    let s = session(c, None).await;
+    let id = {
+        let first = Client::connect(socket).await.expect("connect");
+        let mut stream = first
+            .exec_stream(ExecParams {
+                session_id: s.clone(),
+                command: "echo start; read x; echo got $x".into(),
+                stdin_open: true,
+                timeout_s: Some(60.0),
+                ..Default::default()
+            })
+            .await
+            .expect("exec.run stream");
+        let (mut id, mut out) = (None, Vec::new());
+        within(ANSWER, "`started` and the first output", async {
+            while !out.ends_with(b"start\n") {
+                match stream.next_event().await.expect("events") {
+                    Some(Event::Started { command_id }) => id = Some(command_id),
+                    Some(Event::Output {
+                        stream: StreamName::Stdout,
+                        offset,
+                        data,
+                    }) => {
+                        assert!(id.is_some(), "`started` comes first");
+                        assert_eq!(offset, out.len() as u64);
+                        out.extend_from_slice(&data);
+                    }
+                    other => panic!("before the command waits for input: {other:?}"),
+                }
+            }
+        })
+        .await;
+        id.unwrap()
+        // The first connection closes here, mid-stream.
+    };
+    assert_eq!(c.write(&id, b"hello\n", true).await.expect("exec.write"), 6);
+    let (stdout, stderr, result) = read_to_end(c, &id).await;
+    assert_eq!(
+        (stdout.as_slice(), stderr.as_slice()),
+        (&b"start\ngot hello\n"[..], &b""[..])
+    );
+    assert_eq!(
+        (result.exit_code, result.command_id.as_deref()),
+        (Some(0), Some(id.as_str()))
+    );
+    let r = exec_bounded(c, &s, cmd("echo next", 10.0)).await;
+    assert_eq!(r.stdout.as_ref(), b"next\n");
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// `exec.start` with stdin open, `exec.write`, `exec.read` until the echo,
+/// `exec.cancel` by id: the command ends cancelled with what it wrote, a
+/// second cancel finds nothing running, a write after the end is
+/// `INVALID_REQUEST`, and the session runs its next command.
+pub async fn start_write_cancel(c: &Client) {
+    let s = session(c, None).await;
+    let id = c
+        .start(ExecParams {
+            session_id: s.clone(),
+            command: "cat".into(),
+            stdin_open: true,
+            timeout_s: Some(60.0),
+            ..Default::default()
+        })
+        .await
+        .expect("exec.start");
+    assert_eq!(c.write(&id, b"ping\n", false).await.expect("exec.write"), 5);
+    let mut out = Vec::new();
+    within(ANSWER, "the echo of the write", async {
+        while out != b"ping\n" {
+            let r = c
+                .read(ReadParams {
+                    command_id: id.clone(),
+                    stdout_offset: out.len() as u64,
+                    stderr_offset: 0,
+                    wait_s: Some(10.0),
+                })
+                .await
+                .expect("exec.read");
+            assert!(!r.done, "cat runs until its stdin ends");
+            out.extend_from_slice(&r.stdout);
+        }
+    })
+    .await;
+    assert!(c.cancel_command(&id).await.expect("exec.cancel"));
+    let (stdout, _, result) = read_to_end(c, &id).await;
+    assert_eq!(
+        (stdout.as_slice(), result.killed_by),
+        (&b"ping\n"[..], Some(KilledBy::Cancelled))
+    );
+    assert!(
+        !c.cancel_command(&id).await.expect("exec.cancel"),
+        "nothing left to cancel"
+    );
+    let e = c
+        .write(&id, b"late", false)
+        .await
+        .expect_err("a write after the end");
+    assert_eq!(e.code(), Some("INVALID_REQUEST"), "{e}");
+    let r = exec_bounded(c, &s, cmd("echo next", 10.0)).await;
+    assert_eq!(r.stdout.as_ref(), b"next\n");
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// CommandActors panic while readers wait: in one session a started `sleep`
+/// with two `exec.read`s (`wait_s` 30) in flight from two connections, in
+/// another a streaming `exec.run`. Every waiting read and the stream answer
+/// `INTERNAL` within 10 s (not at their 30 s), the commands' processes die,
+/// the sessions run their next command, and a later read of the struck
+/// command is `INTERNAL` too. Two actor failures.
+pub async fn command_panic_with_readers(c: &Client, socket: &Path, work_dir: &Path) {
+    let started = session(c, None).await;
+    let streamed = session(c, None).await;
+    let pidfile = |s: &str| work_dir.join(format!("{s}.readers.pid"));
+    let id = c
+        .start(ExecParams {
+            session_id: started.clone(),
+            command: format!(
+                "sh -c 'echo $$ > {}; exec sleep 30'",
+                pidfile(&started).display()
+            ),
+            timeout_s: Some(60.0),
+            ..Default::default()
+        })
+        .await
+        .expect("exec.start");
+    let started_pid = read_pid_file(&pidfile(&started)).await;
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let reader = Arc::new(Client::connect(socket).await.expect("connect"));
+        let (r, id) = (reader.clone(), id.clone());
+        let read = tokio::spawn(async move {
+            r.read(ReadParams {
+                command_id: id,
+                stdout_offset: 0,
+                stderr_offset: 0,
+                wait_s: Some(30.0),
+            })
+            .await
+        });
+        // Answered after the read was taken off this connection.
+        assert!(reader.ping().await.expect("ping").pong);
+        readers.push((reader, read));
+    }
+    let streamer = Arc::new(Client::connect(socket).await.expect("connect"));
+    let (st, s2, file) = (streamer.clone(), streamed.clone(), pidfile(&streamed));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let stream = tokio::spawn(async move {
+        let mut stream = st
+            .exec_stream(ExecParams {
+                session_id: s2,
+                command: format!("sh -c 'echo $$ > {}; exec sleep 30'", file.display()),
+                timeout_s: Some(60.0),
+                ..Default::default()
+            })
+            .await?;
+        let mut started_tx = Some(started_tx);
+        while let Some(event) = stream.next_event().await? {
+            if let (Event::Started { .. }, Some(tx)) = (event, started_tx.take()) {
+                let _ = tx.send(());
+            }
+        }
+        stream.result().await
+    });
+    within(ANSWER, "the streaming run's `started`", started_rx)
+        .await
+        .expect("the started event");
+    let streamed_pid = read_pid_file(&pidfile(&streamed)).await;
+    for (_, read) in &readers {
+        assert!(!read.is_finished(), "a read answered before the fault");
+    }
+
+    let struck = std::time::Instant::now();
+    for s in [&started, &streamed] {
+        assert_eq!(
+            inject(c, FaultTarget::Command, FaultAction::Panic, Some(s)).await,
+            1
+        );
+    }
+    let prompt = Duration::from_secs(10);
+    for (_, read) in readers {
+        let e = within(prompt, "a waiting read's answer to the panic", read)
+            .await
+            .unwrap()
+            .expect_err("a waiting read of the struck command");
+        assert_eq!(e.code(), Some("INTERNAL"), "{e}");
+    }
+    let e = within(prompt, "the stream's answer to the panic", stream)
+        .await
+        .unwrap()
+        .expect_err("the struck streaming run");
+    assert_eq!(e.code(), Some("INTERNAL"), "{e}");
+    assert!(
+        struck.elapsed() < prompt,
+        "answered after {:?}",
+        struck.elapsed()
+    );
+    wait_dead(started_pid, "the started command's process dies").await;
+    wait_dead(streamed_pid, "the streamed command's process dies").await;
+    let e = c
+        .read(ReadParams {
+            command_id: id,
+            stdout_offset: 0,
+            stderr_offset: 0,
+            wait_s: None,
+        })
+        .await
+        .expect_err("a read after the panic");
+    assert_eq!(e.code(), Some("INTERNAL"), "{e}");
+    for s in [&started, &streamed] {
+        let r = exec_bounded(c, s, cmd("echo next", 10.0)).await;
+        assert_eq!(r.stdout.as_ref(), b"next\n", "the session goes on");
+        c.destroy_session(s).await.unwrap();
+    }
 }
