@@ -40,3 +40,8 @@ pub const UID_KILL_POLL: Duration = Duration::from_millis(10);
 /// …at most this many times; a uid whose processes are still alive then is
 /// held back from the pool until a later cleanup succeeds.
 pub const UID_KILL_ROUNDS: u32 = 200;
+
+/// How long after a command's end its output keeps the window of its last
+/// bytes (for a streaming reader that has not read them yet) before it is cut
+/// to what the result keeps.
+pub const TRIM_AFTER_END: Duration = Duration::from_millis(500);

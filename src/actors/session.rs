@@ -135,6 +135,8 @@ pub enum SessionMsg {
     },
     /// Drop retained commands that ended more than `retain_finished` ago.
     PruneRetained,
+    /// Cut the retained commands that ended `TRIM_AFTER_END` ago to their kept output.
+    TrimRetained,
     /// A CommandActor finished; `state` is the terminal state it left, if it ended by itself.
     CommandDone {
         command: ActorId,
@@ -335,6 +337,7 @@ impl Actor for SessionActor {
                 );
             }
             SessionMsg::PruneRetained => state.prune_retained(),
+            SessionMsg::TrimRetained => state.trim_retained(),
             SessionMsg::Describe { reply } => {
                 let _ = reply.send(state.describe());
             }
@@ -688,11 +691,23 @@ impl SessionState {
         if commands.retain_per_session == 0 {
             return;
         }
+        // Its window goes a little later, not now: a streaming reader that
+        // keeps up may not have read the last bytes yet.
+        myself.send_after(timing::TRIM_AFTER_END, || SessionMsg::TrimRetained);
         self.retained.push_back((Instant::now(), running.record));
         while self.retained.len() > commands.retain_per_session {
             self.retained.pop_front();
         }
         myself.send_after(commands.retain_finished, || SessionMsg::PruneRetained);
+    }
+
+    /// Cuts the retained commands that ended `TRIM_AFTER_END` ago or more to their kept output.
+    fn trim_retained(&mut self) {
+        for (ended, record) in &self.retained {
+            if ended.elapsed() >= timing::TRIM_AFTER_END {
+                record.output.trim();
+            }
+        }
     }
 
     /// Drops retained commands that ended `retain_finished` ago or more.

@@ -104,21 +104,23 @@ impl LiveOutput {
         self.streams().last_output
     }
 
-    /// The command ended: cut each stream to its kept output, close stdin,
-    /// and wake every reader. Readers see `ended()` from here on.
+    /// The command ended: close stdin and wake every reader. Readers see
+    /// `ended()` from here on; the streams keep their window until [`Self::trim`].
     pub fn end(&self) {
-        {
-            let mut s = self.streams();
-            s.stdout.finish();
-            s.stderr.finish();
-            s.ended = true;
-        }
+        self.streams().ended = true;
         if let Ok(mut stdin) = self.stdin.try_lock() {
             if !matches!(*stdin, Stdin::NotOpen) {
                 *stdin = Stdin::Closed;
             }
         }
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Cuts each stream to its kept output (what a finished command retains).
+    pub fn trim(&self) {
+        let mut s = self.streams();
+        s.stdout.finish();
+        s.stderr.finish();
     }
 
     /// Whether [`Self::end`] was called.

@@ -103,34 +103,41 @@ impl StreamBuffer {
         self.total > self.cap as u64
     }
 
-    /// The command ended: keep only what the result keeps (the retained output of a finished command).
-    pub fn finish(&mut self) {
-        if self.finished {
-            return;
-        }
-        self.finished = true;
+    /// How many of the window's last bytes the result keeps (after the head, never twice).
+    fn tail_kept(&self) -> usize {
         let tail_keep = match self.keep {
             Keep::Head => 0,
             Keep::Tail => self.cap,
             Keep::Both => self.cap - self.cap / 2,
         };
-        // Never keep a byte twice: the tail starts after the head.
         let after_head = self.total.saturating_sub(self.head.len() as u64);
-        let tail_keep = tail_keep.min(usize::try_from(after_head).unwrap_or(usize::MAX));
-        let drop = self.window.len().saturating_sub(tail_keep);
+        tail_keep
+            .min(usize::try_from(after_head).unwrap_or(usize::MAX))
+            .min(self.window.len())
+    }
+
+    /// Drops what the result does not keep: what a finished command retains.
+    /// Called a little after the end (not at it), so a streaming reader
+    /// that keeps up still gets the last bytes from the window.
+    pub fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let drop = self.window.len() - self.tail_kept();
         self.window.drain(..drop);
         self.window.shrink_to_fit();
         self.head.shrink_to_fit();
         self.window_cap = 0;
     }
 
-    /// The output the result carries: the head, then the tail (after [`Self::finish`]).
+    /// The output the result carries: the head, then the kept tail (whether
+    /// or not [`Self::finish`] has cut the stream yet).
     pub fn kept(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.held());
+        let skip = self.window.len() - self.tail_kept();
+        let mut out = Vec::with_capacity(self.head.len() + self.window.len() - skip);
         out.extend_from_slice(&self.head);
-        let (a, b) = self.window.as_slices();
-        out.extend_from_slice(a);
-        out.extend_from_slice(b);
+        out.extend(self.window.range(skip..));
         out
     }
 
@@ -199,6 +206,7 @@ mod tests {
         ] {
             let mut s = fed(4, keep, data);
             assert!(s.truncated());
+            assert_eq!(s.kept(), want, "{keep:?}, before the cut");
             s.finish();
             assert_eq!(s.kept(), want, "{keep:?}");
             assert_eq!(

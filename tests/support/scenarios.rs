@@ -1111,12 +1111,12 @@ pub async fn stream_reads_late(
     assert_eq!(stream.command_id, id);
     let ends = stream.check_offsets();
     let (end, gaps) = &ends["stdout"];
-    // The flood's end at least. `end\n` too, unless the command ended before
-    // the streamer read it: the end cuts the stream to its kept head at once,
-    // so those last bytes show only in the result's total (a gap at the end).
-    assert!(
-        *end == bytes || *end == bytes + 4,
-        "the events reach the flood's end: {end} of {bytes} (+4)"
+    // Up to the last byte, `end\n` included: a stream keeps its window for a
+    // while after the command ended, so a reader that caught up reads it all.
+    assert_eq!(
+        *end,
+        bytes + 4,
+        "the events reach the command's last byte: {end} of {bytes} + 4"
     );
     assert_eq!(
         gaps,
