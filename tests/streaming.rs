@@ -658,3 +658,58 @@ fn a_client_that_falls_behind_sees_the_gap_in_offsets() {
     drop((conn, other));
     d.stop();
 }
+
+/// A streaming client that hangs up frees its connection slot at once; its
+/// command runs on and is still reachable by id.
+#[test]
+fn a_streaming_client_that_hangs_up_frees_its_slot_and_the_command_runs_on() {
+    let d = TestDaemon::start("");
+    let mut conn = d.raw();
+    let s = conn.create_session(1);
+    conn.send(&request(
+        2,
+        "exec.run",
+        vec![
+            ("session_id", s.as_str().into()),
+            // Output after the hang-up: the daemon learns of it when a write fails.
+            (
+                "command",
+                "echo up; while true; do echo tick; sleep 0.05; done".into(),
+            ),
+            ("stream", true.into()),
+        ],
+    ));
+    let started = conn.read().unwrap();
+    let id = get(&started, "command_id").as_str().unwrap().to_string();
+    drop(conn);
+    let mut other = d.raw();
+    wait_until(
+        "the hung-up connection is gone",
+        Duration::from_secs(5),
+        || {
+            other.send(&request(1, "system.stats", vec![]));
+            let r = other.read().unwrap();
+            get(get(get(&r, "result"), "clients"), "connections").as_u64() == Some(1)
+        },
+    );
+    other.send(&request(
+        2,
+        "exec.read",
+        vec![("command_id", id.as_str().into())],
+    ));
+    let r = other.read().unwrap();
+    let r = get(&r, "result");
+    assert_eq!(get(r, "done").as_bool(), Some(false), "the command runs on");
+    assert!(get(r, "stdout").as_slice().unwrap().starts_with(b"up\n"));
+    other.send(&request(
+        3,
+        "exec.cancel",
+        vec![("command_id", id.as_str().into())],
+    ));
+    assert_eq!(
+        get(get(&other.read().unwrap(), "result"), "cancelled").as_bool(),
+        Some(true)
+    );
+    drop(other);
+    d.stop();
+}

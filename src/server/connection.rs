@@ -329,6 +329,11 @@ impl EventSink {
     pub async fn progress(&self) {
         self.outbox.progress.notified().await
     }
+
+    /// Resolves when the connection's writer is gone (the client went away).
+    pub async fn closed(&self) {
+        self.outbox.tx.closed().await
+    }
 }
 
 /// A response on its way to the socket.

@@ -35,8 +35,10 @@ pub(super) async fn serve(
         ));
     }
     let record = start(daemon, uid, session_id, request).await?;
-    if stream {
-        stream_events(&record, events).await;
+    if stream && !stream_events(&record, events).await {
+        // The connection is gone: nobody to answer, and the command runs on
+        // (readable by id); stop holding the connection's slot for it.
+        return Err(RequestError::Internal("the connection closed".into()));
     }
     match record.ended().await {
         Ok(result) => Ok(record.exec_result(result)),
@@ -101,15 +103,15 @@ pub(super) fn parse(
 }
 
 /// Sends `started`, then output events as output comes, until the command
-/// has ended (or the connection is gone). Never holds the command back: it
-/// reads what the command's buffers still hold, and makes no event while
+/// has ended; false if the connection is gone. Never holds the command back:
+/// it reads what the command's buffers still hold, and makes no event while
 /// the client is behind by more than [`EVENT_BACKLOG`].
-async fn stream_events(record: &CommandRecord, events: &EventSink) {
+async fn stream_events(record: &CommandRecord, events: &EventSink) -> bool {
     let started = Event::Started {
         command_id: record.id.clone(),
     };
     if !events.send(&started).await {
-        return;
+        return false;
     }
     let mut changes = record.output.subscribe();
     let (mut stdout_at, mut stderr_at) = (0u64, 0u64);
@@ -118,11 +120,12 @@ async fn stream_events(record: &CommandRecord, events: &EventSink) {
         let ended = record.outcome().is_some();
         if events.backlog() > EVENT_BACKLOG {
             if ended {
-                return;
+                return true;
             }
             tokio::select! {
                 _ = events.progress() => {}
                 _ = record.ended() => {}
+                _ = events.closed() => return false,
             }
             continue;
         }
@@ -142,7 +145,7 @@ async fn stream_events(record: &CommandRecord, events: &EventSink) {
                 data: serde_bytes::ByteBuf::from(chunk.data),
             };
             if !events.send(&event).await {
-                return;
+                return false;
             }
             sent = true;
         }
@@ -150,9 +153,12 @@ async fn stream_events(record: &CommandRecord, events: &EventSink) {
             continue;
         }
         if ended {
-            return;
+            return true;
         }
-        let _ = changes.changed().await;
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = events.closed() => return false,
+        }
     }
 }
 
