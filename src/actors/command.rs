@@ -11,9 +11,9 @@ use super::command_record::{CommandRecord, FinishOnDrop};
 use super::session::SessionMsg;
 use crate::context::Context;
 use crate::process::kill::KillReason;
-use crate::process::output;
 use crate::process::run::{RunError, RunReport, RunSpec, run_command};
 use crate::process::shell::EnvMap;
+use crate::process::stream_buffer;
 use crate::process::table::SessionKey;
 use crate::process::terminal::{self, TerminalState};
 use crate::protocol::{CommandResult, KeepOutput, KilledBy, RequestError};
@@ -312,11 +312,11 @@ fn kill_reason(reason: KilledBy) -> KillReason {
 }
 
 /// The request's `keep_output`, for the process layer's capture.
-pub fn keep_output(keep: KeepOutput) -> output::KeepOutput {
+pub fn keep_output(keep: KeepOutput) -> stream_buffer::KeepOutput {
     match keep {
-        KeepOutput::Head => output::KeepOutput::Head,
-        KeepOutput::Tail => output::KeepOutput::Tail,
-        KeepOutput::Both => output::KeepOutput::Both,
+        KeepOutput::Head => stream_buffer::KeepOutput::Head,
+        KeepOutput::Tail => stream_buffer::KeepOutput::Tail,
+        KeepOutput::Both => stream_buffer::KeepOutput::Both,
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
-use super::stream_buffer::{Chunk, Keep, StreamBuffer};
+use super::stream_buffer::{Chunk, KeepOutput as Keep, StreamBuffer};
 
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

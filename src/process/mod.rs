@@ -3,7 +3,6 @@
 pub mod child;
 pub mod kill;
 pub mod live_output;
-pub mod output;
 pub mod procfs;
 pub mod reaper;
 pub mod run;

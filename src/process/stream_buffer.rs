@@ -11,7 +11,19 @@
 
 use std::collections::VecDeque;
 
-pub use super::output::KeepOutput as Keep;
+/// What to keep of a stream longer than its cap (the process layer's twin of the wire's `keep_output`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeepOutput {
+    /// The first bytes.
+    #[default]
+    Head,
+    /// The last bytes.
+    Tail,
+    /// The first half and the last half of the cap; the middle is dropped.
+    Both,
+}
+
+use KeepOutput as Keep;
 
 /// Bytes read from a stream at some offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
