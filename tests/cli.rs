@@ -157,7 +157,11 @@ fn ctrl_c_cancels_the_remote_command_and_leaves_nothing() {
         .unwrap();
     let mut lines = BufReader::new(cli.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "started");
-    assert!(!tagged_pids(&d.tag).is_empty(), "the command runs");
+    // The tag is in the environment of what the shell starts (`sleep`), which
+    // may not have started the instant `started` is read.
+    wait_until("the command runs", Duration::from_secs(10), || {
+        !tagged_pids(&d.tag).is_empty()
+    });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(cli.id() as i32),
         nix::sys::signal::Signal::SIGINT,
