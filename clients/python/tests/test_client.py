@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Callable, List
 
 import pytest
@@ -222,18 +221,17 @@ def test_frame_too_large_fails_the_connection(daemon: Daemon) -> None:
 
 
 def test_rate_limited_without_and_with_retry(make_daemon: Callable[..., Daemon]) -> None:
-    d = make_daemon("[rate_limit]\nrequests_per_second = 2\nburst = 1\n")
+    d = make_daemon("[rate_limit]\nrequests_per_second = 1\nburst = 1\n")
     with d.client() as c:
         c.stats()
         with pytest.raises(sessiond.RateLimited) as e:
             c.stats()
-        assert e.value.retry_after is not None and 0 < e.value.retry_after <= 1.0
+        assert e.value.retry_after is not None and 0 < e.value.retry_after <= 1.5
         assert c.ping().pong  # ping is exempt
     with d.client(retry=True) as c:
-        wait_until(lambda: _admitted(c), 5, "a token")
-        start = time.monotonic()
-        c.stats()  # refused at first, then admitted after retry_after_ms
-        assert time.monotonic() - start >= 0.2
+        before = c.stats().clients["rate_limited_total"]
+        after = c.stats().clients["rate_limited_total"]  # refused at first, then admitted
+        assert after > before
     with d.client(retry=True, max_retries=0) as c:
         wait_until(lambda: _admitted(c), 5, "a token")
         with pytest.raises(sessiond.RateLimited):
@@ -264,16 +262,15 @@ def test_call_timeouts(client: Client) -> None:
 def test_concurrent_calls_are_pipelined(client: Client) -> None:
     with client.session() as slow, client.session() as other:
         results: List[Any] = []
-        t = threading.Thread(target=lambda: results.append(slow.run("sleep 0.5; echo slow")))
+        t = threading.Thread(target=lambda: results.append(slow.run("sleep 30; echo slow")))
         t.start()
         wait_until(lambda: any(i.busy for i in client.list_sessions() if i.session_id == slow.session_id), 10, "busy")
-        start = time.monotonic()
         assert other.run("echo fast").text() == "fast\n"
         assert client.ping().pong
-        fast = time.monotonic() - start
+        assert results == [], "the second call waited for the first"
+        slow.cancel()
         t.join(20)
-        assert results[0].text() == "slow\n"
-        assert fast < 0.5, "the second call did not wait for the first"
+        assert results[0].killed_by == "cancelled"
 
 
 def test_connect_failure_names_the_socket(tmp_path: Any) -> None:
