@@ -15,7 +15,10 @@ command -v "$python" >/dev/null || { echo "$python is required" >&2; exit 1; }
 venv="$(mktemp -d "${TMPDIR:-/tmp}/sessiond-pyclient-ci.XXXXXX")"
 trap 'rm -rf "$venv"' EXIT
 "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$here[test]"
+# Installed from a copy: an in-tree build leaves build/ and *.egg-info behind.
+mkdir "$venv/src"
+cp -r "$here/pyproject.toml" "$here/README.md" "$here/src" "$venv/src/"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$venv/src[test]"
 
 cd "$here"
 "$venv/bin/python" -m mypy --strict --config-file pyproject.toml --cache-dir "$venv/mypy-cache" src/sessiond
