@@ -15,7 +15,7 @@ use tokio_util::codec::{Decoder, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::Daemon;
-use super::methods::{Method, dispatch};
+use super::methods::{Method, answer_ping, dispatch};
 use crate::context::Context;
 use crate::protocol::RequestError;
 use crate::protocol::frame::{
@@ -34,6 +34,13 @@ const RESPONSE_QUEUE: usize = 64;
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// After a refusal that closes the connection, what the client still sends
+/// is read and discarded, for at most this many bytes (and
+/// `timing::REFUSAL_LINGER`) before the daemon closes: a client that writes
+/// its whole request before reading then sees the error frame instead of
+/// EPIPE on its write.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Serves one connection until the client closes it, a fatal framing error,
 /// a stalled partial frame, an answer backlog over its byte budget, or `stop`
@@ -55,6 +62,8 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     // Whether we are dropping the client (stalled, not reading): then its
     // answers still in flight are not written.
     let mut dropped = false;
+    // Refused with FRAME_TOO_LARGE: the rest of what it sends is discarded.
+    let mut too_large = false;
 
     'serve: loop {
         // 1. Serve every complete frame already received.
@@ -70,6 +79,7 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
                     outbox
                         .send(Outgoing::Last(encode_error(None, &error)))
                         .await;
+                    too_large = true;
                     break 'serve;
                 }
                 Err(_) => break 'serve,
@@ -124,7 +134,15 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     // bound by leaving answers behind. Dropped or shutting down: no waiting.
     drop(outbox);
     let mut writer = writer;
-    if dropped {
+    if too_large {
+        // The writer ends after the error frame; meanwhile the oversized
+        // frame is read away, so the client's write of it completes.
+        let linger = tokio::time::timeout(
+            timing::REFUSAL_LINGER,
+            discard(&mut read_half, LINGER_BYTES),
+        );
+        let _ = tokio::join!(&mut writer, linger);
+    } else if dropped {
         writer.abort();
     } else if stop.is_cancelled() {
         if tokio::time::timeout(timing::WRITER_FLUSH, &mut writer)
@@ -338,9 +356,63 @@ enum Outgoing {
     Last(Bytes),
 }
 
-/// Answers a connection that will not be served with one error frame, then closes it.
-pub async fn refuse(stream: UnixStream, error: RequestError) {
-    let mut sink = FramedWrite::new(stream, response_codec());
-    let _ =
-        tokio::time::timeout(timing::REFUSAL_WRITE, sink.send(encode_error(None, &error))).await;
+/// Reads and discards up to `limit` bytes, until the client's end of stream.
+async fn discard(read_half: &mut (impl AsyncReadExt + Unpin), limit: usize) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut read = 0;
+    while read < limit {
+        match read_half.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
+        }
+    }
+}
+
+/// Answers a connection that will not be served with one error frame (nil
+/// id), then lingers (`timing::REFUSAL_LINGER`, [`LINGER_BYTES`]) before closing: what the
+/// client sends meanwhile is read, so its write does not fail before it reads
+/// the error. With `pings` (a client that is allowed but over a connection
+/// cap), each `system.ping` received meanwhile is answered (so a health check
+/// works even when its uid, or the daemon, is at its cap) and every other
+/// request gets the refusal again with its id; otherwise it is discarded.
+pub async fn refuse(stream: UnixStream, error: RequestError, pings: Option<Arc<Context>>) {
+    let (mut read_half, write_half) = stream.into_split();
+    let mut sink = FramedWrite::new(write_half, response_codec());
+    let linger = async {
+        if sink.send(encode_error(None, &error)).await.is_err() {
+            return;
+        }
+        let Some(ctx) = pings else {
+            return discard(&mut read_half, LINGER_BYTES).await;
+        };
+        let mut codec = request_codec(ctx.config.server.max_request_bytes.as_u64() as usize);
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            buf.reserve(READ_CHUNK);
+            match read_half.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+            loop {
+                let body = match codec.decode(&mut buf) {
+                    Ok(Some(body)) => body.freeze(),
+                    Ok(None) => break,
+                    // Not framed as it should be: nothing more is answered.
+                    Err(_) => return discard(&mut read_half, LINGER_BYTES - read).await,
+                };
+                let answer = match parse_request(&body) {
+                    Ok(r) if Method::from_name(&r.method) == Some(Method::Ping) => {
+                        answer_ping(&ctx, r.id)
+                    }
+                    Ok(r) => encode_error(Some(r.id), &error),
+                    Err(bad) => encode_error(bad.id, &bad.error),
+                };
+                if sink.send(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timing::REFUSAL_LINGER, linger).await;
 }

@@ -28,7 +28,7 @@ use super::connection::EventSink;
 use crate::actors::registry::RegistryMsg;
 use crate::process::shell::{EnvMap, MAX_ARG_BYTES};
 use crate::protocol::frame::{Request, encode_error, encode_result};
-use crate::protocol::{RequestError, method};
+use crate::protocol::{RequestError, method, quote};
 use crate::stats::Stats;
 
 /// Every method the daemon serves.
@@ -131,6 +131,13 @@ pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request, events: &Even
     })
 }
 
+/// The answer to a `system.ping` of id `id`, for a connection that is
+/// otherwise refused (see `connection::refuse`): health checks are answered
+/// even past the connection caps.
+pub fn answer_ping(ctx: &crate::context::Context, id: u64) -> Bytes {
+    encode(id, system::ping(ctx))
+}
+
 fn encode<T: Serialize>(id: u64, result: T) -> Bytes {
     encode_result(id, &result)
 }
@@ -162,7 +169,8 @@ fn env_param(name: &str, env: Option<BTreeMap<String, String>>) -> Result<EnvMap
             || k.len() + 1 + v.len() > MAX_ARG_BYTES
         {
             return Err(RequestError::InvalidRequest(format!(
-                "param `{name}`: variable {k:?} must have a non-empty name without '=' or NUL, a value without NUL, and at most {MAX_ARG_BYTES} bytes in all"
+                "param `{name}`: variable {} must have a non-empty name without '=' or NUL, a value without NUL, and at most {MAX_ARG_BYTES} bytes in all",
+                quote(&k)
             )));
         }
         out.insert(k.into_bytes(), v.into_bytes());
