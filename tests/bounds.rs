@@ -304,3 +304,168 @@ fn a_ping_is_answered_at_the_global_connection_cap() {
     drop(served);
     d.stop();
 }
+
+/// Several requests as one write, as a pipelining client sends them.
+fn one_write(conn: &mut support::RawConn, requests: &[Value]) {
+    let mut bytes = Vec::new();
+    for r in requests {
+        let mut body = Vec::new();
+        rmpv::encode::write_value(&mut body, r).unwrap();
+        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&body);
+    }
+    conn.write_bytes(&bytes);
+}
+
+/// Reads answers until every id in `ids` has its final frame; events are skipped.
+fn answers(conn: &mut support::RawConn, ids: &[u64]) -> std::collections::HashMap<u64, Value> {
+    let mut got = std::collections::HashMap::new();
+    while got.len() < ids.len() {
+        let r = conn.read().expect("an answer");
+        if !get(&r, "event").is_nil() {
+            continue;
+        }
+        let id = get(&r, "id").as_u64().expect("an id");
+        assert!(ids.contains(&id), "unexpected {r}");
+        got.insert(id, r);
+    }
+    got
+}
+
+/// Issue 14, row "the doc's own pipelined `exec.run` then `exec.cancel` in
+/// one write → the cancel runs first; two pipelined `exec.run` → the first
+/// gets SESSION_BUSY": requests of one connection reach their actors in the
+/// order they were sent.
+#[test]
+fn pipelined_requests_start_in_the_order_sent() {
+    let d = TestDaemon::start("");
+    let mut conn = d.raw();
+    let session = conn.create_session(1);
+    let run = |id: u64, command: &str| {
+        request(
+            id,
+            "exec.run",
+            vec![
+                ("session_id", session.as_str().into()),
+                ("command", command.into()),
+            ],
+        )
+    };
+    for round in 0..5u64 {
+        let (run_id, cancel_id) = (100 + 2 * round, 101 + 2 * round);
+        let cancel = request(
+            cancel_id,
+            "exec.cancel",
+            vec![("session_id", session.as_str().into())],
+        );
+        one_write(&mut conn, &[run(run_id, "sleep 30"), cancel]);
+        let got = answers(&mut conn, &[run_id, cancel_id]);
+        let cancelled = get(get(&got[&cancel_id], "result"), "cancelled");
+        assert_eq!(
+            cancelled.as_bool(),
+            Some(true),
+            "round {round}: {}",
+            got[&cancel_id]
+        );
+        let killed_by = get(get(&got[&run_id], "result"), "killed_by");
+        assert_eq!(
+            killed_by.as_str(),
+            Some("cancelled"),
+            "round {round}: {}",
+            got[&run_id]
+        );
+    }
+    for round in 0..5u64 {
+        let (first, second, cancel_id) = (200 + 3 * round, 201 + 3 * round, 202 + 3 * round);
+        one_write(&mut conn, &[run(first, "sleep 30"), run(second, "true")]);
+        let got = answers(&mut conn, &[second]);
+        assert_eq!(
+            error_code(&got[&second]).as_deref(),
+            Some("SESSION_BUSY"),
+            "round {round}: the second run, not the first, is refused: {}",
+            got[&second]
+        );
+        conn.send(&request(
+            cancel_id,
+            "exec.cancel",
+            vec![("session_id", session.as_str().into())],
+        ));
+        let got = answers(&mut conn, &[first, cancel_id]);
+        let killed_by = get(get(&got[&first], "result"), "killed_by");
+        assert_eq!(killed_by.as_str(), Some("cancelled"), "{}", got[&first]);
+    }
+    d.stop();
+}
+
+/// Issue 14, item 6 (and the "Open differences" line it removes): `exec.write`s
+/// pipelined on one connection reach the command's stdin in the order sent.
+#[test]
+fn pipelined_writes_apply_in_the_order_sent() {
+    let d = TestDaemon::start("");
+    let mut conn = d.raw();
+    let session = conn.create_session(1);
+    for round in 0..3u64 {
+        conn.send(&request(
+            2,
+            "exec.start",
+            vec![
+                ("session_id", session.as_str().into()),
+                ("command", "cat".into()),
+                ("stdin_open", true.into()),
+            ],
+        ));
+        let r = conn.read().unwrap();
+        let command_id = get(get(&r, "result"), "command_id")
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"))
+            .to_string();
+        let n = 60u64;
+        let writes: Vec<Value> = (0..n)
+            .map(|i| {
+                request(
+                    10 + i,
+                    "exec.write",
+                    vec![
+                        ("command_id", command_id.as_str().into()),
+                        ("data", Value::Binary(format!("{i},").into_bytes())),
+                        ("eof", (i == n - 1).into()),
+                    ],
+                )
+            })
+            .collect();
+        one_write(&mut conn, &writes);
+        let ids: Vec<u64> = (10..10 + n).collect();
+        for (id, r) in answers(&mut conn, &ids) {
+            assert!(error_code(&r).is_none(), "write {id}: {r}");
+        }
+        conn.send(&request(
+            3,
+            "exec.read",
+            vec![
+                ("command_id", command_id.as_str().into()),
+                ("wait_s", 30.into()),
+            ],
+        ));
+        let mut stdout = Vec::new();
+        loop {
+            let r = conn.read().unwrap();
+            let result = get(&r, "result");
+            stdout.extend_from_slice(get(result, "stdout").as_slice().unwrap_or_default());
+            if get(result, "done").as_bool() == Some(true) {
+                break;
+            }
+            conn.send(&request(
+                3,
+                "exec.read",
+                vec![
+                    ("command_id", command_id.as_str().into()),
+                    ("stdout_offset", get(result, "stdout_next").clone()),
+                    ("wait_s", 30.into()),
+                ],
+            ));
+        }
+        let expected: String = (0..n).map(|i| format!("{i},")).collect();
+        assert_eq!(String::from_utf8_lossy(&stdout), expected, "round {round}");
+    }
+    d.stop();
+}

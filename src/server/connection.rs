@@ -1,4 +1,4 @@
-//! One client connection: reads frames, answers inline or in a task per request, writes responses in any order.
+//! One client connection: reads frames, dispatches each request to its actor in the order sent, awaits answers in a task per request, writes them in any order.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -10,12 +10,12 @@ use futures::{FutureExt, SinkExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::{Decoder, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::Daemon;
-use super::methods::{Method, answer_ping, dispatch};
+use super::methods::{Dispatched, Method, answer_ping, dispatch};
 use crate::context::Context;
 use crate::protocol::RequestError;
 use crate::protocol::frame::{
@@ -53,6 +53,7 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     let read_timeout = ctx.config.server.request_read_timeout;
     let (outbox, writer) = Outbox::start(&ctx, write_half);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION as usize));
+    let writes = WriteTickets::default();
     let mut codec = request_codec(max);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     // Bytes received since the last complete frame: > 0 means a frame is in
@@ -85,7 +86,7 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
                 Err(_) => break 'serve,
             };
             pending_bytes = buf.len();
-            if !serve_frame(&daemon, uid, body.freeze(), &outbox, &in_flight).await {
+            if !serve_frame(&daemon, uid, body.freeze(), &outbox, &in_flight, &writes).await {
                 break 'serve;
             }
             // A frame completed: a partial one after it gets a fresh deadline,
@@ -156,8 +157,11 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     }
 }
 
-/// Parses and serves one frame: inline for the methods that never wait on an
-/// actor (ping, stats), else on a task of its own (at most
+/// Parses and serves one frame. Inline methods (ping, stats, which never
+/// wait on an actor) are answered here. Any other request is dispatched here
+/// too — params checked and the request sent to its actor — so the requests
+/// of a connection reach the actors in the order they were sent; only the
+/// wait for its answer runs on a task of its own (at most
 /// [`MAX_IN_FLIGHT_PER_CONNECTION`] at once). Returns false when the
 /// connection must end.
 async fn serve_frame(
@@ -166,6 +170,7 @@ async fn serve_frame(
     body: Bytes,
     outbox: &Outbox,
     in_flight: &Arc<Semaphore>,
+    writes: &WriteTickets,
 ) -> bool {
     let ctx = &daemon.ctx;
     let request = match parse_request(&body) {
@@ -177,26 +182,40 @@ async fn serve_frame(
                 .await;
         }
     };
+    let id = request.id;
     let events = EventSink {
-        id: request.id,
+        id,
         outbox: outbox.clone(),
     };
-    if Method::from_name(&request.method).is_some_and(Method::is_inline) {
-        return outbox
-            .send(Outgoing::Frame(
-                dispatch(daemon, uid, request, &events).await,
-            ))
-            .await;
-    }
-    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-        return false;
+    let inline = Method::from_name(&request.method).is_some_and(Method::is_inline);
+    let permit = if inline {
+        None
+    } else {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return false;
+        };
+        Some(permit)
+    };
+    // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
+    let failed = move || {
+        Stats::bump(&ctx.stats.actor_failures);
+        encode_error(
+            Some(id),
+            &RequestError::Internal("serving this request failed".into()),
+        )
+    };
+    let dispatched = AssertUnwindSafe(dispatch(daemon, uid, request, events, writes))
+        .catch_unwind()
+        .await;
+    let pending = match dispatched {
+        Ok(Dispatched::Answered(answer)) => return outbox.send(Outgoing::Frame(answer)).await,
+        Ok(Dispatched::Waiting(pending)) => pending,
+        Err(_) => return outbox.send(Outgoing::Frame(failed())).await,
     };
     let (daemon, outbox) = (daemon.clone(), outbox.clone());
     tokio::spawn(async move {
-        let id = request.id;
         let ctx = &daemon.ctx;
-        // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
-        let answer = AssertUnwindSafe(dispatch(&daemon, uid, request, &events))
+        let answer = AssertUnwindSafe(pending)
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -210,6 +229,48 @@ async fn serve_frame(
         drop(permit);
     });
     true
+}
+
+/// Orders the `exec.write`s of one connection: each takes a ticket, in the
+/// order the writes were sent, when it is dispatched, and applies its write
+/// only once the previous ticket for the same command is done. (The writes'
+/// tasks would otherwise reach the command's stdin in any order.) Holds one
+/// entry per command with a write in flight: at most
+/// [`MAX_IN_FLIGHT_PER_CONNECTION`] once the finished ones are pruned.
+#[derive(Default)]
+pub struct WriteTickets {
+    last: std::sync::Mutex<std::collections::HashMap<String, oneshot::Receiver<()>>>,
+}
+
+/// One `exec.write`'s place in its connection's order; done when dropped.
+pub struct WriteTicket {
+    previous: Option<oneshot::Receiver<()>>,
+    _done: oneshot::Sender<()>,
+}
+
+impl WriteTickets {
+    /// The next ticket for writes to `command_id`.
+    pub fn take(&self, command_id: &str) -> WriteTicket {
+        let (done, after_me) = oneshot::channel();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the commands whose last write is done.
+        last.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        let previous = last.insert(command_id.to_string(), after_me);
+        WriteTicket {
+            previous,
+            _done: done,
+        }
+    }
+}
+
+impl WriteTicket {
+    /// Resolves when every earlier write of this connection to this command is done.
+    pub async fn turn(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            // Done is the sender dropped: an error here is the signal.
+            let _ = previous.await;
+        }
+    }
 }
 
 async fn sleep_until_or_never(deadline: Option<Instant>) {
