@@ -63,6 +63,10 @@ pub struct ServerConfig {
     pub allowed_uids: Vec<u32>,
     /// Open connections at once; the next one is refused with an error frame.
     pub max_connections: usize,
+    /// Open connections one client uid may hold, so one uid cannot take every
+    /// slot; `None`: a quarter of `max_connections` (see
+    /// [`ServerConfig::connections_per_client`]).
+    pub max_connections_per_client: Option<usize>,
     /// Largest request frame; checked against the length prefix before allocating.
     pub max_request_bytes: ByteSize,
     /// A request frame that has begun must be complete within this; a client
@@ -151,6 +155,15 @@ pub struct CommandsConfig {
     pub private_tmp: bool,
 }
 
+impl ServerConfig {
+    /// The connections one client uid may hold: `max_connections_per_client`,
+    /// or a quarter of `max_connections` (at least 1).
+    pub fn connections_per_client(&self) -> usize {
+        self.max_connections_per_client
+            .unwrap_or((self.max_connections / 4).max(1))
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -158,6 +171,7 @@ impl Default for ServerConfig {
             socket_mode: 0o600,
             allowed_uids: Vec::new(),
             max_connections: 256,
+            max_connections_per_client: None,
             max_request_bytes: ByteSize::mib(2),
             request_read_timeout: Duration::from_secs(10),
             max_unsent_bytes: ByteSize::mib(64),
@@ -333,6 +347,15 @@ impl Config {
                 s.max_connections,
                 "at least 1",
             ));
+        }
+        if let Some(per_client) = s.max_connections_per_client {
+            if per_client == 0 || per_client > s.max_connections {
+                return Err(invalid(
+                    "server.max_connections_per_client",
+                    per_client,
+                    "at least 1 and at most server.max_connections",
+                ));
+            }
         }
         if s.max_request_bytes.as_u64() < 1024 || s.max_request_bytes.as_u64() > u64::from(u32::MAX)
         {
@@ -540,6 +563,25 @@ mod tests {
         assert_eq!(c.server.max_request_bytes.as_u64(), 512 * 1024);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(90));
         assert_eq!(c.commands.max_output_bytes.as_u64(), 4096);
+    }
+
+    /// Issue 14, "one uid opens 256 idle connections": a per-uid share, a
+    /// quarter of the whole by default, validated.
+    #[test]
+    fn connections_per_client_default_to_a_quarter() {
+        assert_eq!(Config::default().server.connections_per_client(), 64);
+        let c = Config::parse("[server]\nmax_connections = 2\n").unwrap();
+        assert_eq!(c.server.connections_per_client(), 1);
+        let c = Config::parse("[server]\nmax_connections_per_client = 5\n").unwrap();
+        assert_eq!(c.server.connections_per_client(), 5);
+        for bad in [0, 257] {
+            let err = Config::parse(&format!("[server]\nmax_connections_per_client = {bad}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("server.max_connections_per_client"), "{err}");
+        }
     }
 
     #[test]

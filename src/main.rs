@@ -156,6 +156,10 @@ fn main() -> ExitCode {
             Ok(c) => {
                 print!("{}", c.to_toml());
                 println!("# socket in force: {}", c.socket_path().display());
+                println!(
+                    "# server.max_connections_per_client in force: {}",
+                    c.server.connections_per_client()
+                );
                 let k = &c.commands;
                 print!(
                     "{}",

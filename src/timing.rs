@@ -27,8 +27,10 @@ pub const FORCE_END_SLACK: Duration = Duration::from_secs(5);
 /// How long a session may take to describe itself (`session.list`, registry recovery).
 pub const DESCRIBE: Duration = Duration::from_secs(1);
 
-/// How long a refused connection's single error frame may take to write.
-pub const REFUSAL_WRITE: Duration = Duration::from_secs(1);
+/// How long a refused connection (PERMISSION_DENIED, TOO_MANY_CONNECTIONS,
+/// FRAME_TOO_LARGE) lingers after its error frame, reading what the client
+/// still sends, before it closes; the error frame's write counts in it.
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// After a failed `accept` (EMFILE and friends): back off instead of spinning.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

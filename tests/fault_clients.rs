@@ -16,7 +16,8 @@ use support::{Invariants, TestDaemon};
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_clients_cost_only_their_own_connection() {
     let d = TestDaemon::start(
-        "[server]\nmax_unsent_bytes = \"1 MiB\"\nrequest_read_timeout = \"500ms\"\n[commands]\nmax_output_bytes = \"4 MiB\"\n",
+        // One uid opens the 200: its share is the whole.
+        "[server]\nmax_connections_per_client = 256\nmax_unsent_bytes = \"1 MiB\"\nrequest_read_timeout = \"500ms\"\n[commands]\nmax_output_bytes = \"4 MiB\"\n",
     );
     let c = Arc::new(d.client().await);
     let inv = Invariants::baseline(&d, &c).await;

@@ -33,7 +33,8 @@ use tokio::sync::RwLock;
 
 /// The daemon's config for the soak: room for every client's sessions,
 /// commands and connection bursts at once, a small unsent budget so a
-/// non-reader is cut quickly, a short partial-frame deadline.
+/// non-reader is cut quickly, a short partial-frame deadline. Every client
+/// is the same uid, so its share of the connections is the whole.
 fn config(clients: usize) -> String {
     format!(
         r#"
@@ -42,6 +43,7 @@ max_unsent_bytes = "1 MiB"
 request_read_timeout = "{read_timeout_ms}ms"
 shutdown_grace = "2s"
 max_connections = {connections}
+max_connections_per_client = {connections}
 [sessions]
 max_sessions = 256
 max_sessions_per_client = 256

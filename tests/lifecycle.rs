@@ -154,7 +154,7 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
 
 #[test]
 fn connections_over_the_limit_get_an_error_frame() {
-    let d = TestDaemon::start("[server]\nmax_connections = 2\n");
+    let d = TestDaemon::start("[server]\nmax_connections = 2\nmax_connections_per_client = 2\n");
     // Fill both slots (the harness's readiness probe may hold one for a moment).
     let mut served = Vec::new();
     wait_until(

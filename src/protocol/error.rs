@@ -18,7 +18,7 @@ pub enum RequestError {
         max: std::time::Duration,
     },
     /// The method name is not known.
-    #[error("unknown method `{0}`")]
+    #[error("unknown method {}", quote(.0))]
     UnknownMethod(String),
     /// The request frame's length prefix is over `max_request_bytes`.
     #[error("request frame is over the limit of {limit} bytes")]
@@ -33,13 +33,13 @@ pub enum RequestError {
     #[error("this client already holds its maximum of {limit} sessions")]
     ClientSessionLimit { limit: u64 },
     /// Unknown, expired, or another client's command id.
-    #[error("no command `{0}`")]
+    #[error("no command {}", quote(.0))]
     CommandNotFound(String),
     /// Unknown, destroyed, expired, or another client's session.
-    #[error("no session `{0}`")]
+    #[error("no session {}", quote(.0))]
     SessionNotFound(String),
     /// The session runs its maximum of commands.
-    #[error("session `{0}` already runs its maximum of commands")]
+    #[error("session {} already runs its maximum of commands", quote(.0))]
     SessionBusy(String),
     /// This client's request rate is over its budget.
     #[error("this client sends requests faster than its budget; retry after {retry_after_ms} ms")]
@@ -59,9 +59,44 @@ pub enum RequestError {
     /// `max_connections` connections are open.
     #[error("the daemon already serves its maximum of {limit} connections")]
     TooManyConnections { limit: u64 },
+    /// This client uid already holds `max_connections_per_client` connections.
+    #[error("this client already holds its maximum of {limit} connections")]
+    ClientConnectionLimit { limit: u64 },
     /// The actor serving the request failed; the daemon goes on.
     #[error("{0}")]
     Internal(String),
+}
+
+/// Bytes of a client's value an error message shows, at most (escaped).
+pub const QUOTE_BYTES: usize = 64;
+
+/// A value the client sent, as an error message names it: escaped (control
+/// bytes and quotes shown as Rust escapes), cut to [`QUOTE_BYTES`] of escaped
+/// text and marked `…(N bytes)` when cut, in backquotes. Every error that
+/// names a client's value goes through here, so no error echoes more than a
+/// short prefix of what the client sent, whatever its size.
+pub fn quote(value: &str) -> String {
+    format!("`{}`", clip(value, QUOTE_BYTES))
+}
+
+/// `text` escaped and cut to at most `max` bytes of escaped text (plus the
+/// `…(N bytes)` mark when cut). For messages of other code that may embed a
+/// client's value (serde's), which cannot be quoted value by value.
+pub fn clip(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        let escaped: String = if c == '`' {
+            "\\`".into()
+        } else {
+            c.escape_debug().collect()
+        };
+        if out.len() + escaped.len() > max {
+            out.push_str(&format!("…({} bytes)", text.len()));
+            return out;
+        }
+        out.push_str(&escaped);
+    }
+    out
 }
 
 /// The `error` member of a failure response.
@@ -99,7 +134,8 @@ impl RequestError {
             RequestError::ShuttingDown => "SHUTTING_DOWN",
             RequestError::SpawnFailed(_) => "SPAWN_FAILED",
             RequestError::PermissionDenied(_) => "PERMISSION_DENIED",
-            RequestError::TooManyConnections { .. } => "TOO_MANY_CONNECTIONS",
+            RequestError::TooManyConnections { .. }
+            | RequestError::ClientConnectionLimit { .. } => "TOO_MANY_CONNECTIONS",
             RequestError::Internal(_) => "INTERNAL",
         }
     }
@@ -112,7 +148,8 @@ impl RequestError {
             | RequestError::TooManySessions { limit }
             | RequestError::ClientSessionLimit { limit }
             | RequestError::TooManyCommands { limit }
-            | RequestError::TooManyConnections { limit } => Some(*limit),
+            | RequestError::TooManyConnections { limit }
+            | RequestError::ClientConnectionLimit { limit } => Some(*limit),
             _ => None,
         }
     }
@@ -134,6 +171,22 @@ impl RequestError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 14, "a 2 MiB env key or cwd of control bytes": a value echoed in
+    /// an error is a short escaped prefix, whatever its size.
+    #[test]
+    fn quoted_values_are_short_and_escaped() {
+        assert_eq!(quote("s-1"), "`s-1`");
+        assert_eq!(quote("a\u{1b}b`"), "`a\\u{1b}b\\``");
+        let huge = "\u{1}".repeat(2 << 20);
+        let q = quote(&huge);
+        assert!(q.len() < QUOTE_BYTES + 32, "{} bytes", q.len());
+        assert!(q.ends_with(&format!("…({} bytes)`", huge.len())), "{q}");
+        let message = RequestError::SessionNotFound("x".repeat(1 << 20)).to_string();
+        assert!(message.len() < 128, "{message}");
+        // Multi-byte characters are never split.
+        assert!(clip(&"é".repeat(100), 9).starts_with("éééé…"));
+    }
 
     #[test]
     fn limits_travel_with_their_codes() {

@@ -14,7 +14,7 @@ pub use commands::{
     CancelParams, CommandResult, Event, EventFrame, ReadParams, ReadResult, StartResult,
     StreamName, WriteParams, WriteResult,
 };
-pub use error::{RequestError, WireError};
+pub use error::{RequestError, WireError, clip, quote};
 
 /// Bumped on any breaking change to this schema; reported by `system.ping`.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -39,29 +39,72 @@ pub mod method {
 /// Decodes a request's `params` (MessagePack bytes of a map, or empty) into
 /// `T`; a wrong type is an `INVALID_REQUEST` whose message names the param
 /// (its path, e.g. `limits.timeout_s`).
+///
+/// The path can hold a client's map keys (`env.<name>`) and serde's message
+/// the client's values (`invalid type: string "…"`, `unknown field …`): both
+/// are cut short ([`quote`], [`clip`]), so the error stays small whatever
+/// the client sent.
 pub fn parse_params<T: DeserializeOwned>(params: &[u8]) -> Result<T, RequestError> {
     const EMPTY_MAP: &[u8] = &[0x80];
+    /// serde's messages name the expected type too: room for that.
+    const MESSAGE_BYTES: usize = 4 * error::QUOTE_BYTES;
     let bytes = if params.is_empty() { EMPTY_MAP } else { params };
     let mut de = rmp_serde::Deserializer::new(bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
+        let inner = clip(&e.into_inner().to_string(), MESSAGE_BYTES);
         if path == "." {
             RequestError::InvalidRequest(format!("params: {inner}"))
         } else {
-            RequestError::InvalidRequest(format!("param `{path}`: {inner}"))
+            RequestError::InvalidRequest(format!("param {}: {inner}", quote(&path)))
         }
     })
 }
 
-/// A duration param in seconds (int or float), checked to be finite and above zero.
+/// The shortest duration a param may give: 1 ms (the daemon's timers are no finer).
+pub const MIN_SECONDS: f64 = 0.001;
+
+/// A duration param in seconds (int or float), checked to be finite, at
+/// least [`MIN_SECONDS`] and at most 1e9.
 pub fn seconds_param(name: &str, secs: f64) -> Result<Duration, RequestError> {
-    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+    if !secs.is_finite() || secs > 1e9 {
         return Err(RequestError::InvalidRequest(format!(
-            "param `{name}`: {secs} is not a duration in seconds above zero"
+            "param `{name}`: {secs} is not a duration in seconds (finite, at most 1e9)"
+        )));
+    }
+    if secs < MIN_SECONDS {
+        return Err(RequestError::InvalidRequest(format!(
+            "param `{name}`: {secs} is below the minimum of {MIN_SECONDS} s (1 ms)"
         )));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Deserializes an optional struct only from a map: rmp-serde also decodes
+/// a struct from an array, by position, so `limits: [1, 2]` would silently
+/// set the first two limits, whatever their names.
+fn map_only<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct MapVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for MapVisitor<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    de.deserialize_any(MapVisitor(std::marker::PhantomData))
 }
 
 /// Most variables an `env` param may carry.
@@ -116,8 +159,12 @@ pub struct CreateParams {
         deserialize_with = "bounded_env"
     )]
     pub env: Option<BTreeMap<String, String>>,
-    /// Limits that may only tighten the configured ones.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Limits that may only tighten the configured ones (a map; unknown keys refused).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "map_only"
+    )]
     pub limits: Option<SessionLimits>,
     /// A script run in the new session before it is handed out; the state it
     /// leaves is the session's starting state.
@@ -125,8 +172,10 @@ pub struct CreateParams {
     pub init: Option<String>,
 }
 
-/// Per-session tightening of the configured limits.
+/// Per-session tightening of the configured limits. Unlike params, an
+/// unknown key here is refused: a misspelt limit must never silently apply nothing.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SessionLimits {
     /// This session's default and maximum command timeout, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,9 +209,10 @@ pub struct SessionIdParams {
     pub session_id: String,
 }
 
-/// What to keep of a stream longer than `max_output_bytes`.
+/// What to keep of a stream longer than `max_output_bytes`. Decoded only
+/// from its name (rmp-serde would also take a variant index: `1` for `tail`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum KeepOutput {
     /// The first bytes.
     #[default]
@@ -171,6 +221,21 @@ pub enum KeepOutput {
     Tail,
     /// The first half and the last half of the cap; the middle is dropped.
     Both,
+}
+
+impl TryFrom<String> for KeepOutput {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        match name.as_str() {
+            "head" => Ok(KeepOutput::Head),
+            "tail" => Ok(KeepOutput::Tail),
+            "both" => Ok(KeepOutput::Both),
+            _ => Err(format!(
+                "unknown value {}, expected `head`, `tail` or `both`",
+                quote(&name)
+            )),
+        }
+    }
 }
 
 /// `exec.run` params.
@@ -474,6 +539,86 @@ mod tests {
         assert!(err.to_string().contains("keep_output"), "{err}");
     }
 
+    /// Issue 14, "`keep_output: 1`, `limits: [1,2]`, `{"limits": {"memry_max_bytes": 1}}`":
+    /// enums only by name, structs only from maps, no unknown key in `limits`.
+    #[test]
+    fn params_are_strict_where_a_mistake_would_apply_silently() {
+        let exec = |keep: rmpv::Value| {
+            parse_params::<ExecParams>(value(vec![
+                ("session_id", "s".into()),
+                ("command", "x".into()),
+                ("keep_output", keep),
+            ]))
+        };
+        let err = exec(1.into()).unwrap_err();
+        assert!(err.to_string().contains("keep_output"), "{err}");
+        assert_eq!(
+            exec("both".into()).unwrap().keep_output,
+            Some(KeepOutput::Both)
+        );
+        let err = parse_params::<CreateParams>(value(vec![(
+            "limits",
+            rmpv::Value::Array(vec![1.into(), 2.into()]),
+        )]))
+        .unwrap_err();
+        assert!(err.to_string().contains("limits"), "{err}");
+        let err = parse_params::<CreateParams>(value(vec![(
+            "limits",
+            value(vec![("memry_max_bytes", 1.into())]),
+        )]))
+        .unwrap_err();
+        assert_eq!(err.code(), "INVALID_REQUEST");
+        assert!(err.to_string().contains("memry_max_bytes"), "{err}");
+        let ok = parse_params::<CreateParams>(value(vec![
+            ("limits", value(vec![("pids_max", 64.into())])),
+            ("a_param_from_the_future", 1.into()),
+        ]))
+        .unwrap();
+        assert_eq!(ok.limits.unwrap().pids_max, Some(64));
+        let none = parse_params::<CreateParams>(value(vec![("limits", rmpv::Value::Nil)])).unwrap();
+        assert!(none.limits.is_none());
+    }
+
+    /// Issue 14, "a 2 MiB env key": serde's messages embed the client's
+    /// values and map keys; the error stays small.
+    #[test]
+    fn serde_errors_are_bounded() {
+        let big = "k".repeat(2 << 20);
+        let err = parse_params::<ExecParams>(value(vec![
+            ("session_id", "s".into()),
+            ("command", big.as_str().into()),
+            ("env", value(vec![(big.as_str(), 5.into())])),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().len() < 512,
+            "{} bytes",
+            err.to_string().len()
+        );
+        let err = parse_params::<ExecParams>(value(vec![
+            ("session_id", "s".into()),
+            ("command", "x".into()),
+            ("keep_output", big.as_str().into()),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().len() < 512,
+            "{} bytes",
+            err.to_string().len()
+        );
+        let err = parse_params::<ExecParams>(value(vec![
+            ("session_id", 5.into()),
+            ("command", big.as_str().into()),
+            ("timeout_s", big.as_str().into()),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().len() < 512,
+            "{} bytes",
+            err.to_string().len()
+        );
+    }
+
     #[test]
     fn missing_required_param_is_named() {
         let err = parse_params::<ExecParams>(value(vec![("session_id", "s".into())])).unwrap_err();
@@ -486,5 +631,13 @@ mod tests {
         assert!(seconds_param("timeout_s", 0.0).is_err());
         assert!(seconds_param("timeout_s", -1.0).is_err());
         assert!(seconds_param("timeout_s", f64::NAN).is_err());
+        // Issue 14, "`timeout_s: 1e-9`": durations have a floor of 1 ms.
+        let err = seconds_param("timeout_s", 1e-9).unwrap_err();
+        assert!(
+            err.to_string().contains("`timeout_s`")
+                && err.to_string().contains("below the minimum of 0.001"),
+            "{err}"
+        );
+        assert!(seconds_param("timeout_s", 0.001).is_ok());
     }
 }

@@ -1,4 +1,4 @@
-//! One client connection: reads frames, answers inline or in a task per request, writes responses in any order.
+//! One client connection: reads frames, dispatches each request to its actor in the order sent, awaits answers in a task per request, writes them in any order.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -10,12 +10,12 @@ use futures::{FutureExt, SinkExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::{Decoder, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::Daemon;
-use super::methods::{Method, dispatch};
+use super::methods::{Dispatched, Method, answer_ping, dispatch};
 use crate::context::Context;
 use crate::protocol::RequestError;
 use crate::protocol::frame::{
@@ -35,6 +35,13 @@ const RESPONSE_QUEUE: usize = 64;
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// After a refusal that closes the connection, what the client still sends
+/// is read and discarded, for at most this many bytes (and
+/// `timing::REFUSAL_LINGER`) before the daemon closes: a client that writes
+/// its whole request before reading then sees the error frame instead of
+/// EPIPE on its write.
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+
 /// Serves one connection until the client closes it, a fatal framing error,
 /// a stalled partial frame, an answer backlog over its byte budget, or `stop`
 /// (after the shutdown drained the sessions: then the answers of requests in
@@ -46,6 +53,7 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     let read_timeout = ctx.config.server.request_read_timeout;
     let (outbox, writer) = Outbox::start(&ctx, write_half);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION as usize));
+    let writes = WriteTickets::default();
     let mut codec = request_codec(max);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     // Bytes received since the last complete frame: > 0 means a frame is in
@@ -55,6 +63,8 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     // Whether we are dropping the client (stalled, not reading): then its
     // answers still in flight are not written.
     let mut dropped = false;
+    // Refused with FRAME_TOO_LARGE: the rest of what it sends is discarded.
+    let mut too_large = false;
 
     'serve: loop {
         // 1. Serve every complete frame already received.
@@ -70,12 +80,13 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
                     outbox
                         .send(Outgoing::Last(encode_error(None, &error)))
                         .await;
+                    too_large = true;
                     break 'serve;
                 }
                 Err(_) => break 'serve,
             };
             pending_bytes = buf.len();
-            if !serve_frame(&daemon, uid, body.freeze(), &outbox, &in_flight).await {
+            if !serve_frame(&daemon, uid, body.freeze(), &outbox, &in_flight, &writes).await {
                 break 'serve;
             }
             // A frame completed: a partial one after it gets a fresh deadline,
@@ -124,7 +135,15 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     // bound by leaving answers behind. Dropped or shutting down: no waiting.
     drop(outbox);
     let mut writer = writer;
-    if dropped {
+    if too_large {
+        // The writer ends after the error frame; meanwhile the oversized
+        // frame is read away, so the client's write of it completes.
+        let linger = tokio::time::timeout(
+            timing::REFUSAL_LINGER,
+            discard(&mut read_half, LINGER_BYTES),
+        );
+        let _ = tokio::join!(&mut writer, linger);
+    } else if dropped {
         writer.abort();
     } else if stop.is_cancelled() {
         if tokio::time::timeout(timing::WRITER_FLUSH, &mut writer)
@@ -138,8 +157,11 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     }
 }
 
-/// Parses and serves one frame: inline for the methods that never wait on an
-/// actor (ping, stats), else on a task of its own (at most
+/// Parses and serves one frame. Inline methods (ping, stats, which never
+/// wait on an actor) are answered here. Any other request is dispatched here
+/// too — params checked and the request sent to its actor — so the requests
+/// of a connection reach the actors in the order they were sent; only the
+/// wait for its answer runs on a task of its own (at most
 /// [`MAX_IN_FLIGHT_PER_CONNECTION`] at once). Returns false when the
 /// connection must end.
 async fn serve_frame(
@@ -148,6 +170,7 @@ async fn serve_frame(
     body: Bytes,
     outbox: &Outbox,
     in_flight: &Arc<Semaphore>,
+    writes: &WriteTickets,
 ) -> bool {
     let ctx = &daemon.ctx;
     let request = match parse_request(&body) {
@@ -159,26 +182,40 @@ async fn serve_frame(
                 .await;
         }
     };
+    let id = request.id;
     let events = EventSink {
-        id: request.id,
+        id,
         outbox: outbox.clone(),
     };
-    if Method::from_name(&request.method).is_some_and(Method::is_inline) {
-        return outbox
-            .send(Outgoing::Frame(
-                dispatch(daemon, uid, request, &events).await,
-            ))
-            .await;
-    }
-    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-        return false;
+    let inline = Method::from_name(&request.method).is_some_and(Method::is_inline);
+    let permit = if inline {
+        None
+    } else {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return false;
+        };
+        Some(permit)
+    };
+    // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
+    let failed = move || {
+        Stats::bump(&ctx.stats.actor_failures);
+        encode_error(
+            Some(id),
+            &RequestError::Internal("serving this request failed".into()),
+        )
+    };
+    let dispatched = AssertUnwindSafe(dispatch(daemon, uid, request, events, writes))
+        .catch_unwind()
+        .await;
+    let pending = match dispatched {
+        Ok(Dispatched::Answered(answer)) => return outbox.send(Outgoing::Frame(answer)).await,
+        Ok(Dispatched::Waiting(pending)) => pending,
+        Err(_) => return outbox.send(Outgoing::Frame(failed())).await,
     };
     let (daemon, outbox) = (daemon.clone(), outbox.clone());
     tokio::spawn(async move {
-        let id = request.id;
         let ctx = &daemon.ctx;
-        // A panic while serving one request answers it INTERNAL instead of leaving it unanswered.
-        let answer = AssertUnwindSafe(dispatch(&daemon, uid, request, &events))
+        let answer = AssertUnwindSafe(pending)
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -192,6 +229,48 @@ async fn serve_frame(
         drop(permit);
     });
     true
+}
+
+/// Orders the `exec.write`s of one connection: each takes a ticket, in the
+/// order the writes were sent, when it is dispatched, and applies its write
+/// only once the previous ticket for the same command is done. (The writes'
+/// tasks would otherwise reach the command's stdin in any order.) Holds one
+/// entry per command with a write in flight: at most
+/// [`MAX_IN_FLIGHT_PER_CONNECTION`] once the finished ones are pruned.
+#[derive(Default)]
+pub struct WriteTickets {
+    last: std::sync::Mutex<std::collections::HashMap<String, oneshot::Receiver<()>>>,
+}
+
+/// One `exec.write`'s place in its connection's order; done when dropped.
+pub struct WriteTicket {
+    previous: Option<oneshot::Receiver<()>>,
+    _done: oneshot::Sender<()>,
+}
+
+impl WriteTickets {
+    /// The next ticket for writes to `command_id`.
+    pub fn take(&self, command_id: &str) -> WriteTicket {
+        let (done, after_me) = oneshot::channel();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget the commands whose last write is done.
+        last.retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        let previous = last.insert(command_id.to_string(), after_me);
+        WriteTicket {
+            previous,
+            _done: done,
+        }
+    }
+}
+
+impl WriteTicket {
+    /// Resolves when every earlier write of this connection to this command is done.
+    pub async fn turn(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            // Done is the sender dropped: an error here is the signal.
+            let _ = previous.await;
+        }
+    }
 }
 
 async fn sleep_until_or_never(deadline: Option<Instant>) {
@@ -343,9 +422,63 @@ enum Outgoing {
     Last(Bytes),
 }
 
-/// Answers a connection that will not be served with one error frame, then closes it.
-pub async fn refuse(stream: UnixStream, error: RequestError) {
-    let mut sink = FramedWrite::new(stream, response_codec());
-    let _ =
-        tokio::time::timeout(timing::REFUSAL_WRITE, sink.send(encode_error(None, &error))).await;
+/// Reads and discards up to `limit` bytes, until the client's end of stream.
+async fn discard(read_half: &mut (impl AsyncReadExt + Unpin), limit: usize) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut read = 0;
+    while read < limit {
+        match read_half.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
+        }
+    }
+}
+
+/// Answers a connection that will not be served with one error frame (nil
+/// id), then lingers (`timing::REFUSAL_LINGER`, [`LINGER_BYTES`]) before closing: what the
+/// client sends meanwhile is read, so its write does not fail before it reads
+/// the error. With `pings` (a client that is allowed but over a connection
+/// cap), each `system.ping` received meanwhile is answered (so a health check
+/// works even when its uid, or the daemon, is at its cap) and every other
+/// request gets the refusal again with its id; otherwise it is discarded.
+pub async fn refuse(stream: UnixStream, error: RequestError, pings: Option<Arc<Context>>) {
+    let (mut read_half, write_half) = stream.into_split();
+    let mut sink = FramedWrite::new(write_half, response_codec());
+    let linger = async {
+        if sink.send(encode_error(None, &error)).await.is_err() {
+            return;
+        }
+        let Some(ctx) = pings else {
+            return discard(&mut read_half, LINGER_BYTES).await;
+        };
+        let mut codec = request_codec(ctx.config.server.max_request_bytes.as_u64() as usize);
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            buf.reserve(READ_CHUNK);
+            match read_half.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+            loop {
+                let body = match codec.decode(&mut buf) {
+                    Ok(Some(body)) => body.freeze(),
+                    Ok(None) => break,
+                    // Not framed as it should be: nothing more is answered.
+                    Err(_) => return discard(&mut read_half, LINGER_BYTES - read).await,
+                };
+                let answer = match parse_request(&body) {
+                    Ok(r) if Method::from_name(&r.method) == Some(Method::Ping) => {
+                        answer_ping(&ctx, r.id)
+                    }
+                    Ok(r) => encode_error(Some(r.id), &error),
+                    Err(bad) => encode_error(bad.id, &bad.error),
+                };
+                if sink.send(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timing::REFUSAL_LINGER, linger).await;
 }

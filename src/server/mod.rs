@@ -3,11 +3,12 @@
 pub mod connection;
 pub mod methods;
 
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::Signal;
 use nix::sys::stat::{Mode, umask};
@@ -419,8 +420,10 @@ async fn reap_on_sigchld(ctx: Arc<Context>) {
     }
 }
 
-/// Accepts connections: checks the peer's uid and the connection limit, then
-/// serves each on its own task.
+/// Accepts connections: checks the peer's uid, its uid's share of the
+/// connections and the connection limit, then serves each on its own task.
+/// Checking the share first means one uid at its share is refused before it
+/// can take one of the last global slots from the others.
 async fn accept_loop(
     daemon: Daemon,
     listener: UnixListener,
@@ -429,6 +432,8 @@ async fn accept_loop(
 ) {
     let own_uid = nix::unistd::getuid().as_raw();
     let ctx = daemon.ctx.clone();
+    let per_client = ctx.config.server.connections_per_client();
+    let open_by_uid = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -453,20 +458,40 @@ async fn accept_loop(
             tokio::spawn(connection::refuse(
                 stream,
                 RequestError::PermissionDenied(uid),
+                None,
             ));
             continue;
         }
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            Stats::bump(&ctx.stats.connections_refused);
-            let limit = ctx.config.server.max_connections as u64;
-            tokio::spawn(connection::refuse(
-                stream,
-                RequestError::TooManyConnections { limit },
-            ));
-            continue;
+        let held = open_by_uid
+            .lock()
+            .map_or(0, |m| m.get(&uid).copied().unwrap_or(0));
+        let refusal = if held >= per_client {
+            Some(RequestError::ClientConnectionLimit {
+                limit: per_client as u64,
+            })
+        } else {
+            None
+        };
+        let slot =
+            match refusal {
+                Some(refusal) => Err(refusal),
+                None => slots.clone().try_acquire_owned().map_err(|_| {
+                    RequestError::TooManyConnections {
+                        limit: ctx.config.server.max_connections as u64,
+                    }
+                }),
+            };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                Stats::bump(&ctx.stats.connections_refused);
+                // An allowed uid: its pings are still answered while the refusal lingers.
+                tokio::spawn(connection::refuse(stream, refusal, Some(ctx.clone())));
+                continue;
+            }
         };
         Stats::bump(&ctx.stats.connections_total);
-        let open = OpenConnection::new(ctx.clone(), slot);
+        let open = OpenConnection::new(ctx.clone(), slot, uid, open_by_uid.clone());
         let (daemon, stop) = (daemon.clone(), stop.clone());
         tokio::spawn(async move {
             connection::serve(daemon, stream, uid, stop).await;
@@ -475,22 +500,49 @@ async fn accept_loop(
     }
 }
 
-/// Counts an open connection and holds its slot; released on drop, so even a
-/// connection task that panics gives both back.
+/// Open connections per client uid (only uids with at least one).
+type OpenByUid = Arc<Mutex<HashMap<u32, usize>>>;
+
+/// Counts an open connection (in the stats and its uid's share) and holds
+/// its slot; released on drop, so even a connection task that panics gives
+/// all back.
 struct OpenConnection {
     ctx: Arc<Context>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    uid: u32,
+    open_by_uid: OpenByUid,
 }
 
 impl OpenConnection {
-    fn new(ctx: Arc<Context>, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+    fn new(
+        ctx: Arc<Context>,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        uid: u32,
+        open_by_uid: OpenByUid,
+    ) -> Self {
         Stats::bump(&ctx.stats.connections);
-        OpenConnection { ctx, _slot: slot }
+        if let Ok(mut m) = open_by_uid.lock() {
+            *m.entry(uid).or_default() += 1;
+        }
+        OpenConnection {
+            ctx,
+            _slot: slot,
+            uid,
+            open_by_uid,
+        }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         Stats::drop_one(&self.ctx.stats.connections);
+        if let Ok(mut m) = self.open_by_uid.lock() {
+            if let Some(n) = m.get_mut(&self.uid) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.uid);
+                }
+            }
+        }
     }
 }

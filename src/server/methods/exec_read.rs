@@ -3,28 +3,41 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::ask;
+use super::{Pending, cast};
 use crate::actors::command_record::CommandRecord;
 use crate::actors::registry::RegistryMsg;
 use crate::protocol::commands::MAX_READ_WAIT_S;
 use crate::protocol::{ReadParams, ReadResult, RequestError, parse_params};
 use crate::server::Daemon;
 
-pub(super) async fn serve(
+pub(super) fn dispatch(
     daemon: &Daemon,
     uid: u32,
     params: &[u8],
-) -> Result<ReadResult, RequestError> {
+) -> Result<Pending<ReadResult>, RequestError> {
     let p: ReadParams = parse_params(params)?;
     let wait = wait_param(p.wait_s)?;
-    let record = find(daemon, uid, p.command_id).await?;
+    let record = find(daemon, uid, p.command_id)?;
     let max = daemon.ctx.config.commands.max_output_bytes.as_u64() as usize;
+    Ok(Box::pin(async move {
+        read(record.await?, p.stdout_offset, p.stderr_offset, max, wait).await
+    }))
+}
+
+/// Reads from the command's record, waiting up to `wait` for news.
+async fn read(
+    record: Arc<CommandRecord>,
+    stdout_offset: u64,
+    stderr_offset: u64,
+    max: usize,
+    wait: Duration,
+) -> Result<ReadResult, RequestError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = record.output.subscribe();
     loop {
         // Read the end before the bytes: once ended, the bytes are final.
         let outcome = record.outcome();
-        let (stdout, stderr) = record.output.read(p.stdout_offset, p.stderr_offset, max);
+        let (stdout, stderr) = record.output.read(stdout_offset, stderr_offset, max);
         let news = !stdout.data.is_empty() || !stderr.data.is_empty();
         if news || outcome.is_some() || tokio::time::Instant::now() >= deadline {
             let result = match outcome {
@@ -60,18 +73,19 @@ fn wait_param(wait_s: Option<f64>) -> Result<Duration, RequestError> {
     }
 }
 
-/// The caller's command by id (`COMMAND_NOT_FOUND` for another uid's, or an unknown or expired one).
-pub(super) async fn find(
+/// Asks for the caller's command by id (`COMMAND_NOT_FOUND` for another
+/// uid's, or an unknown or expired one); the answer comes from the returned future.
+pub(super) fn find(
     daemon: &Daemon,
     uid: u32,
     command_id: String,
-) -> Result<Arc<CommandRecord>, RequestError> {
-    ask(daemon, |reply| RegistryMsg::FindCommand {
+) -> Result<Pending<Arc<CommandRecord>>, RequestError> {
+    let reply = cast(daemon, |reply| RegistryMsg::FindCommand {
         uid,
         command_id,
         reply,
-    })
-    .await?
+    })?;
+    Ok(Box::pin(async move { reply.await? }))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{ask, env_param};
+use super::{Pending, cast, env_param};
 use crate::actors::command_record::CommandRecord;
 use crate::actors::registry::RegistryMsg;
 use crate::actors::session::ExecRequest;
@@ -22,44 +22,48 @@ const EVENT_CHUNK: usize = 64 * 1024;
 /// instead of holding the command back or growing the daemon.
 const EVENT_BACKLOG: usize = 256 * 1024;
 
-pub(super) async fn serve(
+pub(super) fn dispatch(
     daemon: &Daemon,
     uid: u32,
     params: &[u8],
-    events: &EventSink,
-) -> Result<ExecResult, RequestError> {
+    events: EventSink,
+) -> Result<Pending<ExecResult>, RequestError> {
     let (session_id, request, stream) = parse(&daemon.ctx.config, params)?;
     if request.stdin_open && !stream {
         return Err(RequestError::InvalidRequest(
             "param `stdin_open`: only with `stream: true`, whose `started` event gives the command id to write to".into(),
         ));
     }
-    let record = start(daemon, uid, session_id, request).await?;
-    if stream && !stream_events(&record, events).await {
-        // The connection is gone: nobody to answer, and the command runs on
-        // (readable by id); stop holding the connection's slot for it.
-        return Err(RequestError::Internal("the connection closed".into()));
-    }
-    match record.ended().await {
-        Ok(result) => Ok(record.exec_result(result)),
-        Err(e) => Err(e.clone()),
-    }
+    let record = start(daemon, uid, session_id, request)?;
+    Ok(Box::pin(async move {
+        let record = record.await?;
+        if stream && !stream_events(&record, &events).await {
+            // The connection is gone: nobody to answer, and the command runs
+            // on (readable by id); stop holding the connection's slot for it.
+            return Err(RequestError::Internal("the connection closed".into()));
+        }
+        match record.ended().await {
+            Ok(result) => Ok(record.exec_result(result)),
+            Err(e) => Err(e.clone()),
+        }
+    }))
 }
 
-/// Starts a command: its record once it runs (`exec.start` and `exec.run` alike).
-pub(super) async fn start(
+/// Starts a command (`exec.start` and `exec.run` alike): sends it to the
+/// registry now; the returned future gives its record once it runs.
+pub(super) fn start(
     daemon: &Daemon,
     uid: u32,
     session_id: String,
     request: ExecRequest,
-) -> Result<Arc<CommandRecord>, RequestError> {
-    ask(daemon, |reply| RegistryMsg::Run {
+) -> Result<Pending<Arc<CommandRecord>>, RequestError> {
+    let reply = cast(daemon, |reply| RegistryMsg::Run {
         uid,
         session_id,
         request,
         reply,
-    })
-    .await?
+    })?;
+    Ok(Box::pin(async move { reply.await? }))
 }
 
 /// Every param check of `exec.run` and `exec.start`: the session id, the

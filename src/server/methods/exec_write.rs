@@ -2,16 +2,22 @@
 
 use std::time::Duration;
 
+use super::Pending;
 use super::exec_read::find;
 use crate::protocol::commands::WRITE_TIMEOUT_S;
 use crate::protocol::{RequestError, WriteParams, WriteResult, parse_params};
 use crate::server::Daemon;
+use crate::server::connection::WriteTickets;
 
-pub(super) async fn serve(
+/// Writes of one connection to one command apply in the order they were
+/// sent: each takes its ticket here, at dispatch, and writes when the
+/// previous one's is done.
+pub(super) fn dispatch(
     daemon: &Daemon,
     uid: u32,
     params: &[u8],
-) -> Result<WriteResult, RequestError> {
+    writes: &WriteTickets,
+) -> Result<Pending<WriteResult>, RequestError> {
     let p: WriteParams = parse_params(params)?;
     let limit = daemon.ctx.config.commands.max_stdin_bytes.as_u64();
     if p.data.len() as u64 > limit {
@@ -20,11 +26,16 @@ pub(super) async fn serve(
             limit,
         });
     }
-    let record = find(daemon, uid, p.command_id).await?;
-    let written = record
-        .output
-        .write(&p.data, p.eof, Duration::from_secs(WRITE_TIMEOUT_S))
-        .await
-        .map_err(|refused| RequestError::InvalidRequest(format!("cannot write: {refused}")))?;
-    Ok(WriteResult { written })
+    let mut ticket = writes.take(&p.command_id);
+    let record = find(daemon, uid, p.command_id)?;
+    Ok(Box::pin(async move {
+        let record = record.await?;
+        ticket.turn().await;
+        let written = record
+            .output
+            .write(&p.data, p.eof, Duration::from_secs(WRITE_TIMEOUT_S))
+            .await
+            .map_err(|refused| RequestError::InvalidRequest(format!("cannot write: {refused}")))?;
+        Ok(WriteResult { written })
+    }))
 }

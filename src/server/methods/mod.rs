@@ -19,16 +19,20 @@ mod system;
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use ractor::RpcReplyPort;
 use serde::Serialize;
 
 use super::Daemon;
-use super::connection::EventSink;
+use super::connection::{EventSink, WriteTickets};
 use crate::actors::registry::RegistryMsg;
+use crate::context::Context;
 use crate::process::shell::{EnvMap, MAX_ARG_BYTES};
 use crate::protocol::frame::{Request, encode_error, encode_result};
-use crate::protocol::{RequestError, method};
+use crate::protocol::{RequestError, method, quote};
 use crate::stats::Stats;
 
 /// Every method the daemon serves.
@@ -77,9 +81,29 @@ impl Method {
     }
 }
 
-/// Answers one request from client `uid`: the encoded response frame body
-/// (event frames, for a streaming request, go to `events` before it).
-pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request, events: &EventSink) -> Bytes {
+/// A request once dispatched: answered at once (inline methods, refusals
+/// decided before any actor), or sent to its actor, with the rest of its
+/// serving (awaiting the actor's reply, streaming events) still to run.
+pub enum Dispatched {
+    Answered(Bytes),
+    Waiting(BoxFuture<'static, Bytes>),
+}
+
+/// What a method still has to do once its request reached the actor.
+type Pending<R> = BoxFuture<'static, Result<R, RequestError>>;
+
+/// Dispatches one request from client `uid`: parses its params and sends it
+/// to its actor before returning, so the requests of one connection reach
+/// the actors in the order they were sent (the connection awaits this before
+/// it reads the next frame). Event frames, for a streaming request, go to
+/// `events` before its answer; `writes` orders a connection's `exec.write`s.
+pub async fn dispatch(
+    daemon: &Daemon,
+    uid: u32,
+    request: Request,
+    events: EventSink,
+    writes: &WriteTickets,
+) -> Dispatched {
     let ctx = &daemon.ctx;
     let id = request.id;
     Stats::bump(&ctx.stats.requests);
@@ -88,47 +112,75 @@ pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request, events: &Even
     if method != Some(Method::Ping) {
         if let Err(e) = ctx.admit_request(uid) {
             Stats::bump(&ctx.stats.errors);
-            return encode_error(Some(id), &e);
+            return Dispatched::Answered(encode_error(Some(id), &e));
         }
     }
     let params = &request.params;
-    let answer = match method {
-        Some(Method::Ping) => Ok(encode(id, system::ping(ctx))),
-        Some(Method::Stats) => Ok(encode(id, system::stats(ctx))),
-        Some(Method::SessionCreate) => session_create::serve(daemon, uid, params)
-            .await
-            .map(|r| encode(id, r)),
-        Some(Method::SessionDestroy) => session_destroy::serve(daemon, uid, params)
-            .await
-            .map(|r| encode(id, r)),
-        Some(Method::SessionList) => session_list::serve(daemon, uid)
-            .await
-            .map(|r| encode(id, r)),
-        Some(Method::ExecRun) => exec_run::serve(daemon, uid, params, events)
-            .await
-            .map(|r| encode(id, r)),
-        Some(Method::ExecStart) => exec_start::serve(daemon, uid, params)
-            .await
-            .map(|r| encode(id, r)),
-        Some(Method::ExecRead) => exec_read::serve(daemon, uid, params)
-            .await
-            .map(|r| encode(id, r)),
-        Some(Method::ExecWrite) => exec_write::serve(daemon, uid, params)
-            .await
-            .map(|r| encode(id, r)),
-        Some(Method::ExecCancel) => exec_cancel::serve(daemon, uid, params)
-            .await
-            .map(|r| encode(id, r)),
+    let ctx = ctx.clone();
+    match method {
+        Some(Method::Ping) => Dispatched::Answered(encode(id, system::ping(&ctx))),
+        Some(Method::Stats) => Dispatched::Answered(encode(id, system::stats(&ctx))),
+        Some(Method::SessionCreate) => {
+            // Its cwd is checked off the async workers before it goes to the
+            // registry: the one request that may reach it after a later one.
+            let (daemon, params) = (daemon.clone(), params.clone());
+            let pending: Pending<_> =
+                Box::pin(async move { session_create::serve(&daemon, uid, &params).await });
+            waiting(ctx, id, Ok(pending))
+        }
+        Some(Method::SessionDestroy) => {
+            waiting(ctx, id, session_destroy::dispatch(daemon, uid, params))
+        }
+        Some(Method::SessionList) => waiting(ctx, id, session_list::dispatch(daemon, uid)),
+        Some(Method::ExecRun) => waiting(ctx, id, exec_run::dispatch(daemon, uid, params, events)),
+        Some(Method::ExecStart) => waiting(ctx, id, exec_start::dispatch(daemon, uid, params)),
+        Some(Method::ExecRead) => waiting(ctx, id, exec_read::dispatch(daemon, uid, params)),
+        Some(Method::ExecWrite) => {
+            waiting(ctx, id, exec_write::dispatch(daemon, uid, params, writes))
+        }
+        Some(Method::ExecCancel) => waiting(ctx, id, exec_cancel::dispatch(daemon, uid, params)),
         #[cfg(feature = "fault-injection")]
-        Some(Method::DebugFault) => debug_fault::serve(daemon, uid, params)
-            .await
-            .map(|r| encode(id, r)),
-        None => Err(RequestError::UnknownMethod(request.method.clone())),
-    };
-    answer.unwrap_or_else(|e| {
+        Some(Method::DebugFault) => {
+            let (daemon, params) = (daemon.clone(), params.clone());
+            let pending: Pending<_> =
+                Box::pin(async move { debug_fault::serve(&daemon, uid, &params).await });
+            waiting(ctx, id, Ok(pending))
+        }
+        None => waiting::<()>(
+            ctx,
+            id,
+            Err(RequestError::UnknownMethod(request.method.clone())),
+        ),
+    }
+}
+
+/// A method's dispatch outcome as the connection takes it: a refusal is
+/// answered at once, else the rest runs on the request's own task.
+fn waiting<R: Serialize + Send + 'static>(
+    ctx: Arc<Context>,
+    id: u64,
+    dispatched: Result<Pending<R>, RequestError>,
+) -> Dispatched {
+    let refused = move |ctx: &Context, e: RequestError| {
         Stats::bump(&ctx.stats.errors);
         encode_error(Some(id), &e)
-    })
+    };
+    match dispatched {
+        Err(e) => Dispatched::Answered(refused(&ctx, e)),
+        Ok(pending) => Dispatched::Waiting(Box::pin(async move {
+            match pending.await {
+                Ok(result) => encode(id, result),
+                Err(e) => refused(&ctx, e),
+            }
+        })),
+    }
+}
+
+/// The answer to a `system.ping` of id `id`, for a connection that is
+/// otherwise refused (see `connection::refuse`): health checks are answered
+/// even past the connection caps.
+pub fn answer_ping(ctx: &crate::context::Context, id: u64) -> Bytes {
+    encode(id, system::ping(ctx))
 }
 
 fn encode<T: Serialize>(id: u64, result: T) -> Bytes {
@@ -137,16 +189,27 @@ fn encode<T: Serialize>(id: u64, result: T) -> Bytes {
 
 /// Sends a message built around a fresh reply port to the registry and awaits the answer.
 /// A registry that is gone or drops the port (its actor failed) is `INTERNAL`.
-async fn ask<T>(
+async fn ask<T: Send + 'static>(
     daemon: &Daemon,
     build: impl FnOnce(RpcReplyPort<T>) -> RegistryMsg,
 ) -> Result<T, RequestError> {
+    cast(daemon, build)?.await
+}
+
+/// The first half of [`ask`]: sends the message now (so messages reach the
+/// registry in the order of these calls) and returns the wait for its answer.
+fn cast<T: Send + 'static>(
+    daemon: &Daemon,
+    build: impl FnOnce(RpcReplyPort<T>) -> RegistryMsg,
+) -> Result<BoxFuture<'static, Result<T, RequestError>>, RequestError> {
     let restarting = || RequestError::Internal("the registry is restarting; try again".into());
     let registry = daemon.tree.registry().ok_or_else(restarting)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     registry.cast(build(tx.into())).map_err(|_| restarting())?;
-    rx.await
-        .map_err(|_| RequestError::Internal("the actor serving this request failed".into()))
+    Ok(Box::pin(async move {
+        rx.await
+            .map_err(|_| RequestError::Internal("the actor serving this request failed".into()))
+    }))
 }
 
 /// Checks an `env` param (of `session.create` or `exec.run`): names
@@ -162,7 +225,8 @@ fn env_param(name: &str, env: Option<BTreeMap<String, String>>) -> Result<EnvMap
             || k.len() + 1 + v.len() > MAX_ARG_BYTES
         {
             return Err(RequestError::InvalidRequest(format!(
-                "param `{name}`: variable {k:?} must have a non-empty name without '=' or NUL, a value without NUL, and at most {MAX_ARG_BYTES} bytes in all"
+                "param `{name}`: variable {} must have a non-empty name without '=' or NUL, a value without NUL, and at most {MAX_ARG_BYTES} bytes in all",
+                quote(&k)
             )));
         }
         out.insert(k.into_bytes(), v.into_bytes());

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::limits::{Limit, SessionRlimits};
 use crate::process::shell::MAX_ARG_BYTES;
 use crate::protocol::{
-    CreateParams, CreateResult, RequestError, SessionLimits, parse_params, seconds_param,
+    CreateParams, CreateResult, RequestError, SessionLimits, parse_params, quote, seconds_param,
 };
 use crate::server::Daemon;
 
@@ -48,7 +48,8 @@ async fn parse(
             // checked by the session's setup: the uid is not known before.
             if !path.is_absolute() || !is_dir {
                 return Err(RequestError::InvalidRequest(format!(
-                    "param `cwd`: {cwd:?} is not an absolute path to an existing directory"
+                    "param `cwd`: {} is not an absolute path to an existing directory",
+                    quote(&cwd)
                 )));
             }
             Some(path)
@@ -82,8 +83,8 @@ struct ResolvedLimits {
 }
 
 /// Decides a `session.create`'s `limits`: each may only tighten the
-/// configuration; a value that would loosen one is `INVALID_REQUEST` naming
-/// it. cgroup limits on a daemon running without cgroups are refused too,
+/// configuration; a value that would loosen one, or is below the least
+/// that still works, is `INVALID_REQUEST` naming it. cgroup limits on a daemon running without cgroups are refused too,
 /// rather than accepted and not enforced.
 fn resolve_limits(
     config: &Config,
@@ -97,6 +98,11 @@ fn resolve_limits(
     };
     let Some(limits) = limits else {
         return Ok(resolved);
+    };
+    let below = |name: &str, asked: String, min: &str| {
+        RequestError::InvalidRequest(format!(
+            "param `limits.{name}`: {asked} is below the minimum of {min}"
+        ))
     };
     let loosen = |name: &str, asked: String, configured: String| {
         RequestError::InvalidRequest(format!(
@@ -120,32 +126,37 @@ fn resolve_limits(
     }
     let c = &mut resolved.cgroup;
     if let Some(v) = limits.memory_max_bytes {
-        if v > c.memory_max || v < MIN_MEMORY_BYTES {
+        if v < MIN_MEMORY_BYTES {
+            return Err(below("memory_max_bytes", v.to_string(), "4 MiB"));
+        }
+        if v > c.memory_max {
             return Err(loosen(
                 "memory_max_bytes",
                 v.to_string(),
-                format!("{} (and at least 4 MiB)", c.memory_max),
+                c.memory_max.to_string(),
             ));
         }
         c.memory_max = v;
     }
     if let Some(v) = limits.cpu_max_cores {
-        if !(v.is_finite() && v >= MIN_CPU_CORES && v <= c.cpu_max_cores) {
+        if !v.is_finite() || v < MIN_CPU_CORES {
+            return Err(below("cpu_max_cores", v.to_string(), "0.01"));
+        }
+        if v > c.cpu_max_cores {
             return Err(loosen(
                 "cpu_max_cores",
                 v.to_string(),
-                format!("{} (and at least 0.01)", c.cpu_max_cores),
+                c.cpu_max_cores.to_string(),
             ));
         }
         c.cpu_max_cores = v;
     }
     if let Some(v) = limits.pids_max {
-        if v > c.pids_max || v < MIN_PIDS {
-            return Err(loosen(
-                "pids_max",
-                v.to_string(),
-                format!("{} (and at least 8)", c.pids_max),
-            ));
+        if v < MIN_PIDS {
+            return Err(below("pids_max", v.to_string(), &MIN_PIDS.to_string()));
+        }
+        if v > c.pids_max {
+            return Err(loosen("pids_max", v.to_string(), c.pids_max.to_string()));
         }
         c.pids_max = v;
     }
@@ -174,7 +185,7 @@ fn tighten_rlimits(
     let tighten = |name: &str, current: Limit, asked: Option<u64>| match asked {
         None => Ok(current),
         Some(0) => Err(RequestError::InvalidRequest(format!(
-            "param `limits.{name}`: 0 would leave the session unable to run anything; at least 1"
+            "param `limits.{name}`: 0 is below the minimum of 1 (0 would leave the session unable to run anything)"
         ))),
         Some(v) if Limit::Value(v).within(current) => Ok(Limit::Value(v)),
         Some(v) => Err(RequestError::InvalidRequest(format!(
@@ -238,6 +249,58 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    /// Issue 14, "`timeout_s: 1e-9`": a limit under its floor says so, not "would loosen".
+    #[test]
+    fn limits_below_their_minimum_say_so() {
+        let config = Config::default();
+        for (limits, name) in [
+            (
+                SessionLimits {
+                    memory_max_bytes: Some(1),
+                    ..Default::default()
+                },
+                "limits.memory_max_bytes",
+            ),
+            (
+                SessionLimits {
+                    pids_max: Some(1),
+                    ..Default::default()
+                },
+                "limits.pids_max",
+            ),
+            (
+                SessionLimits {
+                    cpu_max_cores: Some(0.0),
+                    ..Default::default()
+                },
+                "limits.cpu_max_cores",
+            ),
+            (
+                SessionLimits {
+                    timeout_s: Some(1e-9),
+                    ..Default::default()
+                },
+                "limits.timeout_s",
+            ),
+            (
+                SessionLimits {
+                    rlimit_nofile: Some(0),
+                    ..Default::default()
+                },
+                "limits.rlimit_nofile",
+            ),
+        ] {
+            let err = resolve_limits(&config, true, Some(&limits))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(name) && err.contains("below the minimum of"),
+                "{err}"
+            );
+            assert!(!err.contains("loosen"), "{err}");
+        }
     }
 
     #[test]

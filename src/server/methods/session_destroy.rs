@@ -1,21 +1,23 @@
 //! `session.destroy`: params → the registry, which unlists the session and tells it to end; answered once its processes are dead.
 
-use super::ask;
+use super::{Pending, cast};
 use crate::actors::registry::RegistryMsg;
 use crate::protocol::{DestroyResult, RequestError, SessionIdParams, parse_params};
 use crate::server::Daemon;
 
-pub(super) async fn serve(
+pub(super) fn dispatch(
     daemon: &Daemon,
     uid: u32,
     params: &[u8],
-) -> Result<DestroyResult, RequestError> {
+) -> Result<Pending<DestroyResult>, RequestError> {
     let p: SessionIdParams = parse_params(params)?;
-    ask(daemon, |reply| RegistryMsg::Destroy {
+    let reply = cast(daemon, |reply| RegistryMsg::Destroy {
         uid,
         session_id: p.session_id,
         reply,
-    })
-    .await??;
-    Ok(DestroyResult { destroyed: true })
+    })?;
+    Ok(Box::pin(async move {
+        reply.await??;
+        Ok(DestroyResult { destroyed: true })
+    }))
 }
