@@ -18,7 +18,7 @@ pub(super) async fn serve(
     let p: ReadParams = parse_params(params)?;
     let wait = wait_param(p.wait_s)?;
     let record = find(daemon, uid, p.command_id).await?;
-    let max = daemon.ctx.config.commands.max_output_bytes.as_u64() as usize;
+    let max = daemon.ctx.live().commands.max_output_bytes.as_u64() as usize;
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = record.output.subscribe();
     loop {

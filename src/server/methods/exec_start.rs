@@ -10,7 +10,7 @@ pub(super) async fn serve(
     params: &[u8],
 ) -> Result<StartResult, RequestError> {
     // `stream` means nothing here: events belong to `exec.run`.
-    let (session_id, request, _stream) = exec_run::parse(&daemon.ctx.config, params)?;
+    let (session_id, request, _stream) = exec_run::parse(&daemon.ctx.live(), params)?;
     let record = exec_run::start(daemon, uid, session_id, request).await?;
     Ok(StartResult {
         command_id: record.id.clone(),

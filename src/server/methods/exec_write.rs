@@ -13,7 +13,7 @@ pub(super) async fn serve(
     params: &[u8],
 ) -> Result<WriteResult, RequestError> {
     let p: WriteParams = parse_params(params)?;
-    let limit = daemon.ctx.config.commands.max_stdin_bytes.as_u64();
+    let limit = daemon.ctx.live().commands.max_stdin_bytes.as_u64();
     if p.data.len() as u64 > limit {
         return Err(RequestError::StdinTooLarge {
             size: p.data.len() as u64,

@@ -15,7 +15,7 @@ mod exec_write;
 mod session_create;
 mod session_destroy;
 mod session_list;
-mod system;
+pub(crate) mod system;
 
 use std::collections::BTreeMap;
 
@@ -78,21 +78,52 @@ impl Method {
 }
 
 /// Answers one request from client `uid`: the encoded response frame body
-/// (event frames, for a streaming request, go to `events` before it).
+/// (event frames, for a streaming request, go to `events` before it). Times
+/// it into `request_duration_seconds` and logs one debug line per request.
 pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request, events: &EventSink) -> Bytes {
     let ctx = &daemon.ctx;
     let id = request.id;
+    let began = std::time::Instant::now();
+    let slot = crate::stats::method_index(&request.method);
+    let method_name = crate::stats::REQUEST_METHODS[slot];
     Stats::bump(&ctx.stats.requests);
+    let answer = answer(daemon, uid, request, events).await;
+    let elapsed = began.elapsed();
+    ctx.stats.request_seconds[slot].observe(elapsed);
+    let outcome = match &answer {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    tracing::debug!(
+        method = method_name,
+        id,
+        uid,
+        duration_us = elapsed.as_micros() as u64,
+        outcome,
+        "request"
+    );
+    answer.unwrap_or_else(|e| {
+        Stats::bump(&ctx.stats.errors);
+        encode_error(Some(id), &e)
+    })
+}
+
+/// Serves one request: its encoded result, or the error to answer with.
+async fn answer(
+    daemon: &Daemon,
+    uid: u32,
+    request: Request,
+    events: &EventSink,
+) -> Result<Bytes, RequestError> {
+    let ctx = &daemon.ctx;
+    let id = request.id;
     let method = Method::from_name(&request.method);
     // Health checks are exempt, so a client at its budget can still be seen alive.
     if method != Some(Method::Ping) {
-        if let Err(e) = ctx.admit_request(uid) {
-            Stats::bump(&ctx.stats.errors);
-            return encode_error(Some(id), &e);
-        }
+        ctx.admit_request(uid)?;
     }
     let params = &request.params;
-    let answer = match method {
+    match method {
         Some(Method::Ping) => Ok(encode(id, system::ping(ctx))),
         Some(Method::Stats) => Ok(encode(id, system::stats(ctx))),
         Some(Method::SessionCreate) => session_create::serve(daemon, uid, params)
@@ -124,11 +155,7 @@ pub async fn dispatch(daemon: &Daemon, uid: u32, request: Request, events: &Even
             .await
             .map(|r| encode(id, r)),
         None => Err(RequestError::UnknownMethod(request.method.clone())),
-    };
-    answer.unwrap_or_else(|e| {
-        Stats::bump(&ctx.stats.errors);
-        encode_error(Some(id), &e)
-    })
+    }
 }
 
 fn encode<T: Serialize>(id: u64, result: T) -> Bytes {
