@@ -1,4 +1,4 @@
-//! Configuration: embedded defaults, the TOML file, validation → [`ConfigError`]; read once at start.
+//! Configuration: embedded defaults, the TOML file, validation → [`ConfigError`]; read at start and again on SIGHUP ([`Config::reloaded`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +29,16 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// One cgroup per session with hard memory, CPU and pids limits.
     pub cgroups: CgroupsConfig,
+    /// The Prometheus listener.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus text format over HTTP.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `GET /metrics` on (e.g. `127.0.0.1:9464`); empty: off.
+    pub listen: String,
 }
 
 /// `[rate_limit]`: a token bucket per client uid (`system.ping` is exempt).
@@ -83,6 +93,12 @@ pub struct ServerConfig {
     /// the host runs out of memory the kernel picks a command, not the daemon.
     /// Lowering it needs root (CAP_SYS_RESOURCE); without, it stays as inherited.
     pub oom_score_adj: i32,
+    /// Group that owns the socket (a name or a number); with `socket_mode =
+    /// 0o660` its members may connect (they must still be in `allowed_uids`). Empty: the daemon's group.
+    pub socket_group: String,
+    /// Log filter (`info`, `debug`, `sessiond=debug,info`…); empty: `RUST_LOG`, else `info`.
+    /// Reloaded on SIGHUP.
+    pub log_level: String,
 }
 
 /// `[sessions]`: admission and lifetime of sessions.
@@ -177,6 +193,8 @@ impl Default for ServerConfig {
             max_unsent_bytes: ByteSize::mib(64),
             shutdown_grace: Duration::from_secs(10),
             oom_score_adj: -900,
+            socket_group: String::new(),
+            log_level: String::new(),
         }
     }
 }
@@ -371,6 +389,26 @@ impl Config {
             }
         }
 
+        self.socket_gid()?;
+        if !s.log_level.is_empty() {
+            if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log_level) {
+                return Err(invalid(
+                    "server.log_level",
+                    &s.log_level,
+                    format!("a tracing filter such as \"info\" or \"sessiond=debug,info\" ({e})"),
+                ));
+            }
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics.listen",
+                &self.metrics.listen,
+                "an address and port such as \"127.0.0.1:9464\", or empty for off",
+            ));
+        }
+
         let ss = &self.sessions;
         if ss.max_sessions == 0 {
             return Err(invalid(
@@ -518,6 +556,76 @@ impl Config {
         }
     }
 
+    /// The gid of `server.socket_group` (`None` when empty): a group name, or a number.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ConfigError> {
+        let name = &self.server.socket_group;
+        if name.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(gid) = name.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(Some(group.gid.as_raw())),
+            _ => Err(invalid(
+                "server.socket_group",
+                name,
+                "the name (or number) of an existing group",
+            )),
+        }
+    }
+
+    /// The configuration a SIGHUP puts in force, given the one running now
+    /// (`self`) and the file just read (`file`, validated): `file`'s values
+    /// for what may change while running, ours for the rest (see
+    /// [`Config::pin_restart_only`]). Returns it with the keys that change
+    /// and the keys that differ in the file but stay as they are until a
+    /// restart, each as `section.key`.
+    pub fn reloaded(&self, file: &Config) -> Reload {
+        let mut next = file.clone();
+        next.pin_restart_only(self);
+        Reload {
+            changed: differing_keys(self, &next),
+            ignored: differing_keys(&next, file),
+            config: next,
+        }
+    }
+
+    /// Copies from `running` every key that is never reloaded: what the
+    /// socket, the identities, the isolation layer and the shared pools were
+    /// built from at start. The rest (limits and timeouts of new sessions and
+    /// commands, rlimits, cgroup limits, rate limits, per-client caps, the log
+    /// level, the shutdown grace) is taken from the file.
+    fn pin_restart_only(&mut self, running: &Config) {
+        let (s, r) = (&mut self.server, &running.server);
+        s.socket.clone_from(&r.socket);
+        s.socket_mode = r.socket_mode;
+        s.socket_group.clone_from(&r.socket_group);
+        s.allowed_uids.clone_from(&r.allowed_uids);
+        s.max_connections = r.max_connections;
+        s.max_request_bytes = r.max_request_bytes;
+        s.request_read_timeout = r.request_read_timeout;
+        s.max_unsent_bytes = r.max_unsent_bytes;
+        s.oom_score_adj = r.oom_score_adj;
+        let (ss, rs) = (&mut self.sessions, &running.sessions);
+        ss.shell.clone_from(&rs.shell);
+        ss.default_cwd.clone_from(&rs.default_cwd);
+        ss.reap_interval = rs.reap_interval;
+        ss.subreaper = rs.subreaper;
+        let (c, rc) = (&mut self.commands, &running.commands);
+        c.max_concurrent = rc.max_concurrent;
+        c.run_as_user.clone_from(&rc.run_as_user);
+        c.oom_score_adj = rc.oom_score_adj;
+        c.env.clone_from(&rc.env);
+        c.isolation = rc.isolation;
+        c.uid_range = rc.uid_range;
+        c.state_dir.clone_from(&rc.state_dir);
+        c.private_tmp = rc.private_tmp;
+        self.cgroups.mode = running.cgroups.mode;
+        self.cgroups.parent.clone_from(&running.cgroups.parent);
+        self.metrics.clone_from(&running.metrics);
+    }
+
     /// The socket path in force: the configured one, else the per-user default.
     pub fn socket_path(&self) -> PathBuf {
         if let Some(path) = &self.server.socket {
@@ -530,6 +638,49 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// What a SIGHUP does: see [`Config::reloaded`].
+#[derive(Debug)]
+pub struct Reload {
+    /// The configuration now in force.
+    pub config: Config,
+    /// Keys whose value changes, `section.key`.
+    pub changed: Vec<String>,
+    /// Keys that differ in the file but are kept until a restart.
+    pub ignored: Vec<String>,
+}
+
+/// The `section.key` names whose values differ between `a` and `b`.
+fn differing_keys(a: &Config, b: &Config) -> Vec<String> {
+    fn flat(c: &Config) -> BTreeMap<String, toml::Value> {
+        let mut out = BTreeMap::new();
+        if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(c) {
+            for (section, value) in sections {
+                match value {
+                    toml::Value::Table(keys) => {
+                        for (k, v) in keys {
+                            out.insert(format!("{section}.{k}"), v);
+                        }
+                    }
+                    v => {
+                        out.insert(section, v);
+                    }
+                }
+            }
+        }
+        out
+    }
+    let (a, b) = (flat(a), flat(b));
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// `$XDG_RUNTIME_DIR/sessiond.sock`, else `/tmp/sessiond-<uid>/sessiond.sock`.
@@ -672,6 +823,52 @@ mod tests {
         );
         let err = Config::parse("[commands]\nisolation = \"per-uid\"\n").unwrap_err();
         assert!(err.contains("uid-per-session"), "{err}");
+    }
+
+    #[test]
+    fn reload_takes_limits_and_keeps_what_needs_a_restart() {
+        let running = Config::default();
+        let mut file = Config::default();
+        file.sessions.max_sessions = 3;
+        file.rate_limit.burst = 7;
+        file.server.socket = Some(PathBuf::from("/elsewhere.sock"));
+        file.commands.isolation = IsolationMode::UidPerSession;
+        file.cgroups.parent = "other".into();
+        let r = running.reloaded(&file);
+        assert_eq!(r.config.sessions.max_sessions, 3);
+        assert_eq!(r.config.rate_limit.burst, 7);
+        assert_eq!(r.config.server.socket, None);
+        assert_eq!(r.config.commands.isolation, IsolationMode::Shared);
+        assert_eq!(r.config.cgroups.parent, "sessiond");
+        assert_eq!(r.changed, ["rate_limit.burst", "sessions.max_sessions"]);
+        assert_eq!(
+            r.ignored,
+            ["cgroups.parent", "commands.isolation", "server.socket"]
+        );
+        assert!(running.reloaded(&running).changed.is_empty());
+    }
+
+    #[test]
+    fn socket_group_log_level_and_metrics_are_checked() {
+        let c = Config::parse("[server]\nsocket_group = \"no-such-group-x\"\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("server.socket_group"), "{err}");
+        let c = Config::parse("[server]\nsocket_group = \"0\"\n").unwrap();
+        assert_eq!(c.socket_gid().unwrap(), Some(0));
+        let c = Config::parse("[server]\nlog_level = \"sessiond=loud\"\n").unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("server.log_level")
+        );
+        let c = Config::parse("[metrics]\nlisten = \"localhost\"\n").unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("metrics.listen")
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! What every actor and connection shares: the config in force, counters, the process table, cgroups, the uid pool, command slots, rate limiter, draining flag — and no actor (actors are found through the actor tree's handle, `actors::tree::ActorTree`).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
@@ -18,8 +18,14 @@ use crate::stats::Stats;
 /// Shared, read-mostly state of one daemon.
 #[derive(Debug)]
 pub struct Context {
-    /// The validated configuration.
+    /// The configuration the daemon started with: read the keys that are
+    /// never reloaded here (socket, identities, isolation, pools). What a
+    /// SIGHUP may change is read through [`Context::live`].
     pub config: Config,
+    /// The configuration in force now (after the last SIGHUP); its
+    /// restart-only keys always equal `config`'s. A session takes a snapshot
+    /// when it is created and keeps it for its life.
+    live: RwLock<Arc<Config>>,
     /// The shell commands run under (the configured one, or /bin/sh when it is absent).
     pub shell: PathBuf,
     /// Where sessions start when they name no cwd.
@@ -38,7 +44,7 @@ pub struct Context {
     pub command_slots: Arc<Semaphore>,
     /// One token bucket per client uid; `None` when rate limiting is off.
     /// Keyed by uid, so it holds at most one entry per uid that may connect.
-    rate_limiter: Option<governor::DefaultKeyedRateLimiter<u32>>,
+    rate_limiter: RwLock<Option<Arc<governor::DefaultKeyedRateLimiter<u32>>>>,
     /// The daemon's cgroup subtree; `None` when cgroups are off.
     pub cgroups: Option<Arc<Cgroups>>,
     /// The uid pool under `isolation = "uid-per-session"`; `None` when shared.
@@ -112,12 +118,9 @@ impl Context {
             login_shell.into_os_string().into_encoded_bytes(),
         );
         let slots = config.commands.max_concurrent;
-        let rate = &config.rate_limit;
-        let rate_limiter = std::num::NonZeroU32::new(rate.requests_per_second).map(|rps| {
-            let burst = std::num::NonZeroU32::new(rate.burst).unwrap_or(rps);
-            governor::RateLimiter::keyed(governor::Quota::per_second(rps).allow_burst(burst))
-        });
+        let rate_limiter = RwLock::new(rate_limiter(&config.rate_limit));
         Context {
+            live: RwLock::new(Arc::new(config.clone())),
             config,
             shell,
             default_cwd,
@@ -140,7 +143,8 @@ impl Context {
     /// `RATE_LIMITED` (with the time until the next request would be allowed).
     pub fn admit_request(&self, uid: u32) -> Result<(), crate::protocol::RequestError> {
         use governor::clock::Clock;
-        let Some(limiter) = &self.rate_limiter else {
+        let limiter = self.rate_limiter.read().unwrap_or_else(|e| e.into_inner());
+        let Some(limiter) = limiter.as_ref() else {
             return Ok(());
         };
         limiter.check_key(&uid).map_err(|not_until| {
@@ -151,6 +155,23 @@ impl Context {
                 retry_after_ms: (wait.as_micros().div_ceil(1000) as u64).max(1),
             }
         })
+    }
+
+    /// The configuration in force now (see [`Context::live`]'s field doc).
+    pub fn live(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `next` in force (built by [`Config::reloaded`], so its
+    /// restart-only keys are ours): new sessions, commands and requests see
+    /// it; rate buckets start afresh when `[rate_limit]` changed.
+    pub fn set_live(&self, next: Config) {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        if live.rate_limit != next.rate_limit {
+            *self.rate_limiter.write().unwrap_or_else(|e| e.into_inner()) =
+                rate_limiter(&next.rate_limit);
+        }
+        *live = Arc::new(next);
     }
 
     /// Whether the daemon is draining after SIGTERM.
@@ -177,4 +198,16 @@ impl Context {
     pub fn uptime_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
+}
+
+/// One token bucket per client uid, or `None` when `requests_per_second` is 0.
+fn rate_limiter(
+    rate: &crate::config::RateLimitConfig,
+) -> Option<Arc<governor::DefaultKeyedRateLimiter<u32>>> {
+    std::num::NonZeroU32::new(rate.requests_per_second).map(|rps| {
+        let burst = std::num::NonZeroU32::new(rate.burst).unwrap_or(rps);
+        Arc::new(governor::RateLimiter::keyed(
+            governor::Quota::per_second(rps).allow_burst(burst),
+        ))
+    })
 }

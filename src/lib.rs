@@ -28,6 +28,7 @@ pub(crate) mod context;
 pub mod fault;
 pub mod isolation;
 pub(crate) mod limits;
+pub mod metrics;
 pub mod process;
 pub mod protocol;
 pub mod server;

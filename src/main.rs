@@ -46,6 +46,9 @@ enum Command {
         /// Print JSON instead of the indented form.
         #[arg(long)]
         json: bool,
+        /// `prometheus`: the Prometheus text format (for node_exporter's textfile collector).
+        #[arg(long, value_enum)]
+        format: Option<StatsFormat>,
     },
     /// Create, list or destroy sessions.
     Session {
@@ -139,6 +142,12 @@ struct Connect {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum StatsFormat {
+    Json,
+    Prometheus,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -185,7 +194,7 @@ fn main() -> ExitCode {
 fn serve(config_path: Option<PathBuf>, socket: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
     ensure_standard_fds();
     close_inherited_fds_on_exec();
-    init_logging(log_format);
+    let set_log_filter = init_logging(log_format);
     let mut config = match Config::load(config_path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -193,24 +202,51 @@ fn serve(config_path: Option<PathBuf>, socket: Option<PathBuf>, log_format: LogF
             return ExitCode::from(2);
         }
     };
+    if !config.server.log_level.is_empty() {
+        let _ = set_log_filter(&config.server.log_level);
+    }
     if socket.is_some() {
-        config.server.socket = socket;
+        config.server.socket.clone_from(&socket);
     }
     let path = config.socket_path();
     server::block_stop_signals();
-    // Bound before the runtime exists: binding sets the process-wide umask.
-    let bound = match server::bind(&path, config.server.socket_mode) {
+    // Socket activation: systemd's listening socket instead of our own.
+    let bound = match server::systemd::take_listener() {
+        Some(Ok(listener)) => {
+            let passed = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+                .unwrap_or_else(|| path.clone());
+            Ok(server::BoundSocket::activated(listener, passed))
+        }
+        Some(Err(e)) => {
+            eprintln!("sessiond: socket activation: {e}");
+            return ExitCode::from(1);
+        }
+        // Bound before the runtime exists: binding sets the process-wide umask.
+        None => config.socket_gid().map_or_else(
+            |e| Err(server::ServeError::Actors(e.to_string())),
+            |gid| server::bind(&path, config.server.socket_mode, gid),
+        ),
+    };
+    let bound = match bound {
         Ok(b) => b,
         Err(e) => {
             eprintln!("sessiond: {e}");
             return ExitCode::from(1);
         }
     };
+    let reloading = server::Reloading {
+        config_path,
+        socket_override: socket,
+        set_log_filter: Some(Box::new(set_log_filter)),
+    };
     let runtime = match build_runtime(true) {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(server::run(config, bound)) {
+    match runtime.block_on(server::run(config, bound, reloading)) {
         Ok(Exit::Graceful) => ExitCode::SUCCESS,
         Ok(Exit::Forced) => ExitCode::from(1),
         Err(e) => {
@@ -261,17 +297,25 @@ fn fd_is_open(fd: i32) -> bool {
     unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to stderr; returns what puts a new filter in force (`server.log_level`, on SIGHUP).
+fn init_logging(format: LogFormat) -> impl Fn(&str) -> Result<(), String> + Send + Sync + 'static {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::new(server::log_filter(""));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colours only for a terminal: a log file or journald gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+    }
+    move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(server::log_filter(level))
+            .map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
     }
 }
 
@@ -319,8 +363,17 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
                 pong.version, pong.protocol, pong.uptime_ms
             );
         }
-        Command::Stats { connect: c, json } => {
+        Command::Stats {
+            connect: c,
+            json,
+            format,
+        } => {
             let stats = connect(&c).await?.stats().await?;
+            if let Some(StatsFormat::Prometheus) = format {
+                print!("{}", sessiond::metrics::render(&stats));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let json = json || matches!(format, Some(StatsFormat::Json));
             let text = if json {
                 serde_json::to_string(&stats)
             } else {

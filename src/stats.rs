@@ -36,6 +36,81 @@ pub struct Stats {
     pub actor_failures: AtomicU64,
     pub zombies_reaped: AtomicU64,
     pub cgroups_recovered: AtomicU64,
+
+    /// How long each request took to answer, per method (the index in [`REQUEST_METHODS`]).
+    pub request_seconds: [Histogram; REQUEST_METHODS.len()],
+    /// How long each command ran, from spawn to its end (exec.run and exec.start alike).
+    pub command_seconds: Histogram,
+}
+
+/// The methods whose request latency is kept, in a fixed order (an unknown
+/// method counts as the last: `other`).
+pub const REQUEST_METHODS: [&str; 11] = [
+    crate::protocol::method::PING,
+    crate::protocol::method::STATS,
+    crate::protocol::method::SESSION_CREATE,
+    crate::protocol::method::SESSION_DESTROY,
+    crate::protocol::method::SESSION_LIST,
+    crate::protocol::method::EXEC_RUN,
+    crate::protocol::method::EXEC_START,
+    crate::protocol::method::EXEC_READ,
+    crate::protocol::method::EXEC_WRITE,
+    crate::protocol::method::EXEC_CANCEL,
+    "other",
+];
+
+/// Upper bounds (seconds) of the latency buckets: 1 ms to about 17 min, so
+/// one set fits a ping and a long build alike.
+pub const BUCKETS_S: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 1000.0,
+];
+
+/// A latency histogram of plain atomics (one count per bucket, not yet
+/// cumulative, plus the overflow bucket), so observing never takes a lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_S.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one observation of `elapsed`.
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let s = elapsed.as_secs_f64();
+        let i = BUCKETS_S
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS_S.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound of [`BUCKETS_S`] (Prometheus' `le`), the
+    /// total count and the sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, u64, f64) {
+        let mut running = 0;
+        let cumulative = BUCKETS_S
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                running += self.buckets[i].load(Ordering::Relaxed);
+                running
+            })
+            .collect();
+        // The count is the buckets' own total, so `+Inf` always equals it.
+        let count = running + self.buckets[BUCKETS_S.len()].load(Ordering::Relaxed);
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (cumulative, count, sum)
+    }
+}
+
+/// The index of `method` in [`REQUEST_METHODS`] (`other` when unknown).
+pub fn method_index(method: &str) -> usize {
+    REQUEST_METHODS
+        .iter()
+        .position(|m| *m == method)
+        .unwrap_or(REQUEST_METHODS.len() - 1)
 }
 
 impl Stats {

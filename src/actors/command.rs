@@ -252,8 +252,17 @@ impl CommandState {
             }
             (None, _) => {}
         }
-        if let Ok(r) = &outcome {
-            tracing::debug!(command = %record.id, exit_code = ?r.exit_code, killed_by = ?r.killed_by, duration_ms = r.duration_ms, "command ended");
+        let elapsed = record.started.elapsed();
+        stats.command_seconds.observe(elapsed);
+        let session = CommandRecord::session_of(&record.id).unwrap_or("");
+        let duration_ms = elapsed.as_millis() as u64;
+        match &outcome {
+            Ok(r) => {
+                tracing::debug!(session, command = %record.id, duration_ms, exit_code = ?r.exit_code, signal = ?r.signal, killed_by = ?r.killed_by.map(|k| k.name()), "command ended")
+            }
+            Err(e) => {
+                tracing::debug!(session, command = %record.id, duration_ms, outcome = e.code(), "command failed")
+            }
         }
         record.finish(outcome);
     }

@@ -285,7 +285,7 @@ impl RegistryState {
             let _ = reply.send(Err(e));
             return;
         }
-        let cfg = &self.ctx.config;
+        let cfg = self.ctx.live();
         // `limits.timeout_s` is the session's default and maximum timeout.
         let (default_timeout, max_timeout) = match request.timeout {
             Some(t) => (t, t),
@@ -300,6 +300,7 @@ impl RegistryState {
         let id = format!("s-{}", uuid::Uuid::new_v4().simple());
         let args = SessionArgs {
             ctx: self.ctx.clone(),
+            config: cfg.clone(),
             key,
             id: id.clone(),
             owner: uid,
@@ -327,7 +328,7 @@ impl RegistryState {
     /// Decides `SHUTTING_DOWN`, `TOO_MANY_SESSIONS` and `CLIENT_SESSION_LIMIT`
     /// (sessions still starting count).
     fn admit(&self, uid: u32) -> Result<(), RequestError> {
-        let cfg = &self.ctx.config;
+        let cfg = self.ctx.live();
         if self.ctx.draining() || self.shutting_down {
             return Err(RequestError::ShuttingDown);
         }

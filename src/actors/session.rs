@@ -11,6 +11,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use super::command::{CommandActor, CommandArgs, CommandMsg, StartReply};
 use super::command_record::CommandRecord;
 use crate::cgroup::{CgroupLimits, CgroupNode};
+use crate::config::Config;
 use crate::context::Context;
 use crate::isolation::Lease;
 use crate::limits::Rlimit;
@@ -92,6 +93,9 @@ pub struct SessionActor;
 /// What a SessionActor is started with.
 pub struct SessionArgs {
     pub ctx: Arc<Context>,
+    /// The configuration in force when the session was created: its limits
+    /// for the session's whole life, whatever a later SIGHUP changes.
+    pub config: Arc<Config>,
     pub key: SessionKey,
     pub id: String,
     pub owner: u32,
@@ -208,6 +212,8 @@ struct Running {
 /// State of one session.
 pub struct SessionState {
     ctx: Arc<Context>,
+    /// The configuration the session was created under (see [`SessionArgs::config`]).
+    config: Arc<Config>,
     key: SessionKey,
     id: String,
     owner: u32,
@@ -259,7 +265,7 @@ impl Actor for SessionActor {
         // No I/O here: ractor runs pre_start in the spawner's task (the
         // registry's). The cgroup is made by the first message, in our own task.
         let _ = myself.cast(SessionMsg::Setup);
-        let idle = args.ctx.config.sessions.idle_timeout;
+        let idle = args.config.sessions.idle_timeout;
         myself.send_after(idle, || SessionMsg::IdleCheck);
         let now = Instant::now();
         Ok(SessionState {
@@ -268,6 +274,7 @@ impl Actor for SessionActor {
                 key: args.key,
             },
             ctx: args.ctx,
+            config: args.config,
             key: args.key,
             id: args.id,
             owner: args.owner,
@@ -351,8 +358,7 @@ impl Actor for SessionActor {
                 state.end_waiters.extend(reply);
                 if !state.ending {
                     state.ending = true;
-                    let force_after =
-                        state.ctx.config.commands.kill_grace + timing::FORCE_END_SLACK;
+                    let force_after = state.config.commands.kill_grace + timing::FORCE_END_SLACK;
                     myself.send_after(force_after, || SessionMsg::ForceEnd);
                 }
                 state.end_if_idle(&myself).await;
@@ -586,7 +592,7 @@ impl SessionState {
             let _ = reply.send(Err(RequestError::SessionNotFound(self.id.clone())));
             return;
         }
-        if self.running.len() >= self.ctx.config.commands.max_per_session {
+        if self.running.len() >= self.config.commands.max_per_session {
             Stats::bump(&self.ctx.stats.commands_rejected_busy);
             let _ = reply.send(Err(RequestError::SessionBusy(self.id.clone())));
             return;
@@ -609,7 +615,7 @@ impl SessionState {
             }));
             return;
         };
-        let commands = &self.ctx.config.commands;
+        let commands = &self.config.commands;
         let record = Arc::new(CommandRecord::new(
             format!("{}/c-{}", self.id, uuid::Uuid::new_v4().simple()),
             LiveOutput::new(
@@ -623,7 +629,7 @@ impl SessionState {
             command: request.command,
             state: self.terminal.clone(),
             request_env: request.env.clone(),
-            max_state_bytes: self.ctx.config.sessions.max_state_bytes.as_u64() as usize,
+            max_state_bytes: self.config.sessions.max_state_bytes.as_u64() as usize,
             stdin: request.stdin,
             timeout,
             idle_timeout: request.idle_timeout,
@@ -687,7 +693,7 @@ impl SessionState {
         let Some(running) = self.running.remove(command) else {
             return;
         };
-        let commands = &self.ctx.config.commands;
+        let commands = &self.config.commands;
         if commands.retain_per_session == 0 {
             return;
         }
@@ -712,7 +718,7 @@ impl SessionState {
 
     /// Drops retained commands that ended `retain_finished` ago or more.
     fn prune_retained(&mut self) {
-        let keep_for = self.ctx.config.commands.retain_finished;
+        let keep_for = self.config.commands.retain_finished;
         while self
             .retained
             .front()
@@ -754,7 +760,7 @@ impl SessionState {
         if self.ending {
             return;
         }
-        let idle_timeout = self.ctx.config.sessions.idle_timeout;
+        let idle_timeout = self.config.sessions.idle_timeout;
         let idle_for = self.last_active.elapsed();
         if !self.running.is_empty() || idle_for < idle_timeout {
             let left = if self.running.is_empty() {

@@ -294,6 +294,26 @@ pub struct StatsResult {
     pub commands: CommandStats,
     pub clients: ClientStats,
     pub runtime: RuntimeStats,
+    /// Latency histograms: `request_duration_seconds` per method and
+    /// `command_duration_seconds` (absent from daemons before 0.1 of protocol 2).
+    #[serde(default)]
+    pub latency: Vec<HistogramStats>,
+}
+
+/// `system.stats` → `latency[]`: one histogram, its buckets cumulative as in Prometheus.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HistogramStats {
+    /// `request_duration_seconds` or `command_duration_seconds`.
+    pub name: String,
+    /// The request method (`request_duration_seconds` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Upper bounds of the buckets, in seconds (the `+Inf` bucket is `count`).
+    pub le: Vec<f64>,
+    /// Observations at or below each bound.
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_s: f64,
 }
 
 /// `system.stats` → `sessions`.

@@ -2,6 +2,7 @@
 
 pub mod connection;
 pub mod methods;
+pub mod systemd;
 
 use std::collections::HashMap;
 use std::io;
@@ -71,12 +72,14 @@ pub enum Exit {
     Forced,
 }
 
-/// A bound listening socket, the directory it is in and the inode it owns.
+/// A listening socket: bound by us (with the directory it is in and the
+/// inode we own, removed at exit), or passed by systemd (whose file systemd
+/// owns: never removed by us).
 pub struct BoundSocket {
     listener: StdUnixListener,
-    dir: SocketDir,
+    /// `None` for a socket systemd passed.
+    owned: Option<(SocketDir, u64)>,
     path: PathBuf,
-    inode: u64,
 }
 
 /// Binds the socket at `path` with `mode`, before any other thread exists
@@ -95,7 +98,13 @@ pub struct BoundSocket {
 ///    umask that leaves exactly `mode`, so the socket is never wider than
 ///    `mode`, not even for an instant, and no path-based chmod follows.
 ///    Then check the new entry: a socket, with `mode`, owned by us.
-pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ServeError> {
+/// 5. With `group` (`server.socket_group`): hand the entry to that group
+///    (through the directory fd, never following a link) and check it. Until
+///    then it has our own group, which `allowed_uids` still guards.
+///
+/// Anything refused before step 4 leaves the path as it was: a second daemon
+/// on the socket of a live one removes nothing and creates nothing.
+pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, ServeError> {
     let io_err = |action, source| ServeError::Io {
         action,
         path: path.to_path_buf(),
@@ -145,11 +154,25 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ServeError> {
         .stat_entry()
         .map_err(|e| errno_err("stat", e))?
         .ok_or_else(|| io_err("stat", io::ErrorKind::NotFound.into()))?;
+    let bound = BoundSocket {
+        listener,
+        path: path.to_path_buf(),
+        owned: Some((dir, st.st_ino)),
+    };
+    let Some((dir, _)) = &bound.owned else {
+        unreachable!("just set")
+    };
+    // From here on a failure removes the socket we made (`bound` is dropped
+    // after `remove`), leaving nothing behind.
+    let fail = |e: ServeError| {
+        bound.remove();
+        Err(e)
+    };
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK
         || st.st_mode & 0o7777 != mode
         || st.st_uid != euid
     {
-        return Err(io_err(
+        return fail(io_err(
             "check",
             io::Error::other(format!(
                 "the new socket has mode {:04o} and owner {} instead of {mode:04o} and {euid}",
@@ -158,29 +181,70 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ServeError> {
             )),
         ));
     }
-    Ok(BoundSocket {
-        listener,
-        path: path.to_path_buf(),
-        dir,
-        inode: st.st_ino,
-    })
+    if let Some(gid) = group {
+        if let Err(e) = nix::unistd::fchownat(
+            dir.fd(),
+            dir.name(),
+            None,
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            return fail(errno_err("give server.socket_group ownership of", e));
+        }
+        match dir.stat_entry() {
+            Ok(Some(now)) if now.st_gid == gid && now.st_ino == st.st_ino => {}
+            _ => {
+                return fail(io_err(
+                    "check",
+                    io::Error::other(format!("the socket is not owned by group {gid}")),
+                ));
+            }
+        }
+    }
+    Ok(bound)
 }
 
 impl BoundSocket {
-    /// Removes the socket file, if it is still ours (not replaced by another daemon).
+    /// A listening socket systemd passed (socket activation); `path` is for
+    /// the logs only. The file stays at exit: it is systemd's.
+    pub fn activated(listener: StdUnixListener, path: PathBuf) -> BoundSocket {
+        BoundSocket {
+            listener,
+            owned: None,
+            path,
+        }
+    }
+
+    /// Removes the socket file, if we made it and it is still ours (not
+    /// replaced by another daemon). A socket systemd passed is left to it.
     fn remove(&self) {
-        if self
-            .dir
+        let Some((dir, inode)) = &self.owned else {
+            return;
+        };
+        if dir
             .stat_entry()
-            .is_ok_and(|st| st.is_some_and(|st| st.st_ino == self.inode))
+            .is_ok_and(|st| st.is_some_and(|st| st.st_ino == *inode))
         {
             let _ = nix::unistd::unlinkat(
-                self.dir.fd(),
-                self.dir.name(),
+                dir.fd(),
+                dir.name(),
                 nix::unistd::UnlinkatFlags::NoRemoveDir,
             );
         }
     }
+}
+
+/// What a SIGHUP needs to reload: where the configuration came from and how
+/// to change the log filter.
+#[derive(Default)]
+pub struct Reloading {
+    /// The `--config` file (`None`: the embedded defaults).
+    pub config_path: Option<PathBuf>,
+    /// `--socket`, which overrides the file's `server.socket`.
+    pub socket_override: Option<PathBuf>,
+    /// Puts a new log filter in force (`tracing_subscriber`'s reload layer).
+    #[allow(clippy::type_complexity)]
+    pub set_log_filter: Option<Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>>,
 }
 
 /// Runs the daemon on `socket` until SIGTERM/SIGINT, then shuts down:
@@ -191,17 +255,32 @@ impl BoundSocket {
 ///    `killed_by: "shutdown"`.
 /// 3. Stop reading connections, flush the answers in flight, stop the actors.
 /// 4. Kill every process group the daemon ever started that is still alive,
-///    remove the socket file.
+///    remove the socket file (unless systemd passed it).
 ///
-/// A second signal at any point skips to step 4 at once.
-pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError> {
+/// A second signal at any point skips to step 4 at once. SIGHUP reloads the
+/// configuration ([`reload`]). Under systemd (`NOTIFY_SOCKET`) it says
+/// `READY=1` once connections are accepted, `STOPPING=1` when it drains, and
+/// `WATCHDOG=1` at half of `WatchdogSec=` while the runtime is alive.
+pub async fn run(
+    config: Config,
+    socket: BoundSocket,
+    reloading: Reloading,
+) -> Result<Exit, ServeError> {
     // Handlers first: clients can connect from the moment the socket is bound,
     // and a SIGTERM from then on must drain, not kill (see `block_stop_signals`).
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| ServeError::Actors(e.to_string()))?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| ServeError::Actors(e.to_string()))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| ServeError::Actors(e.to_string()))?;
     unblock_stop_signals();
+    let metrics = match bind_metrics(&config) {
+        Ok(m) => m,
+        Err(e) => {
+            socket.remove();
+            return Err(e);
+        }
+    };
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
     // uid-per-session: lock the state directory, then kill and remove what the
@@ -269,6 +348,23 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
             path: socket.path.clone(),
             source: e,
         })?;
+    if let Some(listener) = metrics {
+        let addr = listener.local_addr().ok();
+        tracing::info!(listen = ?addr, "metrics: GET /metrics in the Prometheus text format");
+        let stats_ctx = ctx.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::new(move || methods::system::stats(&stats_ctx)),
+        ));
+    }
+    {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                reload(&ctx, &reloading);
+            }
+        });
+    }
     let (signal_tx, mut signals) = tokio::sync::mpsc::channel::<()>(4);
     tokio::spawn(async move {
         loop {
@@ -292,9 +388,20 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
         stop_connections.clone(),
     );
     let accept_task = tokio::spawn(accept);
+    systemd::notify("READY=1");
+    if let Some(every) = systemd::watchdog_interval() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                systemd::notify("WATCHDOG=1");
+            }
+        });
+    }
 
     let _ = signals.recv().await;
     tracing::info!("signal received: draining");
+    systemd::notify("STOPPING=1");
     ctx.start_draining();
 
     let forced = async {
@@ -303,7 +410,7 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     };
     let graceful = async {
         // 1. Let running commands finish.
-        let grace_end = tokio::time::Instant::now() + ctx.config.server.shutdown_grace;
+        let grace_end = tokio::time::Instant::now() + ctx.live().server.shutdown_grace;
         while ctx.running_commands() > 0 && tokio::time::Instant::now() < grace_end {
             tokio::time::sleep(timing::DRAIN_POLL).await;
         }
@@ -350,6 +457,87 @@ pub async fn run(config: Config, socket: BoundSocket) -> Result<Exit, ServeError
     Ok(exit)
 }
 
+/// Binds `[metrics] listen` (before anything else starts, so a taken port
+/// is a start error); `None` when it is off.
+fn bind_metrics(config: &Config) -> Result<Option<tokio::net::TcpListener>, ServeError> {
+    let listen = &config.metrics.listen;
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let io_err = |action, source| ServeError::Io {
+        action,
+        path: PathBuf::from(listen),
+        source,
+    };
+    let listener =
+        std::net::TcpListener::bind(listen).map_err(|e| io_err("listen for metrics on", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io_err("configure", e))?;
+    tokio::net::TcpListener::from_std(listener)
+        .map(Some)
+        .map_err(|e| io_err("listen for metrics on", e))
+}
+
+/// SIGHUP: reads the configuration again and puts in force what may change
+/// while running ([`Config::reloaded`]); logs each key that changed and each
+/// that differs in the file but waits for a restart. A file that cannot be
+/// read or is refused changes nothing: the error is logged, the daemon
+/// serves on with the configuration it has.
+fn reload(ctx: &Context, reloading: &Reloading) {
+    let path = reloading.config_path.as_deref();
+    let file = match Config::load(path) {
+        Ok(mut file) => {
+            if reloading.socket_override.is_some() {
+                file.server.socket.clone_from(&reloading.socket_override);
+            }
+            file
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one");
+            return;
+        }
+    };
+    let running = ctx.live();
+    let next = running.reloaded(&file);
+    if let Err(e) = next.config.validate() {
+        tracing::error!(error = %e, "SIGHUP: configuration refused; keeping the running one");
+        return;
+    }
+    if next.changed.iter().any(|k| k == "server.log_level") {
+        if let Some(set) = &reloading.set_log_filter {
+            let filter = log_filter(&next.config.server.log_level);
+            if let Err(e) = set(&filter) {
+                tracing::error!(error = %e, filter, "SIGHUP: cannot change the log filter");
+            }
+        }
+    }
+    for key in &next.ignored {
+        tracing::warn!(
+            key,
+            "SIGHUP: changed in the file but never reloaded; kept until a restart"
+        );
+    }
+    tracing::info!(
+        config = %path.map_or_else(|| "(embedded defaults)".into(), |p| p.display().to_string()),
+        changed = ?next.changed,
+        ignored = ?next.ignored,
+        "SIGHUP: configuration reloaded; new sessions and commands use it, running sessions keep theirs"
+    );
+    ctx.set_live(next.config);
+}
+
+/// The log filter for `server.log_level`: itself, else `RUST_LOG`, else `info`.
+pub fn log_filter(level: &str) -> String {
+    if !level.is_empty() {
+        return level.to_string();
+    }
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "info".to_string())
+}
+
 fn stop_signals() -> nix::sys::signal::SigSet {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -374,11 +562,21 @@ fn unblock_stop_signals() {
 /// kills a command (which start at `commands.oom_score_adj`) rather than us.
 /// Lowering it needs CAP_SYS_RESOURCE; without it the inherited value stays.
 fn shield_from_oom(score: i32) {
-    match std::fs::write("/proc/self/oom_score_adj", score.to_string()) {
-        Ok(()) => tracing::info!(oom_score_adj = score, "daemon OOM score set"),
-        Err(e) => {
-            tracing::warn!(oom_score_adj = score, error = %e, "cannot set the daemon's oom_score_adj; keeping the inherited one")
+    let written = std::fs::write("/proc/self/oom_score_adj", score.to_string());
+    // What the kernel kept, read back: the value really in force.
+    let kept = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    match (written, kept) {
+        (Ok(()), Some(kept)) if kept == score => {
+            tracing::info!(oom_score_adj = kept, "daemon OOM score set")
         }
+        (written, kept) => tracing::warn!(
+            asked = score,
+            kept = ?kept,
+            error = ?written.err().map(|e| e.to_string()),
+            "cannot set the daemon's oom_score_adj to the configured value; it stays at `kept`"
+        ),
     }
 }
 
@@ -432,7 +630,6 @@ async fn accept_loop(
 ) {
     let own_uid = nix::unistd::getuid().as_raw();
     let ctx = daemon.ctx.clone();
-    let per_client = ctx.config.server.connections_per_client();
     let open_by_uid = Arc::new(Mutex::new(HashMap::<u32, usize>::new()));
     loop {
         let stream = match listener.accept().await {
@@ -465,6 +662,8 @@ async fn accept_loop(
         let held = open_by_uid
             .lock()
             .map_or(0, |m| m.get(&uid).copied().unwrap_or(0));
+        // Read per connection: a SIGHUP may have changed it.
+        let per_client = ctx.live().server.connections_per_client();
         let refusal = if held >= per_client {
             Some(RequestError::ClientConnectionLimit {
                 limit: per_client as u64,

@@ -18,7 +18,7 @@ pub(super) fn dispatch(
     let p: ReadParams = parse_params(params)?;
     let wait = wait_param(p.wait_s)?;
     let record = find(daemon, uid, p.command_id)?;
-    let max = daemon.ctx.config.commands.max_output_bytes.as_u64() as usize;
+    let max = daemon.ctx.live().commands.max_output_bytes.as_u64() as usize;
     Ok(Box::pin(async move {
         read(record.await?, p.stdout_offset, p.stderr_offset, max, wait).await
     }))

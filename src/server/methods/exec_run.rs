@@ -28,7 +28,7 @@ pub(super) fn dispatch(
     params: &[u8],
     events: EventSink,
 ) -> Result<Pending<ExecResult>, RequestError> {
-    let (session_id, request, stream) = parse(&daemon.ctx.config, params)?;
+    let (session_id, request, stream) = parse(&daemon.ctx.live(), params)?;
     if request.stdin_open && !stream {
         return Err(RequestError::InvalidRequest(
             "param `stdin_open`: only with `stream: true`, whose `started` event gives the command id to write to".into(),

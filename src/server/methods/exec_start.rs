@@ -10,7 +10,7 @@ pub(super) fn dispatch(
     params: &[u8],
 ) -> Result<Pending<StartResult>, RequestError> {
     // `stream` means nothing here: events belong to `exec.run`.
-    let (session_id, request, _stream) = exec_run::parse(&daemon.ctx.config, params)?;
+    let (session_id, request, _stream) = exec_run::parse(&daemon.ctx.live(), params)?;
     let record = exec_run::start(daemon, uid, session_id, request)?;
     Ok(Box::pin(async move {
         Ok(StartResult {

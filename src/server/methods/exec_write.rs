@@ -19,7 +19,7 @@ pub(super) fn dispatch(
     writes: &WriteTickets,
 ) -> Result<Pending<WriteResult>, RequestError> {
     let p: WriteParams = parse_params(params)?;
-    let limit = daemon.ctx.config.commands.max_stdin_bytes.as_u64();
+    let limit = daemon.ctx.live().commands.max_stdin_bytes.as_u64();
     if p.data.len() as u64 > limit {
         return Err(RequestError::StdinTooLarge {
             size: p.data.len() as u64,

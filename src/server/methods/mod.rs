@@ -15,7 +15,7 @@ mod exec_write;
 mod session_create;
 mod session_destroy;
 mod session_list;
-mod system;
+pub(crate) mod system;
 
 use std::collections::BTreeMap;
 
@@ -106,49 +106,64 @@ pub async fn dispatch(
 ) -> Dispatched {
     let ctx = &daemon.ctx;
     let id = request.id;
+    let timed = Timed {
+        began: std::time::Instant::now(),
+        slot: crate::stats::method_index(&request.method),
+        id,
+        uid,
+    };
     Stats::bump(&ctx.stats.requests);
     let method = Method::from_name(&request.method);
     // Health checks are exempt, so a client at its budget can still be seen alive.
     if method != Some(Method::Ping) {
         if let Err(e) = ctx.admit_request(uid) {
             Stats::bump(&ctx.stats.errors);
+            timed.done(ctx, e.code());
             return Dispatched::Answered(encode_error(Some(id), &e));
         }
     }
     let params = &request.params;
     let ctx = ctx.clone();
+    let answered = |ctx: &Context, frame: Bytes| {
+        timed.done(ctx, "ok");
+        Dispatched::Answered(frame)
+    };
     match method {
-        Some(Method::Ping) => Dispatched::Answered(encode(id, system::ping(&ctx))),
-        Some(Method::Stats) => Dispatched::Answered(encode(id, system::stats(&ctx))),
+        Some(Method::Ping) => answered(&ctx, encode(id, system::ping(&ctx))),
+        Some(Method::Stats) => answered(&ctx, encode(id, system::stats(&ctx))),
         Some(Method::SessionCreate) => {
             // Its cwd is checked off the async workers before it goes to the
             // registry: the one request that may reach it after a later one.
             let (daemon, params) = (daemon.clone(), params.clone());
             let pending: Pending<_> =
                 Box::pin(async move { session_create::serve(&daemon, uid, &params).await });
-            waiting(ctx, id, Ok(pending))
+            waiting(ctx, timed, Ok(pending))
         }
         Some(Method::SessionDestroy) => {
-            waiting(ctx, id, session_destroy::dispatch(daemon, uid, params))
+            waiting(ctx, timed, session_destroy::dispatch(daemon, uid, params))
         }
-        Some(Method::SessionList) => waiting(ctx, id, session_list::dispatch(daemon, uid)),
-        Some(Method::ExecRun) => waiting(ctx, id, exec_run::dispatch(daemon, uid, params, events)),
-        Some(Method::ExecStart) => waiting(ctx, id, exec_start::dispatch(daemon, uid, params)),
-        Some(Method::ExecRead) => waiting(ctx, id, exec_read::dispatch(daemon, uid, params)),
-        Some(Method::ExecWrite) => {
-            waiting(ctx, id, exec_write::dispatch(daemon, uid, params, writes))
+        Some(Method::SessionList) => waiting(ctx, timed, session_list::dispatch(daemon, uid)),
+        Some(Method::ExecRun) => {
+            waiting(ctx, timed, exec_run::dispatch(daemon, uid, params, events))
         }
-        Some(Method::ExecCancel) => waiting(ctx, id, exec_cancel::dispatch(daemon, uid, params)),
+        Some(Method::ExecStart) => waiting(ctx, timed, exec_start::dispatch(daemon, uid, params)),
+        Some(Method::ExecRead) => waiting(ctx, timed, exec_read::dispatch(daemon, uid, params)),
+        Some(Method::ExecWrite) => waiting(
+            ctx,
+            timed,
+            exec_write::dispatch(daemon, uid, params, writes),
+        ),
+        Some(Method::ExecCancel) => waiting(ctx, timed, exec_cancel::dispatch(daemon, uid, params)),
         #[cfg(feature = "fault-injection")]
         Some(Method::DebugFault) => {
             let (daemon, params) = (daemon.clone(), params.clone());
             let pending: Pending<_> =
                 Box::pin(async move { debug_fault::serve(&daemon, uid, &params).await });
-            waiting(ctx, id, Ok(pending))
+            waiting(ctx, timed, Ok(pending))
         }
         None => waiting::<()>(
             ctx,
-            id,
+            timed,
             Err(RequestError::UnknownMethod(request.method.clone())),
         ),
     }
@@ -158,21 +173,52 @@ pub async fn dispatch(
 /// answered at once, else the rest runs on the request's own task.
 fn waiting<R: Serialize + Send + 'static>(
     ctx: Arc<Context>,
-    id: u64,
+    timed: Timed,
     dispatched: Result<Pending<R>, RequestError>,
 ) -> Dispatched {
+    let id = timed.id;
     let refused = move |ctx: &Context, e: RequestError| {
         Stats::bump(&ctx.stats.errors);
+        timed.done(ctx, e.code());
         encode_error(Some(id), &e)
     };
     match dispatched {
         Err(e) => Dispatched::Answered(refused(&ctx, e)),
         Ok(pending) => Dispatched::Waiting(Box::pin(async move {
             match pending.await {
-                Ok(result) => encode(id, result),
+                Ok(result) => {
+                    timed.done(&ctx, "ok");
+                    encode(id, result)
+                }
                 Err(e) => refused(&ctx, e),
             }
         })),
+    }
+}
+
+/// One request's clock: observed into `request_duration_seconds` and logged
+/// (one debug line per request) when it is answered.
+#[derive(Clone, Copy)]
+struct Timed {
+    began: std::time::Instant,
+    /// Its method's slot in `stats::REQUEST_METHODS`.
+    slot: usize,
+    id: u64,
+    uid: u32,
+}
+
+impl Timed {
+    fn done(&self, ctx: &Context, outcome: &str) {
+        let elapsed = self.began.elapsed();
+        ctx.stats.request_seconds[self.slot].observe(elapsed);
+        tracing::debug!(
+            method = crate::stats::REQUEST_METHODS[self.slot],
+            id = self.id,
+            uid = self.uid,
+            duration_us = elapsed.as_micros() as u64,
+            outcome,
+            "request"
+        );
     }
 }
 

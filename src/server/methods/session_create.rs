@@ -19,7 +19,7 @@ pub(super) async fn serve(
     uid: u32,
     params: &[u8],
 ) -> Result<CreateResult, RequestError> {
-    let request = parse(&daemon.ctx.config, daemon.ctx.cgroups.is_some(), params).await?;
+    let request = parse(&daemon.ctx.live(), daemon.ctx.cgroups.is_some(), params).await?;
     ask(daemon, |reply| RegistryMsg::Create {
         uid,
         request,

@@ -2,10 +2,10 @@
 
 use crate::context::Context;
 use crate::protocol::{
-    ClientStats, CommandStats, FEATURES, PROTOCOL_VERSION, PingResult, RuntimeStats, SessionStats,
-    StatsResult,
+    ClientStats, CommandStats, FEATURES, HistogramStats, PROTOCOL_VERSION, PingResult,
+    RuntimeStats, SessionStats, StatsResult,
 };
-use crate::stats::{Stats, rss_bytes};
+use crate::stats::{BUCKETS_S, Histogram, REQUEST_METHODS, Stats, rss_bytes};
 
 pub(super) fn ping(ctx: &Context) -> PingResult {
     PingResult {
@@ -17,7 +17,7 @@ pub(super) fn ping(ctx: &Context) -> PingResult {
     }
 }
 
-pub(super) fn stats(ctx: &Context) -> StatsResult {
+pub(crate) fn stats(ctx: &Context) -> StatsResult {
     let s = &ctx.stats;
     let g = Stats::get;
     StatsResult {
@@ -74,5 +74,28 @@ pub(super) fn stats(ctx: &Context) -> StatsResult {
             commands_oom_score_adj: i64::from(ctx.config.commands.oom_score_adj),
             subreaper: ctx.subreaper,
         },
+        latency: latency(s),
     }
+}
+
+/// Every latency histogram (every method, called or not, so the series exist from the start).
+fn latency(s: &Stats) -> Vec<HistogramStats> {
+    let one = |name: &str, method: Option<&str>, h: &Histogram| {
+        let (cumulative, count, sum_s) = h.snapshot();
+        HistogramStats {
+            name: name.to_string(),
+            method: method.map(str::to_string),
+            le: BUCKETS_S.to_vec(),
+            cumulative,
+            count,
+            sum_s,
+        }
+    };
+    let mut out: Vec<HistogramStats> = REQUEST_METHODS
+        .iter()
+        .zip(&s.request_seconds)
+        .map(|(m, h)| one("request_duration_seconds", Some(m), h))
+        .collect();
+    out.push(one("command_duration_seconds", None, &s.command_seconds));
+    out
 }
