@@ -635,8 +635,17 @@ impl Config {
     }
 
     /// The configuration as TOML, for `check-config`.
+    /// File modes print in octal (`socket_mode = 0o600`, a TOML integer
+    /// that parses back to the same value), as they are written in the file.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        let text =
+            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        let decimal = format!("socket_mode = {}\n", self.server.socket_mode);
+        text.replacen(
+            &decimal,
+            &format!("socket_mode = 0o{:o}\n", self.server.socket_mode),
+            1,
+        )
     }
 }
 

@@ -1,18 +1,27 @@
 //! The `sessiond` command line: `serve` runs the daemon; the other subcommands are clients of a running one.
 
-use std::io::Write;
+mod cli;
+
+/// `println!` for the client subcommands: a closed stdout is no panic (see
+/// [`cli::print_out`]); other write errors return from the caller.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        cli::print_out(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use sessiond::client::{Client, ClientError};
-use sessiond::config::{Config, default_socket_path};
-use sessiond::protocol::{CreateParams, Event, ExecParams, ExecResult, ReadParams, StreamName};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use cli::{CliError, Connect, connect, print_out};
+use sessiond::config::Config;
+use sessiond::protocol::CreateParams;
 use sessiond::server::{self, Exit};
 
 /// sessiond: hosts shell sessions and runs their commands under limits.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = cli::EXIT_CODES_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,34 +64,17 @@ enum Command {
         #[command(subcommand)]
         action: SessionAction,
     },
-    /// Run COMMAND in a fresh session (destroyed after) or in --session,
-    /// printing its output as it comes; exit with its exit code (128 + N when
-    /// a signal ended it). Ctrl-C or SIGTERM cancels the command first.
-    Run {
-        #[command(flatten)]
-        connect: Connect,
-        /// Run in this existing session instead of a fresh one.
-        #[arg(long)]
-        session: Option<String>,
-        /// Timeout in seconds.
-        #[arg(long)]
-        timeout: Option<f64>,
-        /// Kill the command when it writes nothing for this many seconds.
-        #[arg(long)]
-        idle_timeout: Option<f64>,
-        /// Feed this file to the command's stdin.
-        #[arg(long)]
-        stdin: Option<PathBuf>,
-        /// Start the command, print its id and exit; follow it with `attach`.
-        /// A fresh session is left to its idle timeout.
-        #[arg(long)]
-        detach: bool,
-        /// The command and its arguments (joined with spaces, run by the session's shell).
-        #[arg(trailing_var_arg = true, required = true)]
-        command: Vec<String>,
-    },
+    /// Run a command in a fresh session (destroyed after, whatever happens) or
+    /// in --session, streaming its output and our stdin; exit with its exit code.
+    ///
+    /// Several words after `--` are an argv, run exactly as given
+    /// (`sessiond run -- ls -la "my dir"`); one word is a command line for the
+    /// session's shell (`sessiond run -- 'cd /tmp && ls'`). Ctrl-C, SIGTERM or
+    /// SIGHUP cancels the command first.
+    Run(cli::run::RunArgs),
     /// Follow a command's output (from its start) to its end and exit with its
     /// exit code. Ctrl-C stops following; the command runs on.
+    #[command(after_help = cli::EXIT_CODES_HELP)]
     Attach {
         #[command(flatten)]
         connect: Connect,
@@ -104,6 +96,15 @@ enum Command {
         connect: Connect,
         id: String,
     },
+    /// Print a shell completion script, generated from this command line's
+    /// definition (e.g. `sessiond completions bash > /etc/bash_completion.d/sessiond`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from this command line's
+    /// definition (e.g. `sessiond man > /usr/local/share/man/man1/sessiond.1`).
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -129,18 +130,6 @@ enum SessionAction {
     },
 }
 
-#[derive(clap::Args)]
-struct Connect {
-    /// The daemon's socket.
-    #[arg(long, env = "SESSIOND_SOCKET")]
-    socket: Option<PathBuf>,
-    /// Connect even if the socket's directory is not safe (writable by others,
-    /// owned by another user, a symlink): whoever can write there could be
-    /// answering in the daemon's place. For tests.
-    #[arg(long)]
-    insecure_socket_dir: bool,
-}
-
 #[derive(Clone, Copy, ValueEnum)]
 enum StatsFormat {
     Json,
@@ -163,15 +152,13 @@ fn main() -> ExitCode {
         } => serve(config, socket, log_format),
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(c) => {
-                print!("{}", c.to_toml());
-                println!("# socket in force: {}", c.socket_path().display());
-                println!(
-                    "# server.max_connections_per_client in force: {}",
-                    c.server.connections_per_client()
-                );
                 let k = &c.commands;
-                print!(
-                    "{}",
+                // One write: a closed stdout (`| head -c 10`) is not a panic.
+                let text = format!(
+                    "{}# socket in force: {}\n# server.max_connections_per_client in force: {}\n{}",
+                    c.to_toml(),
+                    c.socket_path().display(),
+                    c.server.connections_per_client(),
                     sessiond::isolation::explain(
                         k.isolation,
                         k.uid_range,
@@ -180,14 +167,37 @@ fn main() -> ExitCode {
                         &k.run_as_user
                     )
                 );
-                ExitCode::SUCCESS
+                match print_out(&text) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => cli::fail(&e),
+                }
             }
             Err(e) => {
                 eprintln!("sessiond: {e}");
                 ExitCode::from(2)
             }
         },
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sessiond", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_bytes(&out),
+                Err(e) => cli::fail(&CliError::from(e)),
+            }
+        }
         other => client_command(other),
+    }
+}
+
+/// Generated text (UTF-8) to stdout.
+fn print_bytes(out: &[u8]) -> ExitCode {
+    match print_out(&String::from_utf8_lossy(out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cli::fail(&e),
     }
 }
 
@@ -339,28 +349,19 @@ fn client_command(command: Command) -> ExitCode {
     };
     match runtime.block_on(run_client(command)) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("sessiond: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => cli::fail(&e),
     }
 }
 
-async fn connect(c: &Connect) -> Result<Client, ClientError> {
-    let path = c.socket.clone().unwrap_or_else(default_socket_path);
-    let options = sessiond::client::ConnectOptions {
-        insecure_socket_dir: c.insecure_socket_dir,
-    };
-    Client::connect_with(&path, options).await
-}
-
-async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
+async fn run_client(command: Command) -> Result<ExitCode, CliError> {
     match command {
         Command::Ping(c) => {
             let pong = connect(&c).await?.ping().await?;
-            println!(
+            outln!(
                 "pong: sessiond {} (protocol {}), up {} ms",
-                pong.version, pong.protocol, pong.uptime_ms
+                pong.version,
+                pong.protocol,
+                pong.uptime_ms
             );
         }
         Command::Stats {
@@ -379,7 +380,7 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
             } else {
                 serde_json::to_string_pretty(&stats)
             };
-            println!("{}", text.map_err(|e| ClientError::Decode(e.to_string()))?);
+            outln!("{}", text.map_err(|e| CliError::Failed(e.to_string()))?);
         }
         Command::Session { action } => match action {
             SessionAction::Create {
@@ -395,11 +396,11 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
                         ..Default::default()
                     })
                     .await?;
-                println!("{id}");
+                outln!("{id}");
             }
             SessionAction::List(c) => {
                 for s in connect(&c).await?.list_sessions().await?.sessions {
-                    println!(
+                    outln!(
                         "{}\tcreated {} ms ago\tidle {} ms\t{}\t{}",
                         s.session_id,
                         s.created_ms_ago,
@@ -411,31 +412,11 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
             }
             SessionAction::Destroy { connect: c, id } => {
                 connect(&c).await?.destroy_session(&id).await?;
-                println!("destroyed {id}");
+                outln!("destroyed {id}");
             }
         },
-        Command::Run {
-            connect: c,
-            session,
-            timeout,
-            idle_timeout,
-            stdin,
-            detach,
-            command,
-        } => {
-            let params = ExecParams {
-                command: command.join(" "),
-                timeout_s: timeout,
-                idle_timeout_s: idle_timeout,
-                stdin: match stdin {
-                    Some(path) => Some(serde_bytes::ByteBuf::from(std::fs::read(&path)?)),
-                    None => None,
-                },
-                ..Default::default()
-            };
-            return run_command(&c, session, params, detach).await;
-        }
-        Command::Attach { connect: c, id } => return attach(&c, &id).await,
+        Command::Run(args) => return cli::run::run(args).await,
+        Command::Attach { connect: c, id } => return cli::run::attach(&c, &id).await,
         Command::Write {
             connect: c,
             id,
@@ -463,7 +444,7 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
         }
         Command::Cancel { connect: c, id } => {
             let cancelled = connect(&c).await?.cancel_command(&id).await?;
-            println!(
+            outln!(
                 "{}",
                 if cancelled {
                     "cancelled"
@@ -472,159 +453,12 @@ async fn run_client(command: Command) -> Result<ExitCode, ClientError> {
                 }
             );
         }
-        Command::Serve { .. } | Command::CheckConfig { .. } => {
+        Command::Serve { .. }
+        | Command::CheckConfig { .. }
+        | Command::Completions { .. }
+        | Command::Man => {
             unreachable!("handled in main")
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `sessiond run`: streams the command's output to ours; a Ctrl-C or
-/// SIGTERM cancels it (and destroys a fresh session) before we exit 128 + N.
-async fn run_command(
-    c: &Connect,
-    session: Option<String>,
-    mut params: ExecParams,
-    detach: bool,
-) -> Result<ExitCode, ClientError> {
-    let client = connect(c).await?;
-    let (session_id, fresh) = match session {
-        Some(id) => (id, false),
-        None => (client.create_session(CreateParams::default()).await?, true),
-    };
-    params.session_id = session_id.clone();
-    if detach {
-        let id = client.start(params).await?;
-        println!("{id}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let streamed = stream_to_stdio(&client, params).await;
-    if fresh {
-        let _ = client.destroy_session(&session_id).await;
-    }
-    match streamed? {
-        Streamed::Ended(r) => Ok(report(&r)),
-        Streamed::Interrupted(signal) => Ok(ExitCode::from(128 + signal as u8)),
-    }
-}
-
-/// How a streamed run ended for us.
-enum Streamed {
-    Ended(ExecResult),
-    /// We got this signal and cancelled the command.
-    Interrupted(i32),
-}
-
-/// Runs `params` with streaming, copying output events to our stdout and
-/// stderr as they come; on SIGINT or SIGTERM cancels the command by id.
-async fn stream_to_stdio(client: &Client, params: ExecParams) -> Result<Streamed, ClientError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut stream = client.exec_stream(params).await?;
-    let mut command_id = None;
-    let mut at = [0u64; 2];
-    loop {
-        let event = tokio::select! {
-            event = stream.next_event() => event?,
-            _ = sigint.recv() => return cancel(client, command_id.as_deref(), libc::SIGINT).await,
-            _ = sigterm.recv() => return cancel(client, command_id.as_deref(), libc::SIGTERM).await,
-        };
-        match event {
-            None => break,
-            Some(Event::Started { command_id: id }) => command_id = Some(id),
-            Some(Event::Output {
-                stream: which,
-                offset,
-                data,
-            }) => {
-                let i = usize::from(which == StreamName::Stderr);
-                if offset > at[i] {
-                    eprintln!(
-                        "sessiond: {} bytes of output skipped (we fell behind)",
-                        offset - at[i]
-                    );
-                }
-                at[i] = offset + data.len() as u64;
-                let _ = match which {
-                    StreamName::Stdout => {
-                        let mut out = std::io::stdout().lock();
-                        out.write_all(&data).and_then(|_| out.flush())
-                    }
-                    StreamName::Stderr => std::io::stderr().write_all(&data),
-                };
-            }
-        }
-    }
-    Ok(Streamed::Ended(stream.result().await?))
-}
-
-/// Cancels the remote command (if it started) after we got `signal`.
-async fn cancel(
-    client: &Client,
-    command_id: Option<&str>,
-    signal: i32,
-) -> Result<Streamed, ClientError> {
-    if let Some(id) = command_id {
-        let _ = client.cancel_command(id).await;
-    }
-    Ok(Streamed::Interrupted(signal))
-}
-
-/// `sessiond attach`: follows a command's output to its end.
-async fn attach(c: &Connect, id: &str) -> Result<ExitCode, ClientError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let client = connect(c).await?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let (mut stdout_at, mut stderr_at) = (0, 0);
-    loop {
-        let read = client.read(ReadParams {
-            command_id: id.to_string(),
-            stdout_offset: stdout_at,
-            stderr_offset: stderr_at,
-            wait_s: Some(30.0),
-        });
-        let r = tokio::select! {
-            r = read => r?,
-            _ = sigint.recv() => return Ok(ExitCode::from(128 + libc::SIGINT as u8)),
-        };
-        for (offset, asked) in [(r.stdout_offset, stdout_at), (r.stderr_offset, stderr_at)] {
-            if offset > asked {
-                eprintln!(
-                    "sessiond: {} bytes of output no longer retained",
-                    offset - asked
-                );
-            }
-        }
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&r.stdout).and_then(|_| out.flush());
-        let _ = std::io::stderr().write_all(&r.stderr);
-        (stdout_at, stderr_at) = (r.stdout_next, r.stderr_next);
-        if let Some(result) = r.result {
-            return Ok(report(&result.with_output(Vec::new(), Vec::new())));
-        }
-    }
-}
-
-/// Says on stderr what cut or killed the command; its exit code as ours (128 + N for a signal).
-fn report(r: &ExecResult) -> ExitCode {
-    if r.stdout_truncated || r.stderr_truncated {
-        eprintln!(
-            "sessiond: output truncated (stdout {} bytes, stderr {} bytes written in all)",
-            r.stdout_total_bytes, r.stderr_total_bytes
-        );
-    }
-    if let Some(by) = r.killed_by {
-        eprintln!(
-            "sessiond: command killed ({}) after {} ms",
-            by.name(),
-            r.duration_ms
-        );
-    }
-    let code = match (r.exit_code, r.signal) {
-        (Some(code), _) => code,
-        (None, Some(sig)) => 128 + sig,
-        (None, None) => 1,
-    };
-    ExitCode::from(code.clamp(0, 255) as u8)
 }

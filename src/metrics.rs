@@ -245,6 +245,22 @@ pub fn render(stats: &StatsResult) -> String {
         "1 when the daemon is a child subreaper.",
         f64::from(u8::from(r.subreaper)),
     );
+    metric(
+        "run_as_user",
+        "gauge",
+        "1 when commands of shared sessions run as the configured run_as_user.",
+        f64::from(u8::from(r.run_as_user)),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sessiond_isolation_mode Isolation between sessions (the label), always 1."
+    );
+    let _ = writeln!(out, "# TYPE sessiond_isolation_mode gauge");
+    let _ = writeln!(
+        out,
+        "sessiond_isolation_mode{{mode=\"{}\"}} 1",
+        label(&r.isolation)
+    );
     let _ = writeln!(
         out,
         "# HELP sessiond_cgroups_mode Cgroup mode in use (the label), always 1."

@@ -382,6 +382,15 @@ pub struct RuntimeStats {
     pub subreaper: bool,
     /// Stale session cgroups of an earlier daemon killed and removed at start.
     pub cgroups_recovered_total: u64,
+    /// `[commands] isolation`: `shared` or `uid-per-session` (empty from an
+    /// older daemon). With `run_as_user` it tells a client whether commands
+    /// run as the daemon's own uid, so whether they can enter the client's cwd.
+    #[serde(default)]
+    pub isolation: String,
+    /// Whether `[commands] run_as_user` is set (commands of `shared` sessions
+    /// run as that user).
+    #[serde(default)]
+    pub run_as_user: bool,
 }
 
 /// `session.create` result.

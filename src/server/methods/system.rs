@@ -73,6 +73,8 @@ pub(crate) fn stats(ctx: &Context) -> StatsResult {
                 .unwrap_or(0),
             commands_oom_score_adj: i64::from(ctx.config.commands.oom_score_adj),
             subreaper: ctx.subreaper,
+            isolation: ctx.config.commands.isolation.name().to_string(),
+            run_as_user: !ctx.config.commands.run_as_user.is_empty(),
         },
         latency: latency(s),
     }
