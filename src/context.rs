@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::process::ProcessTable;
+use crate::process::background::BackgroundLimits;
 use crate::process::shell::EnvMap;
 use crate::process::spawn::Credentials;
 use crate::process::table::SessionKey;
@@ -114,6 +115,10 @@ impl Context {
             let burst = std::num::NonZeroU32::new(rate.burst).unwrap_or(rps);
             governor::RateLimiter::keyed(governor::Quota::per_second(rps).allow_burst(burst))
         });
+        let background = BackgroundLimits {
+            rate: config.sessions.background_drain_rate.as_u64(),
+            max_pipes: config.sessions.max_background_pipes,
+        };
         Context {
             config,
             shell,
@@ -124,7 +129,7 @@ impl Context {
             cgroups: None,
             subreaper: false,
             stats: Stats::default(),
-            processes: Arc::new(ProcessTable::default()),
+            processes: Arc::new(ProcessTable::new(background)),
             command_slots: Arc::new(Semaphore::new(slots)),
             draining: AtomicBool::new(false),
             started: Instant::now(),
