@@ -120,11 +120,20 @@ pub struct SessionsConfig {
     #[serde(with = "humantime_serde")]
     pub reap_interval: Duration,
     /// Become a child subreaper, so orphaned descendants of commands are
-    /// reparented to the daemon and reaped by it; `None`: only when running as PID 1.
-    pub subreaper: Option<bool>,
+    /// reparented to the daemon and reaped by it at once (not by an init that
+    /// may reap slowly); needs no privilege.
+    pub subreaper: bool,
     /// Largest terminal state a session carries; a command that leaves a larger
     /// one gets `state_error` and the session keeps its previous state.
     pub max_state_bytes: ByteSize,
+    /// Per second per session: how fast output that background writers keep
+    /// sending after their command answered is read and discarded (one budget
+    /// shared by all the session's leftover pipes; faster writers block on
+    /// the full pipe).
+    pub background_drain_rate: ByteSize,
+    /// Pipes kept open per session for background writers; past it the oldest
+    /// are closed (counted in `background_pipes_closed_total`).
+    pub max_background_pipes: usize,
 }
 
 /// `[commands]`: how each command runs.
@@ -208,8 +217,10 @@ impl Default for SessionsConfig {
             shell: PathBuf::from("/bin/bash"),
             default_cwd: None,
             reap_interval: Duration::from_secs(5),
-            subreaper: None,
+            subreaper: true,
             max_state_bytes: ByteSize::kib(256),
+            background_drain_rate: ByteSize::mib(8),
+            max_background_pipes: 64,
         }
     }
 }
@@ -438,6 +449,20 @@ impl Config {
                 "at least 10ms",
             ));
         }
+        if ss.background_drain_rate.as_u64() < 1024 {
+            return Err(invalid(
+                "sessions.background_drain_rate",
+                ss.background_drain_rate.as_u64(),
+                "at least 1 KiB (per second)",
+            ));
+        }
+        if ss.max_background_pipes == 0 {
+            return Err(invalid(
+                "sessions.max_background_pipes",
+                ss.max_background_pipes,
+                "at least 1",
+            ));
+        }
         if !ss.shell.is_absolute() {
             return Err(invalid("sessions.shell", &ss.shell, "an absolute path"));
         }
@@ -612,6 +637,9 @@ impl Config {
         ss.default_cwd.clone_from(&rs.default_cwd);
         ss.reap_interval = rs.reap_interval;
         ss.subreaper = rs.subreaper;
+        // Fixed in the process table's drains at start.
+        ss.background_drain_rate = rs.background_drain_rate;
+        ss.max_background_pipes = rs.max_background_pipes;
         let (c, rc) = (&mut self.commands, &running.commands);
         c.max_concurrent = rc.max_concurrent;
         c.run_as_user.clone_from(&rc.run_as_user);

@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::process::ProcessTable;
+use crate::process::background::BackgroundLimits;
 use crate::process::shell::EnvMap;
 use crate::process::spawn::Credentials;
 use crate::process::table::SessionKey;
@@ -119,6 +120,10 @@ impl Context {
         );
         let slots = config.commands.max_concurrent;
         let rate_limiter = RwLock::new(rate_limiter(&config.rate_limit));
+        let background = BackgroundLimits {
+            rate: config.sessions.background_drain_rate.as_u64(),
+            max_pipes: config.sessions.max_background_pipes,
+        };
         Context {
             live: RwLock::new(Arc::new(config.clone())),
             config,
@@ -131,7 +136,7 @@ impl Context {
             isolation: None,
             subreaper: false,
             stats: Stats::default(),
-            processes: Arc::new(ProcessTable::default()),
+            processes: Arc::new(ProcessTable::new(background)),
             command_slots: Arc::new(Semaphore::new(slots)),
             draining: AtomicBool::new(false),
             started: Instant::now(),

@@ -741,7 +741,7 @@ async fn time_true(c: &Client, s: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark: prints exec.run `true` p50 under shared and uid-per-session"]
-async fn exec_true_p50_shared_vs_uid_per_session() {
+async fn measure_exec_true_p50_shared_vs_uid_per_session() {
     needs_root();
     let shared = TestDaemon::start("");
     let isolated = TestDaemon::start_isolated(2, "");

@@ -8,6 +8,12 @@ use super::fs::{
 };
 use super::{Backend, CgroupError, CgroupLimits};
 
+/// `cpu.shares` of the sessions' parent: an eighth of the default 1024 the
+/// daemon's own cgroup has (or, in the root cgroup, each of its threads), so
+/// under load the daemon keeps CPU while every session spins. Shares only
+/// matter when CPU is short; idle, the sessions may use it all.
+pub const SESSIONS_CPU_SHARES: u64 = 128;
+
 /// The v1 hierarchies a node is created in, plus the cgroup2 ("unified")
 /// mount of a hybrid host, used to track every process and to kill them all
 /// with one `cgroup.kill` (v1 has no such file; without a unified mount we
@@ -45,6 +51,7 @@ impl V1 {
         for dir in v1.bases() {
             mkdir(&dir)?;
         }
+        write(&v1.cpu.join("cpu.shares"), &SESSIONS_CPU_SHARES.to_string())?;
         Ok(v1)
     }
 
@@ -244,6 +251,8 @@ mod tests {
         assert_eq!(bases[0], root.path().join("memory/sessiond"));
         assert_eq!(bases.len(), 5);
         assert!(bases.iter().all(|b| b.is_dir()));
+        // Under load the daemon's CPU share (1024 by default) is larger than all sessions' together.
+        assert_eq!(read(&root.path().join("cpu/sessiond/cpu.shares")), "128");
     }
 
     #[test]

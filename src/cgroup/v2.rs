@@ -10,6 +10,14 @@ use super::{Backend, CgroupError, CgroupLimits};
 /// Controllers a session needs, enabled for its children.
 const CONTROLLERS: &str = "+memory +cpu +pids";
 
+/// `cpu.weight` of the daemon's leaf and of the sessions' parent: under load
+/// the daemon gets 100 times the sessions' CPU together (weights only
+/// matter when CPU is short; idle, the sessions may use it all), so it keeps
+/// answering while every session spins. At the root (no leaf of its own)
+/// each daemon thread weighs as a nice-0 task, 100, against the parent's 10.
+pub const DAEMON_CPU_WEIGHT: u64 = 1000;
+pub const SESSIONS_CPU_WEIGHT: u64 = 10;
+
 /// A delegated cgroup v2 subtree: `base` = `<mount><own cgroup>/<parent>`.
 #[derive(Debug, Clone)]
 pub struct V2 {
@@ -69,12 +77,14 @@ impl V2 {
             mkdir(&leaf)?;
             write(&leaf.join("cgroup.procs"), &daemon_pid.to_string())?;
             write(&own_dir.join("cgroup.subtree_control"), CONTROLLERS)?;
+            write(&leaf.join("cpu.weight"), &DAEMON_CPU_WEIGHT.to_string())?;
         } else {
             write(&own_dir.join("cgroup.subtree_control"), CONTROLLERS)?;
         }
         let base = own_dir.join(parent);
         mkdir(&base)?;
         write(&base.join("cgroup.subtree_control"), CONTROLLERS)?;
+        write(&base.join("cpu.weight"), &SESSIONS_CPU_WEIGHT.to_string())?;
         Ok(V2 { base })
     }
 
@@ -229,6 +239,9 @@ mod tests {
             CONTROLLERS
         );
         assert_eq!(v2.base(), own.join("sessiond"));
+        // Under load the daemon's CPU share is larger than all sessions' together.
+        assert_eq!(read(&own.join("daemon/cpu.weight")), "1000");
+        assert_eq!(read(&own.join("sessiond/cpu.weight")), "10");
     }
 
     #[test]

@@ -85,9 +85,25 @@ impl ChildProcess {
         groups
     }
 
-    /// Whether any process of the group is still alive (zombies count until reaped).
-    pub fn group_alive(&self) -> bool {
-        !matches!(killpg(self.pid, None), Err(Errno::ESRCH))
+    /// Whether any process of the group is still alive. Zombies do not
+    /// count: an orphan's zombie waits for whoever adopted it to reap it, and
+    /// an init that reaps every 1–2 s made a 1 s timeout take 3 s
+    /// (docs/design-notes.md, "Reaping").
+    pub async fn group_alive(&self) -> bool {
+        let pgid = self.pid.as_raw();
+        // The cheap probe first: no member at all, zombies included.
+        if matches!(killpg(self.pid, None), Err(Errno::ESRCH)) {
+            return false;
+        }
+        tokio::task::spawn_blocking(move || group_has_live_member(pgid))
+            .await
+            .unwrap_or(true)
+    }
+
+    /// The shell's exit, if it has exited: collects it (as [`Self::wait`]
+    /// would) without waiting.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitInfo>> {
+        self.try_collect()
     }
 
     /// Waits for the shell to exit and collects its status and rusage. Cancel-safe.
@@ -151,6 +167,13 @@ impl Drop for ChildProcess {
             self.table.release(self.pid);
         }
     }
+}
+
+/// Whether a process of group `pgid` that is not a zombie exists (blocking /proc scan).
+fn group_has_live_member(pgid: i32) -> bool {
+    procfs::all_processes()
+        .iter()
+        .any(|p| p.pgrp == pgid && !p.is_zombie())
 }
 
 /// Descendants of `root` (by parent links in /proc) whose process group is not `root`'s.

@@ -56,11 +56,18 @@ pub async fn supervise(
     kill: &mut watch::Receiver<Option<KillReason>>,
 ) -> std::io::Result<(ExitInfo, Option<KillReason>)> {
     let reason = tokio::select! {
+        // The exit first: when the exit and a timer are both ready (the
+        // daemon was stopped past the deadline), the command was not killed.
+        biased;
         r = child.wait() => return Ok((r?, None)),
+        r = kill_requested(kill) => r,
         _ = tokio::time::sleep(timeout) => KillReason::Timeout,
         _ = silent_for(idle) => KillReason::IdleTimeout,
-        r = kill_requested(kill) => r,
     };
+    // Exit wins a tie: it may have come while the timer fired.
+    if let Some(exited) = child.try_wait()? {
+        return Ok((exited, None));
+    }
     let mut exited = None;
     // Groups of descendants that left the shell's group (setsid); found while
     // the shell is alive, killed at the end even if the shell is gone by then.
@@ -74,8 +81,12 @@ pub async fn supervise(
             // Only an escalation (destroy, shutdown) changes the value now; it ends the grace.
             _ = escalation(kill) => {}
         }
-        // The shell is gone; the rest of its group gets what is left of the grace.
-        while exited.is_some() && child.group_alive() && tokio::time::Instant::now() < grace_end {
+        // The shell is gone; the rest of its group gets what is left of the
+        // grace, and the kill is done as soon as no live process is left.
+        while exited.is_some()
+            && tokio::time::Instant::now() < grace_end
+            && child.group_alive().await
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -1,5 +1,6 @@
-//! Processes under the CommandActor: spawn, terminal state, capped output, the run loop, the timeout and kills, the process table and reaper.
+//! Processes under the CommandActor: spawn, terminal state, capped output, the run loop, the timeout and kills, the process table and reaper, background output after the answer.
 
+pub mod background;
 pub mod child;
 pub mod kill;
 pub mod live_output;

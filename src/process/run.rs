@@ -2,11 +2,13 @@
 //!
 //! This is where "done" is decided: the shell process exited (its timeout
 //! and kills are in [`super::kill::supervise`]). Background children that keep
-//! the pipes open get [`DRAIN_AFTER_EXIT`] more, then the pipes are dropped
-//! (docs/design-notes.md, "Ending a command": EOF waited for `sleep 2 &`).
+//! the pipes open get [`DRAIN_AFTER_EXIT`] more, then the pipes go to the
+//! session's [`super::background`] drains (docs/design-notes.md, "Ending a
+//! command": EOF waited for `sleep 2 &`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -142,7 +144,7 @@ pub async fn run_command(
         (state_fds.1.as_raw_fd(), at_save),
     ];
     let with_stdin = spec.stdin.is_some() || spec.output.stdin_open();
-    let (table, cwd_path) = (table.clone(), spec.state.cwd.clone());
+    let (spawn_table, cwd_path) = (table.clone(), spec.state.cwd.clone());
     let (rlimits, credentials, place) = (spec.rlimits, spec.credentials, spec.cgroup.clone());
     let oom_score_adj = std::ffi::CString::new(spec.oom_score_adj.to_string()).expect("digits");
 
@@ -182,7 +184,7 @@ pub async fn run_command(
             cgroup_procs: &procs,
             state_fds: state_at,
         };
-        let (child, pipes) = spawn::spawn(&table, session, &request)?;
+        let (child, pipes) = spawn::spawn(&spawn_table, session, &request)?;
         Ok((child, pipes, leaf))
     })
     .await
@@ -199,11 +201,14 @@ pub async fn run_command(
     let receiver = |fd| pipe::Receiver::from_owned_fd(fd).map_err(RunError::Wait);
     let (mut stdout_rx, mut stderr_rx) = (receiver(pipes.stdout)?, receiver(pipes.stderr)?);
 
+    let (stdout_eof, stderr_eof) = (AtomicBool::new(false), AtomicBool::new(false));
     let (exit, killed_by, io_done) = {
         let io = async {
             tokio::join!(
-                pump(&mut stdout_rx, |b| output.push(Stream::Stdout, b)),
-                pump(&mut stderr_rx, |b| output.push(Stream::Stderr, b)),
+                pump(&mut stdout_rx, &stdout_eof, |b| output
+                    .push(Stream::Stdout, b)),
+                pump(&mut stderr_rx, &stderr_eof, |b| output
+                    .push(Stream::Stderr, b)),
                 feed(pipes.stdin, spec.stdin.as_deref(), &output),
             )
         };
@@ -235,9 +240,15 @@ pub async fn run_command(
     };
     if !io_done {
         // Background children still hold the pipes. Closing our ends would kill
-        // them with SIGPIPE at their next write, so keep reading and discarding
-        // until they exit (or the session's end kills them).
-        tokio::spawn(discard_until_eof([stdout_rx, stderr_rx]));
+        // them with SIGPIPE at their next write, so the session keeps reading
+        // and discarding, within its drain rate, until they exit or it ends.
+        let open = [
+            (stdout_rx, stdout_eof.load(Ordering::Relaxed)),
+            (stderr_rx, stderr_eof.load(Ordering::Relaxed)),
+        ];
+        table
+            .background()
+            .adopt(session, open.into_iter().filter(|p| !p.1).map(|p| p.0));
     }
     let duration = started.elapsed();
     // Cut to what the result keeps; readers and the result read it from there.
@@ -323,20 +334,9 @@ fn read_saved(
     }
 }
 
-/// Reads what background children write after their command answered, and drops it.
-async fn discard_until_eof(pipes: [pipe::Receiver; 2]) {
-    let mut buf = vec![0u8; 4096];
-    for mut rx in pipes {
-        while let Ok(n) = rx.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    }
-}
-
-/// Reads a pipe to EOF into `out`, which keeps what its cap allows and counts the rest.
-async fn pump(rx: &mut pipe::Receiver, mut out: impl FnMut(&[u8])) {
+/// Reads a pipe to EOF into `out`, which keeps what its cap allows and
+/// counts the rest; sets `eof` when the pipe reached it.
+async fn pump(rx: &mut pipe::Receiver, eof: &AtomicBool, mut out: impl FnMut(&[u8])) {
     // Uninitialised capacity, filled by `read_buf`: a command that prints
     // little touches one page of it, not 64 KiB zeroed three times per
     // command (memset and page faults were the top user-space cost in a
@@ -345,7 +345,7 @@ async fn pump(rx: &mut pipe::Receiver, mut out: impl FnMut(&[u8])) {
     loop {
         buf.clear();
         match rx.read_buf(&mut buf).await {
-            Ok(0) => return,
+            Ok(0) => return eof.store(true, Ordering::Relaxed),
             Ok(_) => out(&buf),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return,

@@ -7,6 +7,8 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+use super::background::{BackgroundDrains, BackgroundLimits};
+
 /// Identifies a session inside the daemon (cheaper than its string id).
 pub type SessionKey = u64;
 
@@ -30,6 +32,8 @@ pub type SessionKey = u64;
 pub struct ProcessTable {
     spawn_gate: RwLock<()>,
     inner: Mutex<TableInner>,
+    /// Pipes background writers of each session still hold after their command answered.
+    background: BackgroundDrains,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +43,19 @@ struct TableInner {
 }
 
 impl ProcessTable {
+    /// An empty table whose sessions' leftover pipes are drained within `limits`.
+    pub fn new(limits: BackgroundLimits) -> ProcessTable {
+        ProcessTable {
+            background: BackgroundDrains::new(limits),
+            ..Default::default()
+        }
+    }
+
+    /// The sessions' leftover pipes (see [`BackgroundDrains`]).
+    pub fn background(&self) -> &BackgroundDrains {
+        &self.background
+    }
+
     /// Runs `spawn` (blocking: call it off the async workers) and records the
     /// child it returns as waited-for and as the leader of a group of `session`.
     pub fn spawn_owned<E>(
@@ -103,9 +120,11 @@ impl ProcessTable {
         alive
     }
 
-    /// Forgets every group of `session` (after its final kill).
+    /// Forgets every group of `session` (after its final kill), and stops
+    /// draining its leftover pipes: they belong to the session.
     pub fn forget_session(&self, session: SessionKey) {
         self.lock().groups.retain(|_, owner| *owner != session);
+        self.background.forget(session);
     }
 
     /// Sends `signal` to every group the daemon ever started that may still be alive.

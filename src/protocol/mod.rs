@@ -344,6 +344,10 @@ pub struct CommandStats {
     /// Commands killed for writing nothing for `idle_timeout_s`.
     #[serde(default)]
     pub idle_timed_out_total: u64,
+    /// Pipes of background writers closed because their session already had
+    /// `sessions.max_background_pipes` open (the oldest goes first).
+    #[serde(default)]
+    pub background_pipes_closed_total: u64,
 }
 
 /// `system.stats` → `clients`.

@@ -580,13 +580,13 @@ fn shield_from_oom(score: i32) {
     }
 }
 
-/// Becomes a child subreaper when asked, or by default when running as PID 1
-/// (in a container): orphaned descendants of commands are then reparented to
-/// us instead of init, and we must reap them (see [`reap_on_sigchld`]).
-fn become_subreaper(configured: Option<bool>) -> bool {
-    let wanted = configured.unwrap_or(std::process::id() == 1);
+/// Becomes a child subreaper (`sessions.subreaper`, on by default; PID 1 is
+/// one anyway): orphaned descendants of commands are then reparented to us
+/// instead of init, and we reap them at once (see [`reap_on_sigchld`]). Off,
+/// an orphan's zombie waits for init, which may reap slowly.
+fn become_subreaper(wanted: bool) -> bool {
     if !wanted {
-        return false;
+        return std::process::id() == 1;
     }
     match nix::sys::prctl::set_child_subreaper(true) {
         Ok(()) => {

@@ -42,6 +42,7 @@ pub(crate) fn stats(ctx: &Context) -> StatsResult {
             oom_killed_total: g(&s.oom_killed),
             spawn_failed_total: g(&s.spawn_failed),
             idle_timed_out_total: g(&s.commands_idle_timed_out),
+            background_pipes_closed_total: ctx.processes.background().closed_total(),
         },
         clients: ClientStats {
             connections: g(&s.connections),
