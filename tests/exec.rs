@@ -189,11 +189,12 @@ async fn output_is_capped_in_all_three_keep_modes_and_drained() {
     let c = d.client().await;
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let cmd = "printf 0123456789abcdefghij; printf ABCDEFGHIJKLMNOPQRST >&2";
-    for (keep, out, err) in [
-        (None, "0123456789", "ABCDEFGHIJ"),
-        (Some(KeepOutput::Head), "0123456789", "ABCDEFGHIJ"),
-        (Some(KeepOutput::Tail), "abcdefghij", "KLMNOPQRST"),
-        (Some(KeepOutput::Both), "01234fghij", "ABCDEPQRST"),
+    // The last column: where in the kept bytes the dropped ones were.
+    for (keep, out, err, cut) in [
+        (None, "0123456789", "ABCDEFGHIJ", 10),
+        (Some(KeepOutput::Head), "0123456789", "ABCDEFGHIJ", 10),
+        (Some(KeepOutput::Tail), "abcdefghij", "KLMNOPQRST", 0),
+        (Some(KeepOutput::Both), "01234fghij", "ABCDEPQRST", 5),
     ] {
         let r = c
             .exec(ExecParams {
@@ -209,7 +210,14 @@ async fn output_is_capped_in_all_three_keep_modes_and_drained() {
         );
         assert!(r.stdout_truncated && r.stderr_truncated);
         assert_eq!((r.stdout_total_bytes, r.stderr_total_bytes), (20, 20));
+        assert_eq!(
+            (r.stdout_cut_at, r.stderr_cut_at),
+            (Some(cut), Some(cut)),
+            "{keep:?}"
+        );
     }
+    let whole = c.run(&s, "echo short").await.unwrap();
+    assert_eq!((whole.stdout_cut_at, whole.stderr_cut_at), (None, None));
     // 50 MB through a 10-byte cap: the command never blocks on a full pipe.
     let r = c
         .run(&s, "head -c 50000000 /dev/zero; echo done >&2")

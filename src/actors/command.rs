@@ -273,6 +273,7 @@ fn command_result(record: &CommandRecord, report: RunReport) -> CommandResult {
     let killed_by = report.killed_by.map(killed_by);
     let (stdout_total_bytes, stderr_total_bytes) = record.output.totals();
     let (stdout_truncated, stderr_truncated) = record.output.truncated();
+    let (stdout_cut_at, stderr_cut_at) = record.output.cut_at();
     CommandResult {
         command_id: Some(record.id.clone()),
         exit_code: report.exit.code,
@@ -284,6 +285,8 @@ fn command_result(record: &CommandRecord, report: RunReport) -> CommandResult {
         stderr_truncated,
         stdout_total_bytes,
         stderr_total_bytes,
+        stdout_cut_at,
+        stderr_cut_at,
         duration_ms: report.duration.as_millis() as u64,
         cpu_ms: Some(report.exit.cpu.as_millis() as u64),
         max_rss_bytes: Some(report.max_rss_bytes),

@@ -377,7 +377,7 @@ async fn detach(
 
 /// How a streamed run ended for us.
 enum Streamed {
-    Ended(ExecResult),
+    Ended(Box<ExecResult>),
     /// We got this signal (or SIGPIPE: our stdout closed) and cancelled the command.
     Interrupted(i32),
 }
@@ -462,7 +462,7 @@ async fn stream_to_stdio(
         .result()
         .await
         .map_err(|e| CliError::from(e).during("running the command"))?;
-    Ok(Streamed::Ended(result))
+    Ok(Streamed::Ended(Box::new(result)))
 }
 
 /// Sends our stdin's chunks to the command, then `eof`. Stops quietly when

@@ -156,6 +156,12 @@ impl LiveOutput {
         (s.stdout.total(), s.stderr.total())
     }
 
+    /// Where bytes were dropped in the kept (stdout, stderr) (see [`StreamBuffer::cut_at`]).
+    pub fn cut_at(&self) -> (Option<u64>, Option<u64>) {
+        let s = self.streams();
+        (s.stdout.cut_at(), s.stderr.cut_at())
+    }
+
     /// Whether the result drops bytes of (stdout, stderr).
     pub fn truncated(&self) -> (bool, bool) {
         let s = self.streams();

@@ -143,6 +143,18 @@ impl StreamBuffer {
         self.window_cap = 0;
     }
 
+    /// Where, in [`Self::kept`], bytes were dropped: after the head (head and
+    /// both), or at its start (tail); `None` when nothing was dropped.
+    pub fn cut_at(&self) -> Option<u64> {
+        if !self.truncated() {
+            return None;
+        }
+        Some(match self.keep {
+            Keep::Tail => 0,
+            Keep::Head | Keep::Both => self.head.len() as u64,
+        })
+    }
+
     /// The output the result carries: the head, then the kept tail (whether
     /// or not [`Self::finish`] has cut the stream yet).
     pub fn kept(&self) -> Vec<u8> {
@@ -219,6 +231,12 @@ mod tests {
             let mut s = fed(4, keep, data);
             assert!(s.truncated());
             assert_eq!(s.kept(), want, "{keep:?}, before the cut");
+            let cut = match keep {
+                Keep::Head => 4,
+                Keep::Tail => 0,
+                Keep::Both => 2,
+            };
+            assert_eq!(s.cut_at(), Some(cut), "{keep:?}");
             s.finish();
             assert_eq!(s.kept(), want, "{keep:?}");
             assert_eq!(
@@ -232,6 +250,7 @@ mod tests {
         short.finish();
         assert_eq!(short.kept(), b"abc");
         assert!(!short.truncated());
+        assert_eq!(short.cut_at(), None);
     }
 
     #[test]

@@ -60,6 +60,12 @@ pub struct CommandResult {
     pub stderr_truncated: bool,
     pub stdout_total_bytes: u64,
     pub stderr_total_bytes: u64,
+    /// Where, in the kept `stdout`, bytes were dropped (nil: none were).
+    #[serde(default)]
+    pub stdout_cut_at: Option<u64>,
+    /// Where, in the kept `stderr`, bytes were dropped (nil: none were).
+    #[serde(default)]
+    pub stderr_cut_at: Option<u64>,
     pub duration_ms: u64,
     pub cpu_ms: Option<u64>,
     pub max_rss_bytes: Option<u64>,
@@ -84,6 +90,8 @@ impl CommandResult {
             stderr_truncated: self.stderr_truncated,
             stdout_total_bytes: self.stdout_total_bytes,
             stderr_total_bytes: self.stderr_total_bytes,
+            stdout_cut_at: self.stdout_cut_at,
+            stderr_cut_at: self.stderr_cut_at,
             duration_ms: self.duration_ms,
             cpu_ms: self.cpu_ms,
             max_rss_bytes: self.max_rss_bytes,

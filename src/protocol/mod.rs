@@ -482,6 +482,13 @@ pub struct ExecResult {
     pub stderr_truncated: bool,
     pub stdout_total_bytes: u64,
     pub stderr_total_bytes: u64,
+    /// Where, in `stdout`, bytes were dropped past the cap: after the head
+    /// (`head`, and between the halves for `both`), at 0 (`tail`); nil when none were.
+    #[serde(default)]
+    pub stdout_cut_at: Option<u64>,
+    /// The same for `stderr`.
+    #[serde(default)]
+    pub stderr_cut_at: Option<u64>,
     pub duration_ms: u64,
     pub cpu_ms: Option<u64>,
     pub max_rss_bytes: Option<u64>,
