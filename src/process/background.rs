@@ -70,6 +70,9 @@ impl Drop for SessionPipes {
 impl BackgroundDrains {
     /// Empty, with these limits.
     pub fn new(limits: BackgroundLimits) -> BackgroundDrains {
+        // Opened now, at start, not at the first drain: one fd for the
+        // daemon's life, not one that appears later (and looks like a leak).
+        let _ = dev_null();
         BackgroundDrains {
             inner: Arc::new(Inner {
                 limits,
@@ -187,18 +190,24 @@ impl Budget {
     }
 }
 
+/// The daemon's one /dev/null, open for writing (close-on-exec, as std opens files).
+fn dev_null() -> Option<&'static std::fs::File> {
+    static DEV_NULL: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    DEV_NULL
+        .get_or_init(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .ok()
+        })
+        .as_ref()
+}
+
 /// Moves up to `max` bytes from the pipe to /dev/null in the kernel (no copy,
 /// no buffer of ours); 0 at EOF, WouldBlock when empty.
 fn discard(rx: &pipe::Receiver, max: usize) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
-    static DEV_NULL: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
-    let null = DEV_NULL.get_or_init(|| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .ok()
-    });
-    let n = match null {
+    let n = match dev_null() {
         // SAFETY: both fds are open for the call (we hold `rx` and the static
         // file); null offsets mean "the current position", which pipes require.
         Some(null) => unsafe {
