@@ -100,6 +100,12 @@ pub fn render(stats: &StatsResult) -> String {
         c.idle_timed_out_total as f64,
     );
     metric(
+        "commands_background_pipes_closed_total",
+        "counter",
+        "Pipes of background writers closed because their session kept sessions.max_background_pipes open.",
+        c.background_pipes_closed_total as f64,
+    );
+    metric(
         "commands_killed_total",
         "counter",
         "Commands killed by the daemon, for any reason.",
