@@ -224,7 +224,10 @@ async fn a_timeout_ends_when_the_group_has_no_live_process_left() {
         let secs = timeout_latencies(&c, 2, 8).await;
         let worst = secs.iter().cloned().fold(0.0, f64::max);
         eprintln!("{name}: worst of {} timeouts: {worst:.3} s", secs.len());
-        assert!(worst <= 1.5, "{name}: a 1 s timeout took {worst:.3} s");
+        // Waiting for a zombie took 1 s + the 2 s grace (3 s); the bound is
+        // far from both that and 1 s, so load cannot fail it. The 1.1 s p99
+        // goal is measured by `measure_timeout_and_cancel_latency`.
+        assert!(worst <= 2.5, "{name}: a 1 s timeout took {worst:.3} s");
         drop(c);
         d.stop();
     }
