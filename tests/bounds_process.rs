@@ -250,8 +250,10 @@ async fn a_cancel_ends_the_command_without_waiting_for_the_grace() {
         let took = t.elapsed();
         eprintln!("{name}: cancel to answer {took:?}");
         assert!(r.killed_by.is_some(), "{r:?}");
+        // Under the 2 s grace with room for a loaded machine: waiting for the
+        // grace (or a slowly reaped zombie) would take 2 s or more.
         assert!(
-            took < Duration::from_millis(700),
+            took < Duration::from_millis(1500),
             "{name}: cancel took {took:?}"
         );
         drop(c);
