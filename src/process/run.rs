@@ -305,11 +305,28 @@ fn state_memfd(data: &[u8]) -> Result<std::os::fd::OwnedFd, RunError> {
         return Err(RunError::Wait(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a fresh fd that nothing else owns.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let fresh = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // Above every fd number the child moves fds to (0-2, the state fds at
+    // 8/9 or 62/63): a memfd that happened to sit at 62 would be overwritten
+    // by the child's dup2 of the other one onto 62 before it was moved to
+    // 63, and the save would land in the restore memfd — the state silently
+    // not carried. (A daemon with more than 60 fds open hit it in the soak.)
+    // SAFETY: fcntl on an fd we own; the result is checked and then owned.
+    let high = unsafe { libc::fcntl(fresh.as_raw_fd(), libc::F_DUPFD_CLOEXEC, STATE_FD_FLOOR) };
+    if high < 0 {
+        return Err(RunError::Wait(std::io::Error::last_os_error()));
+    }
+    drop(fresh);
+    // SAFETY: `high` is a fresh fd that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(high) };
     file.write_all(data).map_err(RunError::Wait)?;
     file.rewind().map_err(RunError::Wait)?;
     Ok(file.into())
 }
+
+/// The lowest fd number a state memfd may have in the daemon: above every
+/// fd number the spawn child moves fds to.
+const STATE_FD_FLOOR: i32 = 64;
 
 /// Reads and parses what the save trap wrote to its memfd, bounded by `limit`.
 fn read_saved(
@@ -367,5 +384,32 @@ async fn feed(fd: Option<std::os::fd::OwnedFd>, data: Option<&[u8]>, output: &Li
         }
         None if !data.is_empty() => output.feed_initial(data).await,
         None => {}
+    }
+}
+
+// Both state fds must sit above every target of the child's dup2s.
+const _: () =
+    assert!(STATE_FD_FLOOR > super::terminal::SAVE_FD && STATE_FD_FLOOR > super::shell::SH_SAVE_FD);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// A state memfd never sits at an fd number the spawn child moves fds to
+    /// (the soak found the save landing in the restore memfd when it did).
+    #[test]
+    fn state_memfds_sit_above_every_dup2_target() {
+        let fds: Vec<_> = (0..4).map(|_| state_memfd(b"x").unwrap()).collect();
+        for fd in &fds {
+            assert!(fd.as_raw_fd() >= STATE_FD_FLOOR, "fd {}", fd.as_raw_fd());
+        }
+        let mut back = String::new();
+        std::io::Read::read_to_string(
+            &mut std::fs::File::from(fds[0].try_clone().unwrap()),
+            &mut back,
+        )
+        .unwrap();
+        assert_eq!(back, "x");
     }
 }
