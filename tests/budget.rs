@@ -1,0 +1,141 @@
+//! The daemon's one memory budget (`server.memory_budget`), seen by a client: commands reserve at start and are refused with OVERLOADED past it, retained output is evicted oldest first before that, a request frame that cannot be charged is refused, and the stats show it.
+
+mod support;
+
+use std::time::Duration;
+
+use sessiond::client::{Client, ClientError};
+use sessiond::protocol::{CreateParams, ExecParams, ReadParams};
+use support::{TestDaemon, error_code, get, wait_until_async};
+
+const MIB: u64 = 1 << 20;
+
+/// 4 MiB of output per stream: each command reserves 2 × 2 × 4 MiB plus the
+/// default 256 KiB of session state, so three fit in 56 MiB and a fourth does not.
+const BUDGET: &str = "[server]\nmemory_budget = \"56 MiB\"\nmax_request_bytes = \"16 MiB\"\n\
+                      [commands]\nmax_output_bytes = \"4 MiB\"\n";
+const RESERVATION: u64 = 16 * MIB + 256 * 1024;
+
+async fn new_session(c: &Client) -> String {
+    c.create_session(CreateParams::default())
+        .await
+        .expect("session.create")
+}
+
+fn exec(session: &str, command: &str) -> ExecParams {
+    ExecParams {
+        session_id: session.into(),
+        command: command.into(),
+        timeout_s: Some(60.0),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn commands_past_the_budget_are_overloaded_until_reservations_end() {
+    let d = TestDaemon::start(&format!("{BUDGET}retain_per_session = 0\n"));
+    let c = d.client().await;
+    let stats = c.stats().await.unwrap().runtime;
+    assert_eq!(stats.memory_budget_bytes, 56 * MIB);
+    assert!(stats.memory_used_bytes < 4 * MIB, "idle: {stats:?}");
+    assert!(
+        c.ping()
+            .await
+            .unwrap()
+            .features
+            .iter()
+            .any(|f| f == "memory-budget")
+    );
+
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let s = new_session(&c).await;
+        running.push((c.start(exec(&s, "sleep 60")).await.expect("fits"), s));
+    }
+    let used = c.stats().await.unwrap().runtime.memory_used_bytes;
+    assert!(
+        used >= 3 * RESERVATION,
+        "three reservations charged: {used}"
+    );
+
+    let s = new_session(&c).await;
+    let refused = c.start(exec(&s, "true")).await.unwrap_err();
+    let ClientError::Server(e) = &refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(e.code, "OVERLOADED", "{e:?}");
+    assert!(
+        e.retry_after_ms.is_some_and(|ms| (1..=1000).contains(&ms)),
+        "{e:?}"
+    );
+    assert_eq!(c.stats().await.unwrap().runtime.overloaded_total, 1);
+
+    // A request frame that cannot be charged: nil-id OVERLOADED, then closed.
+    let mut raw = d.raw();
+    raw.write_bytes(&(12 * MIB as u32).to_be_bytes());
+    raw.write_bytes(&[0x80; 1024]);
+    let answer = raw.read().expect("an error frame");
+    assert_eq!(
+        error_code(&answer).as_deref(),
+        Some("OVERLOADED"),
+        "{answer}"
+    );
+    assert!(get(&answer, "id").is_nil(), "{answer}");
+    assert!(raw.is_closed());
+
+    for (_, session) in &running {
+        c.cancel(session).await.unwrap();
+    }
+    // Ended and not retained: their reservations are back.
+    wait_until_async("reservations released", Duration::from_secs(10), || async {
+        c.stats().await.unwrap().runtime.memory_used_bytes < RESERVATION
+    })
+    .await;
+    let r = c.exec(exec(&s, "echo again")).await.expect("fits again");
+    assert_eq!(r.stdout.as_ref(), b"again\n");
+}
+
+#[tokio::test]
+async fn retained_output_is_evicted_oldest_first_before_refusing() {
+    let d = TestDaemon::start(BUDGET);
+    let c = d.client().await;
+    let s = new_session(&c).await;
+    // Each keeps 4 MiB per stream: retained, 8 MiB each (16 MiB until trimmed).
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let r = c
+            .exec(exec(
+                &s,
+                "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2",
+            ))
+            .await
+            .expect("older retained output makes room");
+        assert_eq!(r.stdout.len() as u64, 4 * MIB);
+        ids.push(r.command_id.expect("a command id"));
+    }
+    let mut found = Vec::new();
+    for id in &ids {
+        let read = c
+            .read(ReadParams {
+                command_id: id.clone(),
+                stdout_offset: 4 * MIB,
+                stderr_offset: 4 * MIB,
+                wait_s: None,
+            })
+            .await;
+        match read {
+            Ok(_) => found.push(true),
+            Err(e) if e.code() == Some("COMMAND_NOT_FOUND") => found.push(false),
+            Err(e) => panic!("{id}: {e:?}"),
+        }
+    }
+    // Evicted oldest first: the readable ones are the newest, and at least
+    // the first was evicted (seven never fit at once).
+    assert!(!found[0], "{found:?}");
+    assert!(found[6], "{found:?}");
+    let first_kept = found.iter().position(|f| *f).unwrap();
+    assert!(found[first_kept..].iter().all(|f| *f), "{found:?}");
+    let stats = c.stats().await.unwrap().runtime;
+    assert!(stats.memory_used_bytes <= 56 * MIB, "{stats:?}");
+    assert_eq!(stats.overloaded_total, 0, "evicted, never refused");
+}
