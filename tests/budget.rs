@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::time::Duration;
 
 use sessiond::client::{Client, ClientError};
@@ -138,4 +139,146 @@ async fn retained_output_is_evicted_oldest_first_before_refusing() {
     let stats = c.stats().await.unwrap().runtime;
     assert!(stats.memory_used_bytes <= 56 * MIB, "{stats:?}");
     assert_eq!(stats.overloaded_total, 0, "evicted, never refused");
+}
+
+/// Peak resident memory of a process, bytes.
+fn vm_hwm(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+fn map(entries: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
+    rmpv::Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
+}
+
+/// Issue 14's attacks at once (unread answers on many connections, streaming
+/// to clients that never read, many large retained results, partial request
+/// frames): the daemon's peak RSS stays within the budget plus the stated
+/// fixed overhead of 96 MiB, and it still answers.
+#[test]
+fn combined_attack_stays_within_budget_plus_overhead() {
+    use support::request;
+    const BUDGET_MIB: u64 = 128;
+    let d = TestDaemon::start(&format!(
+        "[server]\nmemory_budget = \"{BUDGET_MIB} MiB\"\n[sessions]\nmax_sessions_per_client = 16\n[commands]\nmax_per_session = 4\n"
+    ));
+    let pid = d.pid();
+    let mut ctl = d.raw();
+    let mut next_id = 1000u64;
+    let mut id = || {
+        next_id += 1;
+        next_id
+    };
+    let big = "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2";
+
+    // Many retained results of 8 MiB each.
+    let mut retained = Vec::new();
+    for _ in 0..4 {
+        let s = ctl.create_session(id());
+        for _ in 0..4 {
+            ctl.send(&request(
+                id(),
+                "exec.run",
+                vec![("session_id", s.as_str().into()), ("command", big.into())],
+            ));
+            let r = ctl.read().expect("an answer");
+            match get(get(&r, "result"), "command_id").as_str() {
+                Some(c) => retained.push(c.to_string()),
+                None => assert_eq!(error_code(&r).as_deref(), Some("OVERLOADED"), "{r}"),
+            }
+        }
+    }
+    assert!(!retained.is_empty());
+
+    // Streaming to clients that never read.
+    let mut streamers = Vec::new();
+    for _ in 0..4 {
+        let mut conn = d.raw();
+        let s = conn.create_session(1);
+        conn.send(&request(
+            2,
+            "exec.run",
+            vec![
+                ("session_id", s.as_str().into()),
+                ("command", "head -c 300000000 /dev/zero".into()),
+                ("stream", true.into()),
+                ("timeout_s", 60.into()),
+            ],
+        ));
+        streamers.push(conn);
+    }
+
+    // Unread answers: every connection asks for the retained output seven times.
+    let mut unread = Vec::new();
+    for n in 0..24 {
+        let mut conn = d.raw();
+        for k in 0..7 {
+            let c = &retained[(n + k) % retained.len()];
+            conn.try_send(&request(
+                k as u64,
+                "exec.read",
+                vec![("command_id", c.as_str().into())],
+            ));
+        }
+        unread.push(conn);
+    }
+
+    // Partial request frames, stalled just short of their end.
+    let mut partial = Vec::new();
+    for _ in 0..8 {
+        let mut conn = d.raw();
+        conn.write_bytes(&((2 << 20) - 16u32).to_be_bytes());
+        let _ = conn.stream.write_all(&vec![0x90u8; (2 << 20) - 64]);
+        partial.push(conn);
+    }
+
+    // Commands keep coming while all of it is held.
+    let s = ctl.create_session(id());
+    for _ in 0..8 {
+        ctl.send(&request(
+            id(),
+            "exec.run",
+            vec![("session_id", s.as_str().into()), ("command", big.into())],
+        ));
+        let r = ctl.read().expect("an answer");
+        assert!(
+            r.as_map()
+                .is_some_and(|m| m.iter().any(|(k, _)| k.as_str() == Some("result")))
+                || error_code(&r).as_deref() == Some("OVERLOADED"),
+            "{r}"
+        );
+    }
+    // The streaming commands run to their end with nobody reading.
+    support::wait_until("streaming commands ended", Duration::from_secs(60), || {
+        ctl.send(&request(1, "system.stats", vec![]));
+        let r = ctl.read().expect("stats");
+        let running = get(get(get(&r, "result"), "commands"), "running").as_u64();
+        running == Some(0)
+    });
+    ctl.send(&request(2, "system.stats", vec![]));
+    let stats = ctl.read().expect("stats");
+    let runtime = get(get(&stats, "result"), "runtime");
+    let used = get(runtime, "memory_used_bytes").as_u64().unwrap();
+    let hwm = vm_hwm(pid);
+    eprintln!(
+        "combined attack: VmHWM {} MiB, budget {BUDGET_MIB} MiB, used now {} MiB, overloaded_total {}",
+        hwm >> 20,
+        used >> 20,
+        get(runtime, "overloaded_total")
+    );
+    assert!(used <= BUDGET_MIB << 20, "{runtime}");
+    assert!(
+        hwm <= (BUDGET_MIB + 96) << 20,
+        "VmHWM {} MiB over budget + 96 MiB",
+        hwm >> 20
+    );
+    ctl.send(&request(3, "system.ping", vec![]));
+    assert!(get(&ctl.read().expect("pong"), "result").is_map());
+    drop((streamers, unread, partial));
+    let _ = map;
 }
