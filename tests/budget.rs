@@ -152,9 +152,6 @@ fn vm_hwm(pid: i32) -> u64 {
         * 1024
 }
 
-fn map(entries: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
-    rmpv::Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
-}
 
 /// Issue 14's attacks at once (unread answers on many connections, streaming
 /// to clients that never read, many large retained results, partial request
@@ -168,6 +165,7 @@ fn combined_attack_stays_within_budget_plus_overhead() {
         "[server]\nmemory_budget = \"{BUDGET_MIB} MiB\"\n[sessions]\nmax_sessions_per_client = 16\n[commands]\nmax_per_session = 4\n"
     ));
     let pid = d.pid();
+    let idle = vm_hwm(pid);
     let mut ctl = d.raw();
     let mut next_id = 1000u64;
     let mut id = || {
@@ -266,7 +264,8 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     let used = get(runtime, "memory_used_bytes").as_u64().unwrap();
     let hwm = vm_hwm(pid);
     eprintln!(
-        "combined attack: VmHWM {} MiB, budget {BUDGET_MIB} MiB, used now {} MiB, overloaded_total {}",
+        "combined attack: VmHWM idle {} MiB, peak {} MiB, budget {BUDGET_MIB} MiB, used now {} MiB, overloaded_total {}",
+        idle >> 20,
         hwm >> 20,
         used >> 20,
         get(runtime, "overloaded_total")
@@ -280,5 +279,4 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     ctl.send(&request(3, "system.ping", vec![]));
     assert!(get(&ctl.read().expect("pong"), "result").is_map());
     drop((streamers, unread, partial));
-    let _ = map;
 }
