@@ -152,7 +152,6 @@ fn vm_hwm(pid: i32) -> u64 {
         * 1024
 }
 
-
 /// Issue 14's attacks at once (unread answers on many connections, streaming
 /// to clients that never read, many large retained results, partial request
 /// frames): the daemon's peak RSS stays within the budget plus the stated
@@ -279,4 +278,47 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     ctl.send(&request(3, "system.ping", vec![]));
     assert!(get(&ctl.read().expect("pong"), "result").is_map());
     drop((streamers, unread, partial));
+}
+
+/// `server.memory_budget` is reloaded by SIGHUP: cut below what is in use,
+/// new commands are refused until use falls; nothing running is killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lowered_budget_refuses_new_work_until_use_falls() {
+    let d = TestDaemon::start(&format!("{BUDGET}retain_per_session = 0\n"));
+    let c = d.client().await;
+    let (a, b) = (new_session(&c).await, new_session(&c).await);
+    c.start(exec(&a, "sleep 60")).await.unwrap();
+    c.start(exec(&b, "sleep 60")).await.unwrap();
+    let path = d.dir.path().join("config.toml");
+    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("memory_budget".into(), "20 MiB".into());
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until_async(
+        "the new budget in force",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.memory_budget_bytes == 20 * MIB },
+    )
+    .await;
+    let s = new_session(&c).await;
+    let refused = c.start(exec(&s, "true")).await.unwrap_err();
+    assert_eq!(refused.code(), Some("OVERLOADED"), "{refused:?}");
+    assert_eq!(
+        c.stats().await.unwrap().commands.running,
+        2,
+        "nothing killed"
+    );
+    c.cancel(&a).await.unwrap();
+    c.cancel(&b).await.unwrap();
+    wait_until_async(
+        "use under the new budget",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.memory_used_bytes < 2 * MIB },
+    )
+    .await;
+    let r = c.exec(exec(&s, "echo fits")).await.expect("fits again");
+    assert_eq!(r.stdout.as_ref(), b"fits\n");
 }
