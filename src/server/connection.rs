@@ -67,7 +67,9 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     // Refused with FRAME_TOO_LARGE or OVERLOADED: the rest of what it sends is discarded.
     let mut too_large = false;
     // The read buffer's share of the memory budget: a partial frame is
-    // charged as it grows.
+    // charged as it grows past the first READ_CHUNK (that one is part of the
+    // fixed overhead of a connection, so a small request such as a ping is
+    // read even when the budget is full).
     let mut read_charge = ctx.budget.empty();
 
     'serve: loop {
@@ -106,7 +108,7 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
         if buf.capacity() == buf.len() {
             buf.reserve(READ_CHUNK);
         }
-        if !charge_to(&mut read_charge, buf.capacity()) {
+        if !charge_to(&mut read_charge, buf.capacity().saturating_sub(READ_CHUNK)) {
             tracing::info!(
                 uid,
                 "a request frame cannot be charged to the memory budget; disconnecting"
