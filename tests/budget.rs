@@ -165,6 +165,7 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     ));
     let pid = d.pid();
     let idle = vm_hwm(pid);
+    let idle_rss = support::rss_of(pid);
     let mut ctl = d.raw();
     let mut next_id = 1000u64;
     let mut id = || {
@@ -278,6 +279,40 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     ctl.send(&request(3, "system.ping", vec![]));
     assert!(get(&ctl.read().expect("pong"), "result").is_map());
     drop((streamers, unread, partial));
+
+    // Memory comes back after the spike: with every session gone and nothing
+    // charged, RSS is back near idle.
+    ctl.send(&request(4, "session.list", vec![]));
+    let list = ctl.read().expect("list");
+    for session in get(get(&list, "result"), "sessions").as_array().unwrap() {
+        let id = get(session, "session_id").as_str().unwrap();
+        ctl.send(&request(
+            5,
+            "session.destroy",
+            vec![("session_id", id.into())],
+        ));
+        assert!(get(&ctl.read().expect("destroyed"), "result").is_map());
+    }
+    let mut used = u64::MAX;
+    support::wait_until("nothing charged", Duration::from_secs(10), || {
+        ctl.send(&request(6, "system.stats", vec![]));
+        let r = ctl.read().expect("stats");
+        used = get(get(get(&r, "result"), "runtime"), "memory_used_bytes")
+            .as_u64()
+            .unwrap();
+        used < MIB
+    });
+    let bound = idle_rss + (idle_rss / 10).max(16 * MIB);
+    let mut rss = 0;
+    support::wait_until("RSS back near idle", Duration::from_secs(10), || {
+        rss = support::rss_of(pid);
+        rss <= bound
+    });
+    eprintln!(
+        "after the attack: RSS {} MiB (idle {} MiB), used {used} bytes",
+        rss >> 20,
+        idle_rss >> 20
+    );
 }
 
 /// `server.memory_budget` is reloaded by SIGHUP: cut below what is in use,
