@@ -270,8 +270,14 @@ impl Actor for SessionActor {
         let idle = args.config.sessions.idle_timeout;
         myself.send_after(idle, || SessionMsg::IdleCheck);
         let now = Instant::now();
+        // The starting state (the create's env and cwd, at most one request
+        // frame) is charged as it is stored; past the budget it makes the
+        // next commands wait, it does not fail the create.
+        let mut terminal_charge = args.ctx.budget.empty();
+        let env_bytes: usize = args.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        terminal_charge.resize((env_bytes + args.cwd.as_os_str().len()) as u64);
         Ok(SessionState {
-            terminal_charge: args.ctx.budget.empty(),
+            terminal_charge,
             _processes: SessionProcesses {
                 table: args.ctx.processes.clone(),
                 key: args.key,
