@@ -86,6 +86,11 @@ pub struct ServerConfig {
     /// Answers queued for a connection behind the one being written, in
     /// bytes; past this the client is not reading and the connection is dropped.
     pub max_unsent_bytes: ByteSize,
+    /// Everything the daemon holds for clients (command output, queued
+    /// answers and events, request frames, session state) is charged to
+    /// this; past it new work is refused with OVERLOADED. Reloadable: a cut
+    /// below current use refuses new work until use falls, never kills.
+    pub memory_budget: ByteSize,
     /// After SIGTERM: how long running commands may finish before they are killed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -200,6 +205,7 @@ impl Default for ServerConfig {
             max_request_bytes: ByteSize::mib(2),
             request_read_timeout: Duration::from_secs(10),
             max_unsent_bytes: ByteSize::mib(64),
+            memory_budget: ByteSize::mib(512),
             shutdown_grace: Duration::from_secs(10),
             oom_score_adj: -900,
             socket_group: String::new(),
@@ -331,6 +337,18 @@ impl Config {
                 "server.max_unsent_bytes",
                 s.max_unsent_bytes.as_u64(),
                 "at least 64 KiB",
+            ));
+        }
+        // One command's reservation must fit, or no command could ever run.
+        let one_command =
+            4 * self.commands.max_output_bytes.as_u64() + self.sessions.max_state_bytes.as_u64();
+        if s.memory_budget.as_u64() < one_command {
+            return Err(invalid(
+                "server.memory_budget",
+                s.memory_budget.as_u64(),
+                format!(
+                    "at least one command's reservation: 4 × commands.max_output_bytes + sessions.max_state_bytes = {one_command} bytes"
+                ),
             ));
         }
         let cg = &self.cgroups;

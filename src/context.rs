@@ -1,12 +1,15 @@
 //! What every actor and connection shares: the config in force, counters, the process table, cgroups, the uid pool, command slots, rate limiter, draining flag — and no actor (actors are found through the actor tree's handle, `actors::tree::ActorTree`).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
 
+use crate::actors::command_record::CommandRecord;
+use crate::budget::{Budget, Charge, Outboxes};
 use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::process::ProcessTable;
@@ -59,7 +62,19 @@ pub struct Context {
     /// Source of session keys. Outside the registry, so a restarted registry
     /// can never hand out a key a live session still holds.
     next_session_key: AtomicU64,
+    /// `server.memory_budget`: every byte held for clients is charged here.
+    pub budget: Arc<Budget>,
+    /// Every session's retained (ended) commands, oldest first, across the
+    /// daemon: what is evicted first when a command cannot reserve.
+    retained: Mutex<VecDeque<Weak<CommandRecord>>>,
+    /// Every live connection's queue of unsent answers, to drop the largest
+    /// when an answer cannot be charged.
+    pub outboxes: Outboxes,
 }
+
+/// What an `OVERLOADED` asks the client to wait: long enough for a command
+/// or a slow reader to let go of its share, short enough to stay responsive.
+pub const OVERLOADED_RETRY_MS: u64 = 250;
 
 impl Context {
     /// Resolves shell, default cwd and base environment from `config`.
@@ -119,6 +134,7 @@ impl Context {
             login_shell.into_os_string().into_encoded_bytes(),
         );
         let slots = config.commands.max_concurrent;
+        let budget = Budget::new(config.server.memory_budget.as_u64());
         let rate_limiter = RwLock::new(rate_limiter(&config.rate_limit));
         let background = BackgroundLimits {
             rate: config.sessions.background_drain_rate.as_u64(),
@@ -141,7 +157,57 @@ impl Context {
             draining: AtomicBool::new(false),
             started: Instant::now(),
             next_session_key: AtomicU64::new(1),
+            budget,
+            retained: Mutex::new(VecDeque::new()),
+            outboxes: Outboxes::default(),
         }
+    }
+
+    /// The `OVERLOADED` error, counted.
+    pub fn overloaded(&self) -> crate::protocol::RequestError {
+        crate::stats::Stats::bump(&self.stats.overloaded);
+        crate::protocol::RequestError::Overloaded {
+            retry_after_ms: OVERLOADED_RETRY_MS,
+        }
+    }
+
+    /// Reserves `bytes` of the memory budget for a command, evicting retained
+    /// output (oldest first, in any session) until they fit; `OVERLOADED`
+    /// when they do not fit even with nothing retained.
+    pub fn reserve(&self, bytes: u64) -> Result<Charge, crate::protocol::RequestError> {
+        loop {
+            if let Some(charge) = self.budget.try_charge(bytes) {
+                return Ok(charge);
+            }
+            if !self.evict_oldest_retained() {
+                return Err(self.overloaded());
+            }
+        }
+    }
+
+    /// Evicts the oldest retained command still holding output; false when none is left.
+    fn evict_oldest_retained(&self) -> bool {
+        let mut retained = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(record) = retained.pop_front() {
+            if let Some(record) = record.upgrade() {
+                if record.evict() {
+                    tracing::info!(command = %record.id, "retained output evicted under the memory budget");
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Lists a command its session now retains (it ended), for eviction.
+    pub fn retain(&self, record: &Arc<CommandRecord>) {
+        let mut retained = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        // Records pruned by their sessions leave dead entries: sweep them
+        // whenever the index doubles, so it stays within twice the live ones.
+        if retained.len() >= 64 && retained.len().is_power_of_two() {
+            retained.retain(|r| r.strong_count() > 0);
+        }
+        retained.push_back(Arc::downgrade(record));
     }
 
     /// Takes one request from `uid`'s budget; the single place that decides
@@ -176,6 +242,7 @@ impl Context {
             *self.rate_limiter.write().unwrap_or_else(|e| e.into_inner()) =
                 rate_limiter(&next.rate_limit);
         }
+        self.budget.set_limit(next.server.memory_budget.as_u64());
         *live = Arc::new(next);
     }
 

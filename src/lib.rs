@@ -20,6 +20,7 @@
 // binary (`config`, `server`) and the integration tests (`process`: the
 // process table, reaper and procfs scans; `fault`). The rest is internal.
 pub(crate) mod actors;
+pub(crate) mod budget;
 pub(crate) mod cgroup;
 pub mod client;
 pub mod config;

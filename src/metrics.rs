@@ -257,6 +257,24 @@ pub fn render(stats: &StatsResult) -> String {
         "1 when commands of shared sessions run as the configured run_as_user.",
         f64::from(u8::from(r.run_as_user)),
     );
+    metric(
+        "memory_budget_bytes",
+        "gauge",
+        "server.memory_budget in force.",
+        r.memory_budget_bytes as f64,
+    );
+    metric(
+        "memory_used_bytes",
+        "gauge",
+        "Bytes held for clients, charged to the memory budget.",
+        r.memory_used_bytes as f64,
+    );
+    metric(
+        "overloaded_total",
+        "counter",
+        "Requests and frames refused with OVERLOADED.",
+        r.overloaded_total as f64,
+    );
     let _ = writeln!(
         out,
         "# HELP sessiond_isolation_mode Isolation between sessions (the label), always 1."

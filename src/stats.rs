@@ -36,6 +36,8 @@ pub struct Stats {
     pub actor_failures: AtomicU64,
     pub zombies_reaped: AtomicU64,
     pub cgroups_recovered: AtomicU64,
+    /// Requests and frames refused with OVERLOADED (over the memory budget).
+    pub overloaded: AtomicU64,
 
     /// How long each request took to answer, per method (the index in [`REQUEST_METHODS`]).
     pub request_seconds: [Histogram; REQUEST_METHODS.len()],

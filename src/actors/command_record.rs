@@ -1,6 +1,9 @@
 //! CommandRecord: one command as clients see it — its id, its output and stdin, and its result once it ended; made by its SessionActor, finished by its CommandActor, retained by the session after the end, read by any number of requests.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::budget::Charge;
 
 use crate::process::live_output::LiveOutput;
 use crate::protocol::{CommandResult, ExecResult, RequestError};
@@ -15,16 +18,51 @@ pub struct CommandRecord {
     pub started: std::time::Instant,
     /// Set once, when the command has ended (or its actor failed).
     outcome: OnceLock<Result<CommandResult, RequestError>>,
+    /// Its share of the memory budget: what its output may grow to while it
+    /// runs, then (once trimmed) what it retains; returned when the record
+    /// is dropped or evicted.
+    charge: Mutex<Option<Charge>>,
+    /// Its retained output was evicted to make room: it answers `COMMAND_NOT_FOUND`.
+    evicted: AtomicBool,
 }
 
 impl CommandRecord {
-    pub fn new(id: String, output: LiveOutput) -> CommandRecord {
+    /// A record holding `charge` (its reservation under the memory budget).
+    pub fn new(id: String, output: LiveOutput, charge: Charge) -> CommandRecord {
         CommandRecord {
             id,
             output: Arc::new(output),
             started: std::time::Instant::now(),
             outcome: OnceLock::new(),
+            charge: Mutex::new(Some(charge)),
+            evicted: AtomicBool::new(false),
         }
+    }
+
+    /// Cuts the output to what a finished command retains, and its charge with it.
+    pub fn trim(&self) {
+        self.output.trim();
+        let held = self.output.held() as u64;
+        let mut charge = self.charge.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(charge) = charge.as_mut() {
+            charge.resize(held.min(charge.bytes()));
+        }
+    }
+
+    /// Drops the retained output of an ended command and returns its charge;
+    /// from now on it is not found. False when there was nothing to evict.
+    pub fn evict(&self) -> bool {
+        if self.outcome().is_none() || self.evicted.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.output.clear();
+        self.charge.lock().unwrap_or_else(|p| p.into_inner()).take();
+        true
+    }
+
+    /// Whether its retained output was evicted.
+    pub fn evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
     }
 
     /// The session id in a command id, for routing (`None`: not one of ours).

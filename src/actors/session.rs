@@ -221,6 +221,8 @@ pub struct SessionState {
     last_active: Instant,
     /// The terminal state the next command starts from (cwd, variables, functions…).
     terminal: Arc<TerminalState>,
+    /// The stored terminal state's share of the memory budget.
+    terminal_charge: crate::budget::Charge,
     default_timeout: Duration,
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
@@ -268,7 +270,14 @@ impl Actor for SessionActor {
         let idle = args.config.sessions.idle_timeout;
         myself.send_after(idle, || SessionMsg::IdleCheck);
         let now = Instant::now();
+        // The starting state (the create's env and cwd, at most one request
+        // frame) is charged as it is stored; past the budget it makes the
+        // next commands wait, it does not fail the create.
+        let mut terminal_charge = args.ctx.budget.empty();
+        let env_bytes: usize = args.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        terminal_charge.resize((env_bytes + args.cwd.as_os_str().len()) as u64);
         Ok(SessionState {
+            terminal_charge,
             _processes: SessionProcesses {
                 table: args.ctx.processes.clone(),
                 key: args.key,
@@ -313,6 +322,8 @@ impl Actor for SessionActor {
             } => {
                 state.retire(&myself, &command);
                 if let Some(shell) = shell {
+                    // Covered by the command's reservation until now: never refused.
+                    state.terminal_charge.resize(shell.bytes as u64);
                     state.terminal = Arc::from(shell);
                 }
                 state.last_active = Instant::now();
@@ -578,9 +589,11 @@ impl SessionState {
 
     /// Decides, in this order, `SESSION_BUSY`, the command's timeout
     /// (`INVALID_REQUEST` above the session's maximum) and `TOO_MANY_COMMANDS`
-    /// (a permit of the global semaphore, held by the CommandActor), then starts
-    /// the CommandActor. Busy is checked first so a request that is refused
-    /// never holds a global slot, not even for a moment.
+    /// (a permit of the global semaphore, held by the CommandActor), then
+    /// `OVERLOADED` (the command's reservation under the memory budget, after
+    /// evicting retained output), then starts the CommandActor. Busy is
+    /// checked first so a request that is refused never holds a global slot,
+    /// not even for a moment.
     async fn run(
         &mut self,
         myself: &ActorRef<SessionMsg>,
@@ -616,6 +629,18 @@ impl SessionState {
             return;
         };
         let commands = &self.config.commands;
+        // What it may come to hold: per stream its kept output and retained
+        // window (2 × max_output_bytes), and the terminal state it leaves.
+        let reservation = 2 * 2 * commands.max_output_bytes.as_u64()
+            + self.config.sessions.max_state_bytes.as_u64();
+        let charge = match self.ctx.reserve(reservation) {
+            Ok(charge) => charge,
+            Err(overloaded) => {
+                drop(permit);
+                let _ = reply.send(Err(overloaded));
+                return;
+            }
+        };
         let record = Arc::new(CommandRecord::new(
             format!("{}/c-{}", self.id, uuid::Uuid::new_v4().simple()),
             LiveOutput::new(
@@ -623,6 +648,7 @@ impl SessionState {
                 super::command::keep_output(request.keep_output),
                 request.stdin_open,
             ),
+            charge,
         ));
         let spec = RunSpec {
             shell: self.ctx.shell.clone(),
@@ -675,7 +701,7 @@ impl SessionState {
             .values()
             .map(|c| &c.record)
             .chain(self.retained.iter().map(|(_, r)| r))
-            .find(|r| r.id == command_id)
+            .find(|r| r.id == command_id && !r.evicted())
             .cloned()
     }
 
@@ -700,6 +726,7 @@ impl SessionState {
         // Its window goes a little later, not now: a streaming reader that
         // keeps up may not have read the last bytes yet.
         myself.send_after(timing::TRIM_AFTER_END, || SessionMsg::TrimRetained);
+        self.ctx.retain(&running.record);
         self.retained.push_back((Instant::now(), running.record));
         while self.retained.len() > commands.retain_per_session {
             self.retained.pop_front();
@@ -711,7 +738,7 @@ impl SessionState {
     fn trim_retained(&mut self) {
         for (ended, record) in &self.retained {
             if ended.elapsed() >= timing::TRIM_AFTER_END {
-                record.output.trim();
+                record.trim();
             }
         }
     }

@@ -123,6 +123,13 @@ impl LiveOutput {
         s.stderr.finish();
     }
 
+    /// Drops every byte both streams hold (evicted under the memory budget).
+    pub fn clear(&self) {
+        let mut s = self.streams();
+        s.stdout.clear();
+        s.stderr.clear();
+    }
+
     /// Whether [`Self::end`] was called.
     pub fn ended(&self) -> bool {
         self.streams().ended

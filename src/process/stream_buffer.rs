@@ -75,6 +75,14 @@ impl StreamBuffer {
         }
     }
 
+    /// Drops every byte held (the command's retained output was evicted to
+    /// make room under the memory budget); the total stays.
+    pub fn clear(&mut self) {
+        self.head = Vec::new();
+        self.window = VecDeque::new();
+        self.finished = true;
+    }
+
     /// Takes the next bytes the command wrote.
     pub fn push(&mut self, chunk: &[u8]) {
         self.total += chunk.len() as u64;

@@ -44,6 +44,9 @@ pub enum RequestError {
     /// This client's request rate is over its budget.
     #[error("this client sends requests faster than its budget; retry after {retry_after_ms} ms")]
     RateLimited { retry_after_ms: u64 },
+    /// Accepting the request would take the daemon over `server.memory_budget`.
+    #[error("the daemon is at its memory budget; retry after {retry_after_ms} ms")]
+    Overloaded { retry_after_ms: u64 },
     /// `max_concurrent` commands run across the daemon.
     #[error("the daemon already runs its maximum of {limit} commands")]
     TooManyCommands { limit: u64 },
@@ -109,7 +112,7 @@ pub struct WireError {
     /// The limit that was hit, for the codes that have one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
-    /// For `RATE_LIMITED`: when to try again.
+    /// For `RATE_LIMITED` and `OVERLOADED`: when to try again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
 }
@@ -131,6 +134,7 @@ impl RequestError {
             RequestError::SessionBusy(_) => "SESSION_BUSY",
             RequestError::TooManyCommands { .. } => "TOO_MANY_COMMANDS",
             RequestError::RateLimited { .. } => "RATE_LIMITED",
+            RequestError::Overloaded { .. } => "OVERLOADED",
             RequestError::ShuttingDown => "SHUTTING_DOWN",
             RequestError::SpawnFailed(_) => "SPAWN_FAILED",
             RequestError::PermissionDenied(_) => "PERMISSION_DENIED",
@@ -161,7 +165,8 @@ impl RequestError {
             message: self.to_string(),
             limit: self.limit(),
             retry_after_ms: match self {
-                RequestError::RateLimited { retry_after_ms } => Some(*retry_after_ms),
+                RequestError::RateLimited { retry_after_ms }
+                | RequestError::Overloaded { retry_after_ms } => Some(*retry_after_ms),
                 _ => None,
             },
         }

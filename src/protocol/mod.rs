@@ -285,7 +285,14 @@ pub struct PingResult {
 }
 
 /// What `system.ping` lists in `features`: each protocol 2 addition this daemon implements.
-pub const FEATURES: &[&str] = &["stream", "start", "idle-timeout", "terminal-state", "init"];
+pub const FEATURES: &[&str] = &[
+    "stream",
+    "start",
+    "idle-timeout",
+    "terminal-state",
+    "init",
+    "memory-budget",
+];
 
 /// `system.stats` result.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -395,6 +402,15 @@ pub struct RuntimeStats {
     /// run as that user).
     #[serde(default)]
     pub run_as_user: bool,
+    /// `server.memory_budget` in force, in bytes.
+    #[serde(default)]
+    pub memory_budget_bytes: u64,
+    /// Bytes charged to the budget now (output, queued answers, frames, state).
+    #[serde(default)]
+    pub memory_used_bytes: u64,
+    /// Requests and frames refused with `OVERLOADED`.
+    #[serde(default)]
+    pub overloaded_total: u64,
 }
 
 /// `session.create` result.

@@ -2,7 +2,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Daemon;
 use super::methods::{Dispatched, Method, answer_ping, dispatch};
+use crate::budget::{Charge, Unsent};
 use crate::context::Context;
 use crate::protocol::RequestError;
 use crate::protocol::frame::{
@@ -63,8 +64,13 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     // Whether we are dropping the client (stalled, not reading): then its
     // answers still in flight are not written.
     let mut dropped = false;
-    // Refused with FRAME_TOO_LARGE: the rest of what it sends is discarded.
+    // Refused with FRAME_TOO_LARGE or OVERLOADED: the rest of what it sends is discarded.
     let mut too_large = false;
+    // The read buffer's share of the memory budget: a partial frame is
+    // charged as it grows past the first READ_CHUNK (that one is part of the
+    // fixed overhead of a connection, so a small request such as a ping is
+    // read even when the budget is full).
+    let mut read_charge = ctx.budget.empty();
 
     'serve: loop {
         // 1. Serve every complete frame already received.
@@ -98,7 +104,22 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
             (_, Some(since)) => Some(since),
             (_, None) => Some(Instant::now()),
         };
-        // 2. Read more, unless the partial frame is out of time.
+        // 2. Read more, unless the partial frame is out of time or cannot be charged.
+        if buf.capacity() == buf.len() {
+            buf.reserve(READ_CHUNK);
+        }
+        if !charge_to(&mut read_charge, buf.capacity().saturating_sub(READ_CHUNK)) {
+            tracing::info!(
+                uid,
+                "a request frame cannot be charged to the memory budget; disconnecting"
+            );
+            let error = ctx.overloaded();
+            outbox
+                .send(Outgoing::Last(encode_error(None, &error)))
+                .await;
+            too_large = true;
+            break;
+        }
         let deadline = partial_since.map(|since| since + read_timeout);
         let read = tokio::select! {
             read = read_half.read_buf(&mut buf) => read,
@@ -134,6 +155,8 @@ pub async fn serve(daemon: Daemon, stream: UnixStream, uid: u32, stop: Cancellat
     // connection keeps its slot, so a client cannot open connections without
     // bound by leaving answers behind. Dropped or shutting down: no waiting.
     drop(outbox);
+    drop(read_charge);
+    drop(buf);
     let mut writer = writer;
     if too_large {
         // The writer ends after the error frame; meanwhile the oversized
@@ -273,6 +296,17 @@ impl WriteTicket {
     }
 }
 
+/// Sets `charge` to `bytes`: growing only if the budget has room; false when it has not.
+fn charge_to(charge: &mut Charge, bytes: usize) -> bool {
+    let bytes = bytes as u64;
+    if bytes > charge.bytes() {
+        charge.try_grow(bytes - charge.bytes())
+    } else {
+        charge.resize(bytes);
+        true
+    }
+}
+
 async fn sleep_until_or_never(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -290,6 +324,14 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
 /// answer (one of any size is accepted into an empty queue): budget + two
 /// answers, each at most two capped streams and their envelope.
 ///
+/// Every queued frame is also charged to the daemon's memory budget, until
+/// it is written: an output event that cannot be charged is not queued
+/// (shed: the streaming loop skips ahead, as when the client is behind); an
+/// answer that cannot be charged drops the connection with the most unsent
+/// bytes in the daemon (its requests still run) and is queued anyway, so an
+/// answer is never lost to the budget and the overshoot lasts only until that
+/// connection's queue is released.
+///
 /// The answer being written is not counted: a client that has read an answer
 /// to its end has necessarily seen it leave the queue, so a client that reads
 /// can never be taken for one that does not. (Counting until the write
@@ -298,13 +340,25 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
 /// then pushed a 200-byte one over a 1 MiB budget. The chaos soak found it.)
 #[derive(Clone)]
 struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
-    unsent: Arc<AtomicUsize>,
+    /// Each frame with its charge, released once it is written (or dropped).
+    tx: mpsc::Sender<(Outgoing, Charge)>,
+    /// Unsent bytes, and the token that drops the connection (past the
+    /// per-connection budget, or when the daemon's budget needs the room).
+    unsent: Arc<Unsent>,
     /// Notified each time the writer takes a frame off the queue.
     progress: Arc<tokio::sync::Notify>,
     budget: usize,
-    overflow: CancellationToken,
     ctx: Arc<Context>,
+}
+
+/// What became of a frame offered to an [`Outbox`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// An output event over the memory budget: not queued.
+    Shed,
+    /// The connection is gone or being dropped.
+    Closed,
 }
 
 impl Outbox {
@@ -312,18 +366,18 @@ impl Outbox {
         ctx: &Arc<Context>,
         write_half: OwnedWriteHalf,
     ) -> (Outbox, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<Outgoing>(RESPONSE_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<(Outgoing, Charge)>(RESPONSE_QUEUE);
         let outbox = Outbox {
             tx,
-            unsent: Arc::new(AtomicUsize::new(0)),
+            unsent: Arc::new(Unsent::default()),
             progress: Arc::new(tokio::sync::Notify::new()),
             budget: ctx.config.server.max_unsent_bytes.as_u64() as usize,
-            overflow: CancellationToken::new(),
             ctx: ctx.clone(),
         };
+        ctx.outboxes.register(&outbox.unsent);
         let (unsent, overflow, progress) = (
             outbox.unsent.clone(),
-            outbox.overflow.clone(),
+            outbox.unsent.drop.clone(),
             outbox.progress.clone(),
         );
         let writer = tokio::spawn(async move {
@@ -333,18 +387,19 @@ impl Outbox {
                     out = rx.recv() => out,
                     _ = overflow.cancelled() => None,
                 };
-                let Some(out) = out else { break };
+                let Some((out, charge)) = out else { break };
                 let (frame, last) = match out {
                     Outgoing::Frame(frame) => (frame, false),
                     Outgoing::Last(frame) => (frame, true),
                 };
                 // Off the queue: from here on this answer is "being written".
-                unsent.fetch_sub(frame.len(), Ordering::Relaxed);
+                unsent.bytes.fetch_sub(frame.len(), Ordering::Relaxed);
                 progress.notify_waiters();
                 let sent = tokio::select! {
                     sent = sink.send(frame) => sent.is_ok(),
                     _ = overflow.cancelled() => false,
                 };
+                drop(charge);
                 if !sent || last {
                     break;
                 }
@@ -355,33 +410,76 @@ impl Outbox {
 
     /// Queues an answer; false when the connection is over its budget or gone.
     async fn send(&self, out: Outgoing) -> bool {
+        self.queue(out, false).await == Offer::Queued
+    }
+
+    /// Queues a frame; one that is `sheddable` (an output event) is not
+    /// queued when the memory budget has no room for it.
+    async fn queue(&self, out: Outgoing, sheddable: bool) -> Offer {
         let len = match &out {
             Outgoing::Frame(f) | Outgoing::Last(f) => f.len(),
         };
-        let before = self.unsent.fetch_add(len, Ordering::Relaxed);
+        let before = self.unsent.bytes.fetch_add(len, Ordering::Relaxed);
+        let unqueue = || {
+            self.unsent.bytes.fetch_sub(len, Ordering::Relaxed);
+        };
+        if self.unsent.drop.is_cancelled() {
+            unqueue();
+            return Offer::Closed;
+        }
         if before + len > self.budget && before > 0 {
-            self.unsent.fetch_sub(len, Ordering::Relaxed);
-            if !self.overflow.is_cancelled() {
+            unqueue();
+            if !self.unsent.drop.is_cancelled() {
                 Stats::bump(&self.ctx.stats.slow_readers_dropped);
                 tracing::warn!(
                     unsent = before,
                     budget = self.budget,
                     "client does not read its answers; dropping the connection"
                 );
-                self.overflow.cancel();
+                self.unsent.drop.cancel();
             }
-            return false;
+            return Offer::Closed;
         }
-        if self.tx.send(out).await.is_err() {
-            self.unsent.fetch_sub(len, Ordering::Relaxed);
-            return false;
+        let charge = match self.ctx.budget.try_charge(len as u64) {
+            Some(charge) => charge,
+            None if sheddable => {
+                unqueue();
+                return Offer::Shed;
+            }
+            None => {
+                // This answer itself does not count towards its connection's
+                // share: a client that reads is never dropped for the answer
+                // it is about to get (as with the per-connection budget).
+                unqueue();
+                let largest = self.ctx.outboxes.drop_largest();
+                self.unsent.bytes.fetch_add(len, Ordering::Relaxed);
+                if let Some(largest) = largest {
+                    Stats::bump(&self.ctx.stats.slow_readers_dropped);
+                    tracing::warn!(
+                        unsent = largest.bytes.load(Ordering::Relaxed),
+                        "memory budget reached; dropping the connection with the most unsent answers"
+                    );
+                    if Arc::ptr_eq(&largest, &self.unsent) {
+                        unqueue();
+                        return Offer::Closed;
+                    }
+                }
+                let mut charge = self.ctx.budget.empty();
+                charge.resize(len as u64);
+                charge
+            }
+        };
+        if self.tx.send((out, charge)).await.is_err() {
+            unqueue();
+            return Offer::Closed;
         }
-        true
+        Offer::Queued
     }
 
-    /// Resolves once the budget was exceeded.
+    /// Resolves once the connection is to be dropped (over its own budget,
+    /// or the largest queue when the daemon's budget needed room).
     async fn overflowed(&self) {
-        self.overflow.cancelled().await
+        self.unsent.drop.cancelled().await
     }
 }
 
@@ -399,9 +497,15 @@ impl EventSink {
         self.outbox.send(Outgoing::Frame(frame)).await
     }
 
+    /// Queues an output event, unless the memory budget has no room for it (shed).
+    pub async fn offer(&self, event: &crate::protocol::Event) -> Offer {
+        let frame = crate::protocol::frame::encode_event(self.id, event);
+        self.outbox.queue(Outgoing::Frame(frame), true).await
+    }
+
     /// Bytes queued on this connection and not yet taken by the writer.
     pub fn backlog(&self) -> usize {
-        self.outbox.unsent.load(Ordering::Relaxed)
+        self.outbox.unsent.bytes.load(Ordering::Relaxed)
     }
 
     /// Resolves when the writer has taken a frame off the queue (the backlog shrank).

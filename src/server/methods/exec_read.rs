@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::{Pending, cast};
 use crate::actors::command_record::CommandRecord;
 use crate::actors::registry::RegistryMsg;
+use crate::context::Context;
 use crate::protocol::commands::MAX_READ_WAIT_S;
 use crate::protocol::{ReadParams, ReadResult, RequestError, parse_params};
 use crate::server::Daemon;
@@ -19,13 +20,28 @@ pub(super) fn dispatch(
     let wait = wait_param(p.wait_s)?;
     let record = find(daemon, uid, p.command_id)?;
     let max = daemon.ctx.live().commands.max_output_bytes.as_u64() as usize;
+    let ctx = daemon.ctx.clone();
     Ok(Box::pin(async move {
-        read(record.await?, p.stdout_offset, p.stderr_offset, max, wait).await
+        read(
+            &ctx,
+            record.await?,
+            p.stdout_offset,
+            p.stderr_offset,
+            max,
+            wait,
+        )
+        .await
     }))
 }
 
-/// Reads from the command's record, waiting up to `wait` for news.
+/// Reads from the command's record, waiting up to `wait` for news. The
+/// bytes copied for the answer are charged to the memory budget (twice: the
+/// copy and its encoding) until it returns; from there to its frame's own
+/// charge in the outbox there is no await, so the answer is never held
+/// uncharged while other tasks run. No room, even after dropping the
+/// connection with the most unsent bytes: `OVERLOADED`.
 async fn read(
+    ctx: &Context,
     record: Arc<CommandRecord>,
     stdout_offset: u64,
     stderr_offset: u64,
@@ -40,6 +56,18 @@ async fn read(
         let (stdout, stderr) = record.output.read(stdout_offset, stderr_offset, max);
         let news = !stdout.data.is_empty() || !stderr.data.is_empty();
         if news || outcome.is_some() || tokio::time::Instant::now() >= deadline {
+            let bytes = 2 * (stdout.data.len() + stderr.data.len()) as u64;
+            let _charge = match ctx.budget.try_charge(bytes) {
+                Some(charge) => charge,
+                None => {
+                    if ctx.outboxes.drop_largest().is_some() {
+                        crate::stats::Stats::bump(&ctx.stats.slow_readers_dropped);
+                    }
+                    ctx.budget
+                        .try_charge(bytes)
+                        .ok_or_else(|| ctx.overloaded())?
+                }
+            };
             let result = match outcome {
                 Some(Err(e)) => return Err(e.clone()),
                 Some(Ok(result)) => Some(result.clone()),

@@ -12,7 +12,7 @@ use crate::protocol::{
     Event, ExecParams, ExecResult, RequestError, StreamName, parse_params, seconds_param,
 };
 use crate::server::Daemon;
-use crate::server::connection::EventSink;
+use crate::server::connection::{EventSink, Offer};
 
 /// Bytes of one stream in one output event, at most.
 const EVENT_CHUNK: usize = 64 * 1024;
@@ -21,6 +21,10 @@ const EVENT_CHUNK: usize = 64 * 1024;
 /// client that does not keep up misses events (the offsets show the gap)
 /// instead of holding the command back or growing the daemon.
 const EVENT_BACKLOG: usize = 256 * 1024;
+
+/// How long a stream whose event was shed (memory budget full) waits before
+/// it tries again, when its own connection's queue does not move first.
+const SHED_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub(super) fn dispatch(
     daemon: &Daemon,
@@ -109,7 +113,8 @@ pub(super) fn parse(
 /// Sends `started`, then output events as output comes, until the command
 /// has ended; false if the connection is gone. Never holds the command back:
 /// it reads what the command's buffers still hold, and makes no event while
-/// the client is behind by more than [`EVENT_BACKLOG`].
+/// the client is behind by more than [`EVENT_BACKLOG`], nor while the daemon's
+/// memory budget has no room for an event (then it skips ahead as well).
 async fn stream_events(record: &CommandRecord, events: &EventSink) -> bool {
     let started = Event::Started {
         command_id: record.id.clone(),
@@ -135,23 +140,42 @@ async fn stream_events(record: &CommandRecord, events: &EventSink) -> bool {
         }
         let (stdout, stderr) = record.output.read(stdout_at, stderr_at, EVENT_CHUNK);
         let mut sent = false;
+        let mut shed = false;
         for (stream, chunk, at) in [
             (StreamName::Stdout, stdout, &mut stdout_at),
             (StreamName::Stderr, stderr, &mut stderr_at),
         ] {
-            if chunk.data.is_empty() {
+            if chunk.data.is_empty() || shed {
                 continue;
             }
-            *at = chunk.next();
+            let next = chunk.next();
             let event = Event::Output {
                 stream,
                 offset: chunk.offset,
                 data: serde_bytes::ByteBuf::from(chunk.data),
             };
-            if !events.send(&event).await {
-                return false;
+            match events.offer(&event).await {
+                Offer::Queued => {
+                    *at = next;
+                    sent = true;
+                }
+                Offer::Shed => shed = true,
+                Offer::Closed => return false,
             }
-            sent = true;
+        }
+        if shed {
+            // Over the memory budget: as when the client is behind, wait for
+            // room (the queue moving, or a moment) and read on from there.
+            if ended {
+                return true;
+            }
+            tokio::select! {
+                _ = events.progress() => {}
+                _ = tokio::time::sleep(SHED_PAUSE) => {}
+                _ = record.ended() => {}
+                _ = events.closed() => return false,
+            }
+            continue;
         }
         if sent {
             continue;

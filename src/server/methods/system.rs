@@ -76,6 +76,9 @@ pub(crate) fn stats(ctx: &Context) -> StatsResult {
             subreaper: ctx.subreaper,
             isolation: ctx.config.commands.isolation.name().to_string(),
             run_as_user: !ctx.config.commands.run_as_user.is_empty(),
+            memory_budget_bytes: ctx.budget.limit(),
+            memory_used_bytes: ctx.budget.used(),
+            overloaded_total: g(&s.overloaded),
         },
         latency: latency(s),
     }

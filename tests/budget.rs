@@ -1,0 +1,359 @@
+//! The daemon's one memory budget (`server.memory_budget`), seen by a client: commands reserve at start and are refused with OVERLOADED past it, retained output is evicted oldest first before that, a request frame that cannot be charged is refused, and the stats show it.
+
+mod support;
+
+use std::io::Write;
+use std::time::Duration;
+
+use sessiond::client::{Client, ClientError};
+use sessiond::protocol::{CreateParams, ExecParams, ReadParams};
+use support::{TestDaemon, error_code, get, wait_until_async};
+
+const MIB: u64 = 1 << 20;
+
+/// 4 MiB of output per stream: each command reserves 2 × 2 × 4 MiB plus the
+/// default 256 KiB of session state, so three fit in 56 MiB and a fourth does not.
+const BUDGET: &str = "[server]\nmemory_budget = \"56 MiB\"\nmax_request_bytes = \"16 MiB\"\n\
+                      [commands]\nmax_output_bytes = \"4 MiB\"\n";
+const RESERVATION: u64 = 16 * MIB + 256 * 1024;
+
+async fn new_session(c: &Client) -> String {
+    c.create_session(CreateParams::default())
+        .await
+        .expect("session.create")
+}
+
+fn exec(session: &str, command: &str) -> ExecParams {
+    ExecParams {
+        session_id: session.into(),
+        command: command.into(),
+        timeout_s: Some(60.0),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn commands_past_the_budget_are_overloaded_until_reservations_end() {
+    let d = TestDaemon::start(&format!("{BUDGET}retain_per_session = 0\n"));
+    let c = d.client().await;
+    let stats = c.stats().await.unwrap().runtime;
+    assert_eq!(stats.memory_budget_bytes, 56 * MIB);
+    assert!(stats.memory_used_bytes < 4 * MIB, "idle: {stats:?}");
+    assert!(
+        c.ping()
+            .await
+            .unwrap()
+            .features
+            .iter()
+            .any(|f| f == "memory-budget")
+    );
+
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let s = new_session(&c).await;
+        running.push((c.start(exec(&s, "sleep 60")).await.expect("fits"), s));
+    }
+    let used = c.stats().await.unwrap().runtime.memory_used_bytes;
+    assert!(
+        used >= 3 * RESERVATION,
+        "three reservations charged: {used}"
+    );
+
+    let s = new_session(&c).await;
+    let refused = c.start(exec(&s, "true")).await.unwrap_err();
+    let ClientError::Server(e) = &refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(e.code, "OVERLOADED", "{e:?}");
+    assert!(
+        e.retry_after_ms.is_some_and(|ms| (1..=1000).contains(&ms)),
+        "{e:?}"
+    );
+    assert_eq!(c.stats().await.unwrap().runtime.overloaded_total, 1);
+
+    // A request frame that cannot be charged: nil-id OVERLOADED, then closed.
+    let mut raw = d.raw();
+    raw.write_bytes(&(12 * MIB as u32).to_be_bytes());
+    raw.write_bytes(&[0x80; 1024]);
+    let answer = raw.read().expect("an error frame");
+    assert_eq!(
+        error_code(&answer).as_deref(),
+        Some("OVERLOADED"),
+        "{answer}"
+    );
+    assert!(get(&answer, "id").is_nil(), "{answer}");
+    assert!(raw.is_closed());
+
+    for (_, session) in &running {
+        c.cancel(session).await.unwrap();
+    }
+    // Ended and not retained: their reservations are back.
+    wait_until_async("reservations released", Duration::from_secs(10), || async {
+        c.stats().await.unwrap().runtime.memory_used_bytes < RESERVATION
+    })
+    .await;
+    let r = c.exec(exec(&s, "echo again")).await.expect("fits again");
+    assert_eq!(r.stdout.as_ref(), b"again\n");
+}
+
+#[tokio::test]
+async fn retained_output_is_evicted_oldest_first_before_refusing() {
+    let d = TestDaemon::start(BUDGET);
+    let c = d.client().await;
+    let s = new_session(&c).await;
+    // Each keeps 4 MiB per stream: retained, 8 MiB each (16 MiB until trimmed).
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let r = c
+            .exec(exec(
+                &s,
+                "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2",
+            ))
+            .await
+            .expect("older retained output makes room");
+        assert_eq!(r.stdout.len() as u64, 4 * MIB);
+        ids.push(r.command_id.expect("a command id"));
+    }
+    let mut found = Vec::new();
+    for id in &ids {
+        let read = c
+            .read(ReadParams {
+                command_id: id.clone(),
+                stdout_offset: 4 * MIB,
+                stderr_offset: 4 * MIB,
+                wait_s: None,
+            })
+            .await;
+        match read {
+            Ok(_) => found.push(true),
+            Err(e) if e.code() == Some("COMMAND_NOT_FOUND") => found.push(false),
+            Err(e) => panic!("{id}: {e:?}"),
+        }
+    }
+    // Evicted oldest first: the readable ones are the newest, and at least
+    // the first was evicted (seven never fit at once).
+    assert!(!found[0], "{found:?}");
+    assert!(found[6], "{found:?}");
+    let first_kept = found.iter().position(|f| *f).unwrap();
+    assert!(found[first_kept..].iter().all(|f| *f), "{found:?}");
+    let stats = c.stats().await.unwrap().runtime;
+    assert!(stats.memory_used_bytes <= 56 * MIB, "{stats:?}");
+    assert_eq!(stats.overloaded_total, 0, "evicted, never refused");
+}
+
+/// Peak resident memory of a process, bytes.
+fn vm_hwm(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// Issue 14's attacks at once (unread answers on many connections, streaming
+/// to clients that never read, many large retained results, partial request
+/// frames): the daemon's peak RSS stays within the budget plus the stated
+/// fixed overhead of 96 MiB, and it still answers.
+#[test]
+fn combined_attack_stays_within_budget_plus_overhead() {
+    use support::request;
+    const BUDGET_MIB: u64 = 128;
+    let d = TestDaemon::start(&format!(
+        "[server]\nmemory_budget = \"{BUDGET_MIB} MiB\"\n[sessions]\nmax_sessions_per_client = 16\n[commands]\nmax_per_session = 4\n"
+    ));
+    let pid = d.pid();
+    let idle = vm_hwm(pid);
+    let idle_rss = support::rss_of(pid);
+    let mut ctl = d.raw();
+    let mut next_id = 1000u64;
+    let mut id = || {
+        next_id += 1;
+        next_id
+    };
+    let big = "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2";
+
+    // Many retained results of 8 MiB each.
+    let mut retained = Vec::new();
+    for _ in 0..4 {
+        let s = ctl.create_session(id());
+        for _ in 0..4 {
+            ctl.send(&request(
+                id(),
+                "exec.run",
+                vec![("session_id", s.as_str().into()), ("command", big.into())],
+            ));
+            let r = ctl.read().expect("an answer");
+            match get(get(&r, "result"), "command_id").as_str() {
+                Some(c) => retained.push(c.to_string()),
+                None => assert_eq!(error_code(&r).as_deref(), Some("OVERLOADED"), "{r}"),
+            }
+        }
+    }
+    assert!(!retained.is_empty());
+
+    // Streaming to clients that never read.
+    let mut streamers = Vec::new();
+    for _ in 0..4 {
+        let mut conn = d.raw();
+        let s = conn.create_session(1);
+        conn.send(&request(
+            2,
+            "exec.run",
+            vec![
+                ("session_id", s.as_str().into()),
+                ("command", "head -c 300000000 /dev/zero".into()),
+                ("stream", true.into()),
+                ("timeout_s", 60.into()),
+            ],
+        ));
+        streamers.push(conn);
+    }
+
+    // Unread answers: every connection asks for the retained output seven times.
+    let mut unread = Vec::new();
+    for n in 0..24 {
+        let mut conn = d.raw();
+        for k in 0..7 {
+            let c = &retained[(n + k) % retained.len()];
+            conn.try_send(&request(
+                k as u64,
+                "exec.read",
+                vec![("command_id", c.as_str().into())],
+            ));
+        }
+        unread.push(conn);
+    }
+
+    // Partial request frames, stalled just short of their end.
+    let mut partial = Vec::new();
+    for _ in 0..8 {
+        let mut conn = d.raw();
+        conn.write_bytes(&((2 << 20) - 16u32).to_be_bytes());
+        let _ = conn.stream.write_all(&vec![0x90u8; (2 << 20) - 64]);
+        partial.push(conn);
+    }
+
+    // Commands keep coming while all of it is held.
+    let s = ctl.create_session(id());
+    for _ in 0..8 {
+        ctl.send(&request(
+            id(),
+            "exec.run",
+            vec![("session_id", s.as_str().into()), ("command", big.into())],
+        ));
+        let r = ctl.read().expect("an answer");
+        assert!(
+            r.as_map()
+                .is_some_and(|m| m.iter().any(|(k, _)| k.as_str() == Some("result")))
+                || error_code(&r).as_deref() == Some("OVERLOADED"),
+            "{r}"
+        );
+    }
+    // The streaming commands run to their end with nobody reading.
+    support::wait_until("streaming commands ended", Duration::from_secs(60), || {
+        ctl.send(&request(1, "system.stats", vec![]));
+        let r = ctl.read().expect("stats");
+        let running = get(get(get(&r, "result"), "commands"), "running").as_u64();
+        running == Some(0)
+    });
+    ctl.send(&request(2, "system.stats", vec![]));
+    let stats = ctl.read().expect("stats");
+    let runtime = get(get(&stats, "result"), "runtime");
+    let used = get(runtime, "memory_used_bytes").as_u64().unwrap();
+    let hwm = vm_hwm(pid);
+    eprintln!(
+        "combined attack: VmHWM idle {} MiB, peak {} MiB, budget {BUDGET_MIB} MiB, used now {} MiB, overloaded_total {}",
+        idle >> 20,
+        hwm >> 20,
+        used >> 20,
+        get(runtime, "overloaded_total")
+    );
+    assert!(used <= BUDGET_MIB << 20, "{runtime}");
+    assert!(
+        hwm <= (BUDGET_MIB + 96) << 20,
+        "VmHWM {} MiB over budget + 96 MiB",
+        hwm >> 20
+    );
+    ctl.send(&request(3, "system.ping", vec![]));
+    assert!(get(&ctl.read().expect("pong"), "result").is_map());
+    drop((streamers, unread, partial));
+
+    // Memory comes back after the spike: with every session gone and nothing
+    // charged, RSS is back near idle.
+    ctl.send(&request(4, "session.list", vec![]));
+    let list = ctl.read().expect("list");
+    for session in get(get(&list, "result"), "sessions").as_array().unwrap() {
+        let id = get(session, "session_id").as_str().unwrap();
+        ctl.send(&request(
+            5,
+            "session.destroy",
+            vec![("session_id", id.into())],
+        ));
+        assert!(get(&ctl.read().expect("destroyed"), "result").is_map());
+    }
+    let mut used = u64::MAX;
+    support::wait_until("nothing charged", Duration::from_secs(10), || {
+        ctl.send(&request(6, "system.stats", vec![]));
+        let r = ctl.read().expect("stats");
+        used = get(get(get(&r, "result"), "runtime"), "memory_used_bytes")
+            .as_u64()
+            .unwrap();
+        used < MIB
+    });
+    let bound = idle_rss + (idle_rss / 10).max(16 * MIB);
+    let mut rss = 0;
+    support::wait_until("RSS back near idle", Duration::from_secs(10), || {
+        rss = support::rss_of(pid);
+        rss <= bound
+    });
+    eprintln!(
+        "after the attack: RSS {} MiB (idle {} MiB), used {used} bytes",
+        rss >> 20,
+        idle_rss >> 20
+    );
+}
+
+/// `server.memory_budget` is reloaded by SIGHUP: cut below what is in use,
+/// new commands are refused until use falls; nothing running is killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lowered_budget_refuses_new_work_until_use_falls() {
+    let d = TestDaemon::start(&format!("{BUDGET}retain_per_session = 0\n"));
+    let c = d.client().await;
+    let (a, b) = (new_session(&c).await, new_session(&c).await);
+    c.start(exec(&a, "sleep 60")).await.unwrap();
+    c.start(exec(&b, "sleep 60")).await.unwrap();
+    let path = d.dir.path().join("config.toml");
+    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("memory_budget".into(), "20 MiB".into());
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until_async(
+        "the new budget in force",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.memory_budget_bytes == 20 * MIB },
+    )
+    .await;
+    let s = new_session(&c).await;
+    let refused = c.start(exec(&s, "true")).await.unwrap_err();
+    assert_eq!(refused.code(), Some("OVERLOADED"), "{refused:?}");
+    assert_eq!(
+        c.stats().await.unwrap().commands.running,
+        2,
+        "nothing killed"
+    );
+    c.cancel(&a).await.unwrap();
+    c.cancel(&b).await.unwrap();
+    wait_until_async(
+        "use under the new budget",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.memory_used_bytes < 2 * MIB },
+    )
+    .await;
+    let r = c.exec(exec(&s, "echo fits")).await.expect("fits again");
+    assert_eq!(r.stdout.as_ref(), b"fits\n");
+}
