@@ -247,6 +247,11 @@ pub struct SessionState {
     /// Finished commands still readable, oldest first: at most
     /// `retain_per_session`, none older than `retain_finished`.
     retained: VecDeque<(Instant, Arc<CommandRecord>)>,
+    /// A `TrimRetained` / `PruneRetained` is pending: one timer each per
+    /// session, re-armed for the next due record, never one per command
+    /// (a fast client would pile up `retain_finished` worth of timers).
+    trim_armed: bool,
+    prune_armed: bool,
     /// Set by the first Destroy, or on expiry: refuses new commands, waits for running ones to end.
     ending: bool,
     /// Everyone waiting for the end (a destroy may be asked twice across a registry restart).
@@ -301,6 +306,8 @@ impl Actor for SessionActor {
             identity: None,
             running: HashMap::new(),
             retained: VecDeque::new(),
+            trim_armed: false,
+            prune_armed: false,
             ending: false,
             end_waiters: Vec::new(),
         })
@@ -354,8 +361,8 @@ impl Actor for SessionActor {
                         .ok_or(RequestError::CommandNotFound(command_id)),
                 );
             }
-            SessionMsg::PruneRetained => state.prune_retained(),
-            SessionMsg::TrimRetained => state.trim_retained(),
+            SessionMsg::PruneRetained => state.prune_retained(&myself),
+            SessionMsg::TrimRetained => state.trim_retained(&myself),
             SessionMsg::Describe { reply } => {
                 let _ = reply.send(state.describe());
             }
@@ -723,28 +730,52 @@ impl SessionState {
         if commands.retain_per_session == 0 {
             return;
         }
-        // Its window goes a little later, not now: a streaming reader that
-        // keeps up may not have read the last bytes yet.
-        myself.send_after(timing::TRIM_AFTER_END, || SessionMsg::TrimRetained);
+        let retain_finished = commands.retain_finished;
         self.ctx.retain(&running.record);
         self.retained.push_back((Instant::now(), running.record));
         while self.retained.len() > commands.retain_per_session {
             self.retained.pop_front();
         }
-        myself.send_after(commands.retain_finished, || SessionMsg::PruneRetained);
+        // Its window goes a little later, not now: a streaming reader that
+        // keeps up may not have read the last bytes yet.
+        self.arm_trim(myself, timing::TRIM_AFTER_END);
+        self.arm_prune(myself, retain_finished);
     }
 
-    /// Cuts the retained commands that ended `TRIM_AFTER_END` ago or more to their kept output.
-    fn trim_retained(&mut self) {
-        for (ended, record) in &self.retained {
-            if ended.elapsed() >= timing::TRIM_AFTER_END {
-                record.trim();
-            }
+    fn arm_trim(&mut self, myself: &ActorRef<SessionMsg>, after: std::time::Duration) {
+        if !self.trim_armed {
+            self.trim_armed = true;
+            myself.send_after(after, || SessionMsg::TrimRetained);
         }
     }
 
-    /// Drops retained commands that ended `retain_finished` ago or more.
-    fn prune_retained(&mut self) {
+    fn arm_prune(&mut self, myself: &ActorRef<SessionMsg>, after: std::time::Duration) {
+        if !self.prune_armed {
+            self.prune_armed = true;
+            myself.send_after(after, || SessionMsg::PruneRetained);
+        }
+    }
+
+    /// Cuts the retained commands that ended `TRIM_AFTER_END` ago or more to
+    /// their kept output; re-arms for the next one due.
+    fn trim_retained(&mut self, myself: &ActorRef<SessionMsg>) {
+        self.trim_armed = false;
+        let mut next = None;
+        for (ended, record) in &self.retained {
+            match timing::TRIM_AFTER_END.checked_sub(ended.elapsed()) {
+                None | Some(std::time::Duration::ZERO) => record.trim(),
+                Some(left) => next = Some(next.map_or(left, |n: std::time::Duration| n.min(left))),
+            }
+        }
+        if let Some(left) = next {
+            self.arm_trim(myself, left);
+        }
+    }
+
+    /// Drops retained commands that ended `retain_finished` ago or more;
+    /// re-arms for the oldest left.
+    fn prune_retained(&mut self, myself: &ActorRef<SessionMsg>) {
+        self.prune_armed = false;
         let keep_for = self.config.commands.retain_finished;
         while self
             .retained
@@ -753,9 +784,13 @@ impl SessionState {
         {
             self.retained.pop_front();
         }
+        if let Some((ended, _)) = self.retained.front() {
+            self.arm_prune(myself, keep_for.saturating_sub(ended.elapsed()));
+        }
     }
 
     fn describe(&self) -> SessionDescription {
+        let running_ids = self.running_ids();
         SessionDescription {
             owner: self.owner,
             phase: if self.ending {
@@ -773,8 +808,8 @@ impl SessionState {
                 },
                 busy: !self.running.is_empty(),
                 cwd: self.terminal.cwd.to_string_lossy().into_owned(),
-                command_ids: self.running_ids(),
-                command_id: self.running_ids().pop(),
+                command_id: running_ids.last().cloned(),
+                command_ids: running_ids,
             },
         }
     }
