@@ -219,7 +219,9 @@ async fn writes_reach_stdin_in_order_and_refusals_say_why() {
     let id2 = c
         .start(ExecParams {
             stdin_open: true,
-            ..exec(&s, "cat >/dev/null")
+            // Runs on after its stdin closes, so the write after eof meets a
+            // closed stdin, not an ended command.
+            ..exec(&s, "cat >/dev/null; sleep 30")
         })
         .await
         .unwrap();
@@ -231,6 +233,7 @@ async fn writes_reach_stdin_in_order_and_refusals_say_why() {
     c.write(&id2, b"", true).await.unwrap();
     let err = c.write(&id2, b"x", false).await.unwrap_err();
     assert!(err.to_string().contains("closed"), "after eof: {err}");
+    assert!(c.cancel_command(&id2).await.unwrap());
     read_to_end(&c, &id2).await;
     // A command not started with stdin_open.
     let id3 = c.start(exec(&s, "sleep 0.2")).await.unwrap();
