@@ -113,13 +113,14 @@ pub async fn run_command(
     let nonce = terminal::nonce();
     let bash = shell::is_bash(&spec.shell);
     let (restore, env) = if bash {
+        let defaults = terminal::ShellDefaults::of(&spec.shell).await;
         let mut env = spec.request_env.clone();
         env.insert(
             b"BASH_ENV".to_vec(),
             format!("/dev/fd/{}", terminal::RESTORE_FD).into_bytes(),
         );
         (
-            terminal::restore_script(&spec.state, &nonce, &spec.request_env),
+            terminal::restore_script(&spec.state, &nonce, &spec.request_env, defaults.as_deref()),
             env,
         )
     } else {
@@ -129,6 +130,11 @@ pub async fn run_command(
             shell::sh_restore_script(&spec.state, &nonce, &spec.request_env),
             env,
         )
+    };
+    let save_code = if bash {
+        Some(state_memfd(&terminal::save_code(&nonce))?)
+    } else {
+        None
     };
     let state_fds = (state_memfd(&restore)?, state_memfd(b"")?);
     let envp = shell::envp(&env, &spec.state.cwd);
@@ -142,6 +148,9 @@ pub async fn run_command(
     let state_at = [
         (state_fds.0.as_raw_fd(), at_restore),
         (state_fds.1.as_raw_fd(), at_save),
+        save_code
+            .as_ref()
+            .map_or((-1, -1), |fd| (fd.as_raw_fd(), terminal::SAVE_CODE_FD)),
     ];
     let with_stdin = spec.stdin.is_some() || spec.output.stdin_open();
     let (spawn_table, cwd_path) = (table.clone(), spec.state.cwd.clone());
@@ -307,7 +316,7 @@ fn state_memfd(data: &[u8]) -> Result<std::os::fd::OwnedFd, RunError> {
     // SAFETY: `fd` is a fresh fd that nothing else owns.
     let fresh = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     // Above every fd number the child moves fds to (0-2, the state fds at
-    // 8/9 or 62/63): a memfd that happened to sit at 62 would be overwritten
+    // 8/9 or 61-63): a memfd that happened to sit at 62 would be overwritten
     // by the child's dup2 of the other one onto 62 before it was moved to
     // 63, and the save would land in the restore memfd — the state silently
     // not carried. (A daemon with more than 60 fds open hit it in the soak.)

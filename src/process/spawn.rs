@@ -60,9 +60,10 @@ pub struct SpawnRequest<'a> {
     /// Open `cgroup.procs` files of the command's cgroup leaf (one per
     /// hierarchy); the child writes "0" to each before anything else.
     pub cgroup_procs: &'a [RawFd],
-    /// The terminal state memfds, restore then save, each with the fd number
-    /// the shell expects it at (62 and 63 for bash, 8 and 9 for a POSIX sh).
-    pub state_fds: [(RawFd, i32); 2],
+    /// The terminal state memfds, restore, save and the save code, each with
+    /// the fd number the shell expects it at (62, 63 and 61 for bash; 8 and 9
+    /// for a POSIX sh, which has no save code: -1).
+    pub state_fds: [(RawFd, i32); 3],
 }
 
 /// The parent's ends of the child's pipes (all close-on-exec).
@@ -141,7 +142,7 @@ struct ChildPlan {
     stdin: libc::c_int,
     stdout: libc::c_int,
     stderr: libc::c_int,
-    state_fds: [(libc::c_int, libc::c_int); 2],
+    state_fds: [(libc::c_int, libc::c_int); 3],
     rlimits: *const Rlimit,
     rlimit_count: usize,
     oom_score_adj: *const libc::c_char,
@@ -394,8 +395,11 @@ unsafe fn child_setup(plan: &ChildPlan) -> Result<(), ChildStep> {
             (plan.stderr, 2),
             plan.state_fds[0],
             plan.state_fds[1],
+            plan.state_fds[2],
         ] {
-            let ok = if from == to {
+            let ok = if from < 0 {
+                true
+            } else if from == to {
                 // dup2 onto itself keeps close-on-exec: clear it instead.
                 libc::fcntl(to, libc::F_SETFD, 0) >= 0
             } else {

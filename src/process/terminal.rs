@@ -24,6 +24,8 @@ pub const RESTORE_FD: i32 = 62;
 /// Fd to which the save trap writes the state. High, so `exec 3>&-` and
 /// friends in a command leave it alone.
 pub const SAVE_FD: i32 = 63;
+/// Fd of the code the save trap sources (a memfd the daemon wrote).
+pub const SAVE_CODE_FD: i32 = 61;
 
 /// Variables bash owns or that describe one shell process: never carried.
 const BASH_OWNED: &[&str] = &[
@@ -225,6 +227,95 @@ impl TerminalState {
     }
 }
 
+/// What a fresh `bash -c` has before the restore runs: the variables bash
+/// sets itself and its `set -o` and `shopt` options. The restore leaves out
+/// what would set a value back to itself: a `declare` costs bash ~30 000
+/// instructions and the full `shopt`/`set` lists ~800 000, more than the
+/// whole shell start (docs/benchmarks.md "Terminal state").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShellDefaults {
+    /// Name → the `declare -p` line of each variable a fresh shell has.
+    vars: BTreeMap<Vec<u8>, Vec<u8>>,
+    set_on: BTreeSet<Vec<u8>>,
+    shopt_on: BTreeSet<Vec<u8>>,
+}
+
+/// Defaults that depend on who runs the shell (bash sets SHELL from the
+/// user's passwd entry): always restored.
+const PER_USER_DEFAULTS: &[&str] = &["SHELL", "HOME"];
+
+/// Variables of the request's environment that change a fresh shell's
+/// options before the restore runs: with one of them, nothing is assumed.
+const OPTION_ENV: &[&str] = &["SHELLOPTS", "BASHOPTS", "POSIXLY_CORRECT"];
+
+impl ShellDefaults {
+    /// The defaults of `shell`, probed once per shell path for the daemon's
+    /// lifetime (one `bash -c` run, off the async workers). `None` when the
+    /// probe fails: the restore then sets everything.
+    pub async fn of(shell: &std::path::Path) -> Option<std::sync::Arc<ShellDefaults>> {
+        type Cache = std::sync::Mutex<Vec<(PathBuf, Option<std::sync::Arc<ShellDefaults>>)>>;
+        static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let cached = |cache: &Cache| {
+            let list = cache.lock().unwrap_or_else(|e| e.into_inner());
+            list.iter()
+                .find(|(p, _)| p == shell)
+                .map(|(_, d)| d.clone())
+        };
+        if let Some(found) = cached(cache) {
+            return found;
+        }
+        let path = shell.to_path_buf();
+        let probed = tokio::task::spawn_blocking(move || ShellDefaults::probe(&path))
+            .await
+            .ok()
+            .flatten()
+            .map(std::sync::Arc::new);
+        let mut list = cache.lock().unwrap_or_else(|e| e.into_inner());
+        // The shell is the daemon's (`commands.shell`): one entry, a few at most.
+        if list.len() < 8 && !list.iter().any(|(p, _)| p == shell) {
+            list.push((shell.to_path_buf(), probed.clone()));
+        }
+        probed
+    }
+
+    /// Runs `shell` as a command's shell starts (empty environment, no
+    /// BASH_ENV) and reads its variables and options.
+    fn probe(shell: &std::path::Path) -> Option<ShellDefaults> {
+        let out = std::process::Command::new(shell)
+            .env_clear()
+            .env("PWD", "/")
+            .current_dir("/")
+            .args([
+                "-c",
+                "declare -p; printf '\\0%s\\0%s\\0' \"$SHELLOPTS\" \"$BASHOPTS\"",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let mut parts = out.stdout.split(|b| *b == 0);
+        let (vars, set_on, shopt_on) = (parts.next()?, parts.next()?, parts.next()?);
+        let mut defaults = ShellDefaults {
+            set_on: split_colon(set_on).into_iter().collect(),
+            shopt_on: split_colon(shopt_on).into_iter().collect(),
+            ..ShellDefaults::default()
+        };
+        for line in shell_lines(vars)? {
+            let entry = parse_declare(line)?;
+            let owned = BASH_OWNED.iter().any(|o| o.as_bytes() == entry.name);
+            let per_user = PER_USER_DEFAULTS.iter().any(|o| o.as_bytes() == entry.name);
+            if !owned && !per_user {
+                defaults.vars.insert(entry.name.to_vec(), line.to_vec());
+            }
+        }
+        Some(defaults)
+    }
+}
+
 /// A `declare -x NAME=$'…'` for an environment variable.
 pub fn exported_var(name: &[u8], value: &[u8]) -> Var {
     let mut decl = b"declare -x ".to_vec();
@@ -261,29 +352,41 @@ pub fn nonce() -> String {
     id[..16].to_string()
 }
 
-/// The EXIT trap that saves the state to [`SAVE_FD`]. It first captures `$?`
-/// and the options and silences tracing in one assignment (no command a
-/// function or alias could take over), then turns on posix mode by assigning
-/// POSIXLY_CORRECT, in which `set`, `unset`, `export`, `readonly` and `trap`
-/// are found before functions. `\name` keeps aliases out. The remaining
-/// builtins (`declare`, `alias`, `umask`, `printf`) are called through
-/// `builtin`, or directly when `builtin` itself is a user function.
+/// The EXIT trap: it captures `$?`, the options and the cwd and turns on
+/// posix mode (assigning POSIXLY_CORRECT), in which `.`, `set`, `export`,
+/// `readonly` and `trap` are found before functions, all in one assignment —
+/// no command a function or alias could take over — lists the traps (here:
+/// `.` hides a DEBUG trap from the file it sources) and sources the
+/// [`save_code`] at [`SAVE_CODE_FD`] with stdout, stderr and xtrace on
+/// /dev/null (a DEBUG trap of the command's fires before each command until
+/// the code has reset it: its output must go nowhere). The code sits in a file rather than in the trap, so
+/// bash lexes it once, at exit, instead of also when the trap is set (it
+/// costs bash ~250 instructions a byte).
 fn save_trap(n: &str) -> String {
-    let dump = |b: &str| {
-        format!(
-            "{b}printf '\\0%s\\0' {n}\n{b}declare -p\n{b}declare -p DIRSTACK\n{b}printf '\\0'\n{b}declare -f\n{b}printf '\\0'\n{b}declare -F\n{b}printf '\\0'\n{b}alias -p\n{b}printf '\\0'\n{b}umask\n{b}printf '\\0%s-end\\0' {n}\n"
-        )
-    };
     format!(
-        "{{ __sd_{n}_s=$? __sd_{n}_o=$SHELLOPTS __sd_{n}_b=$BASHOPTS __sd_{n}_w=$PWD POSIXLY_CORRECT=y\n\
-         \\set +o xtrace +o verbose +o errexit +o nounset +o noclobber\n}} 2>/dev/null {{BASH_XTRACEFD}}>/dev/null\n\
-         \\trap - ERR DEBUG RETURN 2>/dev/null\n\
-         \\unset -f __sd_{n}_fin 2>/dev/null\n\
-         {{\n\\trap -p\n\\export -f\n\\readonly -f\n\
-         if \\export -f builtin\nthen\n{direct}else\n{via}fi\n}} 2>/dev/null >&{SAVE_FD}\n",
-        direct = dump("\\"),
-        via = dump("\\builtin "),
+        "{{ __sd_{n}_s=$? __sd_{n}_o=$SHELLOPTS __sd_{n}_b=$BASHOPTS __sd_{n}_w=$PWD POSIXLY_CORRECT=y; \\trap -p >&{SAVE_FD}; \\. /dev/fd/{SAVE_CODE_FD}; }} >/dev/null 2>&1 {{BASH_XTRACEFD}}>/dev/null"
     )
+}
+
+/// What the EXIT trap sources to write the state. A sourced file is parsed
+/// one command at a time, so the alias it defines first applies to the lines
+/// after it: `__sd_N_c` expands to `builtin`, or to nothing when `builtin`
+/// itself is a user function (then `declare` and the rest are called
+/// directly). `\name` keeps user aliases out. It resets the command's
+/// DEBUG, ERR and RETURN traps before it sends stdout to [`SAVE_FD`] (until
+/// then a DEBUG trap's output goes to /dev/null). Function
+/// attributes are listed before `export -f builtin` (which exports that
+/// function) runs.
+pub fn save_code(n: &str) -> Vec<u8> {
+    let b = format!("__sd_{n}_c");
+    format!(
+        "\\set +xvCeu\n\\trap - ERR DEBUG RETURN\n\\exec >&{SAVE_FD}\n\\export -f\n\\readonly -f\n\
+         BASH_ALIASES[{b}]=builtin\n\\export -f builtin && BASH_ALIASES[{b}]=\n\
+         {b} printf '\\0%s\\0' {n}\n{b} declare -p\n{b} declare -p DIRSTACK\n{b} printf '\\0'\n\
+         {b} declare -f\n{b} printf '\\0'\n{b} declare -F\n{b} printf '\\0'\n\
+         {b} alias -p\n{b} printf '\\0'\n{b} umask\n{b} printf '\\0%s-end\\0' {n}\n"
+    )
+    .into_bytes()
 }
 
 /// Single-quotes `s` for the shell.
@@ -303,6 +406,8 @@ pub(super) fn single_quote(s: &[u8]) -> Vec<u8> {
 /// The restore script for the next command, which `bash` reads through
 /// `BASH_ENV` before the command. `skip` names the variables the request's own
 /// `env` sets for this command (they come from the environment instead).
+/// With the shell's `defaults`, what a fresh shell already has is left out
+/// and variables of a fresh shell that the state no longer has are unset.
 ///
 /// Order, so that nothing restored can break the restore: first what only
 /// builtins do (umask, directory stack, shopt, traps that cannot fire now, our
@@ -312,7 +417,17 @@ pub(super) fn single_quote(s: &[u8]) -> Vec<u8> {
 /// attributes in posix mode; last a function of ours that sets DEBUG, ERR and
 /// RETURN traps and the `set -o` options (errexit, nounset, xtrace…) and
 /// returns the carried `$?`, with its stderr (where xtrace goes) on /dev/null.
-pub fn restore_script(state: &TerminalState, n: &str, skip: &EnvMap) -> Vec<u8> {
+/// Posix mode (so that `set`, `unset`, `export`… are found before functions)
+/// is entered only when the state has functions, and that function only
+/// when there is something for it to do.
+pub fn restore_script(
+    state: &TerminalState,
+    n: &str,
+    skip: &EnvMap,
+    defaults: Option<&ShellDefaults>,
+) -> Vec<u8> {
+    let option_env = OPTION_ENV.iter().any(|k| skip.contains_key(k.as_bytes()));
+    let defaults = defaults.filter(|_| !option_env);
     let mut s: Vec<u8> = Vec::with_capacity(state.bytes + 4096);
     s.extend_from_slice(format!("{{\nunset BASH_ENV\nexec {RESTORE_FD}<&-\n").as_bytes());
     if let Some(umask) = &state.umask {
@@ -331,20 +446,12 @@ pub fn restore_script(state: &TerminalState, n: &str, skip: &EnvMap) -> Vec<u8> 
         // A new session: aliases defined in one command work in the next, as at a prompt.
         None => s.extend_from_slice(b"shopt -s expand_aliases\n"),
         Some(on) => {
-            let on: BTreeSet<&[u8]> = on.iter().map(Vec::as_slice).collect();
-            let (mut set, mut unset) = (b"shopt -s".to_vec(), b"shopt -u".to_vec());
-            for name in SHOPT_OPTIONS {
-                let target = if on.contains(name.as_bytes()) {
-                    &mut set
-                } else {
-                    &mut unset
-                };
-                target.push(b' ');
-                target.extend_from_slice(name.as_bytes());
-            }
-            for line in [set, unset] {
-                s.extend_from_slice(&line);
-                s.push(b'\n');
+            let on = on.iter().cloned().collect();
+            let (set, unset) = option_changes(SHOPT_OPTIONS, &on, defaults.map(|d| &d.shopt_on));
+            for (cmd, names) in [("shopt -s", set), ("shopt -u", unset)] {
+                if !names.is_empty() {
+                    s.extend_from_slice(format!("{cmd} {}\n", names.join(" ")).as_bytes());
+                }
             }
         }
     }
@@ -357,13 +464,55 @@ pub fn restore_script(state: &TerminalState, n: &str, skip: &EnvMap) -> Vec<u8> 
     s.extend_from_slice(&single_quote(save_trap(n).as_bytes()));
     s.extend_from_slice(b" EXIT\n");
     let is_late = |k: &[u8]| LATE.iter().any(|l| l.as_bytes() == k) || k.starts_with(b"LC_");
+    let unchanged =
+        |name: &[u8], var: &Var| defaults.is_some_and(|d| d.vars.get(name) == Some(&var.decl));
+    // Only a saved state knows what the command unset; a new one has the env only.
+    let gone: Vec<&Vec<u8>> = match (defaults, &state.set_options) {
+        (Some(d), Some(_)) => d
+            .vars
+            .keys()
+            .filter(|k| !state.vars.contains_key(*k) && !skip.contains_key(*k))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut exports: Vec<&[u8]> = Vec::new();
     for late in [false, true] {
         for (name, var) in &state.vars {
-            if is_late(name) == late && !skip.contains_key(name) {
-                s.extend_from_slice(&var.decl);
+            if is_late(name) == late && !skip.contains_key(name) && !unchanged(name, var) {
+                // A variable with no attribute but export, which a fresh shell
+                // has without attributes or not at all, is a plain assignment:
+                // bash runs one in a third of the time of a `declare` (2 000 of
+                // them: 33 vs 80 million instructions); one `export` names them all.
+                let plain = defaults.is_some_and(|d| {
+                    d.vars
+                        .get(name)
+                        .is_none_or(|fresh| fresh.starts_with(b"declare -- "))
+                });
+                match plain_assignment(name, &var.decl).filter(|_| plain) {
+                    Some((assignment, exported)) => {
+                        s.extend_from_slice(assignment);
+                        if exported {
+                            exports.push(name);
+                        }
+                    }
+                    None => s.extend_from_slice(&var.decl),
+                }
                 s.push(b'\n');
             }
         }
+        for name in gone.iter().filter(|k| is_late(k) == late) {
+            s.extend_from_slice(b"unset ");
+            s.extend_from_slice(name);
+            s.push(b'\n');
+        }
+    }
+    if !exports.is_empty() {
+        s.extend_from_slice(b"export");
+        for name in exports {
+            s.push(b' ');
+            s.extend_from_slice(name);
+        }
+        s.push(b'\n');
     }
     for (name, value) in &state.aliases {
         s.extend_from_slice(b"BASH_ALIASES[");
@@ -373,7 +522,13 @@ pub fn restore_script(state: &TerminalState, n: &str, skip: &EnvMap) -> Vec<u8> 
         s.push(b'\n');
     }
     s.extend_from_slice(&state.functions);
-    s.extend_from_slice(b"\n} >/dev/null 2>&1\nPOSIXLY_CORRECT=y\n");
+    // `:` so that `$?` is 0 when nothing below sets it.
+    s.extend_from_slice(b"\n:\n} >/dev/null 2>&1\n");
+    // Without user functions nothing can take over `set` or `return`: no posix mode.
+    let posix_mode = !state.function_names.is_empty();
+    if posix_mode {
+        s.extend_from_slice(b"POSIXLY_CORRECT=y\n");
+    }
     for (list, cmd) in [
         (&state.exported_functions, "\\export -f"),
         (&state.readonly_functions, "\\readonly -f"),
@@ -387,57 +542,104 @@ pub fn restore_script(state: &TerminalState, n: &str, skip: &EnvMap) -> Vec<u8> 
             s.extend_from_slice(b" 2>/dev/null\n");
         }
     }
-    s.extend_from_slice(format!("__sd_{n}_fin() {{\n").as_bytes());
+    // Late traps and `set -o` options go last, in a function of ours.
+    let mut options: Vec<u8> = Vec::new();
     for (action, signal) in &state.traps {
         if LATE_TRAPS.contains(&signal.as_slice()) {
-            push_trap(&mut s, action, signal, "\\");
+            push_trap(&mut options, action, signal, "\\");
         }
     }
     let mut posix = false;
     if let Some(on) = &state.set_options {
-        let on: BTreeSet<&[u8]> = on.iter().map(Vec::as_slice).collect();
+        let on: BTreeSet<Vec<u8>> = on.iter().cloned().collect();
         posix = on.contains(&b"posix"[..]);
-        s.extend_from_slice(b"\\set");
-        for name in SET_OPTIONS {
-            let sign = if on.contains(name.as_bytes()) {
-                " -o "
-            } else {
-                " +o "
-            };
-            s.extend_from_slice(sign.as_bytes());
-            s.extend_from_slice(name.as_bytes());
+        let (set, unset) = option_changes(SET_OPTIONS, &on, defaults.map(|d| &d.set_on));
+        if !set.is_empty() || !unset.is_empty() {
+            options.extend_from_slice(b"\\set");
+            for (sign, names) in [(" -o ", set), (" +o ", unset)] {
+                for name in names {
+                    options.extend_from_slice(sign.as_bytes());
+                    options.extend_from_slice(name.as_bytes());
+                }
+            }
+            options.push(b'\n');
         }
-        s.push(b'\n');
     }
-    s.extend_from_slice(format!("\\unset -f __sd_{n}_fin\n\\unset POSIXLY_CORRECT\n").as_bytes());
+    if options.is_empty() && !posix_mode && !posix && state.status == 0 {
+        return s;
+    }
+    s.extend_from_slice(format!("__sd_{n}_fin() {{\n").as_bytes());
+    s.extend_from_slice(&options);
+    // Still in posix mode, where `unset` is found before a function of that name.
+    s.extend_from_slice(format!("\\unset -f __sd_{n}_fin\n").as_bytes());
+    if posix_mode {
+        s.extend_from_slice(b"\\unset POSIXLY_CORRECT\n");
+    }
     if posix {
         s.extend_from_slice(b"\\set -o posix\n");
     }
-    // Leaving posix mode resets these two; set them back as they were (a new
-    // session has aliases expanded). Through `builtin` unless that is a function.
-    let on = |o: &str| match &state.shopt_options {
-        None => o == "expand_aliases",
-        Some(list) => list.iter().any(|x| x == o.as_bytes()),
-    };
-    let reset: Vec<&str> = ["expand_aliases", "shift_verbose"]
-        .into_iter()
-        .filter(|o| on(o))
-        .collect();
-    if !reset.is_empty() {
-        let shadowed = state.function_names.iter().any(|f| f == b"builtin");
-        let prefix = if shadowed { "\\" } else { "\\builtin " };
-        s.extend_from_slice(format!("{prefix}shopt -s {}\n", reset.join(" ")).as_bytes());
+    if posix_mode {
+        // Leaving posix mode resets these two; set them back as they were (a new
+        // session has aliases expanded). Through `builtin` unless that is a function.
+        let on = |o: &str| match &state.shopt_options {
+            None => o == "expand_aliases",
+            Some(list) => list.iter().any(|x| x == o.as_bytes()),
+        };
+        let reset: Vec<&str> = ["expand_aliases", "shift_verbose"]
+            .into_iter()
+            .filter(|o| on(o))
+            .collect();
+        if !reset.is_empty() {
+            let shadowed = state.function_names.iter().any(|f| f == b"builtin");
+            let prefix = if shadowed { "\\" } else { "\\builtin " };
+            s.extend_from_slice(format!("{prefix}shopt -s {}\n", reset.join(" ")).as_bytes());
+        }
     }
     // Called on the left of `&&`: a non-zero `$?` to carry trips neither
-    // errexit nor ERR; the right side's trace (xtrace is on by then) goes to /dev/null.
+    // errexit nor ERR; the right side's trace (xtrace is on by then) and what
+    // a restored DEBUG or RETURN trap prints on our lines go to /dev/null.
     s.extend_from_slice(
         format!(
-            "\\return {}\n}} 2>/dev/null\n__sd_{n}_fin && {{ :; }} 2>/dev/null\n",
+            "\\return {}\n}} >/dev/null 2>&1\n__sd_{n}_fin && {{ :; }} >/dev/null 2>&1\n",
             state.status
         )
         .as_bytes(),
     );
     s
+}
+
+/// `NAME=VALUE` out of a `declare -- NAME=VALUE` or `declare -x NAME=VALUE`
+/// line (with whether it is exported); `None` for any other attribute or a
+/// variable declared without a value.
+fn plain_assignment<'a>(name: &[u8], decl: &'a [u8]) -> Option<(&'a [u8], bool)> {
+    let (rest, exported) = match decl.strip_prefix(b"declare -- ") {
+        Some(rest) => (rest, false),
+        None => (decl.strip_prefix(b"declare -x ")?, true),
+    };
+    let value_follows = rest.strip_prefix(name)?.first() == Some(&b'=');
+    value_follows.then_some((rest, exported))
+}
+
+/// The options of `all` to turn on and to turn off so that exactly `on` are
+/// on, given those on already (`None`: unknown, so every one is set).
+fn option_changes(
+    all: &[&'static str],
+    on: &BTreeSet<Vec<u8>>,
+    already: Option<&BTreeSet<Vec<u8>>>,
+) -> (Vec<&'static str>, Vec<&'static str>) {
+    let (mut set, mut unset) = (Vec::new(), Vec::new());
+    for name in all {
+        let want = on.contains(name.as_bytes());
+        if already.is_some_and(|a| a.contains(name.as_bytes()) == want) {
+            continue;
+        }
+        if want {
+            set.push(*name);
+        } else {
+            unset.push(*name);
+        }
+    }
+    (set, unset)
 }
 
 fn push_trap(s: &mut Vec<u8>, action: &[u8], signal: &[u8], prefix: &str) {
@@ -565,7 +767,9 @@ pub fn parse_save(report: &[u8], n: &str) -> Result<Option<TerminalState>, State
             .position(|b| *b == b'=')
             .ok_or(malformed("aliases"))?;
         let name = rest[..eq].strip_prefix(b"-- ").unwrap_or(&rest[..eq]);
-        state.aliases.push((name.to_vec(), rest[eq + 1..].to_vec()));
+        if !name.starts_with(ours.as_bytes()) {
+            state.aliases.push((name.to_vec(), rest[eq + 1..].to_vec()));
+        }
     }
     let umask = umask.strip_suffix(b"\n").unwrap_or(umask);
     if !umask.is_empty() && umask.iter().all(u8::is_ascii_digit) {
@@ -836,9 +1040,14 @@ mod tests {
 
     /// Runs `command` as the daemon does (bash -c, restore on fd 62, save on
     /// fd 63) from `state`; returns stdout, stderr, exit code and the saved state.
-    pub(crate) fn run(
+    /// Runs `command` as the daemon does (bash -c, restore on fd 62, save on
+    /// fd 63, save code on fd 61) from `state`, with the given shell defaults
+    /// (`None`: the restore sets everything); returns stdout, stderr, exit
+    /// code and the saved state.
+    fn run_with(
         state: &TerminalState,
         command: &str,
+        defaults: Option<&ShellDefaults>,
     ) -> (
         Vec<u8>,
         Vec<u8>,
@@ -848,20 +1057,26 @@ mod tests {
         let n = nonce();
         let mut restore = tempfile::tempfile().unwrap();
         restore
-            .write_all(&restore_script(state, &n, &EnvMap::new()))
+            .write_all(&restore_script(state, &n, &EnvMap::new(), defaults))
             .unwrap();
         restore.rewind().unwrap();
+        let mut code = tempfile::tempfile().unwrap();
+        code.write_all(&save_code(&n)).unwrap();
+        code.rewind().unwrap();
         let mut save = tempfile::tempfile().unwrap();
-        let (r, w) = (restore.as_raw_fd(), save.as_raw_fd());
+        let (r, w, c) = (restore.as_raw_fd(), save.as_raw_fd(), code.as_raw_fd());
         let mut cmd = std::process::Command::new("/bin/bash");
         cmd.env_clear()
             .env("BASH_ENV", "/dev/fd/62")
             .args(["-c", command, "bash"])
             .current_dir(&state.cwd);
-        // SAFETY: dup2 is async-signal-safe; both fds stay open until the child has exec'd.
+        // SAFETY: dup2 is async-signal-safe; the fds stay open until the child has exec'd.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(r, RESTORE_FD) < 0 || libc::dup2(w, SAVE_FD) < 0 {
+                if libc::dup2(r, RESTORE_FD) < 0
+                    || libc::dup2(w, SAVE_FD) < 0
+                    || libc::dup2(c, SAVE_CODE_FD) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -888,10 +1103,25 @@ mod tests {
 
     /// Runs commands one after the other, each from the state the previous left.
     fn chain(commands: &[&str]) -> (Vec<u8>, Vec<u8>, TerminalState) {
+        chain_with(commands, probed())
+    }
+
+    fn probed() -> Option<&'static ShellDefaults> {
+        static DEFAULTS: std::sync::OnceLock<Option<ShellDefaults>> = std::sync::OnceLock::new();
+        let defaults =
+            DEFAULTS.get_or_init(|| ShellDefaults::probe(std::path::Path::new("/bin/bash")));
+        assert!(defaults.is_some(), "probing /bin/bash failed");
+        defaults.as_ref()
+    }
+
+    fn chain_with(
+        commands: &[&str],
+        defaults: Option<&ShellDefaults>,
+    ) -> (Vec<u8>, Vec<u8>, TerminalState) {
         let mut state = fresh();
         let mut last = (Vec::new(), Vec::new());
         for c in commands {
-            let (o, e, _, saved) = run(&state, c);
+            let (o, e, _, saved) = run_with(&state, c, defaults);
             if let Some(s) = saved.unwrap() {
                 state = s;
             }
@@ -915,6 +1145,66 @@ mod tests {
             text(&out),
             "st=1 x=1 n=6 a=2 3 h=v E=e\nhi\nLL\npipefail       \ton\nextglob        \ton\n0077\n/tmp\n/tmp /usr\ntrap -- 'echo int' SIGINT\n1\n"
         );
+    }
+
+    const EVERY_KIND: [&str; 2] = [
+        "x=1; declare -i n=5; a=(1 \"2 3\"); declare -A h=([k]=v); export E=e; f() { echo hi; }; alias ll='echo LL'; set -o pipefail; shopt -s extglob; umask 077; cd /tmp; pushd -n /usr >/dev/null; trap 'echo int' INT; false",
+        "echo \"st=$? x=$x n=$((n+1)) a=${a[1]} h=${h[k]} E=$E\"; f; ll; shopt -o pipefail; shopt extglob; umask; pwd; dirs; trap -p INT; env | grep -c '^E=e$'",
+    ];
+
+    #[test]
+    fn carries_every_kind_of_state_without_the_shell_defaults() {
+        let (out, err, _) = chain_with(&EVERY_KIND, None);
+        assert_eq!(text(&err), "");
+        assert_eq!(
+            text(&out),
+            "st=1 x=1 n=6 a=2 3 h=v E=e\nhi\nLL\npipefail       \ton\nextglob        \ton\n0077\n/tmp\n/tmp /usr\ntrap -- 'echo int' SIGINT\n1\n"
+        );
+    }
+
+    #[test]
+    fn a_variable_of_a_fresh_shell_that_was_unset_or_changed_stays_so() {
+        let (out, err, _) = chain(&[
+            "unset OPTERR PS4; TERM=xterm; IFS=:",
+            "echo \"${OPTERR-gone} ${PS4-gone} $TERM\"; printf '[%s]' \"$IFS\"",
+        ]);
+        assert_eq!(text(&err), "");
+        assert_eq!(text(&out), "gone gone xterm\n[:]");
+    }
+
+    #[test]
+    fn the_restore_of_an_untouched_state_sets_nothing_a_fresh_shell_has() {
+        let (_, _, state) = chain(&["true"]);
+        let script = restore_script(&state, "n", &EnvMap::new(), probed());
+        let script = text(&script);
+        let script = script.replace(&text(&single_quote(save_trap("n").as_bytes())), "");
+        // Only what differs from `bash -c`: aliases expanded, the session's
+        // PATH, and SHELL (bash takes it from the user's passwd entry).
+        assert!(script.contains("shopt -s expand_aliases\n"), "{script}");
+        assert!(!script.contains("shopt -u"), "{script}");
+        assert!(!script.contains("\\set "), "{script}");
+        assert!(!script.contains("OPTERR"), "{script}");
+        assert!(!script.contains("_fin"), "{script}");
+        assert!(!script.contains("POSIXLY_CORRECT=y\n__"), "{script}");
+        let declares: Vec<&str> = script
+            .lines()
+            .filter(|l| l.starts_with("declare "))
+            .collect();
+        assert!(declares.is_empty(), "{script}");
+        assert!(script.contains("\nPATH=\"/usr/bin:/bin\"\n"), "{script}");
+        assert!(script.contains("\nSHELL=\"/bin/bash\"\n"), "{script}");
+        assert!(script.contains("\nexport PATH\n"), "{script}");
+    }
+
+    #[test]
+    fn a_debug_trap_fires_for_the_command_only() {
+        let (out, err, state) = chain(&[
+            "trap 'echo D' DEBUG; trap 'echo E >&2' ERR; trap 'echo R' RETURN",
+            "echo x",
+        ]);
+        assert_eq!(text(&err), "");
+        assert_eq!(text(&out), "D\nx\n");
+        assert_eq!(state.traps.len(), 3, "{:?}", state.traps);
     }
 
     #[test]
