@@ -238,6 +238,8 @@ pub struct ShellDefaults {
     vars: BTreeMap<Vec<u8>, Vec<u8>>,
     set_on: BTreeSet<Vec<u8>>,
     shopt_on: BTreeSet<Vec<u8>>,
+    /// The umask commands start with (the daemon's own).
+    umask: Vec<u8>,
 }
 
 /// Defaults that depend on who runs the shell (bash sets SHELL from the
@@ -288,7 +290,7 @@ impl ShellDefaults {
             .current_dir("/")
             .args([
                 "-c",
-                "declare -p; printf '\\0%s\\0%s\\0' \"$SHELLOPTS\" \"$BASHOPTS\"",
+                "declare -p; printf '\\0%s\\0%s\\0' \"$SHELLOPTS\" \"$BASHOPTS\"; umask",
             ])
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -299,9 +301,11 @@ impl ShellDefaults {
         }
         let mut parts = out.stdout.split(|b| *b == 0);
         let (vars, set_on, shopt_on) = (parts.next()?, parts.next()?, parts.next()?);
+        let umask = parts.next()?;
         let mut defaults = ShellDefaults {
             set_on: split_colon(set_on).into_iter().collect(),
             shopt_on: split_colon(shopt_on).into_iter().collect(),
+            umask: umask.strip_suffix(b"\n").unwrap_or(umask).to_vec(),
             ..ShellDefaults::default()
         };
         for line in shell_lines(vars)? {
@@ -374,17 +378,18 @@ fn save_trap(n: &str) -> String {
 /// itself is a user function (then `declare` and the rest are called
 /// directly). `\name` keeps user aliases out. It resets the command's
 /// DEBUG, ERR and RETURN traps before it sends stdout to [`SAVE_FD`] (until
-/// then a DEBUG trap's output goes to /dev/null). Function
-/// attributes are listed before `export -f builtin` (which exports that
-/// function) runs.
+/// then a DEBUG trap's output goes to /dev/null). Function attributes are
+/// listed before `export -f builtin` (which exports that function) runs.
+/// Every line before the one NUL is known by how it starts (see
+/// [`parse_save`]), so no separators are printed between them; the function
+/// definitions, which may hold any line, come after it.
 pub fn save_code(n: &str) -> Vec<u8> {
     let b = format!("__sd_{n}_c");
     format!(
         "\\set +xvCeu\n\\trap - ERR DEBUG RETURN\n\\exec >&{SAVE_FD}\n\\export -f\n\\readonly -f\n\
          BASH_ALIASES[{b}]=builtin\n\\export -f builtin && BASH_ALIASES[{b}]=\n\
-         {b} printf '\\0%s\\0' {n}\n{b} declare -p\n{b} declare -p DIRSTACK\n{b} printf '\\0'\n\
-         {b} declare -f\n{b} printf '\\0'\n{b} declare -F\n{b} printf '\\0'\n\
-         {b} alias -p\n{b} printf '\\0'\n{b} umask\n{b} printf '\\0%s-end\\0' {n}\n"
+         {b} declare -p\n{b} declare -p DIRSTACK\n{b} declare -F\n{b} alias -p\n{b} umask\n\
+         {b} printf '\\0'\n{b} declare -f\n{b} printf '\\0%s-end\\0' {n}\n"
     )
     .into_bytes()
 }
@@ -431,7 +436,8 @@ pub fn restore_script(
     let mut s: Vec<u8> = Vec::with_capacity(state.bytes + 4096);
     s.extend_from_slice(format!("{{\nunset BASH_ENV\nexec {RESTORE_FD}<&-\n").as_bytes());
     if let Some(umask) = &state.umask {
-        if umask.iter().all(u8::is_ascii_digit) {
+        let unchanged = defaults.is_some_and(|d| &d.umask == umask);
+        if umask.iter().all(u8::is_ascii_digit) && !unchanged {
             s.extend_from_slice(b"umask ");
             s.extend_from_slice(umask);
             s.push(b'\n');
@@ -676,49 +682,56 @@ pub fn parse_save(report: &[u8], n: &str) -> Result<Option<TerminalState>, State
         // A dump cut short (the shell was killed while writing, or a builtin was disabled).
         None => return Ok(None),
     };
-    let head = format!("\0{n}\0");
-    let i = find(body, head.as_bytes()).ok_or(malformed("no header"))?;
-    let first = &body[..i];
-    let mut parts = body[i + head.len()..].split(|b| *b == 0);
-    let (vars, functions, names, aliases, umask) = (
-        parts.next().ok_or(malformed("no variables"))?,
-        parts.next().ok_or(malformed("no functions"))?,
-        parts.next().ok_or(malformed("no function names"))?,
-        parts.next().ok_or(malformed("no aliases"))?,
-        parts.next().ok_or(malformed("no umask"))?,
-    );
+    // One listing of logical lines, each known by how it starts (traps,
+    // function attributes, variables, function names, aliases, the umask),
+    // then a NUL and the function definitions, which may hold any line.
+    let split = body
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(malformed("no functions"))?;
+    let (listing, functions) = (&body[..split], &body[split + 1..]);
     let mut state = TerminalState {
         bytes: report.len(),
         functions: functions.to_vec(),
         ..TerminalState::default()
     };
-    for line in shell_lines(first).ok_or(malformed("traps"))? {
-        let words = words(line).ok_or(malformed("traps"))?;
-        match words.as_slice() {
-            [t, dd, action, signal] if t == b"trap" && dd == b"--" => {
-                if action != b"-" && signal != b"EXIT" {
-                    state.traps.push((action.to_vec(), signal.to_vec()));
+    let (mut vars, mut aliases, mut umask) = (Vec::new(), Vec::new(), None);
+    for line in shell_lines(listing).ok_or(malformed("listing"))? {
+        // `declare -F`: `declare -f[r][x] NAME` (no variable has the f attribute).
+        if let Some(rest) = line.strip_prefix(b"declare -f") {
+            let name = rest
+                .iter()
+                .position(|b| *b == b' ')
+                .map(|i| &rest[i + 1..])
+                .ok_or(malformed("function names"))?;
+            state.function_names.push(name.to_vec());
+        } else if line.starts_with(b"declare -") {
+            vars.push(line);
+        } else if line.starts_with(b"alias ") {
+            aliases.push(line);
+        } else if line.iter().all(u8::is_ascii_digit) {
+            umask = Some(line);
+        } else {
+            let words = words(line).ok_or(malformed("traps"))?;
+            match words.as_slice() {
+                [t, dd, action, signal] if t == b"trap" && dd == b"--" => {
+                    if action != b"-" && signal != b"EXIT" {
+                        state.traps.push((action.to_vec(), signal.to_vec()));
+                    }
                 }
+                [e, f, name] if e == b"export" && f == b"-f" => {
+                    state.exported_functions.push(name.to_vec())
+                }
+                [r, f, name] if r == b"readonly" && f == b"-f" => {
+                    state.readonly_functions.push(name.to_vec())
+                }
+                _ => return Err(malformed("listing")),
             }
-            [e, f, name] if e == b"export" && f == b"-f" => {
-                state.exported_functions.push(name.to_vec())
-            }
-            [r, f, name] if r == b"readonly" && f == b"-f" => {
-                state.readonly_functions.push(name.to_vec())
-            }
-            _ => return Err(malformed("traps")),
         }
-    }
-    for line in names.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let name = line
-            .strip_prefix(b"declare -f")
-            .and_then(|r| r.iter().position(|b| *b == b' ').map(|i| &r[i + 1..]))
-            .ok_or(malformed("function names"))?;
-        state.function_names.push(name.to_vec());
     }
     let ours = format!("__sd_{n}_");
     let mut cwd = None;
-    for line in shell_lines(vars).ok_or(malformed("variables"))? {
+    for line in vars {
         let entry = parse_declare(line).ok_or(malformed("variables"))?;
         if let Some(key) = entry.name.strip_prefix(ours.as_bytes()) {
             let value = entry.scalar().unwrap_or_default();
@@ -760,7 +773,7 @@ pub fn parse_save(report: &[u8], n: &str) -> Result<Option<TerminalState>, State
     if !state.cwd.is_absolute() {
         return Err(malformed("cwd"));
     }
-    for line in shell_lines(aliases).ok_or(malformed("aliases"))? {
+    for line in aliases {
         let rest = line.strip_prefix(b"alias ").ok_or(malformed("aliases"))?;
         let eq = rest
             .iter()
@@ -771,10 +784,7 @@ pub fn parse_save(report: &[u8], n: &str) -> Result<Option<TerminalState>, State
             state.aliases.push((name.to_vec(), rest[eq + 1..].to_vec()));
         }
     }
-    let umask = umask.strip_suffix(b"\n").unwrap_or(umask);
-    if !umask.is_empty() && umask.iter().all(u8::is_ascii_digit) {
-        state.umask = Some(umask.to_vec());
-    }
+    state.umask = umask.filter(|u| !u.is_empty()).map(<[u8]>::to_vec);
     Ok(Some(state))
 }
 
@@ -1184,6 +1194,7 @@ mod tests {
         assert!(!script.contains("shopt -u"), "{script}");
         assert!(!script.contains("\\set "), "{script}");
         assert!(!script.contains("OPTERR"), "{script}");
+        assert!(!script.contains("umask"), "{script}");
         assert!(!script.contains("_fin"), "{script}");
         assert!(!script.contains("POSIXLY_CORRECT=y\n__"), "{script}");
         let declares: Vec<&str> = script
