@@ -533,3 +533,188 @@ async fn streamed_pty_output_is_stdout_events() {
     assert_eq!(r.stdout, out);
     assert_eq!(r.exit_code, Some(3));
 }
+
+/// `sessiond run -t` on a pseudo-terminal of the test's own, which plays
+/// the person's terminal: the CLI's controlling terminal and stdio.
+mod cli_tty {
+    use super::*;
+    use nix::sys::termios::{self, LocalFlags};
+    use std::io::Read;
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::{Arc, Mutex};
+
+    struct Terminal {
+        master: OwnedFd,
+        /// Kept for tcgetattr; dropped once the CLI has exited.
+        slave: Option<OwnedFd>,
+        seen: Arc<Mutex<Vec<u8>>>,
+        cli: Child,
+    }
+
+    impl Terminal {
+        /// `sessiond run -t -- <command>` on a fresh 30 × 100 terminal.
+        fn run(d: &TestDaemon, command: &str) -> Terminal {
+            let size = nix::pty::Winsize {
+                ws_row: 30,
+                ws_col: 100,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&size), None).unwrap();
+            let stdio = || Stdio::from(pty.slave.try_clone().unwrap());
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessiond"));
+            cmd.args(["run", "-t", "--", command])
+                .env("SESSIOND_SOCKET", &d.socket)
+                .stdin(stdio())
+                .stdout(stdio())
+                .stderr(stdio());
+            // SAFETY: setsid and ioctl are async-signal-safe; fd 0 is the slave by then.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let cli = cmd.spawn().unwrap();
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (sink, mut from) = (
+                seen.clone(),
+                std::fs::File::from(pty.master.try_clone().unwrap()),
+            );
+            // Ends at EIO, once no slave fd is left (the CLI exited, ours dropped).
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            Terminal {
+                master: pty.master,
+                slave: Some(pty.slave),
+                seen,
+                cli,
+            }
+        }
+
+        fn screen(&self) -> String {
+            String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+        }
+
+        fn expect(&self, text: &str) {
+            wait_until(&format!("{text:?} on the terminal"), EXPECT_WITHIN, || {
+                self.screen().contains(text)
+            });
+        }
+
+        fn type_keys(&self, keys: &[u8]) {
+            assert_eq!(nix::unistd::write(&self.master, keys).unwrap(), keys.len());
+        }
+
+        /// Whether the terminal is in its cooked mode (line editing and echo).
+        fn cooked(&self) -> bool {
+            let t = termios::tcgetattr(self.slave.as_ref().unwrap().as_fd()).unwrap();
+            t.local_flags
+                .contains(LocalFlags::ICANON | LocalFlags::ECHO | LocalFlags::ISIG)
+        }
+
+        fn wait(&mut self) -> i32 {
+            let deadline = Instant::now() + EXPECT_WITHIN;
+            loop {
+                if let Some(status) = self.cli.try_wait().unwrap() {
+                    return status.code().expect("the CLI exits, it is not killed");
+                }
+                assert!(Instant::now() < deadline, "sessiond run -t did not exit");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Keys typed reach the remote command raw (no local echo or line
+    /// editing: the echo comes from the remote terminal), the size is ours,
+    /// a size change is forwarded, the exit code is the command's, and our
+    /// terminal is cooked again afterwards.
+    #[test]
+    fn run_t_forwards_keys_and_size_and_restores_the_terminal() {
+        let d = TestDaemon::start("");
+        let mut t = Terminal::run(
+            &d,
+            "stty size; [ -t 0 ] && echo tty; read -r x; echo \"got $x\"; trap 'stty size; exit 5' WINCH; echo ready; while :; do sleep 0.05; done",
+        );
+        t.expect("30 100\r\ntty\r\n");
+        assert!(!t.cooked(), "raw while the command runs");
+        t.type_keys(b"abc\r");
+        t.expect("abc\r\ngot abc\r\n");
+        t.expect("ready\r\n");
+        let size = libc::winsize {
+            ws_row: 40,
+            ws_col: 120,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // The kernel sends SIGWINCH to the CLI, the terminal's foreground group.
+        // SAFETY: TIOCSWINSZ reads a winsize through a valid pointer.
+        let rc = unsafe { libc::ioctl(t.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        assert_eq!(rc, 0);
+        t.expect("40 120\r\n");
+        assert_eq!(t.wait(), 5);
+        assert!(t.cooked(), "cooked again after the run");
+        assert_eq!(
+            t.screen().matches("abc").count(),
+            2,
+            "typed once, echoed once: {:?}",
+            t.screen()
+        );
+        t.slave = None;
+        d.stop();
+    }
+
+    /// ^C is a key for the remote terminal (it interrupts the command
+    /// there); SIGTERM to the CLI cancels the command and restores our terminal.
+    #[test]
+    fn run_t_ctrl_c_and_sigterm_leave_the_terminal_cooked() {
+        let d = TestDaemon::start("");
+        let mut t = Terminal::run(&d, "echo ready; read -r x");
+        t.expect("ready\r\n");
+        t.type_keys(b"\x03");
+        assert_eq!(t.wait(), 128 + libc::SIGINT);
+        assert!(t.cooked());
+
+        let mut t = Terminal::run(&d, "echo ready; sleep 100");
+        t.expect("ready\r\n");
+        assert!(!t.cooked());
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(t.cli.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert_eq!(t.wait(), 128 + libc::SIGTERM);
+        assert!(t.cooked(), "cooked again after SIGTERM");
+        wait_until("the remote command is gone", EXPECT_WITHIN, || {
+            support::tagged_pids(&d.tag).is_empty()
+        });
+        t.slave = None;
+        d.stop();
+    }
+
+    #[test]
+    fn run_t_needs_a_terminal() {
+        let d = TestDaemon::start("");
+        let o = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+            .args(["run", "-t", "--", "true"])
+            .env("SESSIOND_SOCKET", &d.socket)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("-t needs a terminal"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        d.stop();
+    }
+}
