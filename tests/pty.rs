@@ -313,7 +313,7 @@ async fn the_terminal_is_stdio_and_controlling_terminal() {
     let mut p = on_pty(
         &s,
         "[ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo tty; [ \"$(tty)\" = \"$(readlink /proc/$$/fd/0)\" ] && echo same; \
-         exec 3</dev/tty && echo ctty; echo \"$TERM\"; echo err >&2; [ \"$(ps -o tpgid= -p $$)\" -eq \"$(ps -o pgid= -p $$)\" ] && echo foreground",
+         exec 3</dev/tty && echo ctty; ls -l /proc/$$/fd/ | grep -c ptmx; echo \"$TERM\"; echo err >&2; [ \"$(ps -o tpgid= -p $$)\" -eq \"$(ps -o pgid= -p $$)\" ] && echo foreground",
         24,
         80,
     );
@@ -326,7 +326,7 @@ async fn the_terminal_is_stdio_and_controlling_terminal() {
     let r = stream.result().await.unwrap();
     assert_eq!(
         String::from_utf8_lossy(&r.stdout),
-        "tty\r\nsame\r\nctty\r\nxterm-256color\r\nerr\r\nforeground\r\n"
+        "tty\r\nsame\r\nctty\r\n0\r\nxterm-256color\r\nerr\r\nforeground\r\n"
     );
     assert!(r.stderr.is_empty() && r.stderr_total_bytes == 0, "{r:?}");
     assert!(
@@ -532,6 +532,57 @@ async fn streamed_pty_output_is_stdout_events() {
     assert_eq!(out, b"out\r\nerr\r\n");
     assert_eq!(r.stdout, out);
     assert_eq!(r.exit_code, Some(3));
+}
+
+/// The terminal state goes in and out through the state fds, never through
+/// the terminal: with `set -x` on, the terminal shows the command's own
+/// trace and output only, and what the command set is carried.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_is_carried_outside_the_terminal() {
+    let (_d, c, s) = setup().await;
+    c.run(&s, "set -x; y=1").await.unwrap();
+    let mut t = Term::start(&c, on_pty(&s, "echo $y; z=2", 24, 80)).await;
+    let (r, rest) = t.end().await;
+    assert_eq!(rest, "+ echo 1\r\n1\r\n+ z=2\r\n");
+    assert_eq!(r.state_error, None);
+    let r = c.run(&s, "set +x; echo $y$z").await.unwrap();
+    assert_eq!(r.stdout, b"12\n");
+}
+
+/// The output cap applies to a terminal's output as to a pipe's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_output_cap_applies() {
+    let d = TestDaemon::start("[commands]\nmax_output_bytes = \"1 KiB\"\n");
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let mut p = on_pty(&s, "head -c 100000 /dev/zero | tr '\\0' a", 24, 80);
+    p.stream = true;
+    let r = c.exec_stream(p).await.unwrap().result().await.unwrap();
+    assert_eq!(r.exit_code, Some(0));
+    assert_eq!(r.stdout_total_bytes, 100_000);
+    assert!(r.stdout_truncated);
+    assert_eq!(r.stdout, vec![b'a'; 1024], "the kept head");
+}
+
+/// A command running as a session's own uid owns its terminal, as after a
+/// login: it can reopen it by name.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root (uid-per-session); CI runs it"]
+async fn a_session_uid_owns_its_terminal() {
+    assert!(nix::unistd::geteuid().is_root(), "run as root");
+    let d = TestDaemon::start_isolated(1, "");
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let mut t = Term::start(
+        &c,
+        on_pty(&s, "[ \"$(stat -c %u \"$(tty)\")\" = \"$(id -u)\" ] && echo owner; echo again > \"$(tty)\"; id -u", 24, 80),
+    )
+    .await;
+    let (r, rest) = t.end().await;
+    assert_eq!(r.exit_code, Some(0), "{rest:?}");
+    let lines: Vec<&str> = rest.split("\r\n").collect();
+    assert_eq!(lines[..2], ["owner", "again"], "{rest:?}");
+    assert_ne!(lines[2], "0", "runs as the session's uid");
 }
 
 /// `sessiond run -t` on a pseudo-terminal of the test's own, which plays
