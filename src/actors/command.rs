@@ -219,7 +219,10 @@ impl CommandState {
                 (Ok(r), new_state)
             }
             Err(RunFailure::Run(
-                e @ (RunError::Spawn(_) | RunError::CwdGone(_) | RunError::Cgroup(_)),
+                e @ (RunError::Spawn(_)
+                | RunError::CwdGone(_)
+                | RunError::Cgroup(_)
+                | RunError::Pty(_)),
             )) => {
                 Stats::bump(&stats.spawn_failed);
                 (Err(RequestError::SpawnFailed(e.to_string())), None)

@@ -1,6 +1,7 @@
-//! The client side of the `sessiond` binary: connecting to the daemon, the CLI's errors and exit codes, and `run`/`attach`.
+//! The client side of the `sessiond` binary: connecting to the daemon, the CLI's errors and exit codes, and `run` (`-t`: on a terminal)/`attach`.
 
 pub mod run;
+pub mod tty;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -68,6 +68,16 @@ pub struct RunArgs {
     /// sent (whole, at most the daemon's `max_stdin_bytes`).
     #[arg(long, conflicts_with = "json")]
     pub detach: bool,
+    /// Run the command on a pseudo-terminal of our terminal's size (like
+    /// `ssh -t`): our terminal is in raw mode while it runs, every key goes
+    /// to the command (^C interrupts it there, ^D is its EOF), window size
+    /// changes follow. Needs a terminal on stdin; output all comes on stdout.
+    #[arg(
+        long = "tty",
+        short = 't',
+        conflicts_with_all = ["json", "detach", "stdin", "no_stdin"]
+    )]
+    pub tty: bool,
     /// The command. Several words are an argv, run as given (each word
     /// quoted: no globbing, expansion or aliases): `run -- ls -la "my dir"`.
     /// One word is a command line for the session's shell: `run -- 'cd /tmp && ls'`.
@@ -180,7 +190,9 @@ impl StdinSource {
 /// Reads `from` on a thread of its own (a blocking read of a terminal or
 /// pipe cannot be cancelled; the thread ends with the process), in chunks
 /// of at most [`STDIN_CHUNK`]. The channel ends at EOF.
-fn read_chunks(mut from: Box<dyn Read + Send>) -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
+pub(super) fn read_chunks(
+    mut from: Box<dyn Read + Send>,
+) -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
     let (tx, rx) = mpsc::channel(4);
     std::thread::spawn(move || {
         loop {
@@ -205,7 +217,7 @@ fn read_chunks(mut from: Box<dyn Read + Send>) -> mpsc::Receiver<std::io::Result
 
 /// SIGINT, SIGTERM and SIGHUP, caught for the whole run: whichever comes
 /// first, we clean up (cancel, destroy) and exit 128 + N.
-struct Signals([(i32, Signal); 3]);
+pub(super) struct Signals([(i32, Signal); 3]);
 
 impl Signals {
     fn new() -> Result<Signals, CliError> {
@@ -222,7 +234,7 @@ impl Signals {
     }
 
     /// The next signal's number.
-    async fn recv(&mut self) -> i32 {
+    pub(super) async fn recv(&mut self) -> i32 {
         let [(a, sa), (b, sb), (c, sc)] = &mut self.0;
         tokio::select! {
             _ = sa.recv() => *a,
@@ -238,6 +250,11 @@ fn signal_exit(signal: i32) -> ExitCode {
 
 /// `sessiond run`.
 pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
+    if args.tty && !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(
+            "-t needs a terminal on stdin (drop -t to pipe input to the command)".into(),
+        ));
+    }
     let stdin = StdinSource::from_args(&args)?;
     // Caught before the session exists, so no signal can end us between its
     // creation and its destruction.
@@ -276,7 +293,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, CliError> {
         detach(&client, params, stdin).await
     } else {
         let json = args.json;
-        match stream_to_stdio(&client, params, stdin, &mut signals, json).await {
+        let streamed = if args.tty {
+            super::tty::interactive(&client, params, &mut signals).await
+        } else {
+            stream_to_stdio(&client, params, stdin, &mut signals, json).await
+        };
+        match streamed {
             Ok(Streamed::Ended(r)) => {
                 if json {
                     super::print_out(&format!("{}\n", result_json(&r)))?;
@@ -376,7 +398,7 @@ async fn detach(
 }
 
 /// How a streamed run ended for us.
-enum Streamed {
+pub(super) enum Streamed {
     Ended(Box<ExecResult>),
     /// We got this signal (or SIGPIPE: our stdout closed) and cancelled the command.
     Interrupted(i32),
@@ -500,7 +522,7 @@ async fn pump_stdin(
 }
 
 /// Cancels the remote command (if it started) after we got `signal`.
-async fn cancel(
+pub(super) async fn cancel(
     client: &Client,
     command_id: Option<&str>,
     signal: i32,

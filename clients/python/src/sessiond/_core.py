@@ -179,8 +179,9 @@ def exec_params(
     idle_timeout_s: Optional[float] = None,
     stream: Optional[bool] = None,
     stdin_open: Optional[bool] = None,
+    pty: Optional[Tuple[int, int]] = None,
 ) -> Dict[str, Any]:
-    """The params of ``exec.run`` / ``exec.start``."""
+    """The params of ``exec.run`` / ``exec.start``; ``pty`` is (rows, cols)."""
     return params(
         session_id=session_id,
         command=command,
@@ -191,7 +192,16 @@ def exec_params(
         idle_timeout_s=idle_timeout_s,
         stream=stream or None,
         stdin_open=stdin_open or None,
+        pty=pty_param(pty),
     )
+
+
+def pty_param(pty: Optional[Tuple[int, int]]) -> Optional[Dict[str, int]]:
+    """``(rows, cols)`` as the wire's ``{"rows", "cols"}`` (the daemon checks the bounds)."""
+    if pty is None:
+        return None
+    rows, cols = pty
+    return {"rows": int(rows), "cols": int(cols)}
 
 
 def retry_delay(error: SessiondError, attempt: int) -> float:

@@ -275,6 +275,7 @@ class AsyncClient:
         env: Optional[Mapping[str, str]] = None,
         keep_output: Optional[str] = None,
         idle_timeout_s: Optional[float] = None,
+        pty: Optional[Tuple[int, int]] = None,
         on_stdout: Optional[AsyncOutputCallback] = None,
         on_stderr: Optional[AsyncOutputCallback] = None,
         timeout: Optional[float] = None,
@@ -288,8 +289,10 @@ class AsyncClient:
             env=env,
             keep_output=keep_output,
             idle_timeout_s=idle_timeout_s,
+            pty=pty,
         )
-        if on_stdout is None and on_stderr is None:
+        # A pty is only for streamed runs (its output comes as it is typed at).
+        if on_stdout is None and on_stderr is None and pty is None:
             return ExecResult.from_wire(await self.call("exec.run", p, timeout=timeout))
         stream = await self.stream_params(p, timeout=timeout)
         async for event in stream:
@@ -311,6 +314,7 @@ class AsyncClient:
         keep_output: Optional[str] = None,
         idle_timeout_s: Optional[float] = None,
         stdin_open: bool = False,
+        pty: Optional[Tuple[int, int]] = None,
         timeout: Optional[float] = None,
     ) -> "AsyncExecStream":
         """``exec.run`` with ``stream: true``: ``async for`` over the :class:`AsyncExecStream`."""
@@ -323,6 +327,7 @@ class AsyncClient:
             keep_output=keep_output,
             idle_timeout_s=idle_timeout_s,
             stdin_open=stdin_open,
+            pty=pty,
         )
         return await self.stream_params(p, timeout=timeout)
 
@@ -343,6 +348,7 @@ class AsyncClient:
         keep_output: Optional[str] = None,
         idle_timeout_s: Optional[float] = None,
         stdin_open: bool = False,
+        pty: Optional[Tuple[int, int]] = None,
         timeout: Optional[float] = None,
     ) -> "AsyncCommandHandle":
         """``exec.start``: an :class:`AsyncCommandHandle` as soon as the command runs."""
@@ -357,6 +363,7 @@ class AsyncClient:
                 keep_output=keep_output,
                 idle_timeout_s=idle_timeout_s,
                 stdin_open=stdin_open,
+                pty=pty,
             ),
             timeout=timeout,
         )
@@ -407,6 +414,16 @@ class AsyncClient:
         )
         written = result.get("written") if isinstance(result, Mapping) else None
         return written if isinstance(written, int) else 0
+
+    async def resize(self, command_id: str, rows: int, cols: int, *, timeout: Optional[float] = None) -> bool:
+        """``exec.resize``: the new window size of a command's pseudo-terminal (started
+        with ``pty=``); the command's foreground process group gets SIGWINCH."""
+        result = await self.call(
+            "exec.resize",
+            {"command_id": command_id, "rows": int(rows), "cols": int(cols)},
+            timeout=timeout,
+        )
+        return bool(result.get("resized")) if isinstance(result, Mapping) else False
 
     async def cancel(
         self,
@@ -574,6 +591,10 @@ class AsyncExecStream:
         """``exec.write`` to this command (started with ``stdin_open=True``)."""
         return await self.client.write(await self.started(), data, eof=eof)
 
+    async def resize(self, rows: int, cols: int) -> bool:
+        """``exec.resize`` of this command's pseudo-terminal (started with ``pty=``)."""
+        return await self.client.resize(await self.started(), rows, cols)
+
 
 class AsyncCommandHandle:
     """A command by its id; see :class:`sessiond.CommandHandle`."""
@@ -612,6 +633,10 @@ class AsyncCommandHandle:
     async def close_stdin(self, *, timeout: Optional[float] = None) -> None:
         """``exec.write`` with ``eof``."""
         await self.client.write(self.command_id, b"", eof=True, timeout=timeout)
+
+    async def resize(self, rows: int, cols: int, *, timeout: Optional[float] = None) -> bool:
+        """``exec.resize`` of this command's pseudo-terminal (started with ``pty=``)."""
+        return await self.client.resize(self.command_id, rows, cols, timeout=timeout)
 
     async def cancel(self, *, timeout: Optional[float] = None) -> bool:
         """``exec.cancel`` by command id."""

@@ -17,6 +17,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Tuple,
     Type,
     Union,
 )
@@ -281,6 +282,7 @@ class Client:
         env: Optional[Mapping[str, str]] = None,
         keep_output: Optional[str] = None,
         idle_timeout_s: Optional[float] = None,
+        pty: Optional[Tuple[int, int]] = None,
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
         timeout: Optional[float] = None,
@@ -292,6 +294,9 @@ class Client:
         ``on_stdout`` or ``on_stderr`` the output is streamed (``stream:
         true``) and each callback gets the bytes of each ``output`` event, in
         the calling thread, as they come.
+
+        ``pty=(rows, cols)`` runs it on a pseudo-terminal of that size (so it
+        is streamed): its output, prompts included, comes on stdout only.
         """
         p = _core.exec_params(
             session_id,
@@ -301,8 +306,10 @@ class Client:
             env=env,
             keep_output=keep_output,
             idle_timeout_s=idle_timeout_s,
+            pty=pty,
         )
-        if on_stdout is None and on_stderr is None:
+        # A pty is only for streamed runs (its output comes as it is typed at).
+        if on_stdout is None and on_stderr is None and pty is None:
             return ExecResult.from_wire(self.call("exec.run", p, timeout=timeout))
         with ExecStream(self, p, self._deadline(timeout)) as stream:
             for event in stream:
@@ -322,6 +329,7 @@ class Client:
         keep_output: Optional[str] = None,
         idle_timeout_s: Optional[float] = None,
         stdin_open: bool = False,
+        pty: Optional[Tuple[int, int]] = None,
         timeout: Optional[float] = None,
     ) -> "ExecStream":
         """``exec.run`` with ``stream: true``: iterate over the returned :class:`ExecStream`
@@ -335,6 +343,7 @@ class Client:
             keep_output=keep_output,
             idle_timeout_s=idle_timeout_s,
             stdin_open=stdin_open,
+            pty=pty,
         )
         return ExecStream(self, p, self._deadline(timeout))
 
@@ -349,9 +358,16 @@ class Client:
         keep_output: Optional[str] = None,
         idle_timeout_s: Optional[float] = None,
         stdin_open: bool = False,
+        pty: Optional[Tuple[int, int]] = None,
         timeout: Optional[float] = None,
     ) -> "CommandHandle":
-        """``exec.start``: a :class:`CommandHandle` as soon as the command runs."""
+        """``exec.start``: a :class:`CommandHandle` as soon as the command runs.
+
+        ``pty=(rows, cols)`` runs it on a pseudo-terminal of that size: output
+        comes on stdout only, stdin is open for :meth:`CommandHandle.write`
+        (keystrokes: ``"\\x03"`` is Ctrl-C; ``eof`` sends ^D and leaves the
+        terminal open), and :meth:`CommandHandle.resize` changes its size.
+        """
         result = self.call(
             "exec.start",
             _core.exec_params(
@@ -363,6 +379,7 @@ class Client:
                 keep_output=keep_output,
                 idle_timeout_s=idle_timeout_s,
                 stdin_open=stdin_open,
+                pty=pty,
             ),
             timeout=timeout,
         )
@@ -413,6 +430,16 @@ class Client:
         )
         written = result.get("written") if isinstance(result, Mapping) else None
         return written if isinstance(written, int) else 0
+
+    def resize(self, command_id: str, rows: int, cols: int, *, timeout: Optional[float] = None) -> bool:
+        """``exec.resize``: the new window size of a command's pseudo-terminal (started
+        with ``pty=``); the command's foreground process group gets SIGWINCH."""
+        result = self.call(
+            "exec.resize",
+            {"command_id": command_id, "rows": int(rows), "cols": int(cols)},
+            timeout=timeout,
+        )
+        return bool(result.get("resized")) if isinstance(result, Mapping) else False
 
     def cancel(
         self,
@@ -562,6 +589,10 @@ class ExecStream:
         """``exec.write`` to this command (started with ``stdin_open=True``)."""
         return self.client.write(self.started(), data, eof=eof)
 
+    def resize(self, rows: int, cols: int) -> bool:
+        """``exec.resize`` of this command's pseudo-terminal (started with ``pty=``)."""
+        return self.client.resize(self.started(), rows, cols)
+
 
 def _event(event: Mapping[str, Any]) -> Union[OutputEvent, str, None]:
     """An ``output`` event, the command id of a ``started`` one, or None (unknown)."""
@@ -619,6 +650,10 @@ class CommandHandle:
     def close_stdin(self, *, timeout: Optional[float] = None) -> None:
         """``exec.write`` with ``eof``: the command sees the end of its stdin."""
         self.client.write(self.command_id, b"", eof=True, timeout=timeout)
+
+    def resize(self, rows: int, cols: int, *, timeout: Optional[float] = None) -> bool:
+        """``exec.resize`` of this command's pseudo-terminal (started with ``pty=``)."""
+        return self.client.resize(self.command_id, rows, cols, timeout=timeout)
 
     def cancel(self, *, timeout: Optional[float] = None) -> bool:
         """``exec.cancel`` by command id: whether it was running."""

@@ -8,7 +8,7 @@ pass through unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import ProtocolError
 
@@ -24,6 +24,9 @@ KILLED_BY_VALUES = frozenset(
         "memory_limit",
     }
 )
+
+#: A pseudo-terminal's size as the ``pty=`` keyword takes it: (rows, cols).
+PtySize = Tuple[int, int]
 
 
 def _map(value: Any, what: str) -> Mapping[str, Any]:
