@@ -17,10 +17,10 @@ binary (``cargo build --release -p sessiond``)::
     python bench/swerex_compare.py --daemon target/release/sessiond --out /tmp/swerex-compare.json
 
 Both servers are started here, each on its own port or socket, and stopped at
-the end (sessiond must exit 0 on SIGTERM). sessiond runs with cgroups off and
-its per-uid rate limit off (200 requests/s by default: the 8-session run is a
-measure of the daemon, not of that policy); timeouts, output caps and rlimits
-apply as always. Absolute times depend on the
+the end (sessiond must exit 0 on SIGTERM). sessiond runs with cgroups off, its
+per-uid rate limit off (200 requests/s by default: the 8-session run is a
+measure of the daemon, not of that policy) and room for the idle sessions (8
+per uid by default); timeouts, output caps and rlimits apply as always. Absolute times depend on the
 machine and its load: the script prints the 1-minute load average with them.
 """
 
@@ -211,6 +211,8 @@ def start_sessiond(binary: str, d: str) -> Tuple[subprocess.Popen[bytes], Sessio
 socket = "{path}"
 [sessions]
 default_cwd = "{d}/work"
+max_sessions = 1024
+max_sessions_per_client = 1024
 [cgroups]
 mode = "off"
 [rate_limit]

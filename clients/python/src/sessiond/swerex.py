@@ -35,6 +35,7 @@ from swerex.exceptions import (
     NonZeroExitCodeError,
     SessionDoesNotExistError,
     SessionExistsError,
+    SwerexException,
 )
 from swerex.runtime.abstract import (
     AbstractRuntime,
@@ -74,8 +75,9 @@ WRITE_CHUNK = 256 * 1024
 #: Bytes asked for per command by ``read_file`` (under the default
 #: ``commands.max_output_bytes`` of 4 MiB; a smaller cap is detected and followed).
 READ_CHUNK = 4 * 1024 * 1024
-#: Helper sessions kept for ``execute`` and file operations when idle.
-MAX_IDLE_HELPERS = 4
+#: Helper sessions kept for ``execute`` and file operations when idle (they
+#: count in the daemon's ``sessions.max_sessions_per_client``, 8 by default).
+MAX_IDLE_HELPERS = 1
 #: Messages of file commands are matched to an ``OSError`` class: ask for English.
 _C_LOCALE = {"LC_ALL": "C"}
 
@@ -226,6 +228,7 @@ class SessiondRuntime(AbstractRuntime):
         # One connection per event loop: SWE-agent runs each call in asyncio.run().
         self._aclient: Optional[AsyncClient] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._has_pty: Optional[bool] = None
 
     # -- the connection --------------------------------------------------------
 
@@ -427,6 +430,14 @@ class SessiondRuntime(AbstractRuntime):
         if inter is None:
             if action.is_interactive_quit:
                 raise SessionDoesNotExistError(f"no interactive program runs in session {action.session!r}")
+            if self._has_pty is None:
+                self._has_pty = "pty" in (await client.ping()).features
+            if not self._has_pty:
+                # An older daemon ignores the `pty` param: the program would
+                # run on pipes and never show its prompt.
+                raise SwerexException(
+                    "interactive commands need a sessiond with pseudo-terminals (`pty` in system.ping's features)"
+                )
             # The program itself is the command, on a terminal of its own; the
             # session's slot is its until it ends.
             h = await client.start(
