@@ -96,6 +96,30 @@ def test_one_runtime_across_event_loops(daemon: Daemon, sx: Any, A: Any) -> None
     asyncio.run(rt.close())
 
 
+def test_deployment_and_startup_source(daemon: Daemon, sx: Any, A: Any, tmp_path: pathlib.Path) -> None:
+    from swerex.exceptions import DeploymentNotStartedError
+    from swerex.runtime.abstract import CreateBashSessionRequest
+
+    rc = tmp_path / "rc.sh"
+    rc.write_text("STARTED=yes\necho sourced\n")
+
+    async def main() -> None:
+        dep = sx.SessiondDeployment(daemon.socket)
+        with pytest.raises(DeploymentNotStartedError):
+            dep.runtime
+        assert not await dep.is_alive()
+        await dep.start()
+        assert await dep.is_alive()
+        r = await dep.runtime.create_session(CreateBashSessionRequest(startup_source=[str(rc)]))
+        assert r.output == "sourced\n"
+        assert (await dep.runtime.run_in_session(A(command="echo $STARTED"))).output == "yes\n"
+        await dep.stop()
+
+    run(main)
+    with daemon.client() as c:
+        assert c.list_sessions() == [], "stop() left sessions behind"
+
+
 def test_large_files_go_in_bounded_chunks(daemon: Daemon, sx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from swerex.runtime.abstract import Command, ReadFileRequest, UploadRequest, WriteFileRequest
 
