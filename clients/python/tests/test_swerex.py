@@ -78,6 +78,11 @@ def test_terminal_state_survives_and_nothing_of_a_bad_command_runs(daemon: Daemo
                 await rt.run_in_session(A(command="echo $$ > pid; sleep 60", timeout=0.5))
             pid = int((await rt.run_in_session(A(command="cat pid"))).output)
             wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the timed-out shell to be gone")
+            # A caller that gives up (asyncio.wait_for) stops the command too:
+            # the session is free for the next one.
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(rt.run_in_session(A(command="sleep 60", timeout=30)), 0.5)
+            assert (await rt.run_in_session(A(command="echo free"))).output == "free\n"
         finally:
             await rt.close()
 

@@ -64,7 +64,7 @@ from swerex.runtime.abstract import (
 
 from ._core import PathLike
 from .aio import AsyncClient
-from .errors import InvalidRequest, SessiondError, SessionNotFound
+from .errors import CommandNotFound, InvalidRequest, SessiondError, SessionNotFound
 from .types import ExecResult
 
 __all__ = ["SessiondRuntime", "SessiondDeployment"]
@@ -345,7 +345,18 @@ class SessiondRuntime(AbstractRuntime):
 
     async def _run_normal(self, named: _Named, action: BashAction) -> BashObservation:
         client = await self._client()
-        r = await client.run(named.session_id, _session_script(action.command), timeout_s=self._timeout(action.timeout))
+        try:
+            r = await client.run(
+                named.session_id, _session_script(action.command), timeout_s=self._timeout(action.timeout)
+            )
+        except asyncio.CancelledError:
+            # The caller gave up (asyncio.wait_for, shutdown): stop the command
+            # too, or the session would stay busy with it.
+            try:
+                await self._stop_commands(named.session_id)
+            except Exception:  # noqa: BLE001 - the cancellation is what matters
+                pass
+            raise
         if r.timed_out:
             raise CommandTimeoutError(
                 f"timeout after {action.timeout} seconds while running command {action.command!r}"
@@ -466,6 +477,20 @@ class SessiondRuntime(AbstractRuntime):
             output = output.lstrip().removeprefix(action.command).strip()
         return BashObservation(output=output, exit_code=0, expect_string=matched)
 
+    async def _stop_commands(self, session_id: str) -> None:
+        """Cancels what the session runs and waits for it to have ended, so the
+        session takes the next command (a cancel is answered before the kill)."""
+        client = await self._client()
+        running = [i.command_ids for i in await client.list_sessions() if i.session_id == session_id]
+        for command_id in running[0] if running else []:
+            try:
+                await client.cancel(command_id=command_id)
+                # Offsets past any output: the read answers when the command ends.
+                while not (await client.read(command_id, stdout_offset=1 << 62, stderr_offset=1 << 62, wait_s=30)).done:
+                    pass
+            except CommandNotFound:
+                pass  # ended and no longer retained
+
     async def _write_all(self, command_id: str, data: bytes) -> None:
         client = await self._client()
         view = memoryview(data)
@@ -478,7 +503,7 @@ class SessiondRuntime(AbstractRuntime):
         inter = named.interactive
         if inter is None:
             # A command of this session that another task still waits on: kill it.
-            await client.cancel(named.session_id)
+            await self._stop_commands(named.session_id)
             return BashObservation(output="", exit_code=0)
         output = ""
         for _ in range(action.n_retry):
