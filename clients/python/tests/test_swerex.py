@@ -97,6 +97,11 @@ def test_one_runtime_across_event_loops(daemon: Daemon, sx: Any, A: Any) -> None
     asyncio.run(rt.create_session(CreateBashSessionRequest(session="s")))
     asyncio.run(rt.run_in_session(A(command="v=1", session="s")))
     assert asyncio.run(rt.run_in_session(A(command="echo $v", session="s"))).output == "1\n"
+    for _ in range(20):
+        asyncio.run(rt.run_in_session(A(command="true", session="s")))
+    with daemon.client() as c:
+        # The connections of ended loops are closed, not left to the collector.
+        wait_until(lambda: c.stats().clients["connections"] <= 2, 10, "the old connections to close")
     asyncio.run(rt.close_session(CloseBashSessionRequest(session="s")))
     asyncio.run(rt.close())
 

@@ -20,6 +20,7 @@ import os
 import queue
 import re
 import shlex
+import socket as _socket
 import tarfile
 import threading
 from contextlib import asynccontextmanager
@@ -236,9 +237,9 @@ class SessiondRuntime(AbstractRuntime):
         loop = asyncio.get_running_loop()
         if self._aclient is not None and self._loop is loop and self._aclient._closed is None:
             return self._aclient
-        # A closed loop took the old connection's reader with it; its socket
-        # is closed when the transport is collected. Sessions belong to the
-        # uid, not to the connection, so the new one finds them all.
+        if self._aclient is not None and self._loop is not None:
+            _abandon(self._aclient, self._loop)
+        # Sessions belong to the uid, not to the connection: the new one finds them all.
         self._aclient = await AsyncClient.connect(
             self.socket, retry=True, max_retries=self._max_retries, insecure_socket_dir=self._insecure
         )
@@ -648,16 +649,36 @@ class SessiondRuntime(AbstractRuntime):
         ids = [n.session_id for n in self._sessions.values()] + self._helpers
         self._sessions.clear()
         self._helpers = []
-        if ids or self._aclient is not None:
-            client = await self._client()
-            try:
-                for session_id in ids:
-                    await self._destroy(session_id)
-            finally:
-                await client.close()
+        try:
+            for session_id in ids:
+                await self._destroy(session_id)
+        finally:
+            # A connection of an event loop that has ended is left to the
+            # collector: its loop can no longer close it.
+            if self._aclient is not None and self._loop is asyncio.get_running_loop():
+                await self._aclient.close()
         self._aclient = None
         self._loop = None
         return CloseResponse()
+
+
+def _abandon(client: AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
+    """Closes the connection of an event loop this runtime no longer runs in.
+
+    SWE-agent runs each call in its own ``asyncio.run()``: the loop that
+    opened the connection has ended and can no longer close it, and left to
+    the collector the socket would stay open — one more of the uid's
+    ``max_connections_per_client`` held at the daemon per call.
+    """
+    if not loop.is_closed():
+        asyncio.run_coroutine_threadsafe(client.close(), loop)
+        return
+    writer = client._writer
+    # The transport's own socket: closing it twice is harmless, so its later
+    # collection closes nothing else.
+    raw = getattr(writer.get_extra_info("socket"), "_sock", None) if writer is not None else None
+    if isinstance(raw, _socket.socket):
+        raw.close()
 
 
 async def _aiter(items: Any) -> AsyncIterator[bytes]:
