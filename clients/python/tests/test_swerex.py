@@ -274,3 +274,23 @@ def test_interactive_repl_pager_prompt_and_ctrl_c(daemon: Daemon, sx: Any, A: An
             await rt.close()
 
     run(main)
+
+
+def test_refusals_with_retry_after_are_retried(make_daemon: Callable[..., Daemon], sx: Any, A: Any) -> None:
+    """RATE_LIMITED here; OVERLOADED takes the same path (the client's retry=True)."""
+    from swerex.runtime.abstract import CreateBashSessionRequest
+
+    d = make_daemon("[rate_limit]\nrequests_per_second = 20\nburst = 2\n")
+
+    async def main() -> None:
+        rt = sx.SessiondRuntime(d.socket)
+        try:
+            await rt.create_session(CreateBashSessionRequest())
+            for i in range(10):
+                assert (await rt.run_in_session(A(command=f"echo {i}"))).output == f"{i}\n"
+        finally:
+            await rt.close()
+
+    run(main)
+    with d.client(retry=True) as c:
+        assert c.stats().clients["rate_limited_total"] > 0, "nothing was refused: the test proves nothing"
