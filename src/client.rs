@@ -17,8 +17,8 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use crate::protocol::frame::response_codec;
 use crate::protocol::{
     CancelParams, CancelResult, CreateParams, CreateResult, DestroyResult, Event, ExecParams,
-    ExecResult, ListResult, PingResult, ReadParams, ReadResult, SessionIdParams, StartResult,
-    StatsResult, WireError, WriteParams, WriteResult, method,
+    ExecResult, ListResult, PingResult, ReadParams, ReadResult, ResizeParams, ResizeResult,
+    SessionIdParams, StartResult, StatsResult, WireError, WriteParams, WriteResult, method,
 };
 use crate::socket_dir::{SocketDir, SocketDirError};
 
@@ -327,6 +327,22 @@ impl Client {
             )
             .await?;
         Ok(r.written)
+    }
+
+    /// `exec.resize`: the new window size of a command's pseudo-terminal
+    /// (started with `ExecParams::pty`); its foreground group gets SIGWINCH.
+    pub async fn resize(&self, command_id: &str, rows: u64, cols: u64) -> Result<(), ClientError> {
+        let _: ResizeResult = self
+            .call(
+                method::EXEC_RESIZE,
+                ResizeParams {
+                    command_id: command_id.into(),
+                    rows,
+                    cols,
+                },
+            )
+            .await?;
+        Ok(())
     }
 
     /// `exec.run` with `stream: true`: events as the command runs, then its result.

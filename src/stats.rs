@@ -47,7 +47,7 @@ pub struct Stats {
 
 /// The methods whose request latency is kept, in a fixed order (an unknown
 /// method counts as the last: `other`).
-pub const REQUEST_METHODS: [&str; 11] = [
+pub const REQUEST_METHODS: [&str; 12] = [
     crate::protocol::method::PING,
     crate::protocol::method::STATS,
     crate::protocol::method::SESSION_CREATE,
@@ -58,6 +58,7 @@ pub const REQUEST_METHODS: [&str; 11] = [
     crate::protocol::method::EXEC_READ,
     crate::protocol::method::EXEC_WRITE,
     crate::protocol::method::EXEC_CANCEL,
+    crate::protocol::method::EXEC_RESIZE,
     "other",
 ];
 

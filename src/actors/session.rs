@@ -17,6 +17,7 @@ use crate::isolation::Lease;
 use crate::limits::Rlimit;
 use crate::process::ProcessTable;
 use crate::process::live_output::LiveOutput;
+use crate::process::pty::PtySize;
 use crate::process::run::RunSpec;
 use crate::process::shell::EnvMap;
 use crate::process::table::SessionKey;
@@ -81,6 +82,8 @@ pub struct ExecRequest {
     pub stdin_open: bool,
     /// Kill the command after this long without output.
     pub idle_timeout: Option<Duration>,
+    /// Run it on a pseudo-terminal of this size (stdin then open, as with `stdin_open`).
+    pub pty: Option<PtySize>,
 }
 
 /// One session. Supervision policy (`handle_supervisor_evt`): a CommandActor
@@ -493,6 +496,7 @@ impl SessionState {
             keep_output: KeepOutput::Tail,
             stdin_open: false,
             idle_timeout: None,
+            pty: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.run(myself, request, tx.into()).await;
@@ -648,12 +652,16 @@ impl SessionState {
                 return;
             }
         };
+        let mut request = request;
+        if request.pty.is_some() {
+            crate::process::pty::default_term(&mut request.env);
+        }
         let record = Arc::new(CommandRecord::new(
             format!("{}/c-{}", self.id, uuid::Uuid::new_v4().simple()),
             LiveOutput::new(
                 commands.max_output_bytes.as_u64() as usize,
                 super::command::keep_output(request.keep_output),
-                request.stdin_open,
+                request.stdin_open || request.pty.is_some(),
             ),
             charge,
         ));
@@ -676,6 +684,7 @@ impl SessionState {
                 .map(Lease::credentials)
                 .or(self.ctx.credentials),
             cgroup: self.cgroup.as_ref().map(CgroupNode::leaf_parent),
+            pty: request.pty,
         };
         let args = CommandArgs {
             ctx: self.ctx.clone(),

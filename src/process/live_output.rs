@@ -5,6 +5,7 @@
 //! bounded by the two [`StreamBuffer`]s (see there); nothing here queues
 //! per reader, so any number of readers cost nothing but their own reads.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 
+use super::pty::{self, PtySize};
 use super::stream_buffer::{Chunk, KeepOutput as Keep, StreamBuffer};
 
 /// Which output stream.
@@ -28,6 +30,18 @@ pub struct LiveOutput {
     /// Moves on every push and once at the end; readers wait on it.
     version: watch::Sender<u64>,
     stdin: tokio::sync::Mutex<Stdin>,
+    /// The pseudo-terminal's master for `exec.resize` (apart from stdin, so a
+    /// resize never waits behind a write to a command that does not read).
+    terminal: Mutex<Terminal>,
+}
+
+#[derive(Debug)]
+enum Terminal {
+    /// Not started with a pseudo-terminal.
+    None,
+    Open(OwnedFd),
+    /// The command ended: the daemon's last hold on the master is gone.
+    Closed,
 }
 
 #[derive(Debug)]
@@ -60,6 +74,17 @@ pub enum WriteRefused {
     Ended,
 }
 
+/// Why an `exec.resize` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResizeRefused {
+    #[error("the command was not started with a `pty`")]
+    NoTerminal,
+    #[error("the command has ended")]
+    Ended,
+    #[error("resizing its pseudo-terminal failed: {0}")]
+    Failed(nix::errno::Errno),
+}
+
 /// Bytes written to stdin per `write` call, so a partial write can say how much went in.
 const WRITE_CHUNK: usize = 64 * 1024;
 
@@ -79,7 +104,12 @@ impl LiveOutput {
             } else {
                 Stdin::NotOpen
             }),
+            terminal: Mutex::new(Terminal::None),
         }
+    }
+
+    fn terminal(&self) -> std::sync::MutexGuard<'_, Terminal> {
+        self.terminal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn streams(&self) -> std::sync::MutexGuard<'_, Streams> {
@@ -111,6 +141,12 @@ impl LiveOutput {
         if let Ok(mut stdin) = self.stdin.try_lock() {
             if !matches!(*stdin, Stdin::NotOpen) {
                 *stdin = Stdin::Closed;
+            }
+        }
+        {
+            let mut terminal = self.terminal();
+            if matches!(*terminal, Terminal::Open(_)) {
+                *terminal = Terminal::Closed;
             }
         }
         self.version.send_modify(|v| *v += 1);
@@ -197,6 +233,32 @@ impl LiveOutput {
         }
     }
 
+    /// Keeps a pseudo-terminal's master: `keys` (non-blocking) for
+    /// `exec.write`, `window` for `exec.resize`. Called, like
+    /// [`Self::install_stdin`], before the command's id is handed out, on a
+    /// `LiveOutput` made with stdin open.
+    pub fn install_terminal(&self, keys: pipe::Sender, window: OwnedFd) {
+        *self.terminal() = Terminal::Open(window);
+        self.install_stdin(keys);
+    }
+
+    /// Whether the command runs on a pseudo-terminal (its writes are keystrokes).
+    pub fn is_terminal(&self) -> bool {
+        !matches!(*self.terminal(), Terminal::None)
+    }
+
+    /// `exec.resize`: the terminal's new window size (the kernel sends
+    /// SIGWINCH to its foreground process group).
+    pub fn resize(&self, size: PtySize) -> Result<(), ResizeRefused> {
+        match &*self.terminal() {
+            Terminal::None => Err(ResizeRefused::NoTerminal),
+            Terminal::Closed => Err(ResizeRefused::Ended),
+            Terminal::Open(master) => {
+                pty::set_size(master.as_fd(), size).map_err(ResizeRefused::Failed)
+            }
+        }
+    }
+
     /// Writes the request's `stdin` bytes to the kept stdin pipe, however
     /// long the command takes to read them; `exec.write`s queue behind them.
     pub async fn feed_initial(&self, data: &[u8]) {
@@ -217,7 +279,8 @@ impl LiveOutput {
     }
 
     /// `exec.write`: writes `data` to the command's stdin, then closes it
-    /// when `eof`. Writes are applied in the order they take the stdin lock
+    /// when `eof` — on a pseudo-terminal, types its EOF character (^D) instead,
+    /// and the terminal stays open. Writes are applied in the order they take the stdin lock
     /// (FIFO). A command that does not read makes this return after
     /// `timeout` with what was written.
     pub async fn write(
@@ -264,10 +327,17 @@ impl LiveOutput {
                     WriteRefused::Closed
                 });
             }
+        } else if eof && written == data.len() && self.is_terminal() {
+            let key = [pty::eof_char(pipe.as_fd())];
+            let _ = tokio::time::timeout_at(deadline, pipe.write_all(&key)).await;
         } else if eof && written == data.len() {
             if let Stdin::Open(Some(mut pipe)) = std::mem::replace(&mut *stdin, Stdin::Closed) {
                 let _ = pipe.shutdown().await;
             }
+        }
+        if self.ended() {
+            // The end could not close it while this write held the lock.
+            *stdin = Stdin::Closed;
         }
         Ok(written as u64)
     }

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::child::ExitInfo;
 use super::kill::{self, KillReason};
 use super::live_output::{LiveOutput, Stream};
+use super::pty::{Pty, PtyError, PtySize};
 use super::shell::{self, EnvMap};
 use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
@@ -59,6 +60,8 @@ pub struct RunSpec {
     pub credentials: Option<Credentials>,
     /// The session's cgroup, in which the command gets a leaf of its own.
     pub cgroup: Option<LeafParent>,
+    /// Run on a pseudo-terminal of this size (`output` then made with stdin open).
+    pub pty: Option<PtySize>,
 }
 
 /// A finished command, as the process layer saw it (the CommandActor turns
@@ -95,6 +98,8 @@ pub enum RunError {
     Wait(std::io::Error),
     #[error("cannot set up the command's cgroup: {0}")]
     Cgroup(#[from] CgroupError),
+    #[error("{0}")]
+    Pty(#[from] PtyError),
 }
 
 /// Runs `spec` in a group of `session`. `kill` carries a kill request
@@ -146,6 +151,7 @@ pub async fn run_command(
     let with_stdin = spec.stdin.is_some() || spec.output.stdin_open();
     let (spawn_table, cwd_path) = (table.clone(), spec.state.cwd.clone());
     let (rlimits, credentials, place) = (spec.rlimits, spec.credentials, spec.cgroup.clone());
+    let pty_size = spec.pty;
     let oom_score_adj = std::ffi::CString::new(spec.oom_score_adj.to_string()).expect("digits");
 
     let started = Instant::now();
@@ -172,12 +178,16 @@ pub async fn run_command(
             None => Vec::new(),
         };
         let procs: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let pty = pty_size
+            .map(|size| Pty::open(size, credentials.map(|c| (c.uid, c.gid))))
+            .transpose()?;
         let request = SpawnRequest {
             program: &argv[0],
             argv: &argv,
             envp: &envp,
             cwd: &cwd,
             with_stdin,
+            terminal: pty.as_ref().map(|p| p.slave.as_raw_fd()),
             rlimits: &rlimits,
             oom_score_adj: Some(&oom_score_adj),
             credentials,
@@ -185,21 +195,38 @@ pub async fn run_command(
             state_fds: state_at,
         };
         let (child, pipes) = spawn::spawn(&spawn_table, session, &request)?;
-        Ok((child, pipes, leaf))
+        // The slave closes here: the daemon holds only the master.
+        Ok((child, pipes, leaf, pty.map(|p| p.master)))
     })
     .await
     .map_err(|e| RunError::Wait(std::io::Error::other(e)))?;
-    let (mut child, mut pipes, leaf) = spawned?;
+    let (mut child, mut pipes, leaf, master) = spawned?;
     let output = spec.output.clone();
-    if output.stdin_open() {
-        if let Some(fd) = pipes.stdin.take() {
-            output.install_stdin(pipe::Sender::from_owned_fd(fd).map_err(RunError::Wait)?);
+    let terminal = master.is_some();
+    let (mut stdout_rx, mut stderr_rx) = match master {
+        // One open file, three fds: read here, keystrokes and resizes
+        // through `output` (each close-on-exec, each closed by the end).
+        Some(master) => {
+            let dup = || master.try_clone().map_err(RunError::Wait);
+            let keys = pipe::Sender::from_owned_fd_unchecked(dup()?).map_err(RunError::Wait)?;
+            output.install_terminal(keys, dup()?);
+            let rx = pipe::Receiver::from_owned_fd_unchecked(master).map_err(RunError::Wait)?;
+            (rx, None)
         }
-    }
+        None => {
+            if output.stdin_open() {
+                if let Some(fd) = pipes.stdin.take() {
+                    output.install_stdin(pipe::Sender::from_owned_fd(fd).map_err(RunError::Wait)?);
+                }
+            }
+            let receiver = |fd: Option<std::os::fd::OwnedFd>| {
+                pipe::Receiver::from_owned_fd(fd.expect("pipes without a terminal"))
+                    .map_err(RunError::Wait)
+            };
+            (receiver(pipes.stdout)?, Some(receiver(pipes.stderr)?))
+        }
+    };
     on_spawned();
-
-    let receiver = |fd| pipe::Receiver::from_owned_fd(fd).map_err(RunError::Wait);
-    let (mut stdout_rx, mut stderr_rx) = (receiver(pipes.stdout)?, receiver(pipes.stderr)?);
 
     let (stdout_eof, stderr_eof) = (AtomicBool::new(false), AtomicBool::new(false));
     let (exit, killed_by, io_done) = {
@@ -207,8 +234,13 @@ pub async fn run_command(
             tokio::join!(
                 pump(&mut stdout_rx, &stdout_eof, |b| output
                     .push(Stream::Stdout, b)),
-                pump(&mut stderr_rx, &stderr_eof, |b| output
-                    .push(Stream::Stderr, b)),
+                async {
+                    match stderr_rx.as_mut() {
+                        Some(rx) => pump(rx, &stderr_eof, |b| output.push(Stream::Stderr, b)).await,
+                        // A terminal has one output stream: stdout.
+                        None => stderr_eof.store(true, Ordering::Relaxed),
+                    }
+                },
                 feed(pipes.stdin, spec.stdin.as_deref(), &output),
             )
         };
@@ -238,21 +270,30 @@ pub async fn run_command(
         let (exit, killed_by) = ended.map_err(RunError::Wait)?;
         (exit, killed_by, io_done)
     };
-    if !io_done {
+    let duration = started.elapsed();
+    // Cut to what the result keeps; readers and the result read it from there.
+    output.end();
+    if terminal {
+        // A terminal ends with its command, as a login's does: every fd of
+        // the master is closed now (hangup: SIGHUP to whoever still holds the
+        // slave), and the command's process group is killed. The group's id
+        // is the shell's pid, which the kernel does not hand out again while
+        // any process still belongs to that group.
+        drop(stdout_rx);
+        child.signal_group(nix::sys::signal::Signal::SIGKILL);
+    } else if !io_done {
         // Background children still hold the pipes. Closing our ends would kill
         // them with SIGPIPE at their next write, so the session keeps reading
         // and discarding, within its drain rate, until they exit or it ends.
         let open = [
-            (stdout_rx, stdout_eof.load(Ordering::Relaxed)),
-            (stderr_rx, stderr_eof.load(Ordering::Relaxed)),
+            Some((stdout_rx, stdout_eof.load(Ordering::Relaxed))),
+            stderr_rx.map(|rx| (rx, stderr_eof.load(Ordering::Relaxed))),
         ];
-        table
-            .background()
-            .adopt(session, open.into_iter().filter(|p| !p.1).map(|p| p.0));
+        table.background().adopt(
+            session,
+            open.into_iter().flatten().filter(|p| !p.1).map(|p| p.0),
+        );
     }
-    let duration = started.elapsed();
-    // Cut to what the result keeps; readers and the result read it from there.
-    output.end();
     // What the kernel says of the command's leaf: OOM kills and peak memory;
     // then the leaf goes, unless background processes still live in it.
     let (oom_kills, memory_peak) = match leaf {
@@ -351,7 +392,7 @@ fn read_saved(
     }
 }
 
-/// Reads a pipe to EOF into `out`, which keeps what its cap allows and
+/// Reads a pipe (or a terminal's master) to EOF into `out`, which keeps what its cap allows and
 /// counts the rest; sets `eof` when the pipe reached it.
 async fn pump(rx: &mut pipe::Receiver, eof: &AtomicBool, mut out: impl FnMut(&[u8])) {
     // Uninitialised capacity, filled by `read_buf`: a command that prints
@@ -365,6 +406,10 @@ async fn pump(rx: &mut pipe::Receiver, eof: &AtomicBool, mut out: impl FnMut(&[u
             Ok(0) => return eof.store(true, Ordering::Relaxed),
             Ok(_) => out(&buf),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A pseudo-terminal's master reads EIO once every slave fd is closed: its EOF.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                return eof.store(true, Ordering::Relaxed);
+            }
             Err(_) => return,
         }
     }

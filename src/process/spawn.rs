@@ -51,6 +51,9 @@ pub struct SpawnRequest<'a> {
     pub cwd: &'a CStr,
     /// Whether the child gets a stdin pipe (else /dev/null).
     pub with_stdin: bool,
+    /// The slave of a pseudo-terminal: the child's controlling terminal and
+    /// its stdin, stdout and stderr (no pipes are made then).
+    pub terminal: Option<RawFd>,
     /// setrlimit calls, applied before exec.
     pub rlimits: &'a [Rlimit],
     /// Written to /proc/self/oom_score_adj (e.g. "1000"), if set.
@@ -65,11 +68,11 @@ pub struct SpawnRequest<'a> {
     pub state_fds: [(RawFd, i32); 2],
 }
 
-/// The parent's ends of the child's pipes (all close-on-exec).
+/// The parent's ends of the child's pipes (all close-on-exec); none with a terminal.
 pub struct ChildPipes {
     pub stdin: Option<OwnedFd>,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
 }
 
 /// The step of the child's setup that failed.
@@ -79,6 +82,7 @@ pub enum ChildStep {
     Cgroup = 1,
     Signals,
     Session,
+    Terminal,
     Stdio,
     OomScore,
     Rlimit,
@@ -91,7 +95,7 @@ impl ChildStep {
     fn from_raw(raw: i32) -> Option<ChildStep> {
         use ChildStep::*;
         [
-            Cgroup, Signals, Session, Stdio, OomScore, Rlimit, Identity, Cwd, Exec,
+            Cgroup, Signals, Session, Terminal, Stdio, OomScore, Rlimit, Identity, Cwd, Exec,
         ]
         .into_iter()
         .find(|s| *s as i32 == raw)
@@ -102,6 +106,7 @@ impl ChildStep {
             ChildStep::Cgroup => "joining the command's cgroup",
             ChildStep::Signals => "resetting signal dispositions",
             ChildStep::Session => "starting a new session",
+            ChildStep::Terminal => "taking the pseudo-terminal as controlling terminal",
             ChildStep::Stdio => "connecting stdin, stdout, stderr and the state fds",
             ChildStep::OomScore => "setting oom_score_adj",
             ChildStep::Rlimit => "setting resource limits",
@@ -141,6 +146,8 @@ struct ChildPlan {
     stdin: libc::c_int,
     stdout: libc::c_int,
     stderr: libc::c_int,
+    /// -1: no terminal; else the pty slave, made the controlling terminal.
+    terminal: libc::c_int,
     state_fds: [(libc::c_int, libc::c_int); 2],
     rlimits: *const Rlimit,
     rlimit_count: usize,
@@ -179,13 +186,26 @@ pub fn spawn(
         }
     };
 
-    let stdin = if req.with_stdin {
-        Some(cloexec_pipe().map_err(setup("stdin pipe"))?)
-    } else {
-        None
+    let pipes = match req.terminal {
+        Some(_) => None,
+        None => Some((
+            req.with_stdin
+                .then(|| cloexec_pipe().map_err(setup("stdin pipe")))
+                .transpose()?,
+            cloexec_pipe().map_err(setup("stdout pipe"))?,
+            cloexec_pipe().map_err(setup("stderr pipe"))?,
+        )),
     };
-    let (stdout_r, stdout_w) = cloexec_pipe().map_err(setup("stdout pipe"))?;
-    let (stderr_r, stderr_w) = cloexec_pipe().map_err(setup("stderr pipe"))?;
+    // The child's stdio: the pipes' ends, or the terminal's slave at all three.
+    let (stdin_fd, stdout_fd, stderr_fd) = match (&pipes, req.terminal) {
+        (Some((stdin, (_, out_w), (_, err_w))), _) => (
+            stdin.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
+            out_w.as_raw_fd(),
+            err_w.as_raw_fd(),
+        ),
+        (None, Some(slave)) => (slave, slave, slave),
+        (None, None) => unreachable!("pipes are made whenever there is no terminal"),
+    };
 
     let mut argv: Vec<*const libc::c_char> = req.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -196,9 +216,10 @@ pub fn spawn(
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: req.cwd.as_ptr(),
-        stdin: stdin.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
-        stdout: stdout_w.as_raw_fd(),
-        stderr: stderr_w.as_raw_fd(),
+        stdin: stdin_fd,
+        stdout: stdout_fd,
+        stderr: stderr_fd,
+        terminal: req.terminal.unwrap_or(-1),
         state_fds: req.state_fds,
         rlimits: req.rlimits.as_ptr(),
         rlimit_count: req.rlimits.len(),
@@ -233,15 +254,23 @@ pub fn spawn(
         }
         Ok(pid)
     })?;
+    let child = ChildProcess::adopt(pid, table.clone());
     // The child's ends close here; from now on EOF on a pipe means every
     // holder of the write end (the shell and anything it left behind) is gone.
-    drop((stdout_w, stderr_w));
-
-    let child = ChildProcess::adopt(pid, table.clone());
-    let pipes = ChildPipes {
-        stdin: stdin.map(|(_, w)| w),
-        stdout: stdout_r,
-        stderr: stderr_r,
+    let pipes = match pipes {
+        Some((stdin, (stdout_r, stdout_w), (stderr_r, stderr_w))) => {
+            drop((stdout_w, stderr_w));
+            ChildPipes {
+                stdin: stdin.map(|(_, w)| w),
+                stdout: Some(stdout_r),
+                stderr: Some(stderr_r),
+            }
+        }
+        None => ChildPipes {
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        },
     };
     Ok((child, pipes))
 }
@@ -346,7 +375,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 ///    command (adding the pid after spawn lets early grandchildren escape).
 /// 1. Every signal back to its default disposition (the daemon ignores
 ///    SIGPIPE, and ignored signals survive exec; handlers would run in our memory).
-/// 2. A new session: the command leads its own process group, killable as one.
+/// 2. A new session: the command leads its own process group, killable as one;
+///    with a terminal, it becomes the session's controlling terminal (TIOCSCTTY),
+///    whose foreground group is then the command's.
 /// 3. stdin, stdout, stderr at 0-2 and the state memfds (dup2 clears close-on-exec).
 /// 4. oom_score_adj (raising it needs no privilege; done before the identity change).
 /// 5. rlimits (while still privileged, so hard limits can be set as asked).
@@ -378,6 +409,9 @@ unsafe fn child_setup(plan: &ChildPlan) -> Result<(), ChildStep> {
         }
         if libc::setsid() < 0 {
             return Err(ChildStep::Session);
+        }
+        if plan.terminal >= 0 && libc::ioctl(plan.terminal, libc::TIOCSCTTY, 0) < 0 {
+            return Err(ChildStep::Terminal);
         }
         let stdin = if plan.stdin >= 0 {
             plan.stdin

@@ -1,4 +1,4 @@
-//! The wire schema of protocol 2's long-running commands: command ids, event frames, `exec.start`, `exec.read`, `exec.write`, `exec.cancel` by id.
+//! The wire schema of protocol 2's long-running commands: command ids, event frames, `exec.start`, `exec.read`, `exec.write`, `exec.resize`, `exec.cancel` by id.
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -117,6 +117,20 @@ pub struct WriteParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WriteResult {
     pub written: u64,
+}
+
+/// `exec.resize` params: a command's pseudo-terminal and its new size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResizeParams {
+    pub command_id: String,
+    pub rows: u64,
+    pub cols: u64,
+}
+
+/// `exec.resize` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResizeResult {
+    pub resized: bool,
 }
 
 /// `exec.cancel` params: a command by id, or every command of a session.

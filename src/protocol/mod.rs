@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_bytes::ByteBuf;
 
 pub use commands::{
-    CancelParams, CommandResult, Event, EventFrame, ReadParams, ReadResult, StartResult,
-    StreamName, WriteParams, WriteResult,
+    CancelParams, CommandResult, Event, EventFrame, ReadParams, ReadResult, ResizeParams,
+    ResizeResult, StartResult, StreamName, WriteParams, WriteResult,
 };
 pub use error::{RequestError, WireError, clip, quote};
 
@@ -31,6 +31,7 @@ pub mod method {
     pub const EXEC_START: &str = "exec.start";
     pub const EXEC_READ: &str = "exec.read";
     pub const EXEC_WRITE: &str = "exec.write";
+    pub const EXEC_RESIZE: &str = "exec.resize";
     /// Only with the `fault-injection` feature; else `UNKNOWN_METHOD`.
     #[cfg(feature = "fault-injection")]
     pub const DEBUG_FAULT: &str = "debug.fault";
@@ -270,6 +271,17 @@ pub struct ExecParams {
     /// Seconds without output on either stream after which the command is killed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<f64>,
+    /// Run on a pseudo-terminal of this size (`exec.start`, or `exec.run` with `stream`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtyParams>,
+}
+
+/// The `pty` param: a terminal's window size. An unknown key is refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtyParams {
+    pub rows: u64,
+    pub cols: u64,
 }
 
 /// `system.ping` result.
@@ -292,6 +304,7 @@ pub const FEATURES: &[&str] = &[
     "terminal-state",
     "init",
     "memory-budget",
+    "pty",
 ];
 
 /// `system.stats` result.

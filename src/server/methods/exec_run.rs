@@ -33,6 +33,11 @@ pub(super) fn dispatch(
     events: EventSink,
 ) -> Result<Pending<ExecResult>, RequestError> {
     let (session_id, request, stream) = parse(&daemon.ctx.live(), params)?;
+    if request.pty.is_some() && !stream {
+        return Err(RequestError::InvalidRequest(
+            "param `pty`: only with `stream: true` (or `exec.start`): a terminal's output comes as it is typed at".into(),
+        ));
+    }
     if request.stdin_open && !stream {
         return Err(RequestError::InvalidRequest(
             "param `stdin_open`: only with `stream: true`, whose `started` event gives the command id to write to".into(),
@@ -92,6 +97,10 @@ pub(super) fn parse(
             "param `command`: must hold no NUL byte and at most {MAX_ARG_BYTES} bytes (pass data through stdin)"
         )));
     }
+    let pty = p
+        .pty
+        .map(|size| super::exec_resize::pty_size("pty.", size.rows, size.cols))
+        .transpose()?;
     let request = ExecRequest {
         command: p.command,
         timeout: p
@@ -101,11 +110,13 @@ pub(super) fn parse(
         stdin: p.stdin.map(|b| b.into_vec()),
         env: env_param("env", p.env)?,
         keep_output: p.keep_output.unwrap_or_default(),
-        stdin_open: p.stdin_open,
+        // A terminal is always open for keystrokes.
+        stdin_open: p.stdin_open || pty.is_some(),
         idle_timeout: p
             .idle_timeout_s
             .map(|s| seconds_param("idle_timeout_s", s))
             .transpose()?,
+        pty,
     };
     Ok((p.session_id, request, p.stream))
 }

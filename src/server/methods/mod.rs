@@ -9,6 +9,7 @@
 mod debug_fault;
 mod exec_cancel;
 mod exec_read;
+mod exec_resize;
 mod exec_run;
 mod exec_start;
 mod exec_write;
@@ -47,6 +48,7 @@ pub enum Method {
     ExecStart,
     ExecRead,
     ExecWrite,
+    ExecResize,
     ExecCancel,
     /// Only with the `fault-injection` feature; else `UNKNOWN_METHOD`.
     #[cfg(feature = "fault-injection")]
@@ -64,6 +66,7 @@ const TABLE: &[(&str, Method)] = &[
     (method::EXEC_START, Method::ExecStart),
     (method::EXEC_READ, Method::ExecRead),
     (method::EXEC_WRITE, Method::ExecWrite),
+    (method::EXEC_RESIZE, Method::ExecResize),
     (method::EXEC_CANCEL, Method::ExecCancel),
     #[cfg(feature = "fault-injection")]
     (method::DEBUG_FAULT, Method::DebugFault),
@@ -153,6 +156,7 @@ pub async fn dispatch(
             timed,
             exec_write::dispatch(daemon, uid, params, writes),
         ),
+        Some(Method::ExecResize) => waiting(ctx, timed, exec_resize::dispatch(daemon, uid, params)),
         Some(Method::ExecCancel) => waiting(ctx, timed, exec_cancel::dispatch(daemon, uid, params)),
         #[cfg(feature = "fault-injection")]
         Some(Method::DebugFault) => {
