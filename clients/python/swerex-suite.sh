@@ -25,7 +25,7 @@ trap 'rm -rf "$venv"' EXIT
 pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 mkdir "$venv/src"
 cp -r "$here/pyproject.toml" "$here/README.md" "$here/src" "$venv/src/"
-"${pip[@]}" install "$venv/src[swerex,test]" "swe-rex==$SWEREX_VERSION" pytest-asyncio aiohttp
+"${pip[@]}" install "$venv/src[swerex,test]" "swe-rex==$SWEREX_VERSION" "pytest-asyncio>=0.23,<2" aiohttp
 
 cd "$here"
 "$venv/bin/python" -m mypy --strict --config-file pyproject.toml --cache-dir "$venv/mypy-cache" src/sessiond
