@@ -266,8 +266,12 @@ class SessiondRuntime(AbstractRuntime):
             raise
         except BaseException:
             # Cut short (cancelled, connection lost): it may still run what it
-            # was given, so it is not handed out again.
-            await asyncio.shield(self._destroy(session_id))
+            # was given, so it is not handed out again. The original error is
+            # the one to raise, whatever the destroy meets.
+            try:
+                await asyncio.shield(self._destroy(session_id))
+            except Exception:  # noqa: BLE001
+                self.logger.warning("could not destroy helper session %s", session_id)
             raise
         if len(self._helpers) < MAX_IDLE_HELPERS:
             self._helpers.append(session_id)
