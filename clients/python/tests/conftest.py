@@ -44,7 +44,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 class Daemon:
     """A running daemon: ``socket`` is its path, ``work`` the sessions' default cwd."""
 
-    def __init__(self, extra_config: str = "", server_extra: str = "") -> None:
+    def __init__(self, extra_config: str = "", server_extra: str = "", commands_extra: str = "") -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="sessiond-py-")
         self.dir = pathlib.Path(self._dir.name)
         os.chmod(self.dir, 0o700)
@@ -63,6 +63,7 @@ shutdown_grace = "5s"
 default_cwd = "{self.work}"
 [commands]
 kill_grace = "300ms"
+{commands_extra}
 [cgroups]
 mode = "off"
 [commands.env]
@@ -136,8 +137,8 @@ def make_daemon() -> Iterator[Callable[..., Daemon]]:
     """A daemon with extra config for one test."""
     made = []
 
-    def make(extra: str, server_extra: str = "") -> Daemon:
-        d = Daemon(extra, server_extra)
+    def make(extra: str, server_extra: str = "", commands_extra: str = "") -> Daemon:
+        d = Daemon(extra, server_extra, commands_extra)
         made.append(d)
         return d
 
