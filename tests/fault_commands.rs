@@ -32,9 +32,14 @@ type Moved = (Counter, u64);
 
 impl Harness {
     async fn start() -> Harness {
-        let d = TestDaemon::start(
-            "[sessions]\nmax_sessions_per_client = 16\n[commands]\nmax_output_bytes = \"1 MiB\"\n[rlimits]\nnofile = 2048\n",
-        );
+        Self::start_with("").await
+    }
+
+    /// With `commands`: more lines of the config's `[commands]` table.
+    async fn start_with(commands: &str) -> Harness {
+        let d = TestDaemon::start(&format!(
+            "[sessions]\nmax_sessions_per_client = 24\n[rlimits]\nnofile = 2048\n[commands]\nmax_output_bytes = \"1 MiB\"\n{commands}"
+        ));
         let c = d.client().await;
         let inv = Invariants::baseline(&d, &c).await;
         let before = c.stats().await.unwrap();
@@ -78,6 +83,31 @@ async fn hostile_commands_kill_only_themselves() {
     // Timeouts: spin, yes, TERM-ignorer; truncated: flood, yes; one session each.
     h.finish(&[(TIMED_OUT, 3), (TRUNCATED, 2), (DESTROYED, 7)])
         .await;
+}
+
+/// Issue 14's command-side attacks: 16 commands flooding both streams (RSS
+/// sampled throughout), background writers on both streams after the
+/// answer, a 1 s timeout on `sleep 10` with a 2 s grace (a kill that waited
+/// out the grace answered after 3 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_that_strain_the_daemon_stay_within_its_bounds() {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+    let h = Harness::start_with(&format!(
+        "kill_grace = \"{}s\"\nmax_concurrent = 24\n",
+        GRACE.as_secs()
+    ))
+    .await;
+    sc::flood_many(&h.c, 16, 1 << 20, (h.d.pid(), h.inv.rss_bound)).await;
+    h.check_live().await;
+    let truncated = sc::background_writers(&h.c, &h.d.work_dir()).await;
+    h.check_live().await;
+    sc::timeout_on_time(&h.c, GRACE).await;
+    h.finish(&[
+        (TIMED_OUT, 1),
+        (TRUNCATED, 16 + u64::from(truncated)),
+        (DESTROYED, 18),
+    ])
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
