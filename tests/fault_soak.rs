@@ -470,9 +470,10 @@ async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garba
             e.output_truncated.fetch_add(1, Ordering::SeqCst);
         }
         Op::YesTail => {
-            sc::yes_tail(c).await;
             e.timed_out.fetch_add(1, Ordering::SeqCst);
-            e.output_truncated.fetch_add(1, Ordering::SeqCst);
+            if sc::yes_tail(c, OUTPUT_CAP).await {
+                e.output_truncated.fetch_add(1, Ordering::SeqCst);
+            }
         }
         Op::ThousandFiles => sc::thousand_files(c).await,
         Op::DaemonizingChild => sc::daemonizing_child(c).await,

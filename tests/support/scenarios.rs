@@ -173,8 +173,11 @@ pub async fn flood_both_streams(c: &Client, cap: usize) {
     );
 }
 
-/// `yes` with `keep_output: "tail"`: the last bytes are kept until the timeout.
-pub async fn yes_tail(c: &Client) {
+/// `yes` with `keep_output: "tail"`: the last bytes are kept until the
+/// timeout — the last `cap` of them once it wrote more (truncated), all of
+/// them otherwise (a loaded machine can drain less than `cap` in the time).
+/// Returns whether the output was truncated.
+pub async fn yes_tail(c: &Client, cap: usize) -> bool {
     let r = in_own_session(
         c,
         None,
@@ -184,8 +187,29 @@ pub async fn yes_tail(c: &Client) {
         },
     )
     .await;
-    assert!(r.timed_out && r.stdout_truncated, "{r:?}");
-    assert!(r.stdout.ends_with(b"y\n") || r.stdout.ends_with(b"y"));
+    let summary = format!(
+        "timed_out {}, truncated {}, kept {} of {}",
+        r.timed_out,
+        r.stdout_truncated,
+        r.stdout.len(),
+        r.stdout_total_bytes
+    );
+    assert!(r.timed_out, "{summary}");
+    assert_eq!(
+        r.stdout_truncated,
+        r.stdout_total_bytes > cap as u64,
+        "{summary}"
+    );
+    assert_eq!(
+        r.stdout.len() as u64,
+        r.stdout_total_bytes.min(cap as u64),
+        "{summary}"
+    );
+    assert!(
+        r.stdout.ends_with(b"y\n") || r.stdout.ends_with(b"y"),
+        "{summary}"
+    );
+    r.stdout_truncated
 }
 
 /// A thousand open files (the daemon's `nofile` must allow them).
