@@ -106,7 +106,7 @@ async fn commands_that_strain_the_daemon_stay_within_its_bounds() {
     h.check_live().await;
     let truncated = sc::background_writers(&h.c, &h.d.work_dir()).await;
     h.check_live().await;
-    sc::timeout_on_time(&h.c, GRACE).await;
+    sc::timeout_on_time(&h.c, &h.d.work_dir(), GRACE).await;
     h.finish(&[
         (TIMED_OUT, 1),
         (TRUNCATED, 16 + u64::from(truncated)),

@@ -562,7 +562,7 @@ async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garba
             }
         }
         Op::TimeoutOnTime => {
-            sc::timeout_on_time(c, KILL_GRACE).await;
+            sc::timeout_on_time(c, &work, KILL_GRACE).await;
             e.timed_out.fetch_add(1, Ordering::SeqCst);
         }
         Op::PipelinedRunCancel => {
