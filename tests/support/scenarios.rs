@@ -175,7 +175,8 @@ pub async fn flood_both_streams(c: &Client, cap: usize) {
 
 /// `yes` with `keep_output: "tail"`: the last bytes are kept until the
 /// timeout — the last `cap` of them once it wrote more (truncated), all of
-/// them otherwise (a loaded machine can drain less than `cap` in the time).
+/// them otherwise (a loaded machine can drain less than `cap` in the time,
+/// or not even start `yes`: the soak saw both at a load of 12 on 2 cores).
 /// Returns whether the output was truncated.
 pub async fn yes_tail(c: &Client, cap: usize) -> bool {
     let r = in_own_session(
@@ -183,7 +184,7 @@ pub async fn yes_tail(c: &Client, cap: usize) -> bool {
         None,
         ExecParams {
             keep_output: Some(KeepOutput::Tail),
-            ..cmd("yes", 0.5)
+            ..cmd("yes", 1.0)
         },
     )
     .await;
@@ -205,8 +206,9 @@ pub async fn yes_tail(c: &Client, cap: usize) -> bool {
         r.stdout_total_bytes.min(cap as u64),
         "{summary}"
     );
+    // (Nothing at all when a loaded machine had not started `yes` in time.)
     assert!(
-        r.stdout.ends_with(b"y\n") || r.stdout.ends_with(b"y"),
+        r.stdout.is_empty() || r.stdout.ends_with(b"y\n") || r.stdout.ends_with(b"y"),
         "{summary}"
     );
     r.stdout_truncated
