@@ -102,7 +102,7 @@ async fn commands_that_strain_the_daemon_stay_within_its_bounds() {
         GRACE.as_secs()
     ))
     .await;
-    sc::flood_many(&h.c, 16, 1 << 20, (h.d.pid(), h.inv.rss_bound)).await;
+    sc::flood_many(&h.d.socket, 16, 1 << 20, (h.d.pid(), h.inv.rss_bound)).await;
     h.check_live().await;
     let truncated = sc::background_writers(&h.c, &h.d.work_dir()).await;
     h.check_live().await;

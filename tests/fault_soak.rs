@@ -552,7 +552,7 @@ async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garba
         }
         Op::HugeParams => support::blocking(move || sc::huge_and_ill_typed_params(&socket)).await,
         Op::FloodMany => {
-            sc::flood_many(c, FLOODS, OUTPUT_CAP, (w.d.pid(), w.inv.rss_bound)).await;
+            sc::flood_many(&socket, FLOODS, OUTPUT_CAP, (w.d.pid(), w.inv.rss_bound)).await;
             e.output_truncated
                 .fetch_add(FLOODS as u64, Ordering::SeqCst);
         }

@@ -1632,14 +1632,21 @@ pub fn huge_and_ill_typed_params(socket: &Path) {
     assert!(get(&conn.read().unwrap(), "result").is_map());
 }
 
-/// Issue 14's row "16 commands flooding both streams": `n` sessions flood both
-/// streams at once; each result is capped at `cap` with the true totals
+/// Issue 14's row "16 commands flooding both streams": `n` clients, each on
+/// a connection of its own, flood both streams in a session of their own at
+/// once; each result is capped at `cap` with the true totals
 /// (`flood_both_streams`), and the daemon's RSS, sampled throughout, stays
-/// under `daemon.1`. Moves `output_truncated_total` by `n`.
-pub async fn flood_many(c: &Client, n: usize, cap: usize, daemon: (i32, u64)) {
+/// under `daemon.1`. (On one connection, `n` capped answers at once would
+/// pass a small `max_unsent_bytes` and drop it as a slow reader, by design.)
+/// Moves `output_truncated_total` by `n`.
+pub async fn flood_many(socket: &Path, n: usize, cap: usize, daemon: (i32, u64)) {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(Client::connect(socket).await.expect("connect"));
+    }
     let done = std::sync::atomic::AtomicBool::new(false);
     let floods = async {
-        futures::future::join_all((0..n).map(|_| flood_both_streams(c, cap))).await;
+        futures::future::join_all(clients.iter().map(|c| flood_both_streams(c, cap))).await;
         done.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     let (pid, rss_bound) = daemon;
