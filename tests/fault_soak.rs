@@ -81,8 +81,9 @@ const UNSENT_BUDGET: u64 = 1 << 20;
 const STREAM_FLOOD: u64 = 64 << 20;
 /// The daemon's `kill_grace`: long, so a kill that waited it out (instead of
 /// ending once the group's live processes are gone) is told from one that
-/// did not by a bound no load reaches.
-const KILL_GRACE: Duration = Duration::from_secs(2);
+/// did not by a bound no load reaches (at 2 s, a load of 19 on 2 cores once
+/// put 1.4 s between a command's death and its answer).
+const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Connections of one `unread_error_answers`, and the env key each of their
 /// seven requests carries.
 const UNREAD_CONNS: usize = 8;
