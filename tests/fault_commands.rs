@@ -92,8 +92,8 @@ async fn hostile_commands_kill_only_themselves() {
 
 /// Issue 14's command-side attacks: 16 commands flooding both streams (RSS
 /// sampled throughout), background writers on both streams after the
-/// answer, a 1 s timeout on `sleep 10` with a 2 s grace (a kill that waited
-/// out the grace answered after 3 s).
+/// answer, a 1 s timeout on `sleep 10` with a 4 s grace (a kill that waited
+/// for a zombie answered about the grace after the command died).
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_that_strain_the_daemon_stay_within_its_bounds() {
     const GRACE: std::time::Duration = std::time::Duration::from_secs(4);
