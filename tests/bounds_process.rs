@@ -324,14 +324,23 @@ fn spread(samples: &mut [f64]) -> (f64, f64, f64) {
     )
 }
 
-/// SIGKILLs every live process of a daemon's commands (found by its tag)
-/// when dropped: a measurement that fails, panics or is cut short by one of
-/// its deadlines leaves no spinner behind, whatever became of the daemon.
-struct KillCommandsOnDrop(String);
+/// SIGKILLs every live process of a daemon's commands when dropped (its
+/// tag, pid and cgroups: `support::command_pids`, which also finds a
+/// spinner that is only its command's shell): a measurement that fails,
+/// panics or is cut short by one of its deadlines leaves no spinner behind.
+/// (`TestDaemon`'s own drop does the same; this one runs first, and keeps
+/// the promise visible where the spinners are made.)
+struct KillCommandsOnDrop(String, Option<i32>, Vec<std::path::PathBuf>);
+
+impl KillCommandsOnDrop {
+    fn of(d: &TestDaemon) -> KillCommandsOnDrop {
+        KillCommandsOnDrop(d.tag.clone(), Some(d.pid()), d.cgroup_dirs())
+    }
+}
 
 impl Drop for KillCommandsOnDrop {
     fn drop(&mut self) {
-        for pid in tagged_pids(&self.0) {
+        for pid in support::command_pids(&self.0, self.1, &self.2) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -346,7 +355,7 @@ async fn no_command_left(d: &TestDaemon) {
     support::wait_until_async(
         "no process of the measurement's commands left",
         Duration::from_secs(30),
-        || async { tagged_pids(&d.tag).is_empty() },
+        || async { d.command_pids().is_empty() },
     )
     .await;
 }
@@ -385,7 +394,7 @@ async fn measure_timeout_and_cancel_latency() {
     let mut rows = Vec::new();
     for (name, off, nobody) in CONFIGS {
         let d = TestDaemon::start(&config(off, nobody, "2s"));
-        let _kill = KillCommandsOnDrop(d.tag.clone());
+        let _kill = KillCommandsOnDrop::of(&d);
         let c = Arc::new(d.client().await);
         check_config(&c, name, off, nobody).await;
         let mut secs = support::within(
@@ -462,7 +471,7 @@ async fn pings_while_spinning(name: &str, extra: &str, cgroups_off: bool) -> Vec
     let d = TestDaemon::start(&format!(
         "{extra}\n[sessions]\nmax_sessions_per_client = {SPINNERS}\n[commands]\nmax_concurrent = {SPINNERS}\n"
     ));
-    let _kill = KillCommandsOnDrop(d.tag.clone());
+    let _kill = KillCommandsOnDrop::of(&d);
     let c = d.client().await;
     check_config(&c, name, cgroups_off, false).await;
     let mut sessions = Vec::new();

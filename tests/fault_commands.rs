@@ -143,3 +143,49 @@ async fn a_command_cannot_touch_another_session() {
     drop(c);
     d.stop();
 }
+
+/// Kills a process when dropped: this test leaks nothing even when what it
+/// checks is broken.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The harness itself: a test that fails while a command that is only its
+/// shell spins (a builtin loop; the shell's environment holds no tag, so
+/// `tagged_pids` cannot see it) leaves nothing behind: dropping its
+/// `TestDaemon`, as a panicking test does, kills the shell, with cgroups on
+/// and off. (It once left the spinners of a failed measurement, and a failed
+/// soak's TERM-ignoring loop, running for good.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_test_leaves_no_command_shell_behind() {
+    for extra in ["", "[cgroups]\nmode = \"off\"\n"] {
+        let d = TestDaemon::start(extra);
+        let c = d.client().await;
+        let s = sc::session(&c, None).await;
+        let pidfile = d.work_dir().join("spin.pid");
+        c.start(sessiond::protocol::ExecParams {
+            session_id: s,
+            command: format!("echo $$ > {}; while :; do :; done", pidfile.display()),
+            timeout_s: Some(60.0),
+            ..Default::default()
+        })
+        .await
+        .expect("exec.start");
+        let shell = sc::read_pid_file(&pidfile).await;
+        let _kill = KillOnDrop(shell);
+        assert!(
+            !support::tagged_pids(&d.tag).contains(&shell),
+            "the shell carries the tag: this test would prove nothing"
+        );
+        drop(c);
+        drop(d);
+        sc::wait_dead(shell, "the spinning shell dies with its test daemon").await;
+    }
+}
