@@ -2,7 +2,11 @@
 //! frames, a stalled partial frame, a hang-up mid-exec, 200 connections at
 //! once, a client that never reads (its answers or its stream), a client that
 //! hangs up mid-stream and re-attaches: each costs only its own connection;
-//! the invariants and the counters say so.
+//! the invariants and the counters say so. Then issue 14's client attacks
+//! (unread error answers on many connections, huge and ill-typed params,
+//! pipelined run-then-cancel, a refused client that writes first, many
+//! retained results, one uid at its connection share): each gets its named
+//! answer while the daemon serves the others.
 
 mod support;
 

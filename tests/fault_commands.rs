@@ -1,6 +1,9 @@
 //! Fault scenarios: hostile commands. Each is bounded in time, checks its own
 //! outcome, and then the invariants (ping, a control session, RSS, fds, no
-//! process or cgroup left, stats).
+//! process or cgroup left, stats). Issue 14's command attacks (16 floods at
+//! once, background writers, a timeout's timing) have a test of their own,
+//! and so does the harness's promise that a failed test leaves no command
+//! behind.
 
 mod support;
 
