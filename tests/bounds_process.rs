@@ -314,43 +314,132 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// p50, p99 and max of `samples`.
+fn spread(samples: &mut [f64]) -> (f64, f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    (
+        percentile(samples, 0.5),
+        percentile(samples, 0.99),
+        samples[samples.len() - 1],
+    )
+}
+
+/// SIGKILLs every live process of a daemon's commands when dropped (its
+/// tag, pid and cgroups: `support::command_pids`, which also finds a
+/// spinner that is only its command's shell): a measurement that fails,
+/// panics or is cut short by one of its deadlines leaves no spinner behind.
+/// (`TestDaemon`'s own drop does the same; this one runs first, and keeps
+/// the promise visible where the spinners are made.)
+struct KillCommandsOnDrop(String, Option<i32>, Vec<std::path::PathBuf>);
+
+impl KillCommandsOnDrop {
+    fn of(d: &TestDaemon) -> KillCommandsOnDrop {
+        KillCommandsOnDrop(d.tag.clone(), Some(d.pid()), d.cgroup_dirs())
+    }
+}
+
+impl Drop for KillCommandsOnDrop {
+    fn drop(&mut self) {
+        for pid in support::command_pids(&self.0, self.1, &self.2) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Waits until no process of `d`'s commands is left (they were cancelled or
+/// their sessions destroyed): a measurement leaks nothing.
+async fn no_command_left(d: &TestDaemon) {
+    support::wait_until_async(
+        "no process of the measurement's commands left",
+        Duration::from_secs(30),
+        || async { d.command_pids().is_empty() },
+    )
+    .await;
+}
+
+/// Checks that a daemon of [`CONFIGS`] runs as configured: cgroups on or
+/// off, commands as root or as `nobody`.
+async fn check_config(c: &Client, name: &str, cgroups_off: bool, nobody: bool) {
+    let stats = c.stats().await.unwrap();
+    assert_eq!(
+        stats.runtime.cgroups == "off",
+        cgroups_off,
+        "{name}: cgroups are {}",
+        stats.runtime.cgroups
+    );
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&s, "id -u").await.unwrap();
+    let uid = if nobody { "65534\n" } else { "0\n" };
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        uid,
+        "{name}: commands' uid"
+    );
+    c.destroy_session(&s).await.unwrap();
+}
+
+/// Timeouts measured per configuration, and how many run at once.
+const TIMEOUT_RUNS: usize = 50;
+const TIMEOUT_PARALLEL: usize = 5;
+/// Cancels measured per configuration (one at a time).
+const CANCEL_RUNS: usize = 20;
+
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "measurement for docs/benchmarks.md (≈4 min): cargo test --test bounds_process -- --ignored --nocapture"]
+#[ignore = "measurement for docs/benchmarks.md (≈1 min): cargo test --release --test bounds_process measure_ -- --ignored --nocapture --test-threads=1"]
 async fn measure_timeout_and_cancel_latency() {
     let _serial = SERIAL.lock().await;
+    let mut rows = Vec::new();
     for (name, off, nobody) in CONFIGS {
         let d = TestDaemon::start(&config(off, nobody, "2s"));
+        let _kill = KillCommandsOnDrop::of(&d);
         let c = Arc::new(d.client().await);
-        // 50 one at a time.
-        let mut secs = timeout_latencies(&c, 50, 1).await;
-        secs.sort_by(f64::total_cmp);
+        check_config(&c, name, off, nobody).await;
+        let mut secs = support::within(
+            Duration::from_secs(120),
+            "the timeouts",
+            timeout_latencies(&c, TIMEOUT_RUNS / TIMEOUT_PARALLEL, TIMEOUT_PARALLEL),
+        )
+        .await;
         let s = c.create_session(CreateParams::default()).await.unwrap();
         let mut cancels = Vec::new();
-        for _ in 0..20 {
+        for _ in 0..CANCEL_RUNS {
             let run = support::spawn_run(&c, &s, "sleep 10");
-            wait_until("sleep runs", Duration::from_secs(10), || {
+            support::wait_until_async("sleep runs", Duration::from_secs(10), || async {
                 tagged_named(&d, "sleep").len() == 1
-            });
+            })
+            .await;
             let t = Instant::now();
-            c.cancel(&s).await.unwrap();
-            run.await.unwrap().unwrap();
+            assert!(c.cancel(&s).await.unwrap(), "{name}: nothing to cancel");
+            let r = support::within(Duration::from_secs(10), "the cancelled run's answer", run)
+                .await
+                .unwrap()
+                .unwrap();
             cancels.push(t.elapsed().as_secs_f64() * 1000.0);
-            wait_until("sleep gone", Duration::from_secs(10), || {
-                tagged_named(&d, "sleep").is_empty()
-            });
+            assert!(r.killed_by.is_some(), "{name}: {r:?}");
         }
-        cancels.sort_by(f64::total_cmp);
+        c.destroy_session(&s).await.unwrap();
+        no_command_left(&d).await;
+        let (t50, t99, tmax) = spread(&mut secs);
+        let (c50, c99, _) = spread(&mut cancels);
         println!(
-            "{name}: timeout_s 1 on sleep 10 (n=50): p50 {:.3} s, p99 {:.3} s, max {:.3} s; exec.cancel (n=20): p50 {:.1} ms, p99 {:.1} ms",
-            percentile(&secs, 0.5),
-            percentile(&secs, 0.99),
-            secs[secs.len() - 1],
-            percentile(&cancels, 0.5),
-            percentile(&cancels, 0.99),
+            "{name}: timeout_s 1 on sleep 10 (n={}): p50 {t50:.3} s, p99 {t99:.3} s, max {tmax:.3} s; \
+             exec.cancel (n={}): p50 {c50:.1} ms, p99 {c99:.1} ms",
+            secs.len(),
+            cancels.len()
         );
+        rows.push(format!(
+            "| {name} | {t50:.3} / **{t99:.3}** / {tmax:.3} s | {c50:.1} / **{c99:.1}** ms |"
+        ));
         drop(c);
         d.stop();
     }
+    println!(
+        "\n| configuration (kill_grace 2 s) | `timeout_s: 1` on `sleep 10`, n={TIMEOUT_RUNS} ({TIMEOUT_PARALLEL} at once): p50 / p99 / max | `exec.cancel` of `sleep 10` to its answer, n={CANCEL_RUNS}: p50 / p99 |\n|---|---|---|\n{}",
+        rows.join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -368,45 +457,100 @@ async fn measure_background_drain_cpu() {
     d.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "measurement for docs/benchmarks.md (≈20 s): cargo test --test bounds_process -- --ignored --nocapture"]
-async fn measure_ping_while_16_commands_spin() {
-    let _serial = SERIAL.lock().await;
-    for (name, config) in [("cgroups on", ""), ("cgroups off", CGROUPS_OFF)] {
-        let d = TestDaemon::start(&format!(
-            "{config}\n[sessions]\nmax_sessions_per_client = 16\n"
-        ));
-        let c = Arc::new(d.client().await);
-        let mut spins = Vec::new();
-        let mut sessions = Vec::new();
-        for _ in 0..16 {
-            let s = c.create_session(CreateParams::default()).await.unwrap();
-            spins.push(support::spawn_run(&c, &s, "while :; do :; done"));
-            sessions.push(s);
-        }
-        support::wait_running(&c, 16).await;
+/// Commands spinning at once, and pings measured while they spin.
+const SPINNERS: usize = 16;
+const PINGS: usize = 500;
+/// A spin that ends by itself after 120 s even if nothing kills it (the
+/// daemon and the test killed from outside): bash's own clock, no process more.
+const SPIN: &str = "SECONDS=0; while [ $SECONDS -lt 120 ]; do :; done";
+
+/// Ping round trips (ms) while [`SPINNERS`] commands spin, on a daemon
+/// with `extra` config. Every wait has a deadline; the spinners are
+/// cancelled on the way out and killed by a guard on every other path.
+async fn pings_while_spinning(name: &str, extra: &str, cgroups_off: bool) -> Vec<f64> {
+    let d = TestDaemon::start(&format!(
+        "{extra}\n[sessions]\nmax_sessions_per_client = {SPINNERS}\n[commands]\nmax_concurrent = {SPINNERS}\n"
+    ));
+    let _kill = KillCommandsOnDrop::of(&d);
+    let c = d.client().await;
+    check_config(&c, name, cgroups_off, false).await;
+    let mut sessions = Vec::new();
+    let mut spinners = Vec::new();
+    for _ in 0..SPINNERS {
+        let s = c.create_session(CreateParams::default()).await.unwrap();
+        let id = c
+            .start(ExecParams {
+                session_id: s.clone(),
+                command: SPIN.into(),
+                timeout_s: Some(180.0),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        sessions.push(s);
+        spinners.push(id);
+    }
+    support::wait_until_async(
+        &format!("{SPINNERS} commands running"),
+        Duration::from_secs(60),
+        || async { c.stats().await.unwrap().commands.running == SPINNERS as u64 },
+    )
+    .await;
+    let ms = support::within(Duration::from_secs(90), "the pings", async {
         let mut ms = Vec::new();
-        for _ in 0..1000 {
+        for _ in 0..PINGS {
             let t = Instant::now();
-            c.ping().await.unwrap();
+            let pong = support::within(Duration::from_secs(5), "a ping's answer", c.ping()).await;
+            assert!(pong.unwrap().pong);
             ms.push(t.elapsed().as_secs_f64() * 1000.0);
             // Spaced out, as a health check would be.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        ms.sort_by(f64::total_cmp);
-        println!(
-            "{name}: ping while 16 commands spin (n=1000): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            percentile(&ms, 0.5),
-            percentile(&ms, 0.99),
-            ms[ms.len() - 1]
-        );
-        for s in &sessions {
-            c.destroy_session(s).await.unwrap();
-        }
-        for spin in spins {
-            let _ = spin.await;
-        }
-        drop(c);
-        d.stop();
+        ms
+    })
+    .await;
+    assert_eq!(
+        c.stats().await.unwrap().commands.running,
+        SPINNERS as u64,
+        "the spinners ran throughout"
+    );
+    for id in &spinners {
+        let cancelled =
+            support::within(Duration::from_secs(10), "a cancel", c.cancel_command(id)).await;
+        assert!(cancelled.unwrap(), "a spinner had ended by itself");
     }
+    for s in &sessions {
+        support::within(Duration::from_secs(10), "a destroy", c.destroy_session(s))
+            .await
+            .unwrap();
+    }
+    no_command_left(&d).await;
+    drop(c);
+    d.stop();
+    ms
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement for docs/benchmarks.md (≈30 s): cargo test --release --test bounds_process measure_ -- --ignored --nocapture --test-threads=1"]
+async fn measure_ping_while_16_commands_spin() {
+    let _serial = SERIAL.lock().await;
+    let mut rows = Vec::new();
+    for (name, extra, off) in [
+        ("cgroups on", "", false),
+        ("cgroups off", CGROUPS_OFF, true),
+    ] {
+        let mut ms = pings_while_spinning(name, extra, off).await;
+        let (p50, p99, max) = spread(&mut ms);
+        println!(
+            "{name}: ping while {SPINNERS} commands spin (n={}): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
+            ms.len()
+        );
+        rows.push(format!(
+            "| {name} | {p50:.2} / **{p99:.2}** / {max:.2} ms |"
+        ));
+    }
+    println!(
+        "\n| daemon | `system.ping` while {SPINNERS} commands spin, n={PINGS} (one per 10 ms): p50 / p99 / max |\n|---|---|\n{}",
+        rows.join("\n")
+    );
 }

@@ -1,6 +1,9 @@
 //! Fault scenarios: hostile commands. Each is bounded in time, checks its own
 //! outcome, and then the invariants (ping, a control session, RSS, fds, no
-//! process or cgroup left, stats).
+//! process or cgroup left, stats). Issue 14's command attacks (16 floods at
+//! once, background writers, a timeout's timing) have a test of their own,
+//! and so does the harness's promise that a failed test leaves no command
+//! behind.
 
 mod support;
 
@@ -32,9 +35,14 @@ type Moved = (Counter, u64);
 
 impl Harness {
     async fn start() -> Harness {
-        let d = TestDaemon::start(
-            "[sessions]\nmax_sessions_per_client = 16\n[commands]\nmax_output_bytes = \"1 MiB\"\n[rlimits]\nnofile = 2048\n",
-        );
+        Self::start_with("").await
+    }
+
+    /// With `commands`: more lines of the config's `[commands]` table.
+    async fn start_with(commands: &str) -> Harness {
+        let d = TestDaemon::start(&format!(
+            "[sessions]\nmax_sessions_per_client = 24\n[rlimits]\nnofile = 2048\n[commands]\nmax_output_bytes = \"1 MiB\"\n{commands}"
+        ));
         let c = d.client().await;
         let inv = Invariants::baseline(&d, &c).await;
         let before = c.stats().await.unwrap();
@@ -69,15 +77,45 @@ async fn hostile_commands_kill_only_themselves() {
     h.check_live().await;
     sc::flood_both_streams(&h.c, 1 << 20).await;
     h.check_live().await;
-    sc::yes_tail(&h.c).await;
+    let yes_truncated = sc::yes_tail(&h.c, 1 << 20).await;
     h.check_live().await;
     sc::thousand_files(&h.c).await;
     sc::daemonizing_child(&h.c).await;
     sc::term_ignorer(&h.c).await;
     sc::early_stdout_close(&h.c).await;
-    // Timeouts: spin, yes, TERM-ignorer; truncated: flood, yes; one session each.
-    h.finish(&[(TIMED_OUT, 3), (TRUNCATED, 2), (DESTROYED, 7)])
-        .await;
+    // Timeouts: spin, yes, TERM-ignorer; truncated: flood, yes (when it
+    // wrote past the cap in its time); one session each.
+    h.finish(&[
+        (TIMED_OUT, 3),
+        (TRUNCATED, 1 + u64::from(yes_truncated)),
+        (DESTROYED, 7),
+    ])
+    .await;
+}
+
+/// Issue 14's command-side attacks: 16 commands flooding both streams (RSS
+/// sampled throughout), background writers on both streams after the
+/// answer, a 1 s timeout on `sleep 10` with a 4 s grace (a kill that waited
+/// for a zombie answered about the grace after the command died).
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_that_strain_the_daemon_stay_within_its_bounds() {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(4);
+    let h = Harness::start_with(&format!(
+        "kill_grace = \"{}s\"\nmax_concurrent = 24\n",
+        GRACE.as_secs()
+    ))
+    .await;
+    sc::flood_many(&h.d.socket, 16, 1 << 20, (h.d.pid(), h.inv.rss_bound)).await;
+    h.check_live().await;
+    let truncated = sc::background_writers(&h.c, &h.d.work_dir()).await;
+    h.check_live().await;
+    sc::timeout_on_time(&h.c, &h.d.work_dir(), GRACE).await;
+    h.finish(&[
+        (TIMED_OUT, 1),
+        (TRUNCATED, 16 + u64::from(truncated)),
+        (DESTROYED, 18),
+    ])
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -107,4 +145,50 @@ async fn a_command_cannot_touch_another_session() {
     inv.check_after(&d, &c).await;
     drop(c);
     d.stop();
+}
+
+/// Kills a process when dropped: this test leaks nothing even when what it
+/// checks is broken.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The harness itself: a test that fails while a command that is only its
+/// shell spins (a builtin loop; the shell's environment holds no tag, so
+/// `tagged_pids` cannot see it) leaves nothing behind: dropping its
+/// `TestDaemon`, as a panicking test does, kills the shell, with cgroups on
+/// and off. (It once left the spinners of a failed measurement, and a failed
+/// soak's TERM-ignoring loop, running for good.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_test_leaves_no_command_shell_behind() {
+    for extra in ["", "[cgroups]\nmode = \"off\"\n"] {
+        let d = TestDaemon::start(extra);
+        let c = d.client().await;
+        let s = sc::session(&c, None).await;
+        let pidfile = d.work_dir().join("spin.pid");
+        c.start(sessiond::protocol::ExecParams {
+            session_id: s,
+            command: format!("echo $$ > {}; while :; do :; done", pidfile.display()),
+            timeout_s: Some(60.0),
+            ..Default::default()
+        })
+        .await
+        .expect("exec.start");
+        let shell = sc::read_pid_file(&pidfile).await;
+        let _kill = KillOnDrop(shell);
+        assert!(
+            !support::tagged_pids(&d.tag).contains(&shell),
+            "the shell carries the tag: this test would prove nothing"
+        );
+        drop(c);
+        drop(d);
+        sc::wait_dead(shell, "the spinning shell dies with its test daemon").await;
+    }
 }

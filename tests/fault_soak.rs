@@ -34,7 +34,8 @@ use tokio::sync::RwLock;
 /// The daemon's config for the soak: room for every client's sessions,
 /// commands and connection bursts at once, a small unsent budget so a
 /// non-reader is cut quickly, a short partial-frame deadline. Every client
-/// is the same uid, so its share of the connections is the whole.
+/// is the same uid (root), whose share of the connections is all they need;
+/// uid 65534 may connect too, into the room left beyond that share.
 fn config(clients: usize) -> String {
     format!(
         r#"
@@ -42,23 +43,33 @@ fn config(clients: usize) -> String {
 max_unsent_bytes = "1 MiB"
 request_read_timeout = "{read_timeout_ms}ms"
 shutdown_grace = "2s"
+socket_mode = 0o666
+allowed_uids = [0, 65534]
 max_connections = {connections}
-max_connections_per_client = {connections}
+max_connections_per_client = {share}
 [sessions]
 max_sessions = 256
 max_sessions_per_client = 256
 [commands]
 max_concurrent = 128
 max_output_bytes = "1 MiB"
+kill_grace = "{grace_s}s"
 [rlimits]
 nofile = 2048
 [cgroups]
 cpu_max_cores = 0.5
 "#,
-        // Each client: its own connection, a burst, a few raw ones.
-        connections = 64 + clients * (BURST as usize + 4),
+        connections = share(clients) + 16,
+        share = share(clients),
         read_timeout_ms = READ_TIMEOUT.as_millis(),
+        grace_s = KILL_GRACE.as_secs(),
     )
+}
+
+/// Root's share of the connections: each client's own, a burst, and the raw
+/// ones of `unread_error_answers` and a few others.
+fn share(clients: usize) -> usize {
+    64 + clients * (BURST as usize + UNREAD_CONNS + 4)
 }
 /// The daemon's `request_read_timeout`: a stalled partial frame's deadline.
 const READ_TIMEOUT: Duration = Duration::from_millis(500);
@@ -68,6 +79,20 @@ const OUTPUT_CAP: usize = 1 << 20;
 const UNSENT_BUDGET: u64 = 1 << 20;
 /// What a streaming non-reader's command writes (past the cap: truncated).
 const STREAM_FLOOD: u64 = 64 << 20;
+/// The daemon's `kill_grace`: long, so a kill that waited it out (instead of
+/// ending once the group's live processes are gone) is told from one that
+/// did not by a bound no load reaches (at 2 s, a load of 19 on 2 cores once
+/// put 1.4 s between a command's death and its answer).
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Connections of one `unread_error_answers`, and the env key each of their
+/// seven requests carries.
+const UNREAD_CONNS: usize = 8;
+const UNREAD_KEY: usize = 512 << 10;
+/// Commands one `flood_many` runs at once.
+const FLOODS: usize = 8;
+/// Results one `many_retained` makes, of this size, in a session that
+/// retains 16 (the default `retain_per_session`).
+const RETAINED: (usize, u64, usize) = (20, 64 << 10, 16);
 /// No single operation may take longer; a hang is a failure.
 const OP_DEADLINE: Duration = Duration::from_secs(90);
 
@@ -112,6 +137,15 @@ enum Op {
     SessionPanic,
     SessionError,
     SessionStall,
+    UnreadErrorAnswers,
+    HugeParams,
+    FloodMany,
+    BackgroundWriters,
+    TimeoutOnTime,
+    PipelinedRunCancel,
+    RefusedWriterReadsError,
+    ManyRetained,
+    ConnectionShare,
     RegistryPanic,
     RegistryError,
     SpawnFailure,
@@ -154,6 +188,15 @@ impl Op {
             Op::SessionPanic => "session_panic",
             Op::SessionError => "session_error",
             Op::SessionStall => "session_stall",
+            Op::UnreadErrorAnswers => "unread_error_answers",
+            Op::HugeParams => "huge_params",
+            Op::FloodMany => "flood_many",
+            Op::BackgroundWriters => "background_writers",
+            Op::TimeoutOnTime => "timeout_on_time",
+            Op::PipelinedRunCancel => "pipelined_run_cancel",
+            Op::RefusedWriterReadsError => "refused_writer_reads",
+            Op::ManyRetained => "many_retained",
+            Op::ConnectionShare => "connection_share",
             Op::RegistryPanic => "registry_panic",
             Op::RegistryError => "registry_error",
             Op::SpawnFailure => "spawn_failure",
@@ -178,46 +221,74 @@ impl Op {
     }
 }
 
-/// Every operation of the soak: kind, weight (per mille, roughly), whether it needs cgroups.
+/// What an operation needs of the host.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Needs {
+    Nothing,
+    Cgroups,
+    /// Root: it connects as another uid.
+    Root,
+}
+
+/// Every operation of the soak: kind, weight (per mille, roughly), what it needs.
 /// The operations that end an epoch (supervisor, SIGKILL, SIGTERM) are rare,
 /// so most of the run is concurrent work.
-const OPS: &[(Op, Kind, u32, bool)] = &[
-    (Op::NormalWork, Kind::Shared, 400, false),
-    (Op::SessionChurn, Kind::Shared, 80, false),
-    (Op::CancelRunning, Kind::Shared, 40, false),
-    (Op::CpuSpin, Kind::Shared, 30, false),
-    (Op::FloodBothStreams, Kind::Shared, 20, false),
-    (Op::YesTail, Kind::Shared, 30, false),
-    (Op::ThousandFiles, Kind::Shared, 20, false),
-    (Op::DaemonizingChild, Kind::Shared, 30, false),
-    (Op::TermIgnorer, Kind::Shared, 30, false),
-    (Op::EarlyStdoutClose, Kind::Shared, 30, false),
-    (Op::MemoryHog, Kind::Shared, 20, true),
-    (Op::ForkBomb, Kind::Shared, 20, true),
-    (Op::GarbageBytes, Kind::Shared, 30, false),
-    (Op::HugeLengthPrefix, Kind::Shared, 30, false),
-    (Op::TruncatedFrames, Kind::Shared, 30, false),
-    (Op::StalledPartialFrame, Kind::Shared, 20, false),
-    (Op::DisconnectMidExec, Kind::Shared, 30, false),
-    (Op::ConnectionBurst, Kind::Shared, 20, false),
-    (Op::NeverReads, Kind::Shared, 10, false),
-    (Op::StreamAndRead, Kind::Shared, 40, false),
-    (Op::StreamNeverReads, Kind::Shared, 10, false),
-    (Op::StartWriteCancel, Kind::Shared, 40, false),
-    (Op::Reattach, Kind::Shared, 30, false),
-    (Op::CommandPanic, Kind::Shared, 20, false),
-    (Op::CommandPanicWithReaders, Kind::Shared, 10, false),
-    (Op::CommandError, Kind::Shared, 20, false),
-    (Op::SessionPanic, Kind::Shared, 20, false),
-    (Op::SessionError, Kind::Shared, 10, false),
-    (Op::SessionStall, Kind::Shared, 20, false),
-    (Op::RegistryPanic, Kind::Alone, 5, false),
-    (Op::RegistryError, Kind::Alone, 5, false),
-    (Op::SpawnFailure, Kind::Alone, 5, false),
-    (Op::SupervisorPanic, Kind::Alone, 2, false),
-    (Op::SigkillRestart, Kind::Alone, 2, false),
-    (Op::SigtermRestart, Kind::Alone, 2, false),
-    (Op::Audit, Kind::Alone, 10, false),
+const OPS: &[(Op, Kind, u32, Needs)] = &[
+    (Op::NormalWork, Kind::Shared, 400, Needs::Nothing),
+    (Op::SessionChurn, Kind::Shared, 80, Needs::Nothing),
+    (Op::CancelRunning, Kind::Shared, 40, Needs::Nothing),
+    (Op::CpuSpin, Kind::Shared, 30, Needs::Nothing),
+    (Op::FloodBothStreams, Kind::Shared, 20, Needs::Nothing),
+    (Op::YesTail, Kind::Shared, 30, Needs::Nothing),
+    (Op::ThousandFiles, Kind::Shared, 20, Needs::Nothing),
+    (Op::DaemonizingChild, Kind::Shared, 30, Needs::Nothing),
+    (Op::TermIgnorer, Kind::Shared, 30, Needs::Nothing),
+    (Op::EarlyStdoutClose, Kind::Shared, 30, Needs::Nothing),
+    (Op::MemoryHog, Kind::Shared, 20, Needs::Cgroups),
+    (Op::ForkBomb, Kind::Shared, 20, Needs::Cgroups),
+    (Op::GarbageBytes, Kind::Shared, 30, Needs::Nothing),
+    (Op::HugeLengthPrefix, Kind::Shared, 30, Needs::Nothing),
+    (Op::TruncatedFrames, Kind::Shared, 30, Needs::Nothing),
+    (Op::StalledPartialFrame, Kind::Shared, 20, Needs::Nothing),
+    (Op::DisconnectMidExec, Kind::Shared, 30, Needs::Nothing),
+    (Op::ConnectionBurst, Kind::Shared, 20, Needs::Nothing),
+    (Op::NeverReads, Kind::Shared, 10, Needs::Nothing),
+    (Op::StreamAndRead, Kind::Shared, 40, Needs::Nothing),
+    (Op::StreamNeverReads, Kind::Shared, 10, Needs::Nothing),
+    (Op::StartWriteCancel, Kind::Shared, 40, Needs::Nothing),
+    (Op::Reattach, Kind::Shared, 30, Needs::Nothing),
+    (Op::CommandPanic, Kind::Shared, 20, Needs::Nothing),
+    (
+        Op::CommandPanicWithReaders,
+        Kind::Shared,
+        10,
+        Needs::Nothing,
+    ),
+    (Op::CommandError, Kind::Shared, 20, Needs::Nothing),
+    (Op::SessionPanic, Kind::Shared, 20, Needs::Nothing),
+    (Op::SessionError, Kind::Shared, 10, Needs::Nothing),
+    (Op::SessionStall, Kind::Shared, 20, Needs::Nothing),
+    (Op::UnreadErrorAnswers, Kind::Shared, 15, Needs::Nothing),
+    (Op::HugeParams, Kind::Shared, 20, Needs::Nothing),
+    (Op::FloodMany, Kind::Shared, 10, Needs::Nothing),
+    (Op::BackgroundWriters, Kind::Shared, 20, Needs::Nothing),
+    (Op::TimeoutOnTime, Kind::Shared, 20, Needs::Nothing),
+    (Op::PipelinedRunCancel, Kind::Shared, 20, Needs::Nothing),
+    (
+        Op::RefusedWriterReadsError,
+        Kind::Shared,
+        20,
+        Needs::Nothing,
+    ),
+    (Op::ManyRetained, Kind::Shared, 10, Needs::Nothing),
+    (Op::RegistryPanic, Kind::Alone, 5, Needs::Nothing),
+    (Op::RegistryError, Kind::Alone, 5, Needs::Nothing),
+    (Op::SpawnFailure, Kind::Alone, 5, Needs::Nothing),
+    (Op::SupervisorPanic, Kind::Alone, 2, Needs::Nothing),
+    (Op::SigkillRestart, Kind::Alone, 2, Needs::Nothing),
+    (Op::SigtermRestart, Kind::Alone, 2, Needs::Nothing),
+    (Op::ConnectionShare, Kind::Alone, 3, Needs::Root),
+    (Op::Audit, Kind::Alone, 10, Needs::Nothing),
 ];
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -400,9 +471,10 @@ async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garba
             e.output_truncated.fetch_add(1, Ordering::SeqCst);
         }
         Op::YesTail => {
-            sc::yes_tail(c).await;
             e.timed_out.fetch_add(1, Ordering::SeqCst);
-            e.output_truncated.fetch_add(1, Ordering::SeqCst);
+            if sc::yes_tail(c, OUTPUT_CAP).await {
+                e.output_truncated.fetch_add(1, Ordering::SeqCst);
+            }
         }
         Op::ThousandFiles => sc::thousand_files(c).await,
         Op::DaemonizingChild => sc::daemonizing_child(c).await,
@@ -472,6 +544,39 @@ async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garba
             e.actor_failures.fetch_add(1, Ordering::SeqCst);
         }
         Op::SessionStall => sc::session_stall(c).await,
+        Op::UnreadErrorAnswers => {
+            let daemon = (w.d.pid(), w.inv.rss_bound);
+            support::blocking(move || {
+                sc::unread_error_answers(&socket, daemon, UNREAD_CONNS, UNREAD_KEY)
+            })
+            .await
+        }
+        Op::HugeParams => support::blocking(move || sc::huge_and_ill_typed_params(&socket)).await,
+        Op::FloodMany => {
+            sc::flood_many(&socket, FLOODS, OUTPUT_CAP, (w.d.pid(), w.inv.rss_bound)).await;
+            e.output_truncated
+                .fetch_add(FLOODS as u64, Ordering::SeqCst);
+        }
+        Op::BackgroundWriters => {
+            if sc::background_writers(c, &work).await {
+                e.output_truncated.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Op::TimeoutOnTime => {
+            sc::timeout_on_time(c, &work, KILL_GRACE).await;
+            e.timed_out.fetch_add(1, Ordering::SeqCst);
+        }
+        Op::PipelinedRunCancel => {
+            support::blocking(move || sc::pipelined_run_then_cancel(&socket)).await
+        }
+        Op::RefusedWriterReadsError => {
+            support::blocking(move || sc::refused_writer_reads_error(&socket)).await;
+            e.bad_frames_at_least.fetch_add(1, Ordering::SeqCst);
+        }
+        Op::ManyRetained => {
+            let (n, bytes, retained) = RETAINED;
+            sc::many_retained(c, n, bytes, retained).await
+        }
         Op::StalledPartialFrame => {
             support::blocking(move || sc::stalled_partial_frame(&socket, READ_TIMEOUT)).await;
             e.stalled.fetch_add(1, Ordering::SeqCst);
@@ -492,6 +597,10 @@ async fn alone_op(op: Op, w: &mut World) -> bool {
             };
             sc::registry_fault(&w.checker, action, w.live_sessions() as usize).await;
             w.expected.actor_failures.fetch_add(1, Ordering::SeqCst);
+        }
+        Op::ConnectionShare => {
+            let share = share(CLIENTS.load(Ordering::SeqCst) as usize) as u64;
+            tokio::task::block_in_place(|| sc::connection_share(&w.d, share));
         }
         Op::SpawnFailure => {
             sc::spawn_failure(&w.checker).await;
@@ -535,12 +644,27 @@ struct Run {
     start: Instant,
     end: Instant,
     cgroups: bool,
+    root: bool,
 }
+
+impl Run {
+    /// Whether this host can run an operation that needs `needs`.
+    fn can(&self, needs: Needs) -> bool {
+        match needs {
+            Needs::Nothing => true,
+            Needs::Cgroups => self.cgroups,
+            Needs::Root => self.root,
+        }
+    }
+}
+
+/// The run's number of clients (the connection share depends on it).
+static CLIENTS: AtomicU64 = AtomicU64::new(0);
 
 /// One client: draws operations from its RNG until the end.
 async fn client(run: Arc<Run>, worker: usize, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let ops: Vec<_> = OPS.iter().filter(|o| run.cgroups || !o.3).collect();
+    let ops: Vec<_> = OPS.iter().filter(|o| run.can(o.3)).collect();
     let total: u32 = ops.iter().map(|o| o.2).sum();
     // (epoch, daemon process, connection, home session)
     let mut conn: Option<(u64, u64, Arc<Client>, String)> = None;
@@ -653,7 +777,15 @@ async fn chaos_soak_keeps_every_invariant() {
         "soak seed: {seed} ({secs} s, {clients} clients; replay with SESSIOND_SOAK_SEED={seed})"
     );
 
+    CLIENTS.store(clients as u64, Ordering::SeqCst);
     let d = TestDaemon::start(&config(clients));
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        // So uid 65534 reaches the socket (`connection_share`).
+        support::open_to_everyone(&d);
+    } else {
+        eprintln!("note: not root here; the connection-share operation is left out");
+    }
     let log = d.stderr_path.clone();
     let checker_client = d.client().await;
     let inv = Invariants::baseline(&d, &checker_client).await;
@@ -682,6 +814,7 @@ async fn chaos_soak_keeps_every_invariant() {
         start,
         end: start + Duration::from_secs(secs),
         cgroups,
+        root,
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -708,6 +841,7 @@ async fn chaos_soak_keeps_every_invariant() {
 
     // Every client has left: the final audit, then a clean stop.
     let run = Arc::into_inner(run).expect("every task ended");
+    let skipped: Vec<_> = OPS.iter().filter(|o| !run.can(o.3)).collect();
     let w = run.world.into_inner();
     support::within(Duration::from_secs(60), "the final audit", w.audit()).await;
     let requests = w.requests_so_far().await;
@@ -731,8 +865,8 @@ async fn chaos_soak_keeps_every_invariant() {
     for (op, n) in counts {
         eprintln!("  {op:<22} {n}");
     }
-    for (op, ..) in OPS.iter().filter(|o| o.3 && !run.cgroups) {
-        eprintln!("  {:<22} skipped: cgroups are off here", op.name());
+    for (op, _, _, needs) in skipped {
+        eprintln!("  {:<22} skipped: needs {needs:?}", op.name());
     }
     assert!(total_ops > 0 && faults > 0, "the soak did something");
     drop(w.checker);

@@ -350,13 +350,18 @@ SESSIOND_TEST_TAG = "{tag}"
         assert!(left.is_empty(), "cgroups left behind: {left:?}");
     }
 
+    /// Live processes of this daemon's commands: see [`command_pids`].
+    pub fn command_pids(&self) -> Vec<i32> {
+        let daemon = self.child.as_ref().map(|c| c.id() as i32);
+        command_pids(&self.tag, daemon, &self.cgroup_dirs())
+    }
+
     /// Panics when any process started by this daemon's commands is still alive.
     pub fn assert_no_leaks(&self) {
         // SIGKILLed processes may take a moment to disappear; zombies of init's are reaped by it.
-        let tag = self.tag.clone();
         let mut left = Vec::new();
         let ok = (0..300).any(|_| {
-            left = tagged_pids(&tag);
+            left = self.command_pids();
             if left.is_empty() {
                 return true;
             }
@@ -369,17 +374,29 @@ SESSIOND_TEST_TAG = "{tag}"
 
 impl Drop for TestDaemon {
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        let sigkill = |pids: Vec<i32>| {
+            for pid in pids {
+                let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        };
+        // Whatever a failed test left behind dies here, by pid: first what
+        // descends from the daemon (found only while it lives; stopped, it
+        // spawns nothing more meanwhile)...
+        if let Some(child) = &self.child {
+            let _ = kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                Signal::SIGSTOP,
+            );
+        }
+        let descendants = self.command_pids();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Whatever a failed test left behind dies here, by pid...
-        for pid in tagged_pids(&self.tag) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        sigkill(descendants);
+        // ...then what is still tagged or in its cgroups...
+        sigkill(self.command_pids());
         // ...so does anything of its session uids (a failed test may have
         // broken their cleanup): processes, SysV IPC, files in the shared tmp dirs...
         if let Some((first, last)) = self.uid_range {
@@ -453,6 +470,50 @@ pub fn tagged_pids(tag: &str) -> Vec<i32> {
         })
         .map(|p| p.pid)
         .collect()
+}
+
+/// Live (non-zombie) processes of a test daemon's commands, found three
+/// ways, because a command's own shell carries no tag: it starts with an
+/// environment of `BASH_ENV` and `PWD` only (the session's state comes in
+/// through `BASH_ENV`), so a command that is only its shell (a builtin loop)
+/// is invisible to [`tagged_pids`]. Hence also the descendants of the
+/// daemon process `daemon` while it lives (its commands, and orphans it
+/// adopted as subreaper), and every process in its cgroup subtree
+/// (`cgroup_dirs`, cgroups on; found even after the daemon died).
+pub fn command_pids(tag: &str, daemon: Option<i32>, cgroup_dirs: &[PathBuf]) -> Vec<i32> {
+    let mut found: std::collections::BTreeSet<i32> = tagged_pids(tag).into_iter().collect();
+    if let Some(daemon) = daemon {
+        let all = procfs::all_processes();
+        let mut descendants = std::collections::BTreeSet::new();
+        let mut parents = vec![daemon];
+        while let Some(parent) = parents.pop() {
+            for p in all.iter().filter(|p| p.ppid == parent) {
+                if descendants.insert(p.pid) {
+                    parents.push(p.pid);
+                }
+            }
+        }
+        found.extend(descendants);
+    }
+    let mut dirs: Vec<PathBuf> = cgroup_dirs.to_vec();
+    while let Some(dir) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            found.extend(
+                procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    found.into_iter().filter(|p| alive(*p)).collect()
 }
 
 /// Waits (5 s at most) until process `pid` is gone; `what` names it in the failure.
@@ -740,7 +801,7 @@ impl Invariants {
         })
         .await;
         settles("no process of any session left", || {
-            let left = tagged_pids(&d.tag);
+            let left = d.command_pids();
             if left.is_empty() {
                 Ok(())
             } else {
