@@ -114,9 +114,35 @@ async fn configured_and_session_limits_are_read_back() {
     assert_eq!(l["Max address space"], pair("1073741824", "1073741824"));
     assert_eq!(l["Max processes"], pair("100", "100"));
     assert_eq!(l["Max open files"], pair("64", "64"));
-    // ...and a command cannot raise its hard limit back.
+    // ...and a command cannot raise its hard limit back unless it holds
+    // CAP_SYS_RESOURCE (the kernel's rule: root has it on most hosts).
     let r = c
-        .run(&tight, "ulimit -n 65 2>&1; echo rc=$?")
+        .run(
+            &tight,
+            "grep CapEff /proc/self/status; ulimit -n 65 2>&1; echo rc=$?",
+        )
+        .await
+        .unwrap();
+    let out = text(&r.stdout);
+    let cap_eff = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .expect("CapEff");
+    const CAP_SYS_RESOURCE: u32 = 24; // linux/capability.h
+    let sys_resource = cap_eff & (1 << CAP_SYS_RESOURCE) != 0;
+    let expect = if sys_resource { "rc=0" } else { "rc=1" };
+    assert!(
+        out.contains(expect),
+        "CAP_SYS_RESOURCE {sys_resource}: {out}"
+    );
+    // Without the capability it cannot, whoever runs this.
+    let r = c
+        .run(
+            &tight,
+            "setpriv --inh-caps=-sys_resource --bounding-set=-sys_resource \
+             bash -c 'ulimit -n 65' 2>&1; echo rc=$?",
+        )
         .await
         .unwrap();
     assert!(text(&r.stdout).contains("rc=1"), "{}", text(&r.stdout));
