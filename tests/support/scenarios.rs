@@ -173,19 +173,26 @@ pub async fn flood_both_streams(c: &Client, cap: usize) {
     );
 }
 
-/// `yes` with `keep_output: "tail"`: the last bytes are kept until the timeout.
+/// `yes` with `keep_output: "tail"`: the last bytes are kept until it is
+/// killed. The kill waits for a condition, not a clock: the idle timeout,
+/// once 3 MB (past every cap the tests use) are written and the output
+/// stops. (A 0.5 s timeout raced the shell's start: under emulation it fired
+/// before `yes` had written anything.) It counts as a timeout.
 pub async fn yes_tail(c: &Client) {
     let r = in_own_session(
         c,
         None,
         ExecParams {
             keep_output: Some(KeepOutput::Tail),
-            ..cmd("yes", 0.5)
+            idle_timeout_s: Some(3.0),
+            ..cmd("yes | head -c 3000000; exec sleep 1000", 120.0)
         },
     )
     .await;
+    assert_eq!(r.killed_by, Some(KilledBy::IdleTimeout), "{r:?}");
     assert!(r.timed_out && r.stdout_truncated, "{r:?}");
-    assert!(r.stdout.ends_with(b"y\n") || r.stdout.ends_with(b"y"));
+    assert_eq!(r.stdout_total_bytes, 3_000_000);
+    assert!(r.stdout.ends_with(b"y\n"));
 }
 
 /// A thousand open files (the daemon's `nofile` must allow them).
