@@ -51,6 +51,21 @@ fn main() {
             Box::pin(a_daemon_at_a_cgroup_namespace_root_uses_v2(base)),
         ),
     ];
+    // libtest's way: free arguments filter by name, `--skip NAME` leaves out.
+    let (mut filters, mut skips) = (Vec::new(), Vec::new());
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--skip" {
+            skips.extend(args.next());
+        } else if !a.starts_with('-') {
+            filters.push(a);
+        }
+    }
+    let chosen = |name: &str| {
+        (filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+            && !skips.iter().any(|s| name.contains(s.as_str()))
+    };
+    let tests: Vec<_> = tests.into_iter().filter(|(n, _)| chosen(n)).collect();
     let count = tests.len();
     for (name, test) in tests {
         println!("test v2_guest::{name} ...");
@@ -136,6 +151,20 @@ fn serve_in_namespace(ctr: &Path, config: &Path, log: &Path) -> Child {
     in_cgroup(command, ctr).spawn().unwrap()
 }
 
+/// SIGKILLs its pids when dropped (a failed check unwinding).
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 fn procs(dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()
@@ -157,7 +186,7 @@ async fn a_daemon_at_a_cgroup_namespace_root_uses_v2(base: PathBuf) {
     let mut init = in_cgroup(
         {
             let mut c = Command::new("sleep");
-            c.arg("1000");
+            c.arg("1000").stdout(Stdio::null()).stderr(Stdio::null());
             c
         },
         &ctr,
@@ -176,8 +205,11 @@ async fn a_daemon_at_a_cgroup_namespace_root_uses_v2(base: PathBuf) {
     )
     .unwrap();
     let log = dir.path().join("daemon.log");
+    // A failed check leaves nothing running (the VM goes on with other tests).
+    let mut left = KillOnDrop(vec![init.id()]);
     for round in 1..=2 {
         let mut daemon = serve_in_namespace(&ctr, &config, &log);
+        left.0.push(daemon.id());
         let logged = || std::fs::read_to_string(&log).unwrap_or_default();
         wait_until(
             "the namespaced daemon accepts connections",
@@ -233,6 +265,7 @@ async fn a_daemon_at_a_cgroup_namespace_root_uses_v2(base: PathBuf) {
         )
         .unwrap();
         let status = daemon.wait().unwrap();
+        left.0.pop();
         assert!(status.success(), "round {round}: {status:?}: {}", logged());
         assert!(!socket.exists());
         assert_eq!(procs(&ctr), vec![init.id()], "the container's init is back");
@@ -245,6 +278,7 @@ async fn a_daemon_at_a_cgroup_namespace_root_uses_v2(base: PathBuf) {
             "the controllers we enabled are disabled"
         );
     }
+    left.0.clear();
     init.kill().unwrap();
     init.wait().unwrap();
     wait_until(
