@@ -172,9 +172,19 @@ async fn configured_and_session_limits_are_read_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cpu_spin_is_killed_by_rlimit_cpu_and_reported() {
-    let d = TestDaemon::start("[rlimits]\ncpu = \"1s\"\n");
+    // The spins run in a session limited to 1 s of CPU; `exit 152` runs
+    // under the daemon's 10 s: a command is taken for a limit kill from half
+    // its limit on, and starting a shell under emulation on a busy machine
+    // counts more than 0.5 s of CPU.
+    let d = TestDaemon::start("[rlimits]\ncpu = \"10s\"\n");
     let c = d.client().await;
-    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let s = c
+        .create_session(session_with(SessionLimits {
+            rlimit_cpu_s: Some(1),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
     // The spin in a child process: the shell reports 128 + SIGXCPU. The
     // timeout is a backstop only: a starved machine (an emulated one busy
     // with other tests) takes many seconds of wall time to spend 1 s of CPU.
@@ -199,7 +209,8 @@ async fn a_cpu_spin_is_killed_by_rlimit_cpu_and_reported() {
     assert_eq!(r.killed_by, Some(KilledBy::CpuLimit), "{r:?}");
     assert_eq!(r.signal, Some(libc::SIGXCPU));
     // A command that merely exits 152 without using the CPU is not a limit kill.
-    let r = c.run(&s, "exit 152").await.unwrap();
+    let roomy = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&roomy, "exit 152").await.unwrap();
     assert_eq!(r.killed_by, None);
     // No core file from SIGXCPU: RLIMIT_CORE is 0.
     let cores: Vec<_> = std::fs::read_dir(d.work_dir())
