@@ -156,18 +156,24 @@ async fn daemonized_children_die_with_the_command_or_the_session() {
             "setsid sh -c 'sleep 1000 & echo $! > {file}'; while [ ! -s {file} ]; do sleep 0.01; done"
         )
     };
-    // Killed with its command on timeout.
-    let r = c
-        .exec(exec(&s, &format!("{}; sleep 30", daemonize("t.pid")), 1.0))
-        .await
-        .unwrap();
-    assert!(r.timed_out);
-    let pid: i32 = std::fs::read_to_string(d.work_dir().join("t.pid"))
+    // Killed with its command, once it runs (a condition: a 1 s timeout raced
+    // the shell's start, and lost under emulation), by a cancel: the
+    // timeout's kill path (`cgroup.kill` of the command's leaf).
+    let c = Arc::new(c);
+    let killed = support::spawn_run(&c, &s, &format!("{}; sleep 300", daemonize("t.pid")));
+    let pid_file = d.work_dir().join("t.pid");
+    support::wait_until("the daemonized child runs", Duration::from_secs(60), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n'))
+    });
+    assert!(c.cancel(&s).await.unwrap());
+    let r = killed.await.unwrap().unwrap();
+    assert_eq!(r.killed_by, Some(KilledBy::Cancelled), "{r:?}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    wait_dead(pid, "the daemonized child of the timed-out command dies");
+    wait_dead(pid, "the daemonized child of the killed command dies");
     // Outlives its command (it ended by itself), dies with the session.
     c.run(&s, &daemonize("d.pid")).await.unwrap();
     let pid: i32 = std::fs::read_to_string(d.work_dir().join("d.pid"))

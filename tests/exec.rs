@@ -483,24 +483,30 @@ async fn a_background_child_survives_writing_after_the_answer() {
     d.stop();
 }
 
+/// Ended once the descendant exists (a condition: a short timeout raced the
+/// shell's start, and lost under emulation or load), by a cancel, which takes
+/// the timeout's kill path (`CommandMsg::Kill`).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_timeout_kills_setsid_descendants_that_ignore_sigterm() {
+async fn a_kill_reaches_setsid_descendants_that_ignore_sigterm() {
     let d = TestDaemon::start("");
-    let c = d.client().await;
+    let c = std::sync::Arc::new(d.client().await);
     let s = c.create_session(CreateParams::default()).await.unwrap();
-    let r = c
-        .exec(ExecParams {
-            timeout_s: Some(0.5),
-            ..exec(
-                &s,
-                "setsid bash -c 'trap \"\" TERM; echo $$ > escaped.pid; while :; do sleep 0.05; done' & \
-                 while [ ! -s escaped.pid ]; do sleep 0.01; done; sleep 30",
-            )
-        })
-        .await
-        .unwrap();
-    assert!(r.timed_out);
-    let escaped: i32 = std::fs::read_to_string(d.work_dir().join("escaped.pid"))
+    let runner = spawn_run(
+        &c,
+        &s,
+        "setsid bash -c 'trap \"\" TERM; echo $$ > escaped.pid; while :; do sleep 0.05; done' & \
+         sleep 300",
+    );
+    let pid_file = d.work_dir().join("escaped.pid");
+    wait_until(
+        "the setsid'd descendant is running",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&pid_file).is_ok_and(|p| p.ends_with('\n')),
+    );
+    assert!(c.cancel(&s).await.unwrap());
+    let r = runner.await.unwrap().unwrap();
+    assert_eq!(r.killed_by, Some(KilledBy::Cancelled), "{r:?}");
+    let escaped: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
         .parse()

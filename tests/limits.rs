@@ -114,9 +114,35 @@ async fn configured_and_session_limits_are_read_back() {
     assert_eq!(l["Max address space"], pair("1073741824", "1073741824"));
     assert_eq!(l["Max processes"], pair("100", "100"));
     assert_eq!(l["Max open files"], pair("64", "64"));
-    // ...and a command cannot raise its hard limit back.
+    // ...and a command cannot raise its hard limit back unless it holds
+    // CAP_SYS_RESOURCE (the kernel's rule: root has it on most hosts).
     let r = c
-        .run(&tight, "ulimit -n 65 2>&1; echo rc=$?")
+        .run(
+            &tight,
+            "grep CapEff /proc/self/status; ulimit -n 65 2>&1; echo rc=$?",
+        )
+        .await
+        .unwrap();
+    let out = text(&r.stdout);
+    let cap_eff = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .expect("CapEff");
+    const CAP_SYS_RESOURCE: u32 = 24; // linux/capability.h
+    let sys_resource = cap_eff & (1 << CAP_SYS_RESOURCE) != 0;
+    let expect = if sys_resource { "rc=0" } else { "rc=1" };
+    assert!(
+        out.contains(expect),
+        "CAP_SYS_RESOURCE {sys_resource}: {out}"
+    );
+    // Without the capability it cannot, whoever runs this.
+    let r = c
+        .run(
+            &tight,
+            "setpriv --inh-caps=-sys_resource --bounding-set=-sys_resource \
+             bash -c 'ulimit -n 65' 2>&1; echo rc=$?",
+        )
         .await
         .unwrap();
     assert!(text(&r.stdout).contains("rc=1"), "{}", text(&r.stdout));
@@ -146,13 +172,25 @@ async fn configured_and_session_limits_are_read_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cpu_spin_is_killed_by_rlimit_cpu_and_reported() {
-    let d = TestDaemon::start("[rlimits]\ncpu = \"1s\"\n");
+    // The spins run in a session limited to 1 s of CPU; `exit 152` runs
+    // under the daemon's 10 s: a command is taken for a limit kill from half
+    // its limit on, and starting a shell under emulation on a busy machine
+    // counts more than 0.5 s of CPU.
+    let d = TestDaemon::start("[rlimits]\ncpu = \"10s\"\n");
     let c = d.client().await;
-    let s = c.create_session(CreateParams::default()).await.unwrap();
-    // The spin in a child process: the shell reports 128 + SIGXCPU.
+    let s = c
+        .create_session(session_with(SessionLimits {
+            rlimit_cpu_s: Some(1),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    // The spin in a child process: the shell reports 128 + SIGXCPU. The
+    // timeout is a backstop only: a starved machine (an emulated one busy
+    // with other tests) takes many seconds of wall time to spend 1 s of CPU.
     let r = c
         .exec(ExecParams {
-            timeout_s: Some(30.0),
+            timeout_s: Some(300.0),
             ..ExecParams {
                 session_id: s.clone(),
                 command: "echo spinning; sh -c 'while :; do :; done'".into(),
@@ -171,7 +209,8 @@ async fn a_cpu_spin_is_killed_by_rlimit_cpu_and_reported() {
     assert_eq!(r.killed_by, Some(KilledBy::CpuLimit), "{r:?}");
     assert_eq!(r.signal, Some(libc::SIGXCPU));
     // A command that merely exits 152 without using the CPU is not a limit kill.
-    let r = c.run(&s, "exit 152").await.unwrap();
+    let roomy = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&roomy, "exit 152").await.unwrap();
     assert_eq!(r.killed_by, None);
     // No core file from SIGXCPU: RLIMIT_CORE is 0.
     let cores: Vec<_> = std::fs::read_dir(d.work_dir())

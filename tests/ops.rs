@@ -530,6 +530,42 @@ fn a_failed_second_daemon_removes_nothing_and_leaves_no_socket() {
 }
 
 #[test]
+fn a_start_the_cgroup_layer_refuses_leaves_no_socket() {
+    // The explicit mode this host cannot offer: a controller is bound to one
+    // hierarchy only, so where v1 mounts memory (a hybrid host) v2 lacks it,
+    // and on a pure v2 host there is no v1 at all.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let v1_memory = mountinfo
+        .lines()
+        .any(|l| l.contains(" - cgroup ") && l.split(',').any(|o| o.trim() == "memory"));
+    let mode = if v1_memory { "v2" } else { "v1" };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[cgroups]\nmode = \"{mode}\"\nparent = \"sessiond-refused-test\"\n"),
+    )
+    .unwrap();
+    let sock = dir.path().join("refused.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "mode {mode} was not refused: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cgroups"),
+        "{out:?}"
+    );
+    assert!(!sock.exists(), "the refused daemon left its socket file");
+}
+
+#[test]
 fn socket_group_owns_the_socket() {
     // Root may give the socket to any group; anyone else to a group of its own.
     let gid = if nix::unistd::geteuid().is_root() {

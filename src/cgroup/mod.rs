@@ -71,6 +71,10 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn children(&self, rel: &str) -> Vec<String>;
     /// The base directories of our subtree; the first is the one we lock.
     fn base_dirs(&self) -> Vec<PathBuf>;
+    /// Undoes what setting up changed outside the base directories (v2: the
+    /// daemon's leaf and the controllers enabled on its own cgroup), after
+    /// they are removed or when the start fails.
+    fn release(&self) {}
 }
 
 /// The daemon's cgroup subtree and the limits sessions start from.
@@ -99,7 +103,13 @@ impl Cgroups {
             .into_iter()
             .next()
             .expect("a backend has a base");
-        let lock = fs::lock_subtree(&lock_dir)?;
+        let lock = match fs::lock_subtree(&lock_dir) {
+            Ok(lock) => lock,
+            Err(e) => {
+                backend.release();
+                return Err(e);
+            }
+        };
         Ok(Some(Cgroups {
             backend,
             _lock: lock,
@@ -216,12 +226,15 @@ impl Cgroups {
         recovered
     }
 
-    /// At exit: destroys whatever sessions remain and removes our subtree.
+    /// At exit: destroys whatever sessions remain, removes our subtree and
+    /// restores our own cgroup as it was at start (a daemon started again in
+    /// it then finds it usable).
     pub fn teardown(&self) {
         self.recover_stale();
         for dir in self.backend.base_dirs() {
             let _ = std::fs::remove_dir(dir);
         }
+        self.backend.release();
     }
 }
 

@@ -217,6 +217,8 @@ impl BoundSocket {
 
     /// Removes the socket file, if we made it and it is still ours (not
     /// replaced by another daemon). A socket systemd passed is left to it.
+    /// Also on drop: a start that fails after binding (the cgroup layer
+    /// refuses, the actors do not start) leaves no socket file behind.
     fn remove(&self) {
         let Some((dir, inode)) = &self.owned else {
             return;
@@ -231,6 +233,12 @@ impl BoundSocket {
                 nix::unistd::UnlinkatFlags::NoRemoveDir,
             );
         }
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
@@ -274,13 +282,8 @@ pub async fn run(
         signal(SignalKind::interrupt()).map_err(|e| ServeError::Actors(e.to_string()))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| ServeError::Actors(e.to_string()))?;
     unblock_stop_signals();
-    let metrics = match bind_metrics(&config) {
-        Ok(m) => m,
-        Err(e) => {
-            socket.remove();
-            return Err(e);
-        }
-    };
+    // (An early return drops `socket`, which removes its file.)
+    let metrics = bind_metrics(&config)?;
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
     // uid-per-session: lock the state directory, then kill and remove what the

@@ -71,7 +71,18 @@ pub struct TestDaemon {
     pub stderr_path: PathBuf,
     /// The uids of a `start_isolated` daemon's sessions.
     uid_range: Option<(u32, u32)>,
+    /// The cgroup v2 directory delegated to this daemon alone, as systemd's
+    /// `Delegate=yes` would (see [`DELEGATE_ENV`]).
+    delegated: Option<PathBuf>,
 }
+
+/// With this variable set to a cgroup v2 directory whose children get the
+/// memory, cpu and pids controllers (ci/v2-vm.sh sets it), every test daemon
+/// starts in a cgroup of its own below it, `<dir>/d-<tag>`, the way a systemd
+/// unit with `Delegate=yes` starts: several daemons of one test process cannot
+/// share one cgroup (each would find the others in it and refuse it as not
+/// delegated). The test process itself must then sit in a leaf elsewhere.
+pub const DELEGATE_ENV: &str = "SESSIOND_TEST_DELEGATE";
 
 fn merge(base: &mut toml::Table, extra: toml::Table) {
     for (k, v) in extra {
@@ -159,7 +170,12 @@ SESSIOND_TEST_TAG = "{tag}"
 
     fn spawn(dir: tempfile::TempDir, socket: PathBuf, tag: String, config: &Path) -> TestDaemon {
         let stderr_path = dir.path().join("daemon.log");
-        let child = Self::launch(config, &stderr_path);
+        let delegated = std::env::var_os(DELEGATE_ENV).map(|base| {
+            let own = PathBuf::from(base).join(format!("d-{tag}"));
+            std::fs::create_dir(&own).expect("create the daemon's delegated cgroup");
+            own
+        });
+        let child = Self::launch(config, &stderr_path, delegated.as_deref());
         TestDaemon {
             dir,
             socket,
@@ -167,6 +183,7 @@ SESSIOND_TEST_TAG = "{tag}"
             child: Some(child),
             stderr_path,
             uid_range: None,
+            delegated,
         }
     }
 
@@ -175,8 +192,9 @@ SESSIOND_TEST_TAG = "{tag}"
     /// test killed from outside runs no `Drop`): it then drains and kills its
     /// commands itself. PR_SET_PDEATHSIG fires when the *thread* that spawned
     /// the child ends, so every daemon is spawned by one thread that lives as
-    /// long as the test process.
-    fn launch(config: &Path, log: &Path) -> Child {
+    /// long as the test process. With `cgroup`, the daemon starts in that
+    /// cgroup v2 directory.
+    fn launch(config: &Path, log: &Path, cgroup: Option<&Path>) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -193,11 +211,26 @@ SESSIOND_TEST_TAG = "{tag}"
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // Opened here: between fork and exec only the write may run.
+        let procs = cgroup.map(|dir| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .expect("open the delegated cgroup's cgroup.procs")
+        });
+        // SAFETY: prctl and write are async-signal-safe; nothing else runs
+        // between fork and exec.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(f) = &procs {
+                    // "0": the writing process, the daemon-to-be, joins the cgroup.
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -232,7 +265,11 @@ SESSIOND_TEST_TAG = "{tag}"
 
     fn relaunch(&mut self) {
         let config = self.dir.path().join("config.toml");
-        self.child = Some(Self::launch(&config, &self.stderr_path));
+        self.child = Some(Self::launch(
+            &config,
+            &self.stderr_path,
+            self.delegated.as_deref(),
+        ));
         self.wait_ready();
     }
 
@@ -306,6 +343,33 @@ SESSIOND_TEST_TAG = "{tag}"
         assert!(!self.socket.exists(), "socket file left behind");
         self.assert_no_leaks();
         self.assert_no_cgroups_left();
+        self.assert_own_cgroup_restored();
+    }
+
+    /// The delegated cgroup this daemon started in (see [`DELEGATE_ENV`]).
+    pub fn delegated_cgroup(&self) -> Option<&Path> {
+        self.delegated.as_deref()
+    }
+
+    /// After a clean exit the daemon's delegated cgroup is as it was at
+    /// start: no `daemon` leaf, no controllers enabled for its children (a
+    /// daemon started in it again can join it).
+    pub fn assert_own_cgroup_restored(&self) {
+        let Some(own) = &self.delegated else {
+            return;
+        };
+        assert!(
+            !own.join("daemon").exists(),
+            "{}/daemon left behind",
+            own.display()
+        );
+        let enabled = std::fs::read_to_string(own.join("cgroup.subtree_control")).unwrap();
+        assert_eq!(
+            enabled.trim(),
+            "",
+            "controllers left enabled on {}",
+            own.display()
+        );
     }
 
     /// This daemon's cgroup subtree name (unique per test daemon).
@@ -411,9 +475,13 @@ impl Drop for TestDaemon {
             cleanup::remove_sysv_ipc(&ours);
             cleanup::remove_files_in(&cleanup::SHARED_TMP, &ours);
         }
-        // ...and its cgroups go, deepest first (only this daemon's own subtree).
+        // ...and its cgroups go, deepest first (only this daemon's own subtree,
+        // and the cgroup delegated to it).
         for dir in self.cgroup_dirs() {
             remove_cgroup_tree(&dir);
+        }
+        if let Some(own) = &self.delegated {
+            remove_cgroup_tree(own);
         }
     }
 }
