@@ -317,21 +317,6 @@ fn one_write(conn: &mut support::RawConn, requests: &[Value]) {
     conn.write_bytes(&bytes);
 }
 
-/// Reads answers until every id in `ids` has its final frame; events are skipped.
-fn answers(conn: &mut support::RawConn, ids: &[u64]) -> std::collections::HashMap<u64, Value> {
-    let mut got = std::collections::HashMap::new();
-    while got.len() < ids.len() {
-        let r = conn.read().expect("an answer");
-        if !get(&r, "event").is_nil() {
-            continue;
-        }
-        let id = get(&r, "id").as_u64().expect("an id");
-        assert!(ids.contains(&id), "unexpected {r}");
-        got.insert(id, r);
-    }
-    got
-}
-
 /// Issue 14, row "the doc's own pipelined `exec.run` then `exec.cancel` in
 /// one write → the cancel runs first; two pipelined `exec.run` → the first
 /// gets SESSION_BUSY": requests of one connection reach their actors in the
@@ -359,7 +344,7 @@ fn pipelined_requests_start_in_the_order_sent() {
             vec![("session_id", session.as_str().into())],
         );
         one_write(&mut conn, &[run(run_id, "sleep 30"), cancel]);
-        let got = answers(&mut conn, &[run_id, cancel_id]);
+        let got = support::scenarios::final_frames(&mut conn, &[run_id, cancel_id]);
         let cancelled = get(get(&got[&cancel_id], "result"), "cancelled");
         assert_eq!(
             cancelled.as_bool(),
@@ -378,7 +363,7 @@ fn pipelined_requests_start_in_the_order_sent() {
     for round in 0..5u64 {
         let (first, second, cancel_id) = (200 + 3 * round, 201 + 3 * round, 202 + 3 * round);
         one_write(&mut conn, &[run(first, "sleep 30"), run(second, "true")]);
-        let got = answers(&mut conn, &[second]);
+        let got = support::scenarios::final_frames(&mut conn, &[second]);
         assert_eq!(
             error_code(&got[&second]).as_deref(),
             Some("SESSION_BUSY"),
@@ -390,7 +375,7 @@ fn pipelined_requests_start_in_the_order_sent() {
             "exec.cancel",
             vec![("session_id", session.as_str().into())],
         ));
-        let got = answers(&mut conn, &[first, cancel_id]);
+        let got = support::scenarios::final_frames(&mut conn, &[first, cancel_id]);
         let killed_by = get(get(&got[&first], "result"), "killed_by");
         assert_eq!(killed_by.as_str(), Some("cancelled"), "{}", got[&first]);
     }
@@ -435,7 +420,7 @@ fn pipelined_writes_apply_in_the_order_sent() {
             .collect();
         one_write(&mut conn, &writes);
         let ids: Vec<u64> = (10..10 + n).collect();
-        for (id, r) in answers(&mut conn, &ids) {
+        for (id, r) in support::scenarios::final_frames(&mut conn, &ids) {
             assert!(error_code(&r).is_none(), "write {id}: {r}");
         }
         conn.send(&request(

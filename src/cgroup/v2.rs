@@ -353,17 +353,21 @@ mod tests {
         (root, own)
     }
 
-    #[test]
-    fn a_cgroup_shared_with_other_processes_is_refused_before_anything_moves() {
-        let (root, own) = fake_tree();
-        std::fs::write(own.join("cgroup.procs"), "4242\n999\n").unwrap();
-        let err = V2::setup(
+    /// Setup as the daemon (pid 4242) of `sessiond.service` in the fake tree.
+    fn setup_as_service(root: &tempfile::TempDir) -> Result<V2, CgroupError> {
+        V2::setup(
             root.path(),
             Path::new("/system.slice/sessiond.service"),
             "sessiond",
             4242,
         )
-        .unwrap_err();
+    }
+
+    #[test]
+    fn a_cgroup_shared_with_other_processes_is_refused_before_anything_moves() {
+        let (root, own) = fake_tree();
+        std::fs::write(own.join("cgroup.procs"), "4242\n999\n").unwrap();
+        let err = setup_as_service(&root).unwrap_err();
         assert!(err.to_string().contains("Delegate=yes"), "{err}");
         assert!(!own.join("daemon").exists(), "nothing was changed");
     }
@@ -389,13 +393,7 @@ mod tests {
     #[test]
     fn setup_moves_the_daemon_into_a_leaf_and_enables_controllers() {
         let (root, own) = fake_tree();
-        let v2 = V2::setup(
-            root.path(),
-            Path::new("/system.slice/sessiond.service"),
-            "sessiond",
-            4242,
-        )
-        .unwrap();
+        let v2 = setup_as_service(&root).unwrap();
         assert_eq!(read(&own.join("daemon/cgroup.procs")), "4242");
         assert_eq!(read(&own.join("cgroup.subtree_control")), CONTROLLERS);
         assert_eq!(
@@ -501,13 +499,7 @@ mod tests {
     fn release_disables_only_what_setup_enabled_and_moves_the_daemon_back() {
         let (root, own) = fake_tree();
         std::fs::write(own.join("cgroup.procs"), "4242\n").unwrap();
-        let v2 = V2::setup(
-            root.path(),
-            Path::new("/system.slice/sessiond.service"),
-            "sessiond",
-            4242,
-        )
-        .unwrap();
+        let v2 = setup_as_service(&root).unwrap();
         v2.release();
         assert_eq!(
             read(&own.join("cgroup.subtree_control")),
@@ -517,13 +509,7 @@ mod tests {
         // Controllers `<own>` had before are left on.
         let (root, own) = fake_tree();
         std::fs::write(own.join("cgroup.subtree_control"), "cpu memory\n").unwrap();
-        let v2 = V2::setup(
-            root.path(),
-            Path::new("/system.slice/sessiond.service"),
-            "sessiond",
-            4242,
-        )
-        .unwrap();
+        let v2 = setup_as_service(&root).unwrap();
         assert_eq!(read(&own.join("cgroup.subtree_control")), "+pids");
         v2.release();
         assert_eq!(read(&own.join("cgroup.subtree_control")), "-pids");
@@ -534,13 +520,7 @@ mod tests {
         let (root, own) = fake_tree();
         // The sessions' parent cannot be created: a file is in its way.
         std::fs::write(own.join("sessiond"), "").unwrap();
-        V2::setup(
-            root.path(),
-            Path::new("/system.slice/sessiond.service"),
-            "sessiond",
-            4242,
-        )
-        .unwrap_err();
+        setup_as_service(&root).unwrap_err();
         assert_eq!(read(&own.join("cgroup.procs")), "4242");
         assert_eq!(
             read(&own.join("cgroup.subtree_control")),

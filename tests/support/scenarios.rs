@@ -1459,7 +1459,10 @@ fn one_write(conn: &mut RawConn, requests: &[rmpv::Value]) {
 }
 
 /// Reads frames until every id in `ids` has its final frame (events are skipped).
-fn final_frames(conn: &mut RawConn, ids: &[u64]) -> std::collections::HashMap<u64, rmpv::Value> {
+pub fn final_frames(
+    conn: &mut RawConn,
+    ids: &[u64],
+) -> std::collections::HashMap<u64, rmpv::Value> {
     let mut got = std::collections::HashMap::new();
     while got.len() < ids.len() {
         let r = conn.read().expect("an answer");
