@@ -105,64 +105,10 @@ fn errors_echo_only_a_short_prefix_of_client_values() {
 #[test]
 fn params_that_would_apply_silently_are_refused() {
     let d = TestDaemon::start("");
+    // Every case, one by one on one connection (the fault harness runs it too).
+    support::scenarios::huge_and_ill_typed_params(&d.socket);
     let mut conn = d.raw();
     let session = conn.create_session(1);
-    // (method, params, what the message must name)
-    type Case<'a> = (&'a str, Vec<(&'a str, Value)>, &'a str);
-    let cases: Vec<Case> = vec![
-        (
-            "session.create",
-            vec![("limits", map(vec![("memry_max_bytes", 1.into())]))],
-            "memry_max_bytes",
-        ),
-        (
-            "session.create",
-            vec![("limits", Value::Array(vec![1.into(), 2.into()]))],
-            "limits",
-        ),
-        (
-            "session.create",
-            vec![("limits", map(vec![("timeout_s", 1e-9.into())]))],
-            "below the minimum of",
-        ),
-        (
-            "exec.run",
-            vec![
-                ("session_id", session.as_str().into()),
-                ("command", "true".into()),
-                ("keep_output", 1.into()),
-            ],
-            "keep_output",
-        ),
-        (
-            "exec.run",
-            vec![
-                ("session_id", session.as_str().into()),
-                ("command", "true".into()),
-                ("timeout_s", 1e-9.into()),
-            ],
-            "below the minimum of",
-        ),
-        (
-            "exec.start",
-            vec![
-                ("session_id", session.as_str().into()),
-                ("command", "true".into()),
-                ("idle_timeout_s", 1e-9.into()),
-            ],
-            "idle_timeout_s",
-        ),
-    ];
-    for (i, (method, params, named)) in cases.into_iter().enumerate() {
-        conn.send(&request(10 + i as u64, method, params));
-        let r = conn.read().expect("an answer");
-        assert_eq!(
-            error_code(&r).as_deref(),
-            Some("INVALID_REQUEST"),
-            "case {i}: {r}"
-        );
-        assert!(message(&r).contains(named), "case {i}: {}", message(&r));
-    }
     // Unknown top-level params stay ignored, as the contract says.
     conn.send(&request(
         30,

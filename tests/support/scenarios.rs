@@ -1530,8 +1530,8 @@ pub fn unread_error_answers(socket: &Path, daemon: (i32, u64), conns: usize, key
 
 /// Issue 14's rows of huge and ill-formed params: `session.create` with a
 /// 1.5 MiB env key or a cwd of control bytes gets a small `INVALID_REQUEST`;
-/// a misspelt limit, an enum by index, limits as an array and a timeout under
-/// 1 ms are `INVALID_REQUEST` naming what is wrong (none of them applies
+/// a misspelt limit, an enum by index, limits as an array and a timeout or
+/// idle timeout under 1 ms are `INVALID_REQUEST` naming what is wrong (none of them applies
 /// silently, none creates a session); the connection goes on.
 pub fn huge_and_ill_typed_params(socket: &Path) {
     let mut conn = RawConn::connect(socket);
@@ -1584,6 +1584,15 @@ pub fn huge_and_ill_typed_params(socket: &Path) {
                 ("timeout_s", 1e-9.into()),
             ],
             "below the minimum of",
+        ),
+        (
+            "exec.start",
+            vec![
+                ("session_id", s()),
+                ("command", "true".into()),
+                ("idle_timeout_s", 1e-9.into()),
+            ],
+            "idle_timeout_s",
         ),
     ];
     for (i, (method, params, named)) in cases.into_iter().enumerate() {
