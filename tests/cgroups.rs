@@ -168,8 +168,8 @@ async fn a_detached_fork_bomb_is_reported_by_its_session_and_in_stats() {
 }
 
 /// Each command gets a fresh leaf of its own, made ahead: its peak memory is
-/// its own (not an earlier command's), a session keeps one leaf ready, and
-/// none is left after the session.
+/// its own (not an earlier command's), a session keeps one leaf ready once it
+/// ran a command, and none is left after the session.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and a usable cgroup hierarchy"]
 async fn every_command_gets_a_fresh_leaf_made_ahead() {
@@ -178,13 +178,14 @@ async fn every_command_gets_a_fresh_leaf_made_ahead() {
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let hierarchies = d.cgroup_dirs().len();
     let leaves = || d.command_cgroups().len();
+    assert_eq!(leaves(), 0, "a session that ran nothing has no leaf");
+    let own_leaf = "grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u";
+    let first = c.run(&s, own_leaf).await.unwrap();
     support::wait_until(
-        "the session's leaf is made ahead",
+        "the next leaf is made ahead",
         Duration::from_secs(10),
         || leaves() == hierarchies,
     );
-    let own_leaf = "grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u";
-    let first = c.run(&s, own_leaf).await.unwrap();
     let big = c
         .run(&s, "head -c 50M /dev/zero | tail > /dev/null")
         .await

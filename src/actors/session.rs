@@ -10,7 +10,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use super::command::{CommandActor, CommandArgs, CommandMsg, StartReply};
 use super::command_record::CommandRecord;
-use crate::cgroup::{CgroupLimits, CgroupNode, SessionLeaves};
+use crate::cgroup::{CgroupLimits, CgroupNode, SessionLeaves, SessionLeavesHandle};
 use crate::config::Config;
 use crate::context::Context;
 use crate::isolation::Lease;
@@ -230,13 +230,15 @@ pub struct SessionState {
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
     rlimits: [Rlimit; 5],
+    /// The session's command leaves (made ahead) and its count of refused
+    /// forks, shared with its commands' runs; ended with the cgroup. Declared
+    /// before it: dropped first (an actor failure), it stops the refill before
+    /// the cgroup goes.
+    leaves: Option<SessionLeavesHandle>,
     /// The session's cgroup, when cgroups are on (made by `Setup`); destroyed
     /// in `end`, or by its Drop when the session ends without `end` (a panic,
     /// a kill: ractor skips `post_stop` then, `Drop` always runs).
     cgroup: Option<CgroupNode>,
-    /// The session's command leaves (made ahead) and its count of refused
-    /// forks, shared with its commands' runs; ended with the cgroup.
-    leaves: Option<Arc<SessionLeaves>>,
     /// Limits for the cgroup, made by `Setup`.
     cgroup_limits: CgroupLimits,
     /// The `session.create` waiting for `Setup` (and `init`).
@@ -466,7 +468,7 @@ impl SessionState {
             match made {
                 Ok(Ok((node, leaves))) => {
                     self.cgroup = Some(node);
-                    self.leaves = Some(leaves);
+                    self.leaves = Some(SessionLeavesHandle::new(leaves));
                 }
                 failed => {
                     let why = match failed {
@@ -687,7 +689,7 @@ impl SessionState {
                 .as_ref()
                 .map(Lease::credentials)
                 .or(self.ctx.credentials),
-            cgroup: self.leaves.clone(),
+            cgroup: self.leaves.as_ref().map(SessionLeavesHandle::shared),
         };
         let args = CommandArgs {
             ctx: self.ctx.clone(),
@@ -824,7 +826,7 @@ impl SessionState {
                 command_ids: running_ids,
                 pids_limit_hits: None,
             },
-            leaves: self.leaves.clone(),
+            leaves: self.leaves.as_ref().map(SessionLeavesHandle::shared),
         }
     }
 

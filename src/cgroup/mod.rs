@@ -45,7 +45,7 @@ pub use limits::{
     MIN_PIDS,
 };
 pub use node::CgroupNode;
-pub use pool::{CommandLeaf, SessionLeaves};
+pub use pool::{CommandLeaf, SessionLeaves, SessionLeavesHandle};
 
 use error::io_err;
 

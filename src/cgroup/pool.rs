@@ -142,12 +142,14 @@ fn pids_hits(file: Option<&File>) -> u64 {
 
 impl SessionLeaves {
     /// The leaves of `session` (blocking: opens the session's counter where
-    /// it counts); starts making the first ready leaf in the background.
+    /// it counts). None is made until the first command takes one: a
+    /// session that runs nothing (or is made and destroyed at once) costs no
+    /// leaf.
     pub fn new(cgroups: &Arc<Cgroups>, session: &CgroupNode, memory_max: u64) -> Arc<Self> {
         let session_pids = cgroups
             .session_pids_events(session.name())
             .and_then(|f| File::open(f).ok());
-        let leaves = Arc::new(SessionLeaves {
+        Arc::new(SessionLeaves {
             cgroups: cgroups.clone(),
             session: session.name().to_string(),
             memory_max,
@@ -158,18 +160,24 @@ impl SessionLeaves {
             session_pids,
             retired: Mutex::new(0),
             reported: AtomicU64::new(0),
-        });
-        leaves.refill();
-        leaves
+        })
     }
 
-    /// A fresh leaf for a command (blocking): a ready one, else one made
-    /// now; either way the next is made in the background.
+    /// A fresh leaf for a command (blocking): a ready one, else the one
+    /// being made (sooner ready than a new one, and no work done twice),
+    /// else one made now; either way the next is made in the background.
     pub fn take(self: &Arc<Self>) -> Result<CommandLeaf, CgroupError> {
         let ready = lock(&self.ready).pop_front();
         let prepared = match ready {
             Some(p) => p,
-            None => self.prepare()?,
+            None => {
+                let _making = lock(&self.making);
+                let made_meanwhile = lock(&self.ready).pop_front();
+                match made_meanwhile {
+                    Some(p) => p,
+                    None => self.prepare()?,
+                }
+            }
         };
         self.refill();
         Ok(CommandLeaf {
@@ -212,6 +220,11 @@ impl SessionLeaves {
                     break;
                 }
                 match leaves.prepare() {
+                    // The session ended while it was made (its actor failed:
+                    // `finish` waits this out): it goes at once.
+                    Ok(p) if leaves.closed.load(Ordering::Acquire) => {
+                        let _ = p.node.destroy();
+                    }
                     Ok(p) => lock(&leaves.ready).push_back(p),
                     Err(e) => {
                         tracing::warn!(session = %leaves.session, error = %e, "cannot make a command leaf ahead");
@@ -255,6 +268,36 @@ impl SessionLeaves {
         self.cgroups
             .count_pids_limit_hits(total.saturating_sub(reported));
         total
+    }
+}
+
+/// The SessionActor's hold on its leaves: dropping it (the session ended,
+/// or its actor failed) stops their refill, so no leaf is made in a session
+/// being removed.
+#[derive(Debug)]
+pub struct SessionLeavesHandle(Arc<SessionLeaves>);
+
+impl SessionLeavesHandle {
+    pub fn new(leaves: Arc<SessionLeaves>) -> Self {
+        SessionLeavesHandle(leaves)
+    }
+
+    /// The leaves, for a command's run or `session.list`.
+    pub fn shared(&self) -> Arc<SessionLeaves> {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for SessionLeavesHandle {
+    type Target = SessionLeaves;
+    fn deref(&self) -> &SessionLeaves {
+        &self.0
+    }
+}
+
+impl Drop for SessionLeavesHandle {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
     }
 }
 
