@@ -212,11 +212,14 @@ impl SessionLeaves {
         };
         let leaves = self.clone();
         runtime.spawn_blocking(move || {
+            let mut full = false;
             loop {
                 let _making = lock(&leaves.making);
-                if leaves.closed.load(Ordering::Acquire)
-                    || lock(&leaves.ready).len() >= POOL_SIZE
-                {
+                if leaves.closed.load(Ordering::Acquire) {
+                    break;
+                }
+                if lock(&leaves.ready).len() >= POOL_SIZE {
+                    full = true;
                     break;
                 }
                 match leaves.prepare() {
@@ -233,6 +236,11 @@ impl SessionLeaves {
                 }
             }
             leaves.refilling.store(false, Ordering::Release);
+            // A take between the check above and now saw the flag still set
+            // and left the refill to us.
+            if full && lock(&leaves.ready).len() < POOL_SIZE {
+                leaves.refill();
+            }
         });
     }
 
