@@ -136,6 +136,12 @@ pub fn render(stats: &StatsResult) -> String {
         c.oom_killed_total as f64,
     );
     metric(
+        "commands_pids_limit_hits_total",
+        "counter",
+        "Forks refused by sessions' pids limits.",
+        c.pids_limit_hits_total as f64,
+    );
+    metric(
         "commands_spawn_failed_total",
         "counter",
         "Commands that could not be started.",

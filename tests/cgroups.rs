@@ -113,8 +113,102 @@ async fn a_fork_bomb_is_contained_by_pids_max() {
         stderr.contains("Resource temporarily unavailable"),
         "forks were refused by pids.max: {stderr}"
     );
+    // The refusals are reported: by the command, and in the daemon's total.
+    assert!(r.pids_limit_hits.unwrap() > 0, "{r:?}");
+    assert!(c.stats().await.unwrap().commands.pids_limit_hits_total >= r.pids_limit_hits.unwrap());
     // Contained: after the command's end nothing of it is left.
     d.assert_no_leaks();
+    drop(c);
+    d.stop();
+}
+
+/// `pids_limit_hits` of session `id` in `session.list`.
+async fn listed_hits(c: &sessiond::client::Client, id: &str) -> u64 {
+    let sessions = c.list_sessions().await.unwrap().sessions;
+    let info = sessions.into_iter().find(|i| i.session_id == id).unwrap();
+    info.pids_limit_hits.expect("reported with cgroups on")
+}
+
+/// A fork bomb that detaches (the command returns at once) holds the
+/// session's pids until the session ends: the session's count says so while
+/// it lives, the daemon's total once it has ended, and nothing is left.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and a usable cgroup hierarchy"]
+async fn a_detached_fork_bomb_is_reported_by_its_session_and_in_stats() {
+    let d = daemon_with_cgroups().await;
+    let c = d.client().await;
+    let s = c
+        .create_session(limits(SessionLimits {
+            pids_max: Some(16),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let quiet = c.create_session(CreateParams::default()).await.unwrap();
+    let r = c.run(&s, "b() { b | b & }; b").await.unwrap();
+    assert!(r.pids_limit_hits.is_some(), "{r:?}");
+    support::wait_until_async(
+        "the session reports refused forks",
+        Duration::from_secs(20),
+        || async { listed_hits(&c, &s).await > 0 },
+    )
+    .await;
+    assert_eq!(listed_hits(&c, &quiet).await, 0, "only the bomb's session");
+    c.destroy_session(&s).await.unwrap();
+    let total = c.stats().await.unwrap().commands.pids_limit_hits_total;
+    assert!(
+        total > 0,
+        "the daemon's total counts them once the session has ended"
+    );
+    d.assert_no_leaks();
+    c.destroy_session(&quiet).await.unwrap();
+    assert!(d.command_cgroups().is_empty(), "no leaf left");
+    drop(c);
+    d.stop();
+}
+
+/// Each command gets a fresh leaf of its own, made ahead: its peak memory is
+/// its own (not an earlier command's), a session keeps one leaf ready once it
+/// ran a command, and none is left after the session.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root and a usable cgroup hierarchy"]
+async fn every_command_gets_a_fresh_leaf_made_ahead() {
+    let d = daemon_with_cgroups().await;
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    let hierarchies = d.cgroup_dirs().len();
+    let leaves = || d.command_cgroups().len();
+    assert_eq!(leaves(), 0, "a session that ran nothing has no leaf");
+    let own_leaf = "grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u";
+    let first = c.run(&s, own_leaf).await.unwrap();
+    // Generous: under emulation (the v2 CI guest) a leaf takes a while.
+    support::wait_until(
+        "the next leaf is made ahead",
+        Duration::from_secs(30),
+        || leaves() == hierarchies,
+    );
+    let big = c
+        .run(&s, "head -c 50M /dev/zero | tail > /dev/null")
+        .await
+        .unwrap();
+    assert!(big.max_rss_bytes.unwrap() > 40 << 20, "{big:?}");
+    let after = c.run(&s, own_leaf).await.unwrap();
+    assert!(
+        after.max_rss_bytes.unwrap() < 20 << 20,
+        "a fresh peak, not the previous command's: {after:?}"
+    );
+    assert!(!first.stdout.is_empty());
+    assert_ne!(first.stdout, after.stdout, "a leaf is never reused");
+    support::wait_until(
+        "ended commands' leaves go; one stays ready",
+        Duration::from_secs(30),
+        || leaves() == hierarchies,
+    );
+    c.destroy_session(&s).await.unwrap();
+    assert!(
+        d.command_cgroups().is_empty(),
+        "no leaf left after the session"
+    );
     drop(c);
     d.stop();
 }

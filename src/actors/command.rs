@@ -293,6 +293,7 @@ fn command_result(record: &CommandRecord, report: RunReport) -> CommandResult {
         duration_ms: report.duration.as_millis() as u64,
         cpu_ms: Some(report.exit.cpu.as_millis() as u64),
         max_rss_bytes: Some(report.max_rss_bytes),
+        pids_limit_hits: report.pids_limit_hits,
         cwd: report.cwd.to_string_lossy().into_owned(),
         state_error: report.state_error,
     }

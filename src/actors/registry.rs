@@ -357,8 +357,20 @@ impl RegistryState {
             .collect();
         tokio::spawn(async move {
             let described = futures::future::join_all(sessions.iter().map(describe)).await;
-            let mut out: Vec<SessionInfo> =
-                described.into_iter().flatten().map(|d| d.info).collect();
+            // Each session's count of refused forks: a few cgroup files
+            // each, read here on the blocking pool, not by the sessions.
+            let counted = tokio::task::spawn_blocking(move || {
+                described
+                    .into_iter()
+                    .flatten()
+                    .map(|mut d| {
+                        d.info.pids_limit_hits = d.leaves.map(|l| l.pids_limit_hits());
+                        d.info
+                    })
+                    .collect::<Vec<SessionInfo>>()
+            })
+            .await;
+            let Ok(mut out) = counted else { return };
             out.sort_by_key(|s| std::cmp::Reverse(s.created_ms_ago));
             let _ = reply.send(out);
         });

@@ -10,7 +10,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use super::command::{CommandActor, CommandArgs, CommandMsg, StartReply};
 use super::command_record::CommandRecord;
-use crate::cgroup::{CgroupLimits, CgroupNode};
+use crate::cgroup::{CgroupLimits, CgroupNode, SessionLeaves, SessionLeavesHandle};
 use crate::config::Config;
 use crate::context::Context;
 use crate::isolation::Lease;
@@ -181,6 +181,9 @@ pub struct SessionDescription {
     pub owner: u32,
     pub phase: SessionPhase,
     pub info: SessionInfo,
+    /// Where `info.pids_limit_hits` is read from (blocking file reads, done by
+    /// the `session.list` task, not by the session).
+    pub leaves: Option<Arc<SessionLeaves>>,
 }
 
 /// Where a session is in its life, for a registry rebuilding its table.
@@ -230,6 +233,11 @@ pub struct SessionState {
     max_timeout: Duration,
     /// setrlimit values of every command of this session.
     rlimits: [Rlimit; 5],
+    /// The session's command leaves (made ahead) and its count of refused
+    /// forks, shared with its commands' runs; ended with the cgroup. Declared
+    /// before it: dropped first (an actor failure), it stops the refill before
+    /// the cgroup goes.
+    leaves: Option<SessionLeavesHandle>,
     /// The session's cgroup, when cgroups are on (made by `Setup`); destroyed
     /// in `end`, or by its Drop when the session ends without `end` (a panic,
     /// a kill: ractor skips `post_stop` then, `Drop` always runs).
@@ -302,6 +310,7 @@ impl Actor for SessionActor {
             max_timeout: args.max_timeout,
             rlimits: args.rlimits,
             cgroup: None,
+            leaves: None,
             cgroup_limits: args.cgroup_limits,
             create_reply: Some(args.created),
             init: args.init,
@@ -454,11 +463,16 @@ impl SessionState {
         if let Some(cgroups) = self.ctx.cgroups.clone() {
             let (key, limits) = (self.key, self.cgroup_limits);
             let made = tokio::task::spawn_blocking(move || {
-                CgroupNode::create_session(&cgroups, key, &limits)
+                let node = CgroupNode::create_session(&cgroups, key, &limits)?;
+                let leaves = SessionLeaves::new(&cgroups, &node, limits.memory_max);
+                Ok::<_, crate::cgroup::CgroupError>((node, leaves))
             })
             .await;
             match made {
-                Ok(Ok(node)) => self.cgroup = Some(node),
+                Ok(Ok((node, leaves))) => {
+                    self.cgroup = Some(node);
+                    self.leaves = Some(SessionLeavesHandle::new(leaves));
+                }
                 failed => {
                     let why = match failed {
                         Ok(Err(e)) => e.to_string(),
@@ -683,7 +697,7 @@ impl SessionState {
                 .as_ref()
                 .map(Lease::credentials)
                 .or(self.ctx.credentials),
-            cgroup: self.cgroup.as_ref().map(CgroupNode::leaf_parent),
+            cgroup: self.leaves.as_ref().map(SessionLeavesHandle::shared),
             pty: request.pty,
         };
         let args = CommandArgs {
@@ -819,7 +833,9 @@ impl SessionState {
                 cwd: self.terminal.cwd.to_string_lossy().into_owned(),
                 command_id: running_ids.last().cloned(),
                 command_ids: running_ids,
+                pids_limit_hits: None,
             },
+            leaves: self.leaves.as_ref().map(SessionLeavesHandle::shared),
         }
     }
 
@@ -858,9 +874,16 @@ impl SessionState {
     /// cgroup teardown here only holds this ending session's own mailbox.
     async fn end(&mut self, myself: &ActorRef<SessionMsg>, why: SessionEnd) {
         if let Some(cgroup) = self.cgroup.take() {
+            let leaves = self.leaves.take();
             let destroyed = tokio::task::spawn_blocking(move || {
                 let name = cgroup.name().to_string();
-                cgroup.destroy().map_err(|e| (name, e))
+                // Killed first, so the count of refused forks is final.
+                let killed = cgroup.kill();
+                if let Some(leaves) = leaves {
+                    leaves.finish();
+                }
+                let destroyed = cgroup.destroy();
+                killed.and(destroyed).map_err(|e| (name, e))
             })
             .await;
             if let Ok(Err((cgroup, e))) = destroyed {

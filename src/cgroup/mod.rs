@@ -20,7 +20,8 @@
 //!
 //! Files: this one is the facade ([`Cgroups`]) and the [`Backend`] trait
 //! `v1.rs` and `v2.rs` implement; `detect.rs` finds the mounts and picks the
-//! backend; `node.rs` holds the owned nodes ([`CgroupNode`]); `limits.rs` the
+//! backend; `node.rs` holds the owned nodes ([`CgroupNode`]); `pool.rs` a
+//! session's command leaves, made ahead ([`SessionLeaves`]); `limits.rs` the
 //! config, limits and their minimums; `fs.rs` the file helpers and the lock;
 //! `error.rs` [`CgroupError`].
 
@@ -29,6 +30,7 @@ pub mod error;
 pub mod fs;
 pub mod limits;
 pub mod node;
+pub mod pool;
 pub mod v1;
 pub mod v2;
 
@@ -42,7 +44,8 @@ pub use limits::{
     CPU_PERIOD_US, CgroupLimits, CgroupMode, CgroupsConfig, MIN_CPU_CORES, MIN_MEMORY_BYTES,
     MIN_PIDS,
 };
-pub use node::{CgroupNode, LeafParent};
+pub use node::CgroupNode;
+pub use pool::{CommandLeaf, SessionLeaves, SessionLeavesHandle};
 
 use error::io_err;
 
@@ -67,6 +70,9 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn oom_kills(&self, rel: &str) -> u64;
     /// Peak memory of `rel`, bytes, where the kernel reports it.
     fn memory_peak(&self, rel: &str) -> Option<u64>;
+    /// The files of `rel`'s OOM kills, peak memory and refused forks, which
+    /// a command's leaf opens when it is made and reads at the command's end.
+    fn counter_files(&self, rel: &str) -> pool::CounterFiles;
     /// The child nodes of `rel` ("" for the sessions), for recovery and teardown.
     fn children(&self, rel: &str) -> Vec<String>;
     /// The base directories of our subtree; the first is the one we lock.
@@ -87,6 +93,10 @@ pub struct Cgroups {
     _lock: OwnedFd,
     /// Source of command leaf names.
     next_command: AtomicU64,
+    /// Forks refused by sessions' pids limits, daemon-wide (see
+    /// [`SessionLeaves`]: counted at each command's end, the rest at its
+    /// session's end).
+    pids_limit_hits: AtomicU64,
 }
 
 impl Cgroups {
@@ -114,12 +124,27 @@ impl Cgroups {
             backend,
             _lock: lock,
             next_command: AtomicU64::new(1),
+            pids_limit_hits: AtomicU64::new(0),
         }))
     }
 
     /// "v1" or "v2", for `system.stats`.
     pub fn mode_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// Forks refused by sessions' pids limits so far, for `system.stats`.
+    pub fn pids_limit_hits_total(&self) -> u64 {
+        self.pids_limit_hits.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_pids_limit_hits(&self, n: u64) {
+        self.pids_limit_hits.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counter files of `rel`.
+    pub(crate) fn counter_files(&self, rel: &str) -> pool::CounterFiles {
+        self.backend.counter_files(rel)
     }
 
     /// Creates the cgroup of session `key` with `limits`; returns its node name.

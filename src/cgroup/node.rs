@@ -1,4 +1,4 @@
-//! Owned cgroup nodes: a session's node (held by its SessionActor) and a command's leaf (held by its run); each is killed and removed when dropped.
+//! Owned cgroup nodes: a session's node (held by its SessionActor) and a command's leaf (made ahead by the session's pool, then held by its run); each is killed and removed when dropped.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -18,14 +18,6 @@ pub struct CgroupNode {
     armed: bool,
 }
 
-/// Where a session's command leaves go: the session's node by name, for the
-/// run that creates a leaf. The SessionActor owns the node itself.
-#[derive(Debug, Clone)]
-pub struct LeafParent {
-    cgroups: Arc<Cgroups>,
-    session: String,
-}
-
 impl CgroupNode {
     /// Creates the cgroup of session `key` with `limits` (blocking).
     pub fn create_session(
@@ -37,7 +29,7 @@ impl CgroupNode {
         Ok(CgroupNode::own(cgroups, rel))
     }
 
-    fn own(cgroups: &Arc<Cgroups>, rel: String) -> CgroupNode {
+    pub(super) fn own(cgroups: &Arc<Cgroups>, rel: String) -> CgroupNode {
         CgroupNode {
             cgroups: cgroups.clone(),
             rel,
@@ -48,14 +40,6 @@ impl CgroupNode {
     /// The node's path below our subtree.
     pub fn name(&self) -> &str {
         &self.rel
-    }
-
-    /// Where this (session) node's command leaves go.
-    pub fn leaf_parent(&self) -> LeafParent {
-        LeafParent {
-            cgroups: self.cgroups.clone(),
-            session: self.rel.clone(),
-        }
     }
 
     /// Opens the node's `cgroup.procs` files for the spawn child to join (blocking).
@@ -76,24 +60,13 @@ impl CgroupNode {
             .unwrap_or_else(|e| Err(CgroupError::Task(e.to_string())))
     }
 
-    /// OOM kills inside the node so far (blocking).
-    pub fn oom_kills(&self) -> u64 {
-        self.cgroups.oom_kills(&self.rel)
-    }
-
-    /// Peak memory of the node, where the kernel reports it (blocking).
-    pub fn memory_peak(&self) -> Option<u64> {
-        self.cgroups.memory_peak(&self.rel)
-    }
-
     /// The node's owner is done with it but its processes may go on (a
     /// command that ended by itself, leaving background children): removed
-    /// now if empty, else left to its session's end (blocking).
-    pub fn release(mut self) {
+    /// now if empty, else left to its session's end (blocking). Whether it
+    /// was removed.
+    pub fn release(mut self) -> bool {
         self.armed = false;
-        if !self.cgroups.populated(&self.rel) {
-            let _ = self.cgroups.remove(&self.rel);
-        }
+        !self.cgroups.populated(&self.rel) && self.cgroups.remove(&self.rel).is_ok()
     }
 
     /// Kills everything in the node and below, and removes it (blocking).
@@ -120,13 +93,5 @@ impl Drop for CgroupNode {
             }
             Err(_) => destroy(),
         }
-    }
-}
-
-impl LeafParent {
-    /// Creates a command leaf in the session (blocking).
-    pub fn create_command(&self) -> Result<CgroupNode, CgroupError> {
-        let rel = self.cgroups.create_command(&self.session)?;
-        Ok(CgroupNode::own(&self.cgroups, rel))
     }
 }

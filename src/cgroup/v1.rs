@@ -184,6 +184,18 @@ impl Backend for V1 {
         read_u64(&self.memory.join(rel).join("memory.max_usage_in_bytes"))
     }
 
+    /// memory.oom_control, memory.max_usage_in_bytes, and the pids
+    /// hierarchy's pids.events (v1 counts a refused fork in the forking
+    /// task's cgroup).
+    fn counter_files(&self, rel: &str) -> super::pool::CounterFiles {
+        let memory = self.memory.join(rel);
+        super::pool::CounterFiles {
+            oom: (memory.join("memory.oom_control"), "oom_kill"),
+            peak: memory.join("memory.max_usage_in_bytes"),
+            pids: self.pids.join(rel).join("pids.events"),
+        }
+    }
+
     /// The child nodes of `rel` found in any hierarchy.
     fn children(&self, rel: &str) -> Vec<String> {
         children_in_any(&self.dirs(rel))

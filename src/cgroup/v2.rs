@@ -320,6 +320,16 @@ impl Backend for V2 {
         read_u64(&self.dir(rel).join("memory.peak"))
     }
 
+    /// memory.events, memory.peak, pids.events.
+    fn counter_files(&self, rel: &str) -> super::pool::CounterFiles {
+        let dir = self.dir(rel);
+        super::pool::CounterFiles {
+            oom: (dir.join("memory.events"), "oom_kill"),
+            peak: dir.join("memory.peak"),
+            pids: dir.join("pids.events"),
+        }
+    }
+
     /// The child nodes of `rel`.
     fn children(&self, rel: &str) -> Vec<String> {
         child_dirs(&self.dir(rel))

@@ -23,7 +23,7 @@ use super::shell::{self, EnvMap};
 use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
 use super::terminal::{self, StateError, TerminalState};
-use crate::cgroup::{CgroupError, LeafParent};
+use crate::cgroup::{CgroupError, CommandLeaf, SessionLeaves};
 use crate::limits::Rlimit;
 use std::os::fd::AsRawFd;
 
@@ -58,8 +58,8 @@ pub struct RunSpec {
     pub oom_score_adj: i32,
     /// The identity to run as, when not the daemon's.
     pub credentials: Option<Credentials>,
-    /// The session's cgroup, in which the command gets a leaf of its own.
-    pub cgroup: Option<LeafParent>,
+    /// The session's command leaves, of which the command takes one of its own.
+    pub cgroup: Option<Arc<SessionLeaves>>,
     /// Run on a pseudo-terminal of this size (`output` then made with stdin open).
     pub pty: Option<PtySize>,
 }
@@ -74,9 +74,12 @@ pub struct RunReport {
     pub killed_by: Option<KillReason>,
     /// Wall time from spawn to the shell's exit (and the output drained).
     pub duration: Duration,
-    /// Peak memory: the command's cgroup leaf's where the kernel reports it,
-    /// else the shell's own peak RSS.
+    /// Peak memory: the command's cgroup leaf's where the kernel reports it
+    /// (at most the session's `memory_max`), else the shell's own peak RSS.
     pub max_rss_bytes: u64,
+    /// Forks the session's pids limit refused while the command ran (`None`
+    /// without cgroups).
+    pub pids_limit_hits: Option<u64>,
     /// The working directory after the command (the session's when it left no state).
     pub cwd: PathBuf,
     /// The terminal state it left, when it ended by itself.
@@ -179,14 +182,11 @@ pub async fn run_command(
                 errno: nix::errno::Errno::EAGAIN,
             }));
         }
-        // The command's own leaf, and its cgroup.procs files open for the
-        // child to join. On any error below, dropping the leaf removes it.
-        let leaf = place.as_ref().map(LeafParent::create_command).transpose()?;
-        let fds = match &leaf {
-            Some(leaf) => leaf.open_procs()?,
-            None => Vec::new(),
-        };
-        let procs: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        // The command's own leaf, made ahead by the session with its
+        // cgroup.procs files open for the child to join. On any error below,
+        // dropping the leaf removes it.
+        let mut leaf = place.as_ref().map(SessionLeaves::take).transpose()?;
+        let procs: Vec<i32> = leaf.as_ref().map(CommandLeaf::procs).unwrap_or_default();
         let pty = pty_size
             .map(|size| Pty::open(size, credentials.map(|c| (c.uid, c.gid))))
             .transpose()?;
@@ -204,6 +204,9 @@ pub async fn run_command(
             state_fds: state_at,
         };
         let (child, pipes) = spawn::spawn(&spawn_table, session, &request)?;
+        if let Some(leaf) = &mut leaf {
+            leaf.joined();
+        }
         // The slave closes here: the daemon holds only the master.
         Ok((child, pipes, leaf, pty.map(|p| p.master)))
     })
@@ -257,7 +260,7 @@ pub async fn run_command(
         let idle = spec.idle_timeout.map(|after| (after, &*output));
         let ended = kill::supervise(
             &mut child,
-            leaf.as_ref(),
+            leaf.as_ref().map(CommandLeaf::node),
             spec.timeout,
             idle,
             spec.kill_grace,
@@ -303,25 +306,15 @@ pub async fn run_command(
             open.into_iter().flatten().filter(|p| !p.1).map(|p| p.0),
         );
     }
-    // What the kernel says of the command's leaf: OOM kills and peak memory;
-    // then the leaf goes, unless background processes still live in it.
-    let (oom_kills, memory_peak) = match leaf {
-        Some(leaf) => {
-            let reading =
-                tokio::task::spawn_blocking(move || ((leaf.oom_kills(), leaf.memory_peak()), leaf))
-                    .await;
-            match reading {
-                Ok((found, leaf)) => {
-                    // Removing the leaf (rmdir in every hierarchy, the slowest
-                    // part on v1) need not delay the answer.
-                    tokio::task::spawn_blocking(move || leaf.release());
-                    found
-                }
-                Err(_) => (0, None),
-            }
-        }
-        None => (0, None),
-    };
+    // What the kernel says of the command's leaf (from files open since the
+    // leaf was made); then the leaf goes, unless background processes still
+    // live in it. Removing it (rmdir in every hierarchy, the slowest part on
+    // v1) need not delay the answer.
+    let reading = leaf.as_ref().map(CommandLeaf::finish);
+    if let Some(leaf) = leaf {
+        tokio::task::spawn_blocking(move || leaf.release());
+    }
+    let oom_kills = reading.map_or(0, |r| r.oom_kills);
     let killed_by = killed_by.or_else(|| kill::attribute(&exit, oom_kills, &spec.rlimits));
 
     // Only a command that ended by itself leaves a state; a killed one keeps the old.
@@ -338,7 +331,10 @@ pub async fn run_command(
         exit,
         killed_by,
         duration,
-        max_rss_bytes: memory_peak.unwrap_or(exit.max_rss_bytes),
+        max_rss_bytes: reading
+            .and_then(|r| r.memory_peak)
+            .unwrap_or(exit.max_rss_bytes),
+        pids_limit_hits: reading.map(|r| r.pids_limit_hits),
         cwd,
         state,
         state_error,

@@ -69,6 +69,10 @@ pub struct CommandResult {
     pub duration_ms: u64,
     pub cpu_ms: Option<u64>,
     pub max_rss_bytes: Option<u64>,
+    /// Forks the session's `pids_max` refused while the command ran (nil
+    /// without cgroups, or from an older daemon).
+    #[serde(default)]
+    pub pids_limit_hits: Option<u64>,
     pub cwd: String,
     /// Why the state this command left was not kept (nil when it was, or when it left none).
     #[serde(default)]
@@ -95,6 +99,7 @@ impl CommandResult {
             duration_ms: self.duration_ms,
             cpu_ms: self.cpu_ms,
             max_rss_bytes: self.max_rss_bytes,
+            pids_limit_hits: self.pids_limit_hits,
             cwd: self.cwd,
             state_error: self.state_error,
         }

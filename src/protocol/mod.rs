@@ -364,6 +364,10 @@ pub struct CommandStats {
     /// Commands killed for writing nothing for `idle_timeout_s`.
     #[serde(default)]
     pub idle_timed_out_total: u64,
+    /// Forks refused by sessions' `pids_max`: each command's at its end, the
+    /// rest (background processes) at its session's end.
+    #[serde(default)]
+    pub pids_limit_hits_total: u64,
     /// Pipes of background writers closed because their session already had
     /// `sessions.max_background_pipes` open (the oldest goes first).
     #[serde(default)]
@@ -452,6 +456,10 @@ pub struct SessionInfo {
     /// The most recently started running command, nil when idle.
     #[serde(default)]
     pub command_id: Option<String>,
+    /// Forks the session's `pids_max` refused so far, by any of its
+    /// processes (nil without cgroups, or from an older daemon).
+    #[serde(default)]
+    pub pids_limit_hits: Option<u64>,
 }
 
 /// `session.list` result.
@@ -521,6 +529,10 @@ pub struct ExecResult {
     pub duration_ms: u64,
     pub cpu_ms: Option<u64>,
     pub max_rss_bytes: Option<u64>,
+    /// Forks the session's `pids_max` refused while the command ran (nil
+    /// without cgroups, or from an older daemon).
+    #[serde(default)]
+    pub pids_limit_hits: Option<u64>,
     /// The session's working directory after the command.
     pub cwd: String,
     /// Why the state this command left was not kept (the session keeps its previous one).

@@ -791,6 +791,14 @@ impl Invariants {
             .await
             .expect("control session");
         c.run(&control, "true").await.expect("control session runs");
+        // The control session's next leaf is made ahead, in the background:
+        // the baseline counts its open files.
+        let hierarchies = d.cgroup_dirs().len();
+        wait_until(
+            "the control session's next leaf is made ahead",
+            Duration::from_secs(5),
+            || d.command_cgroups().len() == hierarchies,
+        );
         Invariants {
             control,
             baseline_fds: fd_count(d.pid()),
@@ -827,10 +835,12 @@ impl Invariants {
 
     /// At a moment when no scenario runs: exactly `live` sessions (the control
     /// session included) and as many session cgroups exist, no command runs
-    /// (nor has a command cgroup), the daemon has at most `connections` more
-    /// fds than at the baseline (open client connections), and no process of
-    /// any session survives (idle sessions run none). Cleanup that happens off
-    /// the answer path (a cgroup's removal, a closed socket) gets 5 s.
+    /// (and no command cgroup is left but each session's one leaf made ahead,
+    /// empty), the daemon has at most `connections` more fds than at the
+    /// baseline (open client connections) besides the other sessions' leaves
+    /// made ahead, and no process of any session survives (idle sessions run
+    /// none). Cleanup that happens off the answer path (a cgroup's removal, a
+    /// closed socket) gets 5 s.
     pub async fn check_quiescent(&self, d: &TestDaemon, c: &Client, live: u64, connections: usize) {
         self.check_live(d, c).await;
         let stats = c.stats().await.expect("stats");
@@ -840,7 +850,7 @@ impl Invariants {
             "(sessions, running commands) when nothing runs"
         );
         settles(
-            "one session cgroup per live session, no command cgroup",
+            "one session cgroup per live session, no command cgroup but one empty leaf made ahead per session",
             || {
                 let found: Vec<_> = d
                     .cgroup_dirs()
@@ -848,7 +858,12 @@ impl Invariants {
                     .map(|dir| session_cgroups(dir))
                     .collect();
                 let ok = found.iter().all(|(sessions, commands)| {
-                    sessions.len() as u64 == live && commands.is_empty()
+                    sessions.len() as u64 == live
+                        && commands.len() as u64 <= live
+                        && commands.iter().all(|leaf| {
+                            std::fs::read_to_string(leaf.join("cgroup.procs"))
+                                .is_ok_and(|p| p.trim().is_empty())
+                        })
                 });
                 if ok {
                     Ok(())
@@ -858,7 +873,8 @@ impl Invariants {
             },
         )
         .await;
-        let bound = self.baseline_fds + connections;
+        let bound =
+            self.baseline_fds + connections + live.saturating_sub(1) as usize * ready_leaf_fds(d);
         settles("daemon fds back to baseline + open connections", || {
             let now = fd_count(d.pid());
             if now <= bound {
@@ -884,6 +900,23 @@ impl Invariants {
     pub fn discount_connections(&mut self, n: usize) {
         self.baseline_fds = self.baseline_fds.saturating_sub(n);
     }
+}
+
+/// The files a session's leaf made ahead keeps open in the daemon: its
+/// `cgroup.procs` in every hierarchy and three counters, and the session's
+/// own pids.events on kernels that count there (with pids.events.local).
+fn ready_leaf_fds(d: &TestDaemon) -> usize {
+    let dirs = d.cgroup_dirs();
+    if dirs.is_empty() {
+        return 0;
+    }
+    let session_counts = dirs.iter().any(|dir| {
+        session_cgroups(dir)
+            .0
+            .iter()
+            .any(|s| s.join("pids.events.local").exists())
+    });
+    dirs.len() + 3 + usize::from(session_counts)
 }
 
 /// Polls `check` until it holds, for 5 s at most; then fails with `what` and the last finding.

@@ -161,10 +161,20 @@ def test_unknown_events_fields_and_killed_by_are_tolerated(fake: Any) -> None:
         assert out == [b"a", b"b"]
         assert r.killed_by == "frozen_by_operator" and r.signal == 9 and r.cpu_ms is None
         assert r.extra == {"a_field_from_the_future": 42}
+        # Not sent (an older daemon): None.
+        assert r.pids_limit_hits is None
         with c.stream("s-1", "x") as st:
             streams = [(e.stream, e.data) for e in st]
         assert st.command_id == "s-1/c-2"
         assert streams == [("stdout", b"a"), ("pty", b"?"), ("stdout", b"b")]
+
+
+def test_pids_limit_hits_decode_and_stay_optional() -> None:
+    r = sessiond.types.ExecResult.from_wire({**NEWER_RESULT, "pids_limit_hits": 7})
+    assert r.pids_limit_hits == 7 and "pids_limit_hits" not in r.extra
+    info = sessiond.types.SessionInfo.from_wire({"session_id": "s-1", "pids_limit_hits": 3})
+    assert info.pids_limit_hits == 3
+    assert sessiond.types.SessionInfo.from_wire({"session_id": "s-1"}).pids_limit_hits is None
 
 
 def test_a_silent_daemon_times_the_call_out(fake: Any) -> None:

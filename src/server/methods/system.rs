@@ -41,6 +41,10 @@ pub(crate) fn stats(ctx: &Context) -> StatsResult {
             output_truncated_total: g(&s.output_truncated),
             oom_killed_total: g(&s.oom_killed),
             spawn_failed_total: g(&s.spawn_failed),
+            pids_limit_hits_total: ctx
+                .cgroups
+                .as_ref()
+                .map_or(0, |c| c.pids_limit_hits_total()),
             idle_timed_out_total: g(&s.commands_idle_timed_out),
             background_pipes_closed_total: ctx.processes.background().closed_total(),
         },

@@ -122,6 +122,9 @@ class SessionInfo:
     cwd: str
     command_ids: List[str]
     command_id: Optional[str]
+    #: Forks refused so far by the session's ``pids_max`` (None without
+    #: cgroups, or from an older daemon).
+    pids_limit_hits: Optional[int] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -136,6 +139,7 @@ class SessionInfo:
             cwd=str(m.get("cwd", "")),
             command_ids=[i for i in ids if isinstance(i, str)] if isinstance(ids, list) else [],
             command_id=_opt_str(m.get("command_id")),
+            pids_limit_hits=_opt_int(m.get("pids_limit_hits")),
             extra=_extra(m, cls.__dataclass_fields__),
         )
 
@@ -164,6 +168,9 @@ class ExecResult:
     max_rss_bytes: Optional[int]
     cwd: str
     state_error: Optional[str] = None
+    #: Forks the session's ``pids_max`` refused while the command ran (None
+    #: without cgroups, or from an older daemon).
+    pids_limit_hits: Optional[int] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -186,6 +193,7 @@ class ExecResult:
             max_rss_bytes=_opt_int(m.get("max_rss_bytes")),
             cwd=str(m.get("cwd", "")),
             state_error=_opt_str(m.get("state_error")),
+            pids_limit_hits=_opt_int(m.get("pids_limit_hits")),
             extra=_extra(m, cls.__dataclass_fields__),
         )
 
