@@ -173,6 +173,24 @@ async fn a_python_repl_prompts_and_answers() {
     assert_eq!(r.stderr_total_bytes, 0);
 }
 
+/// gdb on a terminal: its `(gdb) ` prompt, an expression typed and answered,
+/// `quit` ends it. (The test machine has gdb; CI installs nothing for it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn gdb_prompts_evaluates_and_quits() {
+    let (_d, c, s) = setup().await;
+    let mut t = Term::start(&c, on_pty(&s, "gdb -q -nx", 24, 80)).await;
+    t.expect("(gdb) ").await;
+    t.send("print 6*7\n").await;
+    // Readline echoes the line and, on an xterm, toggles bracketed paste around it.
+    let answer = t.expect("(gdb) ").await;
+    assert!(answer.starts_with("print 6*7\r\n"), "{answer:?}");
+    assert!(answer.contains("\r$1 = 42\r\n"), "{answer:?}");
+    t.send("quit\n").await;
+    let (r, _) = t.end().await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    assert_eq!(r.stderr_total_bytes, 0);
+}
+
 /// `read -p` prints its prompt on the terminal and reads a typed line.
 #[tokio::test(flavor = "multi_thread")]
 async fn read_p_prompts_and_reads_a_line() {
