@@ -360,7 +360,8 @@ pub fn nonce() -> String {
 /// posix mode (assigning POSIXLY_CORRECT), in which `.`, `set`, `export`,
 /// `readonly` and `trap` are found before functions, all in one assignment —
 /// no command a function or alias could take over — lists the traps (here:
-/// `.` hides a DEBUG trap from the file it sources) and sources the
+/// `.` hides a DEBUG trap from the file it sources; `trap` without `-p`,
+/// which in posix mode would list all 64 signals) and sources the
 /// [`save_code`] at [`SAVE_CODE_FD`] with stdout, stderr and xtrace on
 /// /dev/null (a DEBUG trap of the command's fires before each command until
 /// the code has reset it: its output must go nowhere). The code sits in a file rather than in the trap, so
@@ -368,7 +369,7 @@ pub fn nonce() -> String {
 /// costs bash ~250 instructions a byte).
 fn save_trap(n: &str) -> String {
     format!(
-        "{{ __sd_{n}_s=$? __sd_{n}_o=$SHELLOPTS __sd_{n}_b=$BASHOPTS __sd_{n}_w=$PWD POSIXLY_CORRECT=y; \\trap -p >&{SAVE_FD}; \\. /dev/fd/{SAVE_CODE_FD}; }} >/dev/null 2>&1 {{BASH_XTRACEFD}}>/dev/null"
+        "{{ __sd_{n}_s=$? __sd_{n}_o=$SHELLOPTS __sd_{n}_b=$BASHOPTS __sd_{n}_w=$PWD POSIXLY_CORRECT=y; \\trap >&{SAVE_FD}; \\. /dev/fd/{SAVE_CODE_FD}; }} >/dev/null 2>&1 {{BASH_XTRACEFD}}>/dev/null"
     )
 }
 
