@@ -24,5 +24,6 @@ cp -r "$here/pyproject.toml" "$here/README.md" "$here/src" "$venv/src/"
 cd "$here"
 "$venv/bin/python" -m mypy --strict --config-file pyproject.toml --cache-dir "$venv/mypy-cache" \
     --exclude 'sessiond/swerex\.py$' src/sessiond
-# -p no:cacheprovider: leave no .pytest_cache in the checkout.
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests
+# -p no:cacheprovider: leave no .pytest_cache in the checkout; -rs: say why
+# each skipped test was skipped (the swerex ones run in swerex-suite.sh).
+"$venv/bin/python" -m pytest -q -rs -p no:cacheprovider tests
