@@ -281,26 +281,17 @@ pub fn render(stats: &StatsResult) -> String {
         "Requests and frames refused with OVERLOADED.",
         r.overloaded_total as f64,
     );
-    let _ = writeln!(
-        out,
-        "# HELP sessiond_isolation_mode Isolation between sessions (the label), always 1."
-    );
-    let _ = writeln!(out, "# TYPE sessiond_isolation_mode gauge");
-    let _ = writeln!(
-        out,
-        "sessiond_isolation_mode{{mode=\"{}\"}} 1",
-        label(&r.isolation)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP sessiond_cgroups_mode Cgroup mode in use (the label), always 1."
-    );
-    let _ = writeln!(out, "# TYPE sessiond_cgroups_mode gauge");
-    let _ = writeln!(
-        out,
-        "sessiond_cgroups_mode{{mode=\"{}\"}} 1",
-        label(&r.cgroups)
-    );
+    // A mode is a label on a gauge that is always 1.
+    for (name, help, mode) in [
+        ("isolation_mode", "Isolation between sessions", &r.isolation),
+        ("cgroups_mode", "Cgroup mode in use", &r.cgroups),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_{name} {help} (the label), always 1.\n# TYPE sessiond_{name} gauge\nsessiond_{name}{{mode=\"{}\"}} 1",
+            label(mode)
+        );
+    }
 
     let mut typed = std::collections::BTreeSet::new();
     for h in &stats.latency {

@@ -38,7 +38,11 @@ pub(crate) fn rmdir(dir: &Path) -> Result<(), CgroupError> {
 
 /// The value of `key` in a `key value` file (cgroup.events, memory.events, memory.oom_control).
 pub(crate) fn read_key(file: &Path, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(file).ok()?;
+    key_value(&std::fs::read_to_string(file).ok()?, key)
+}
+
+/// The value of `key` in the text of a `key value` file.
+pub(crate) fn key_value(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let (k, v) = line.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok()).flatten()
@@ -97,6 +101,7 @@ pub(crate) fn child_dirs(dir: &Path) -> Vec<String> {
 }
 
 /// A file holding one number (memory.peak, memory.max_usage_in_bytes).
+#[cfg(test)]
 pub(crate) fn read_u64(file: &Path) -> Option<u64> {
     std::fs::read_to_string(file).ok()?.trim().parse().ok()
 }

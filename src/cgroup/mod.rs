@@ -66,13 +66,22 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn populated(&self, rel: &str) -> bool;
     /// Removes the node (it must be empty); one already gone is fine.
     fn remove(&self, rel: &str) -> Result<(), CgroupError>;
-    /// How many processes of `rel` the OOM killer has killed.
-    fn oom_kills(&self, rel: &str) -> u64;
-    /// Peak memory of `rel`, bytes, where the kernel reports it.
-    fn memory_peak(&self, rel: &str) -> Option<u64>;
     /// The files of `rel`'s OOM kills, peak memory and refused forks, which
     /// a command's leaf opens when it is made and reads at the command's end.
     fn counter_files(&self, rel: &str) -> pool::CounterFiles;
+    /// OOM kills of `rel`, read by path from its [`Backend::counter_files`]
+    /// (the daemon reads them from the files its leaf holds open; the
+    /// backends' tests check the files they name).
+    #[cfg(test)]
+    fn oom_kills(&self, rel: &str) -> u64 {
+        let files = self.counter_files(rel);
+        fs::read_key(&files.oom.0, files.oom.1).unwrap_or(0)
+    }
+    /// Peak memory of `rel`, read by path like [`Backend::oom_kills`].
+    #[cfg(test)]
+    fn memory_peak(&self, rel: &str) -> Option<u64> {
+        fs::read_u64(&self.counter_files(rel).peak)
+    }
     /// The child nodes of `rel` ("" for the sessions), for recovery and teardown.
     fn children(&self, rel: &str) -> Vec<String>;
     /// The base directories of our subtree; the first is the one we lock.
@@ -196,16 +205,6 @@ impl Cgroups {
     /// Removes an empty node.
     pub fn remove(&self, rel: &str) -> Result<(), CgroupError> {
         self.backend.remove(rel)
-    }
-
-    /// OOM kills inside `rel` so far.
-    pub fn oom_kills(&self, rel: &str) -> u64 {
-        self.backend.oom_kills(rel)
-    }
-
-    /// Peak memory of `rel`, where the kernel reports it.
-    pub fn memory_peak(&self, rel: &str) -> Option<u64> {
-        self.backend.memory_peak(rel)
     }
 
     /// Kills everything in a node (a session, a command leaf) and removes its

@@ -126,17 +126,10 @@ fn pread(file: &File) -> Option<String> {
     String::from_utf8(buf[..n].to_vec()).ok()
 }
 
-fn key_of(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
 /// Refused forks in an open pids.events (`max N`).
 fn pids_hits(file: Option<&File>) -> u64 {
     file.and_then(pread)
-        .and_then(|t| key_of(&t, "max"))
+        .and_then(|t| super::fs::key_value(&t, "max"))
         .unwrap_or(0)
 }
 
@@ -341,7 +334,7 @@ impl CommandLeaf {
             .oom
             .as_ref()
             .and_then(pread)
-            .and_then(|t| key_of(&t, c.oom_key))
+            .and_then(|t| super::fs::key_value(&t, c.oom_key))
             .unwrap_or(0);
         let memory_peak = c
             .peak

@@ -3,8 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::fs::{
-    all_pids_below, child_dirs, kill_by_file, mkdir, mkdir_new, read_key, read_u64, rmdir,
-    wait_empty, write,
+    all_pids_below, child_dirs, kill_by_file, mkdir, mkdir_new, read_key, rmdir, wait_empty, write,
 };
 use super::{Backend, CgroupError, CgroupLimits};
 
@@ -168,20 +167,6 @@ impl Backend for V1 {
             }
         }
         first_error.map_or(Ok(()), Err)
-    }
-
-    /// How many processes of `rel` the OOM killer has killed (memory.oom_control).
-    fn oom_kills(&self, rel: &str) -> u64 {
-        read_key(
-            &self.memory.join(rel).join("memory.oom_control"),
-            "oom_kill",
-        )
-        .unwrap_or(0)
-    }
-
-    /// Peak memory of `rel`, bytes.
-    fn memory_peak(&self, rel: &str) -> Option<u64> {
-        read_u64(&self.memory.join(rel).join("memory.max_usage_in_bytes"))
     }
 
     /// memory.oom_control, memory.max_usage_in_bytes, and the pids

@@ -2,9 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::fs::{
-    child_dirs, kill_by_file, mkdir, mkdir_new, read_key, read_u64, rmdir, wait_empty, write,
-};
+use super::fs::{child_dirs, kill_by_file, mkdir, mkdir_new, read_key, rmdir, wait_empty, write};
 use super::{Backend, CgroupError, CgroupLimits};
 
 /// Controllers a session needs, enabled for its children.
@@ -308,16 +306,6 @@ impl Backend for V2 {
     /// Removes the node (it must be empty of processes and children).
     fn remove(&self, rel: &str) -> Result<(), CgroupError> {
         rmdir(&self.dir(rel))
-    }
-
-    /// How many processes of `rel` the OOM killer has killed.
-    fn oom_kills(&self, rel: &str) -> u64 {
-        read_key(&self.dir(rel).join("memory.events"), "oom_kill").unwrap_or(0)
-    }
-
-    /// Peak memory of `rel` (kernel ≥ 5.19), bytes.
-    fn memory_peak(&self, rel: &str) -> Option<u64> {
-        read_u64(&self.dir(rel).join("memory.peak"))
     }
 
     /// memory.events, memory.peak, pids.events.
