@@ -502,20 +502,12 @@ fn a_failed_second_daemon_removes_nothing_and_leaves_no_socket() {
     // On a socket of its own but the first one's metrics port: it fails
     // after binding its socket, and removes it.
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!("[cgroups]\nmode = \"off\"\n[metrics]\nlisten = \"{addr}\"\n"),
-    )
-    .unwrap();
     let own = dir.path().join("second.sock");
-    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .arg("--socket")
-        .arg(&own)
-        .output()
-        .unwrap();
+    let out = serve_to_the_end(
+        &dir,
+        &format!("[cgroups]\nmode = \"off\"\n[metrics]\nlisten = \"{addr}\"\n"),
+        &own,
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("metrics"),
@@ -529,6 +521,23 @@ fn a_failed_second_daemon_removes_nothing_and_leaves_no_socket() {
     first.stop();
 }
 
+/// Runs `sessiond serve` with `config` (written into `dir`) on `socket` until it exits.
+fn serve_to_the_end(
+    dir: &tempfile::TempDir,
+    config: &str,
+    socket: &std::path::Path,
+) -> std::process::Output {
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, config).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_start_the_cgroup_layer_refuses_leaves_no_socket() {
     // The explicit mode this host cannot offer: a controller is bound to one
@@ -540,20 +549,12 @@ fn a_start_the_cgroup_layer_refuses_leaves_no_socket() {
         .any(|l| l.contains(" - cgroup ") && l.split(',').any(|o| o.trim() == "memory"));
     let mode = if v1_memory { "v2" } else { "v1" };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!("[cgroups]\nmode = \"{mode}\"\nparent = \"sessiond-refused-test\"\n"),
-    )
-    .unwrap();
     let sock = dir.path().join("refused.sock");
-    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .arg("--socket")
-        .arg(&sock)
-        .output()
-        .unwrap();
+    let out = serve_to_the_end(
+        &dir,
+        &format!("[cgroups]\nmode = \"{mode}\"\nparent = \"sessiond-refused-test\"\n"),
+        &sock,
+    );
     assert!(
         !out.status.success(),
         "mode {mode} was not refused: {out:?}"

@@ -844,6 +844,21 @@ impl RawStream {
     }
 }
 
+/// Sends `exec.run` of `command` in session `s` with `stream: true` (and
+/// a 120 s timeout) as request `id`, without reading anything.
+fn send_streamed_run(conn: &mut RawConn, id: u64, s: &str, command: String) {
+    conn.send(&request(
+        id,
+        "exec.run",
+        vec![
+            ("session_id", s.into()),
+            ("command", command.into()),
+            ("stream", true.into()),
+            ("timeout_s", 120.0.into()),
+        ],
+    ));
+}
+
 /// The id of the command `s` runs, from `session.list` (another connection's view).
 async fn running_command(c: &Client, s: &str) -> String {
     within(ANSWER, "the command is listed with its id", async {
@@ -941,23 +956,15 @@ pub async fn stream_never_reads(
     let s = session(c, None).await;
     let gate = work_dir.join(format!("{s}.go"));
     let mut conn = RawConn::connect(socket);
-    conn.send(&request(
+    send_streamed_run(
+        &mut conn,
         7,
-        "exec.run",
-        vec![
-            ("session_id", s.as_str().into()),
-            (
-                "command",
-                format!(
-                    "while [ ! -e {} ]; do sleep 0.01; done; head -c {bytes} /dev/zero",
-                    gate.display()
-                )
-                .into(),
-            ),
-            ("stream", true.into()),
-            ("timeout_s", 120.0.into()),
-        ],
-    ));
+        &s,
+        format!(
+            "while [ ! -e {} ]; do sleep 0.01; done; head -c {bytes} /dev/zero",
+            gate.display()
+        ),
+    );
     let id = running_command(c, &s).await;
     std::fs::write(&gate, "").unwrap();
     let (pid, rss_bound) = daemon;
@@ -1069,23 +1076,15 @@ pub async fn stream_reads_late(
     let s = session(c, None).await;
     let gate = work_dir.join(format!("{s}.go"));
     let mut conn = RawConn::connect(socket);
-    conn.send(&request(
+    send_streamed_run(
+        &mut conn,
         8,
-        "exec.run",
-        vec![
-            ("session_id", s.as_str().into()),
-            (
-                "command",
-                format!(
-                    "head -c {bytes} /dev/zero; while [ ! -e {} ]; do sleep 0.01; done; echo end",
-                    gate.display()
-                )
-                .into(),
-            ),
-            ("stream", true.into()),
-            ("timeout_s", 120.0.into()),
-        ],
-    ));
+        &s,
+        format!(
+            "head -c {bytes} /dev/zero; while [ ! -e {} ]; do sleep 0.01; done; echo end",
+            gate.display()
+        ),
+    );
     let id = running_command(c, &s).await;
     // Every byte written while the client reads nothing.
     wait_until_async("the flood is written", Duration::from_secs(60), || async {
