@@ -188,12 +188,13 @@ async fn one_uid_at_its_share_leaves_room_for_others() {
     let inv = Invariants::baseline(&d, &c).await;
     let before = c.stats().await.unwrap();
     // The test's own connection is one of root's 16.
-    tokio::task::block_in_place(|| sc::connection_share(&d, 16));
+    let refusals = tokio::task::block_in_place(|| sc::connection_share(&d, 16));
     inv.check_after(&d, &c).await;
     let after = c.stats().await.unwrap();
     assert_eq!(
         after.clients.connections_refused_total - before.clients.connections_refused_total,
-        1
+        refusals,
+        "every refusal this uid saw is counted, and no other"
     );
     drop(c);
     d.stop();

@@ -600,6 +600,8 @@ async fn alone_op(op: Op, w: &mut World) -> bool {
         }
         Op::ConnectionShare => {
             let share = share(CLIENTS.load(Ordering::SeqCst) as usize) as u64;
+            // How many refusals it met does not matter: the soak checks no
+            // refusal counter.
             tokio::task::block_in_place(|| sc::connection_share(&w.d, share));
         }
         Op::SpawnFailure => {

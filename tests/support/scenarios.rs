@@ -1853,8 +1853,10 @@ pub fn refused_writer_reads_error(socket: &Path) {
 /// Once the idle connections close, this uid is served again. Needs root, a
 /// daemon that allows uid 65534 with its directory open to it, and global
 /// room beyond `share`; it must run alone (every connection of this uid
-/// counts). Moves `connections_refused_total` by 1.
-pub fn connection_share(d: &super::TestDaemon, share: u64) {
+/// counts). Returns how many refusals this uid saw: the one above, plus any
+/// met while the daemon was still closing the idle connections; each moves
+/// `connections_refused_total` by 1.
+pub fn connection_share(d: &super::TestDaemon, share: u64) -> u64 {
     let mut held = Vec::new();
     let (mut refused, refusal) = loop {
         let mut conn = RawConn::connect(&d.socket);
@@ -1903,11 +1905,23 @@ pub fn connection_share(d: &super::TestDaemon, share: u64) {
     assert!(out.status.success(), "another uid is refused: {out:?}");
     drop(held);
     drop(refused);
+    // The daemon notices the closes asynchronously: until it has, a new
+    // connection is still over the share and refused (and counted).
+    let mut refusals = 1;
     super::wait_until("this uid is served again", Duration::from_secs(10), || {
         let mut conn = RawConn::connect(&d.socket);
         conn.send(&request(3, "session.list", vec![]));
-        conn.read().is_some_and(|r| error_code(&r).is_none())
+        let r = conn.read().expect("an answer or a refusal");
+        match error_code(&r).as_deref() {
+            None => true,
+            Some("TOO_MANY_CONNECTIONS") => {
+                refusals += 1;
+                false
+            }
+            Some(other) => panic!("neither served nor refused for the share: {other}: {r}"),
+        }
     });
+    refusals
 }
 
 /// Protocol 2 under the budget: `n` results of `bytes` each retained in one
