@@ -357,6 +357,9 @@ pub enum Offer {
     Queued,
     /// An output event over the memory budget: not queued.
     Shed,
+    /// An output event that found the queue full of frames (many small
+    /// events, not yet written): not queued; the client is behind.
+    Behind,
     /// The connection is gone or being dropped.
     Closed,
 }
@@ -469,6 +472,23 @@ impl Outbox {
                 charge
             }
         };
+        if sheddable {
+            // Never wait for room in the queue: a stream task waiting here
+            // would see the command's end only once the client read again,
+            // and whether its answer then fits behind the events would depend
+            // on how fast the client drains them (found by the CI).
+            return match self.tx.try_send((out, charge)) {
+                Ok(()) => Offer::Queued,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    unqueue();
+                    Offer::Behind
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    unqueue();
+                    Offer::Closed
+                }
+            };
+        }
         if self.tx.send((out, charge)).await.is_err() {
             unqueue();
             return Offer::Closed;
@@ -497,7 +517,8 @@ impl EventSink {
         self.outbox.send(Outgoing::Frame(frame)).await
     }
 
-    /// Queues an output event, unless the memory budget has no room for it (shed).
+    /// Queues an output event, unless the memory budget has no room for it
+    /// (shed) or the queue is full of frames (behind); never waits.
     pub async fn offer(&self, event: &crate::protocol::Event) -> Offer {
         let frame = crate::protocol::frame::encode_event(self.id, event);
         self.outbox.queue(Outgoing::Frame(frame), true).await
@@ -585,4 +606,47 @@ pub async fn refuse(stream: UnixStream, error: RequestError, pings: Option<Arc<C
         }
     };
     let _ = tokio::time::timeout(timing::REFUSAL_LINGER, linger).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::protocol::{Event, StreamName};
+
+    /// Output events to a client that reads nothing: once the socket and the
+    /// queue are full, an offer is refused as behind at once — it never
+    /// waits for room, which only the client's reading could make.
+    #[tokio::test]
+    async fn an_output_event_never_waits_for_room_in_the_queue() {
+        let ctx = Arc::new(Context::new(Config::default()));
+        let (ours, _client) = UnixStream::pair().unwrap();
+        let (_read_half, write_half) = ours.into_split();
+        let (outbox, writer) = Outbox::start(&ctx, write_half);
+        let events = EventSink { id: 1, outbox };
+        let small = Event::Output {
+            stream: StreamName::Stdout,
+            offset: 0,
+            data: serde_bytes::ByteBuf::from(vec![b'x'; 100]),
+        };
+        let mut queued = 0;
+        let offer = async {
+            loop {
+                match events.offer(&small).await {
+                    Offer::Queued => queued += 1,
+                    other => return other,
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), offer)
+            .await
+            .expect("an offer waited for room in the queue");
+        assert_eq!(outcome, Offer::Behind);
+        assert!(
+            events.backlog() < ctx.config.server.max_unsent_bytes.as_u64() as usize,
+            "refused for a full queue of frames, not for the byte budget"
+        );
+        assert!(queued >= RESPONSE_QUEUE, "{queued} events queued");
+        writer.abort();
+    }
 }

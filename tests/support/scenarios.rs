@@ -737,9 +737,9 @@ pub struct StreamBudgets {
 
 impl StreamBudgets {
     /// Whether a streaming non-reader's connection is dropped when its result
-    /// comes. Its events stop once more than `EVENT_BACKLOG` is unsent, so when
-    /// the command ends its queue holds more than that and at most one event
-    /// more; the result (a capped stream: `output_cap` bytes plus envelope) is
+    /// comes. Its events stop once more than `EVENT_BACKLOG` is unsent (or the
+    /// queue holds 64 frames), so when the command ends its queue holds at most
+    /// that and one event more, and something; the result (a capped stream: `output_cap` bytes plus envelope) is
     /// queued only if it fits in the budget on top of them, else the
     /// connection is dropped as a slow reader. Budgets between the two bounds
     /// could go either way and are refused.
@@ -1035,16 +1035,24 @@ pub async fn stream_never_reads(
             );
         }
         (last, _) => panic!(
-            "budgets {budgets:?}: expected {}, got {}",
+            "daemon log: {}\nbudgets {budgets:?}: expected {}, got {}; the stream had {} output events up to stdout offset {seen}; the daemon's stats after: {:?}",
+            std::fs::read_to_string(work_dir.with_file_name("daemon.log")).unwrap_or_default(),
             if dropped {
                 "a dropped connection"
             } else {
                 "the result"
             },
             match last {
-                Some(f) => format!("a final frame with error {:?}", error_code(f)),
+                Some(f) => format!(
+                    "a final frame with error {:?} (stdout of {:?} bytes, stdout_total_bytes {:?})",
+                    error_code(f),
+                    get(get(f, "result"), "stdout").as_slice().map(<[u8]>::len),
+                    get(get(f, "result"), "stdout_total_bytes").as_u64()
+                ),
                 None => "the connection's end".into(),
-            }
+            },
+            stream.outputs.len(),
+            c.stats().await.map(|s| s.runtime),
         ),
     }
     c.destroy_session(&s).await.unwrap();

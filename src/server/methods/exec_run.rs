@@ -124,8 +124,9 @@ pub(super) fn parse(
 /// Sends `started`, then output events as output comes, until the command
 /// has ended; false if the connection is gone. Never holds the command back:
 /// it reads what the command's buffers still hold, and makes no event while
-/// the client is behind by more than [`EVENT_BACKLOG`], nor while the daemon's
-/// memory budget has no room for an event (then it skips ahead as well).
+/// the client is behind by more than [`EVENT_BACKLOG`] or by a full queue of
+/// frames, nor while the daemon's memory budget has no room for an event
+/// (then it skips ahead as well).
 async fn stream_events(record: &CommandRecord, events: &EventSink) -> bool {
     let started = Event::Started {
         command_id: record.id.clone(),
@@ -135,10 +136,11 @@ async fn stream_events(record: &CommandRecord, events: &EventSink) -> bool {
     }
     let mut changes = record.output.subscribe();
     let (mut stdout_at, mut stderr_at) = (0u64, 0u64);
+    let mut behind = false;
     loop {
         // Whether it had ended before this read: then the read sees all there is.
         let ended = record.outcome().is_some();
-        if events.backlog() > EVENT_BACKLOG {
+        if std::mem::take(&mut behind) || events.backlog() > EVENT_BACKLOG {
             if ended {
                 return true;
             }
@@ -171,8 +173,15 @@ async fn stream_events(record: &CommandRecord, events: &EventSink) -> bool {
                     sent = true;
                 }
                 Offer::Shed => shed = true,
+                Offer::Behind => {
+                    behind = true;
+                    break;
+                }
                 Offer::Closed => return false,
             }
+        }
+        if behind {
+            continue;
         }
         if shed {
             // Over the memory budget: as when the client is behind, wait for
