@@ -5,7 +5,7 @@
 //! bytes already covered by a reservation ([`Charge::resize`]) never fails.
 //! A charge returns its bytes when dropped, so no path can forget to.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio_util::sync::CancellationToken;
@@ -119,6 +119,20 @@ impl Drop for Charge {
 pub struct Unsent {
     pub bytes: AtomicUsize,
     pub drop: CancellationToken,
+    dropped: AtomicBool,
+}
+
+impl Unsent {
+    /// Drops the connection; true for the one caller that did it (which
+    /// counts it), false when it was dropped already — answers racing to
+    /// pass the budget together count one drop, not one each.
+    pub fn drop_once(&self) -> bool {
+        if self.dropped.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.drop.cancel();
+        true
+    }
 }
 
 /// Every live connection's [`Unsent`], to find the one holding the most.
@@ -137,20 +151,45 @@ impl Outboxes {
     /// `None` when no connection holds any.
     pub fn drop_largest(&self) -> Option<Arc<Unsent>> {
         let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let largest = all
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter(|u| !u.drop.is_cancelled())
-            .max_by_key(|u| u.bytes.load(Ordering::Relaxed))
-            .filter(|u| u.bytes.load(Ordering::Relaxed) > 0)?;
-        largest.drop.cancel();
-        Some(largest)
+        // A connection dropping itself meanwhile (over its own budget) is
+        // not this call's drop: take the next largest then.
+        loop {
+            let largest = all
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|u| !u.drop.is_cancelled())
+                .max_by_key(|u| u.bytes.load(Ordering::Relaxed))
+                .filter(|u| u.bytes.load(Ordering::Relaxed) > 0)?;
+            if largest.drop_once() {
+                return Some(largest);
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_dropped_once_whoever_races_to_drop_it() {
+        let outboxes = Outboxes::default();
+        let unsent = Arc::new(Unsent::default());
+        outboxes.register(&unsent);
+        unsent.bytes.store(10, Ordering::Relaxed);
+        let drops: usize = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| unsent.drop_once() as usize))
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).sum()
+        });
+        assert_eq!(drops, 1, "one of the racers dropped it");
+        assert!(unsent.drop.is_cancelled());
+        assert!(
+            outboxes.drop_largest().is_none(),
+            "a dropped connection is not dropped again"
+        );
+    }
 
     #[test]
     fn charges_fit_under_the_limit_and_return_on_drop() {

@@ -432,14 +432,13 @@ impl Outbox {
         }
         if before + len > self.budget && before > 0 {
             unqueue();
-            if !self.unsent.drop.is_cancelled() {
+            if self.unsent.drop_once() {
                 Stats::bump(&self.ctx.stats.slow_readers_dropped);
                 tracing::warn!(
                     unsent = before,
                     budget = self.budget,
                     "client does not read its answers; dropping the connection"
                 );
-                self.unsent.drop.cancel();
             }
             return Offer::Closed;
         }
