@@ -939,7 +939,9 @@ pub async fn read_to_end(c: &Client, id: &str) -> (Vec<u8>, Vec<u8>, CommandResu
 /// while the client is behind; the skipped bytes show against the result's
 /// `stdout_total_bytes`), then the result — or, when `budgets` say the result
 /// cannot be queued behind the unread events, the connection's end instead
-/// (dropped as a slow reader). Returns whether it was dropped.
+/// (dropped as a slow reader: the client reads only once the daemon has
+/// counted the drop, which it decides by itself). Returns whether it was
+/// dropped.
 pub async fn stream_never_reads(
     c: &Client,
     socket: &Path,
@@ -953,6 +955,7 @@ pub async fn stream_never_reads(
         bytes > 2 * budgets.output_cap + (1 << 20),
         "a flood past the cap"
     );
+    let drops_before = slow_readers_dropped(c).await;
     let s = session(c, None).await;
     let gate = work_dir.join(format!("{s}.go"));
     let mut conn = RawConn::connect(socket);
@@ -995,6 +998,14 @@ pub async fn stream_never_reads(
     );
     let r = exec_bounded(c, &s, cmd("echo next", 10.0)).await;
     assert_eq!(r.stdout.as_ref(), b"next\n", "the session is free again");
+    if dropped {
+        // The daemon's streaming task decides by itself, once it sees the end;
+        // reading before that would drain the queue the decision is about.
+        wait_until_async("the daemon drops the non-reader", ANSWER, || async {
+            slow_readers_dropped(c).await > drops_before
+        })
+        .await;
+    }
 
     let stream = blocking(move || RawStream::read(&mut conn, 7)).await;
     assert_eq!(stream.command_id, id);
@@ -1057,6 +1068,14 @@ pub async fn stream_never_reads(
     }
     c.destroy_session(&s).await.unwrap();
     dropped
+}
+
+async fn slow_readers_dropped(c: &Client) -> u64 {
+    c.stats()
+        .await
+        .expect("stats")
+        .clients
+        .slow_readers_dropped_total
 }
 
 /// A streaming client that falls behind while its command writes `bytes`
