@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use sessiond::process::ProcessTable;
-use sessiond::process::reaper::reap_orphans;
+use sessiond::process::reaper::{reap_adopted, reap_orphans};
+
+/// The two tests count what they reap, so they never run at once.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn zombie_child() -> i32 {
     let child = std::process::Command::new("/bin/true").spawn().unwrap();
@@ -29,6 +32,7 @@ fn zombie_child() -> i32 {
 
 #[test]
 fn reaps_unowned_zombies_and_leaves_owned_ones() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let table = Arc::new(ProcessTable::default());
     let owned = zombie_child();
     table
@@ -50,4 +54,50 @@ fn reaps_unowned_zombies_and_leaves_owned_ones() {
     table.release(nix::unistd::Pid::from_raw(owned));
     assert_eq!(reap_orphans(&table), 1);
     assert!(!std::path::Path::new(&format!("/proc/{owned}")).exists());
+}
+
+/// What the SIGCHLD path relies on: an orphan adopted by a subreaper is a
+/// child of its main thread, whichever thread's child its parent was (this
+/// test runs on a thread of the test harness), and `reap_adopted` finds it
+/// there and reaps it.
+#[test]
+fn adopted_orphans_are_children_of_the_main_thread_and_reaped_from_there() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let table = Arc::new(ProcessTable::default());
+    // sh starts a child that outlives it, says its pid and exits: the child is ours now.
+    let out = std::process::Command::new("/bin/sh")
+        .args(["-c", "/bin/true >/dev/null & echo $!"])
+        .output()
+        .unwrap();
+    let orphan: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let me = std::process::id();
+    let main_children = format!("/proc/self/task/{me}/children");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&main_children)
+        .unwrap()
+        .split_whitespace()
+        .any(|p| p == orphan.to_string())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphan {orphan} never became a child of the main thread"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // A child exits before it is adopted or after: wait for its zombie either way.
+    while !std::fs::read_to_string(format!("/proc/{orphan}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphan {orphan} never exited"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(reap_adopted(&table), Some(1));
+    assert!(!std::path::Path::new(&format!("/proc/{orphan}")).exists());
+    assert_eq!(reap_adopted(&table), Some(0), "nothing left to reap");
 }

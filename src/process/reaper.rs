@@ -16,15 +16,41 @@ use super::table::ProcessTable;
 /// Blocking /proc I/O: call it from a blocking thread.
 pub fn reap_orphans(table: &Arc<ProcessTable>) -> u64 {
     let me = std::process::id() as i32;
-    let zombies: Vec<i32> = zombie_children(me);
-    if zombies.is_empty() {
+    reap_unwaited(table, zombie_children(me))
+}
+
+/// On SIGCHLD, the cheap look: reaps the orphans the daemon adopted as a
+/// subreaper. The kernel hands an orphan to the subreaper's first live
+/// thread (`find_alive_thread` in kernel/exit.c), the main thread, which
+/// spawns nothing; so its one children file lists the adopted orphans (and
+/// children of pool threads that exited, which the table keeps for their
+/// waiters), where [`reap_orphans`] reads one file per thread and the stat
+/// of every child — on every command's exit. `None` when the file cannot be
+/// read (a kernel without CONFIG_PROC_CHILDREN): use [`reap_orphans`].
+pub fn reap_adopted(table: &Arc<ProcessTable>) -> Option<u64> {
+    let me = std::process::id();
+    let list = std::fs::read_to_string(format!("/proc/self/task/{me}/children")).ok()?;
+    let children: Vec<i32> = list
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    if children.is_empty() {
+        return Some(0);
+    }
+    // `waitpid(WNOHANG)` takes the zombies among them and leaves the rest.
+    Some(reap_unwaited(table, children))
+}
+
+/// `waitpid(pid, WNOHANG)` on each of `pids` that no waiter owns.
+fn reap_unwaited(table: &Arc<ProcessTable>, pids: Vec<i32>) -> u64 {
+    if pids.is_empty() {
         return 0;
     }
     // A spawn in progress: skip this round (SIGCHLD or the next sweep comes again).
     table
         .with_locked(|is_waited| {
             let mut reaped = 0;
-            for pid in zombies {
+            for pid in pids {
                 if is_waited(pid) {
                     continue;
                 }
