@@ -133,7 +133,8 @@ async fn timeout_kills_the_group_and_keeps_output_so_far() {
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let r = c
         .exec(ExecParams {
-            timeout_s: Some(0.5),
+            // Long enough for a slow shell to get to its `sleep`.
+            timeout_s: Some(3.0),
             ..exec(&s, "echo started; sleep 30 & echo $! > child.pid; sleep 30")
         })
         .await

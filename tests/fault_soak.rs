@@ -10,7 +10,8 @@
 //!
 //! Scenarios that touch the whole daemon (a registry or supervisor failure, a
 //! failed spawn, SIGKILL or SIGTERM and a restart, and the full stats audit)
-//! run alone: they take the world's write lock; everything else takes it to
+//! and those that wait on daemon-wide counters (a streaming non-reader, one
+//! uid at its connection share) run alone: they take the world's write lock; everything else takes it to
 //! read. A new failure mode is a function in `support/scenarios.rs` and an
 //! entry in `OPS`.
 
@@ -254,7 +255,9 @@ const OPS: &[(Op, Kind, u32, Needs)] = &[
     (Op::ConnectionBurst, Kind::Shared, 20, Needs::Nothing),
     (Op::NeverReads, Kind::Shared, 10, Needs::Nothing),
     (Op::StreamAndRead, Kind::Shared, 40, Needs::Nothing),
-    (Op::StreamNeverReads, Kind::Shared, 10, Needs::Nothing),
+    // Alone: it waits for the daemon's decision through counters (answered
+    // exec.runs, dropped readers) that other operations would move too.
+    (Op::StreamNeverReads, Kind::Alone, 10, Needs::Nothing),
     (Op::StartWriteCancel, Kind::Shared, 40, Needs::Nothing),
     (Op::Reattach, Kind::Shared, 30, Needs::Nothing),
     (Op::CommandPanic, Kind::Shared, 20, Needs::Nothing),
@@ -513,17 +516,6 @@ async fn shared_op(op: Op, w: &World, c: &Arc<Client>, home: &str, n: u64, garba
             e.slow_readers.fetch_add(1, Ordering::SeqCst);
         }
         Op::StreamAndRead => sc::stream_and_read(c).await,
-        Op::StreamNeverReads => {
-            let budgets = sc::StreamBudgets {
-                unsent: UNSENT_BUDGET,
-                output_cap: OUTPUT_CAP as u64,
-            };
-            let daemon = (w.d.pid(), w.inv.rss_bound);
-            if sc::stream_never_reads(c, &socket, &work, daemon, STREAM_FLOOD, budgets).await {
-                e.slow_readers.fetch_add(1, Ordering::SeqCst);
-            }
-            e.output_truncated.fetch_add(1, Ordering::SeqCst);
-        }
         Op::StartWriteCancel => sc::start_write_cancel(c).await,
         Op::Reattach => sc::reattach(c, &socket).await,
         Op::CommandPanicWithReaders => {
@@ -597,6 +589,21 @@ async fn alone_op(op: Op, w: &mut World) -> bool {
             };
             sc::registry_fault(&w.checker, action, w.live_sessions() as usize).await;
             w.expected.actor_failures.fetch_add(1, Ordering::SeqCst);
+        }
+        Op::StreamNeverReads => {
+            let budgets = sc::StreamBudgets {
+                unsent: UNSENT_BUDGET,
+                output_cap: OUTPUT_CAP as u64,
+            };
+            let daemon = (w.d.pid(), w.inv.rss_bound);
+            let (socket, work) = (w.d.socket.clone(), w.d.work_dir());
+            let e = &w.expected;
+            if sc::stream_never_reads(&w.checker, &socket, &work, daemon, STREAM_FLOOD, budgets)
+                .await
+            {
+                e.slow_readers.fetch_add(1, Ordering::SeqCst);
+            }
+            e.output_truncated.fetch_add(1, Ordering::SeqCst);
         }
         Op::ConnectionShare => {
             let share = share(CLIENTS.load(Ordering::SeqCst) as usize) as u64;

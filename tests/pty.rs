@@ -380,7 +380,8 @@ async fn timeout_kills_a_pty_command_and_leaves_no_process_or_fd() {
     let (d, c, s) = setup().await;
     let other = c.create_session(CreateParams::default()).await.unwrap();
     let mut p = on_pty(&s, "sleep 300 & echo \"bg $!\"; echo ready; cat", 24, 80);
-    p.timeout_s = Some(2.0);
+    // Long enough for the checks below on a slow machine; the `cat` waits.
+    p.timeout_s = Some(6.0);
     let mut t = Term::start(&c, p).await;
     let bg: i32 = t
         .expect("\r\nready")

@@ -323,7 +323,8 @@ async fn a_command_outlives_its_connection_and_is_read_from_another() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_and_expired_ids_are_command_not_found() {
-    let d = TestDaemon::start("[commands]\nretain_finished = \"300ms\"\n");
+    // Kept 2 s: long enough for the reads below on a slow machine, short for the expiry check.
+    let d = TestDaemon::start("[commands]\nretain_finished = \"2s\"\n");
     let c = d.client().await;
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let id = c.start(exec(&s, "echo mine")).await.unwrap();
@@ -429,7 +430,9 @@ async fn idle_timeout_kills_a_silent_command_only() {
     let s = c.create_session(CreateParams::default()).await.unwrap();
     let r = c
         .exec(ExecParams {
-            idle_timeout_s: Some(0.3),
+            // Long enough for a slow shell to start and say "waiting": the
+            // idle clock runs from the command's start.
+            idle_timeout_s: Some(3.0),
             ..exec(&s, "echo waiting; sleep 30")
         })
         .await
@@ -441,8 +444,8 @@ async fn idle_timeout_kills_a_silent_command_only() {
     // Output keeps it alive: its own timeout ends it, not the idle one.
     let r = c
         .exec(ExecParams {
-            idle_timeout_s: Some(1.0),
-            timeout_s: Some(1.5),
+            idle_timeout_s: Some(2.0),
+            timeout_s: Some(4.0),
             ..exec(&s, "while true; do echo tick; sleep 0.05; done")
         })
         .await
@@ -557,7 +560,16 @@ fn a_gigabyte_streamed_to_a_client_that_reads_nothing_stays_bounded() {
         peak = peak.max(rss());
         setup.send(&request(2, "system.stats", vec![]));
         let r = setup.read().unwrap();
-        get(get(get(&r, "result"), "commands"), "completed_total").as_u64() == Some(1)
+        // The request is timed once its stream has stopped and its answer is
+        // made: reading before that would drain what the stream decides on.
+        let answered = get(get(&r, "result"), "latency")
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|h| {
+                get(h, "method").as_str() == Some("exec.run") && get(h, "count").as_u64() >= Some(1)
+            });
+        get(get(get(&r, "result"), "commands"), "completed_total").as_u64() == Some(1) && answered
     });
     assert!(
         peak < before + 64 * 1024 * 1024,

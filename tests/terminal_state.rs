@@ -216,7 +216,8 @@ async fn killed_commands(c: &Client, s: &str) {
         .exec(ExecParams {
             session_id: s.into(),
             command: "KEEP=lost; cd /usr; echo started; sleep 30".into(),
-            timeout_s: Some(0.5),
+            // Long enough for a slow shell to get to its `sleep`.
+            timeout_s: Some(3.0),
             ..ExecParams::default()
         })
         .await
@@ -561,6 +562,17 @@ async fn a_failing_init_fails_the_create_and_leaves_nothing() {
     assert_eq!(err.code(), Some("SPAWN_FAILED"));
     assert!(err.to_string().contains("timeout"), "{err}");
     assert!(c.list_sessions().await.unwrap().sessions.is_empty());
+    // The registry counts a session's end when it hears of it from the
+    // supervisor, after the answer: wait for that, then check the counts.
+    wait_until_async(
+        "the registry counts both ends",
+        Duration::from_secs(10),
+        || async {
+            let sessions = c.stats().await.unwrap().sessions;
+            sessions.active == 0 && sessions.rejected_total >= 2
+        },
+    )
+    .await;
     let stats = c.stats().await.unwrap();
     assert_eq!(
         (stats.sessions.active, stats.sessions.created_total),

@@ -522,13 +522,15 @@ fn reload(ctx: &Context, reloading: &Reloading) {
             "SIGHUP: changed in the file but never reloaded; kept until a restart"
         );
     }
+    let (changed, ignored) = (next.changed, next.ignored);
+    ctx.set_live(next.config);
+    // After the swap: whoever reads this line finds the new config in force.
     tracing::info!(
         config = %path.map_or_else(|| "(embedded defaults)".into(), |p| p.display().to_string()),
-        changed = ?next.changed,
-        ignored = ?next.ignored,
+        changed = ?changed,
+        ignored = ?ignored,
         "SIGHUP: configuration reloaded; new sessions and commands use it, running sessions keep theirs"
     );
-    ctx.set_live(next.config);
 }
 
 /// The log filter for `server.log_level`: itself, else `RUST_LOG`, else `info`.

@@ -956,6 +956,7 @@ pub async fn stream_never_reads(
         "a flood past the cap"
     );
     let drops_before = slow_readers_dropped(c).await;
+    let runs_before = exec_runs_answered(c).await;
     let s = session(c, None).await;
     let gate = work_dir.join(format!("{s}.go"));
     let mut conn = RawConn::connect(socket);
@@ -996,11 +997,16 @@ pub async fn stream_never_reads(
         ),
         (Some(0), bytes, true)
     );
+    // The daemon's streaming task decides by itself, once it sees the end,
+    // and the request is timed only then: reading before that would drain
+    // the queue the decision is about.
+    wait_until_async("the streamed run is answered", ANSWER, || async {
+        exec_runs_answered(c).await > runs_before
+    })
+    .await;
     let r = exec_bounded(c, &s, cmd("echo next", 10.0)).await;
     assert_eq!(r.stdout.as_ref(), b"next\n", "the session is free again");
     if dropped {
-        // The daemon's streaming task decides by itself, once it sees the end;
-        // reading before that would drain the queue the decision is about.
         wait_until_async("the daemon drops the non-reader", ANSWER, || async {
             slow_readers_dropped(c).await > drops_before
         })
@@ -1068,6 +1074,19 @@ pub async fn stream_never_reads(
     }
     c.destroy_session(&s).await.unwrap();
     dropped
+}
+
+/// How many `exec.run` requests the daemon has answered (or dropped the
+/// answer of): its latency count, taken once the answer is made.
+async fn exec_runs_answered(c: &Client) -> u64 {
+    c.stats()
+        .await
+        .expect("stats")
+        .latency
+        .iter()
+        .filter(|h| h.method.as_deref() == Some("exec.run"))
+        .map(|h| h.count)
+        .sum()
 }
 
 async fn slow_readers_dropped(c: &Client) -> u64 {
