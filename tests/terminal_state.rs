@@ -263,6 +263,49 @@ async fn request_env_does_not_stick(c: &Client, s: &str) {
 }
 in_both_modes!(request_env_does_not_stick);
 
+/// A plain command (a program, or `true`, `false`, `echo`…: the path that
+/// skips the save) keeps the whole state and leaves its status as `$?`; a
+/// plain word the state defines as a function or alias, a builtin that
+/// changes state, or any trap takes the full path, and what it does sticks.
+async fn plain_commands_keep_the_state(c: &Client, s: &str) {
+    run(
+        c,
+        s,
+        "x=1; f() { y=2; cd /usr; }; alias g='z=3'; shopt -s extglob; set -o pipefail; umask 027; cd /var",
+    )
+    .await;
+    let state = "echo \"$x|$(type -t f)|$(alias g)|$(shopt -p extglob)|$(set -o | grep -c 'pipefail.*on')|$(umask)|$PWD\"";
+    let expected = "1|function|alias g='z=3'|shopt -s extglob|1|0027|/var\n";
+    for (command, status) in [
+        ("false", "1"),
+        ("true", "0"),
+        ("ls /nonexistent-dir", "2"),
+        ("/bin/sh -c 'exit 7'", "7"),
+        ("echo plain", "0"),
+        ("no-such-program-here", "127"),
+    ] {
+        let r = run(c, s, command).await;
+        assert_eq!(r.cwd, "/var", "{command:?}");
+        expect(c, s, "echo $?", &format!("{status}\n"), "").await;
+        expect(c, s, state, expected, "").await;
+    }
+    // Plain words, but a function and an alias of the session: they run in full.
+    run(c, s, "f").await;
+    expect(c, s, "echo $y; pwd", "2\n/usr\n", "").await;
+    run(c, s, "g").await;
+    expect(c, s, "echo $z", "3\n", "").await;
+    // A builtin that changes state, in a plain form.
+    run(c, s, "shopt -u extglob").await;
+    expect(c, s, "shopt -p extglob", "shopt -u extglob\n", "").await;
+    run(c, s, "cd /tmp").await;
+    expect(c, s, "pwd", "/tmp\n", "").await;
+    // With a trap, even `false` takes the full path: its ERR trap's assignment sticks.
+    run(c, s, "trap 'e=failed' ERR").await;
+    run(c, s, "false").await;
+    expect(c, s, "echo $e", "failed\n", "").await;
+}
+in_both_modes!(plain_commands_keep_the_state);
+
 /// A library of 300 functions sourced once is there for every later command.
 async fn function_library(c: &Client, s: &str) {
     let mut lib = String::new();

@@ -55,6 +55,7 @@ pub async fn run(scale: Scale, daemon: &Path) -> Result<Report, BenchError> {
         let c = d.client().await?;
         let mode = c.stats().await?.runtime.cgroups;
         let exec_p50 = sequential_exec(&mut report, &c, &mode, floor_p50, scale).await?;
+        saving_exec(&mut report, &c, &mode, floor_p50, scale).await?;
         create_destroy(&mut report, &c, &mode, scale).await?;
         if !cgroups {
             heavy_state_exec(&mut report, &c, floor_p50, scale).await?;
@@ -124,12 +125,37 @@ async fn sequential_exec(
     Ok(p50)
 }
 
+/// A command bash cannot tell from its text to keep the state (a builtin
+/// that may change it), so the state is saved after it: the full path.
+const SAVING_COMMAND: &str = "cd .";
+
+/// `exec.run cd .` in one session, back to back, against the floor: what a
+/// command costs whose state must be saved (`true` is a plain command, for
+/// which the save is skipped).
+async fn saving_exec(
+    report: &mut Report,
+    c: &Client,
+    mode: &str,
+    floor_p50: f64,
+    scale: Scale,
+) -> Result<(), BenchError> {
+    let workload =
+        format!("exec.run `{SAVING_COMMAND}` (state saved), sequential (cgroups {mode})");
+    let s = c.create_session(CreateParams::default()).await?;
+    let lat = sorted_us(time_execs(c, &s, SAVING_COMMAND, scale.exec_runs).await?);
+    c.destroy_session(&s).await?;
+    let p50 = percentile(&lat, 0.5);
+    report.info(&workload, "p50", p50, "µs");
+    report.info(&workload, "p50 / floor p50", p50 / floor_p50, "×");
+    Ok(())
+}
+
 /// What sourcing nvm.sh leaves in a shell, roughly: 2 000 variables and 300 functions.
 const HEAVY_STATE: &str = "for i in $(seq 1 2000); do eval \"v_$i='value number $i with some text'\"; done; \
      for i in $(seq 1 300); do eval \"f_$i() { local a=\\$1; echo \\\"fn $i \\$a\\\"; if [ -n \\\"\\$a\\\" ]; then return 1; fi; }\"; done";
 
-/// `exec.run true` in a session carrying a heavy terminal state (restored
-/// and saved around every command), against the floor. SWE-ReX, which keeps
+/// `exec.run true` (restored, not saved) and `exec.run cd .` (restored and
+/// saved) in a session carrying a heavy terminal state, against the floor. SWE-ReX, which keeps
 /// a bash per session, takes 118 ms for `true` on this kind of machine.
 async fn heavy_state_exec(
     report: &mut Report,
@@ -146,6 +172,7 @@ async fn heavy_state_exec(
         )));
     }
     let lat = sorted_us(time_execs(c, &s, "true", scale.exec_runs).await?);
+    let saving = sorted_us(time_execs(c, &s, SAVING_COMMAND, scale.exec_runs).await?);
     let functions = c.run(&s, "declare -F | wc -l").await?;
     c.destroy_session(&s).await?;
     if String::from_utf8_lossy(&functions.stdout)
@@ -159,6 +186,12 @@ async fn heavy_state_exec(
     let p50 = percentile(&lat, 0.5);
     report.info(workload, "p50", p50, "µs");
     report.info(workload, "p50 / floor p50", p50 / floor_p50, "×");
+    let workload = format!(
+        "exec.run `{SAVING_COMMAND}` (state saved), 2 000 variables + 300 functions carried"
+    );
+    let p50 = percentile(&saving, 0.5);
+    report.info(&workload, "p50", p50, "µs");
+    report.info(&workload, "p50 / floor p50", p50 / floor_p50, "×");
     Ok(())
 }
 

@@ -43,6 +43,8 @@ fn the_benchmark_runs_every_workload() {
     for expected in [
         "floor",
         "exec.run true, sequential (cgroups off)",
+        "exec.run `cd .` (state saved), sequential (cgroups off)",
+        "exec.run `cd .` (state saved), 2 000 variables + 300 functions carried",
         "session.create + destroy (cgroups off)",
         "exec.run true, concurrent",
         "spawn cost vs daemon memory",

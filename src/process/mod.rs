@@ -9,6 +9,7 @@ pub mod pty;
 pub mod reaper;
 pub mod run;
 pub mod shell;
+pub mod simple_command;
 pub mod spawn;
 pub mod stream_buffer;
 pub mod table;

@@ -20,6 +20,7 @@ use super::kill::{self, KillReason};
 use super::live_output::{LiveOutput, Stream};
 use super::pty::{Pty, PtyError, PtySize};
 use super::shell::{self, EnvMap};
+use super::simple_command;
 use super::spawn::{self, Credentials, SpawnError, SpawnRequest};
 use super::table::{ProcessTable, SessionKey};
 use super::terminal::{self, StateError, TerminalState};
@@ -120,15 +121,25 @@ pub async fn run_command(
     // The state goes in and out through two memfds (not argv: E2BIG past 128 KiB).
     let nonce = terminal::nonce();
     let bash = shell::is_bash(&spec.shell);
+    let mut keeps_state = false;
     let (restore, env) = if bash {
         let defaults = terminal::ShellDefaults::of(&spec.shell).await;
+        keeps_state = defaults
+            .as_deref()
+            .is_some_and(|d| simple_command::keeps_state(&spec.command, &spec.state, d));
         let mut env = spec.request_env.clone();
         env.insert(
             b"BASH_ENV".to_vec(),
             format!("/dev/fd/{}", terminal::RESTORE_FD).into_bytes(),
         );
         (
-            terminal::restore_script(&spec.state, &nonce, &spec.request_env, defaults.as_deref()),
+            terminal::restore_script(
+                &spec.state,
+                &nonce,
+                &spec.request_env,
+                defaults.as_deref(),
+                !keeps_state,
+            ),
             env,
         )
     } else {
@@ -139,12 +150,17 @@ pub async fn run_command(
             env,
         )
     };
-    let save_code = if bash {
+    let save_code = if bash && !keeps_state {
         Some(state_memfd(&terminal::save_code(&nonce))?)
     } else {
         None
     };
-    let state_fds = (state_memfd(&restore)?, state_memfd(b"")?);
+    let restore = state_memfd(&restore)?;
+    let save = if keeps_state {
+        None
+    } else {
+        Some(state_memfd(b"")?)
+    };
     let envp = shell::envp(&env, &spec.state.cwd);
     let cwd = std::ffi::CString::new(spec.state.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
@@ -154,8 +170,9 @@ pub async fn run_command(
         (shell::SH_RESTORE_FD, shell::SH_SAVE_FD)
     };
     let state_at = [
-        (state_fds.0.as_raw_fd(), at_restore),
-        (state_fds.1.as_raw_fd(), at_save),
+        (restore.as_raw_fd(), at_restore),
+        save.as_ref()
+            .map_or((-1, -1), |fd| (fd.as_raw_fd(), at_save)),
         save_code
             .as_ref()
             .map_or((-1, -1), |fd| (fd.as_raw_fd(), terminal::SAVE_CODE_FD)),
@@ -318,8 +335,12 @@ pub async fn run_command(
     let killed_by = killed_by.or_else(|| kill::attribute(&exit, oom_kills, &spec.rlimits));
 
     // Only a command that ended by itself leaves a state; a killed one keeps the old.
-    let saved = match (killed_by, exit.code) {
-        (None, Some(_)) => read_saved(&state_fds.1, spec.max_state_bytes, &nonce, bash),
+    let saved = match (killed_by, exit.code, &save) {
+        (None, Some(code), None) => Ok(Some(TerminalState {
+            status: code as u8,
+            ..(*spec.state).clone()
+        })),
+        (None, Some(_), Some(save)) => read_saved(save, spec.max_state_bytes, &nonce, bash),
         _ => Ok(None),
     };
     let (state, state_error) = match saved {

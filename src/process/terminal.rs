@@ -240,6 +240,9 @@ pub struct ShellDefaults {
     shopt_on: BTreeSet<Vec<u8>>,
     /// The umask commands start with (the daemon's own).
     umask: Vec<u8>,
+    /// The shell's builtins (`compgen -b`) and reserved words (`compgen -k`).
+    builtins: BTreeSet<Vec<u8>>,
+    keywords: BTreeSet<Vec<u8>>,
 }
 
 /// Defaults that depend on who runs the shell (bash sets SHELL from the
@@ -290,7 +293,7 @@ impl ShellDefaults {
             .current_dir("/")
             .args([
                 "-c",
-                "declare -p; printf '\\0%s\\0%s\\0' \"$SHELLOPTS\" \"$BASHOPTS\"; umask",
+                "declare -p; printf '\\0%s\\0%s\\0' \"$SHELLOPTS\" \"$BASHOPTS\"; umask; printf '\\0'; compgen -b; printf '\\0'; compgen -k",
             ])
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -301,13 +304,22 @@ impl ShellDefaults {
         }
         let mut parts = out.stdout.split(|b| *b == 0);
         let (vars, set_on, shopt_on) = (parts.next()?, parts.next()?, parts.next()?);
-        let umask = parts.next()?;
+        let (umask, builtins, keywords) = (parts.next()?, parts.next()?, parts.next()?);
+        let lines = |list: &[u8]| -> BTreeSet<Vec<u8>> {
+            list.split(|b| *b == b'\n')
+                .filter(|w| !w.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
         let mut defaults = ShellDefaults {
             set_on: split_colon(set_on).into_iter().collect(),
             shopt_on: split_colon(shopt_on).into_iter().collect(),
             umask: umask.strip_suffix(b"\n").unwrap_or(umask).to_vec(),
+            builtins: lines(builtins),
+            keywords: lines(keywords),
             ..ShellDefaults::default()
         };
+
         for line in shell_lines(vars)? {
             let entry = parse_declare(line)?;
             let owned = BASH_OWNED.iter().any(|o| o.as_bytes() == entry.name);
@@ -317,6 +329,24 @@ impl ShellDefaults {
             }
         }
         Some(defaults)
+    }
+}
+
+impl ShellDefaults {
+    /// Whether the probe listed the builtins and reserved words (a bash
+    /// without `compgen` does not).
+    pub fn knows_commands(&self) -> bool {
+        !self.builtins.is_empty() && !self.keywords.is_empty()
+    }
+
+    /// Whether `name` is one of the shell's builtins.
+    pub fn is_builtin(&self, name: &[u8]) -> bool {
+        self.builtins.contains(name)
+    }
+
+    /// Whether `name` is one of the shell's reserved words (`if`, `[[`, `{`…).
+    pub fn is_keyword(&self, name: &[u8]) -> bool {
+        self.keywords.contains(name)
     }
 }
 
@@ -431,6 +461,7 @@ pub fn restore_script(
     n: &str,
     skip: &EnvMap,
     defaults: Option<&ShellDefaults>,
+    save: bool,
 ) -> Vec<u8> {
     let option_env = OPTION_ENV.iter().any(|k| skip.contains_key(k.as_bytes()));
     let defaults = defaults.filter(|_| !option_env);
@@ -467,9 +498,16 @@ pub fn restore_script(
             push_trap(&mut s, action, signal, "");
         }
     }
-    s.extend_from_slice(b"trap -- ");
-    s.extend_from_slice(&single_quote(save_trap(n).as_bytes()));
-    s.extend_from_slice(b" EXIT\n");
+    if save {
+        s.extend_from_slice(b"trap -- ");
+        s.extend_from_slice(&single_quote(save_trap(n).as_bytes()));
+        s.extend_from_slice(b" EXIT\n");
+    } else {
+        // A command that cannot change the state (super::simple_command):
+        // an empty EXIT trap still keeps bash from exec'ing it in its place,
+        // so it runs and ends as on the full path.
+        s.extend_from_slice(b"trap -- '' EXIT\n");
+    }
     let is_late = |k: &[u8]| LATE.iter().any(|l| l.as_bytes() == k) || k.starts_with(b"LC_");
     let unchanged =
         |name: &[u8], var: &Var| defaults.is_some_and(|d| d.vars.get(name) == Some(&var.decl));
@@ -1068,7 +1106,7 @@ mod tests {
         let n = nonce();
         let mut restore = tempfile::tempfile().unwrap();
         restore
-            .write_all(&restore_script(state, &n, &EnvMap::new(), defaults))
+            .write_all(&restore_script(state, &n, &EnvMap::new(), defaults, true))
             .unwrap();
         restore.rewind().unwrap();
         let mut code = tempfile::tempfile().unwrap();
@@ -1186,7 +1224,7 @@ mod tests {
     #[test]
     fn the_restore_of_an_untouched_state_sets_nothing_a_fresh_shell_has() {
         let (_, _, state) = chain(&["true"]);
-        let script = restore_script(&state, "n", &EnvMap::new(), probed());
+        let script = restore_script(&state, "n", &EnvMap::new(), probed(), true);
         let script = text(&script);
         let script = script.replace(&text(&single_quote(save_trap("n").as_bytes())), "");
         // Only what differs from `bash -c`: aliases expanded, the session's

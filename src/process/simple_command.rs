@@ -1,0 +1,203 @@
+//! Which commands cannot change a session's terminal state but `$?`: for them the spawn path skips the save (the state after is the state before, with the command's exit status).
+//!
+//! Saving the state costs bash more than the rest of the command: at exit it
+//! lists every variable, function, alias, trap and option (≈ 0.9 million
+//! instructions for an empty state, as much as a whole `bash -c true`;
+//! docs/design-notes.md "Terminal state"). A command such as `ls -la src`,
+//! `git status` or `true` changes none of it. The test here is deliberately
+//! narrow — anything it is not sure of takes the full path — and works on
+//! the text alone plus what the daemon knows of the state:
+//!
+//! - one simple command: words separated by blanks; a word holds letters,
+//!   digits, `-_./,:+@%^=~` and glob characters `*?[]`, or a quoted string
+//!   (`'…'`, or `"…"` without `$`, backquote or backslash). So no expansion
+//!   that could assign (`${x:=1}`, `$((x=1))`), no redirection (`{fd}>file`
+//!   assigns), no pipe (`lastpipe` runs its end in the shell), list,
+//!   background job, comment, newline or history expansion;
+//! - its name is a plain word without `=` (no assignment) or glob character
+//!   (`c?` could expand to `cd`), neither a reserved
+//!   word nor an alias nor a function of the state, and, if a builtin, one
+//!   that changes nothing: `true`, `false`, `:`, `echo`, `pwd`, `test`, `[`;
+//!   any other name is a program, which runs in a child of the shell;
+//! - the state has no trap: a DEBUG or ERR trap runs in the shell around
+//!   the command, a signal trap could be triggered by it.
+//!
+//! Such a command still gets the full restore and an (empty) EXIT trap, so
+//! bash forks it exactly as on the full path (an EXIT trap keeps bash from
+//! exec'ing a lone command in its own place) and ends with its status.
+
+use super::terminal::{ShellDefaults, TerminalState};
+
+/// Builtins that change no state of the shell that runs them.
+const SAFE_BUILTINS: &[&[u8]] = &[b"true", b"false", b":", b"echo", b"pwd", b"test", b"["];
+
+/// Whether `command`, run in `state`, can change nothing of the terminal
+/// state but `$?` (see the module's doc). `false` whenever unsure.
+pub fn keeps_state(command: &str, state: &TerminalState, defaults: &ShellDefaults) -> bool {
+    if !defaults.knows_commands() || !state.traps.is_empty() {
+        return false;
+    }
+    let Some(words) = plain_words(command.as_bytes()) else {
+        return false;
+    };
+    let Some(name) = words.first() else {
+        return false;
+    };
+    // No `=` (an assignment) and no glob character: `c?` could expand to `cd`.
+    let plain_name = *name == b"[" || name.iter().all(|b| is_plain(*b) && !b"=*?[]".contains(b));
+    plain_name
+        && !defaults.is_keyword(name)
+        && !state.aliases.iter().any(|(alias, _)| alias == name)
+        && !state.function_names.iter().any(|f| f == name)
+        && (!defaults.is_builtin(name) || SAFE_BUILTINS.contains(name))
+}
+
+/// A byte a word may hold outside quotes.
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-_./,:+@%^=~*?[]".contains(&b)
+}
+
+/// The words of a simple command made of plain bytes and quoted strings
+/// only; `None` for anything else (an empty command included).
+fn plain_words(text: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b' ' || text[i] == b'\t' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < text.len() && text[i] != b' ' && text[i] != b'\t' {
+            match text[i] {
+                b'\'' => {
+                    let close = text[i + 1..].iter().position(|b| *b == b'\'')?;
+                    i += close + 2;
+                }
+                b'"' => {
+                    let close = text[i + 1..].iter().position(|b| *b == b'"')?;
+                    let inside = &text[i + 1..i + 1 + close];
+                    if inside.iter().any(|b| b"$`\\!".contains(b)) {
+                        return None;
+                    }
+                    i += close + 2;
+                }
+                b if is_plain(b) => i += 1,
+                _ => return None,
+            }
+        }
+        words.push(&text[start..i]);
+    }
+    if words.is_empty() {
+        return None;
+    }
+    Some(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> std::sync::Arc<ShellDefaults> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(ShellDefaults::of(std::path::Path::new("/bin/bash")))
+            .expect("bash is probed")
+    }
+
+    #[test]
+    fn plain_commands_keep_the_state() {
+        let d = defaults();
+        let state = TerminalState::default();
+        for command in [
+            "true",
+            "false",
+            ":",
+            "ls -la src",
+            "git status",
+            "echo hello world",
+            "echo 'a $b; c' \"d e\"",
+            "grep -rn \"fn main\" src/*.rs",
+            "/usr/bin/env",
+            "make CC=gcc -j4",
+            "  pwd  ",
+            "[ -d /tmp ]",
+            "python3 -c 'print(1)'",
+        ] {
+            assert!(keeps_state(command, &state, &d), "{command:?}");
+        }
+    }
+
+    #[test]
+    fn anything_that_could_change_the_state_takes_the_full_path() {
+        let d = defaults();
+        let state = TerminalState::default();
+        for command in [
+            "",
+            "   ",
+            "x=1",
+            "X=1 ls",
+            "cd /tmp",
+            "export A",
+            "set -e",
+            "shopt -s extglob",
+            "source venv/bin/activate",
+            ". ./env.sh",
+            "read x",
+            "printf -v x y",
+            "declare x",
+            "alias ll=ls",
+            "exit 3",
+            "exec ls",
+            "eval true",
+            "ls; cd /",
+            "ls && cd /",
+            "ls | read x",
+            "ls > out",
+            "ls 2>&1",
+            "sleep 1 &",
+            "echo $x",
+            "echo ${x:=1}",
+            "echo \"$x\"",
+            "echo `id`",
+            "echo $(id)",
+            "echo \\x",
+            "echo {a,b}",
+            "echo a # comment",
+            "ls\ncd /",
+            "if true",
+            "[[ -d / ]]",
+            "{ ls; }",
+            "(cd /)",
+            "! ls",
+            "time ls",
+            "echo 'unclosed",
+            "echo \"!x\"",
+            "'ls' -l",
+            "c? /tmp",
+            "[[",
+        ] {
+            assert!(!keeps_state(command, &state, &d), "{command:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_the_state_defines_or_a_trap_takes_the_full_path() {
+        let d = defaults();
+        let state = TerminalState {
+            function_names: vec![b"deactivate".to_vec()],
+            aliases: vec![(b"ll".to_vec(), b"'cd /'".to_vec())],
+            ..TerminalState::default()
+        };
+        assert!(!keeps_state("deactivate", &state, &d));
+        assert!(!keeps_state("ll", &state, &d));
+        assert!(keeps_state("ls", &state, &d));
+        let trapped = TerminalState {
+            traps: vec![(b"'e=1'".to_vec(), b"ERR".to_vec())],
+            ..TerminalState::default()
+        };
+        assert!(!keeps_state("false", &trapped, &d));
+    }
+}
