@@ -303,6 +303,16 @@ async fn plain_commands_keep_the_state(c: &Client, s: &str) {
     run(c, s, "trap 'e=failed' ERR").await;
     run(c, s, "false").await;
     expect(c, s, "echo $e", "failed\n", "").await;
+    // `pwd` looks harmless, but in posix mode `pwd -P` sets $PWD (the cwd carried).
+    run(
+        c,
+        s,
+        "trap - ERR; d=$(mktemp -d); mkdir $d/real; ln -s $d/real $d/link; cd $d/link; set -o posix",
+    )
+    .await;
+    run(c, s, "pwd -P").await;
+    expect(c, s, "echo ${PWD#$d}", "/real\n", "").await;
+    run(c, s, "set +o posix; cd /tmp; rm -rf $d").await;
 }
 in_both_modes!(plain_commands_keep_the_state);
 
