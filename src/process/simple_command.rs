@@ -44,8 +44,10 @@ pub fn keeps_state(command: &str, state: &TerminalState, defaults: &ShellDefault
     let Some(name) = words.first() else {
         return false;
     };
-    // No `=` (an assignment) and no glob character: `c?` could expand to `cd`.
-    let plain_name = *name == b"[" || name.iter().all(|b| is_plain(*b) && !b"=*?[]".contains(b));
+    // No `=` (an assignment), no glob character (`c?` could expand to `cd`),
+    // no leading `%` (a job, for `fg`).
+    let plain_name = *name == b"["
+        || (!name.starts_with(b"%") && name.iter().all(|b| is_plain(*b) && !b"=*?[]".contains(b)));
     plain_name
         && !defaults.is_keyword(name)
         && !state.aliases.iter().any(|(alias, _)| alias == name)
@@ -152,6 +154,7 @@ mod tests {
             "alias ll=ls",
             "exit 3",
             "pwd -P",
+            "%1",
             "exec ls",
             "eval true",
             "ls; cd /",
