@@ -1119,9 +1119,14 @@ mod tests {
             .env("BASH_ENV", "/dev/fd/62")
             .args(["-c", command, "bash"])
             .current_dir(&state.cwd);
-        // SAFETY: dup2 is async-signal-safe; the fds stay open until the child has exec'd.
+        // SAFETY: dup2 and signal are async-signal-safe; the fds stay open until the child has exec'd.
         unsafe {
             cmd.pre_exec(move || {
+                // As the daemon's spawn does: a test runner started in the
+                // background has SIGINT and SIGQUIT ignored, and bash cannot
+                // trap a signal ignored at its start.
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
                 if libc::dup2(r, RESTORE_FD) < 0
                     || libc::dup2(w, SAVE_FD) < 0
                     || libc::dup2(c, SAVE_CODE_FD) < 0
