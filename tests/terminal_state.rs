@@ -312,7 +312,14 @@ async fn plain_commands_keep_the_state(c: &Client, s: &str) {
     .await;
     run(c, s, "pwd -P").await;
     expect(c, s, "echo ${PWD#$d}", "/real\n", "").await;
-    run(c, s, "set +o posix; cd /tmp; rm -rf $d").await;
+    // With `set -k` a NAME=value argument is an assignment (in posix mode, to
+    // `:`, one that persists); `[ -v ]` evaluates an array subscript.
+    run(c, s, "set -k").await;
+    run(c, s, ": kw=1").await;
+    expect(c, s, "echo $kw", "1\n", "").await;
+    run(c, s, "set +k +o posix; cd /tmp; rm -rf $d").await;
+    run(c, s, "[ -v a[i=1] ]").await;
+    expect(c, s, "echo $i", "1\n", "").await;
 }
 in_both_modes!(plain_commands_keep_the_state);
 

@@ -124,9 +124,9 @@ pub async fn run_command(
     let mut keeps_state = false;
     let (restore, env) = if bash {
         let defaults = terminal::ShellDefaults::of(&spec.shell).await;
-        keeps_state = defaults
-            .as_deref()
-            .is_some_and(|d| simple_command::keeps_state(&spec.command, &spec.state, d));
+        keeps_state = defaults.as_deref().is_some_and(|d| {
+            simple_command::keeps_state(&spec.command, &spec.state, &spec.request_env, d)
+        });
         let mut env = spec.request_env.clone();
         env.insert(
             b"BASH_ENV".to_vec(),

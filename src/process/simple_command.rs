@@ -15,27 +15,53 @@
 //!   assigns), no pipe (`lastpipe` runs its end in the shell), list,
 //!   background job, comment, newline or history expansion;
 //! - its name is a plain word without `=` (no assignment) or glob character
-//!   (`c?` could expand to `cd`), neither a reserved
-//!   word nor an alias nor a function of the state, and, if a builtin, one
-//!   that changes nothing: `true`, `false`, `:`, `echo`, `test`, `[`;
-//!   any other name is a program, which runs in a child of the shell;
-//! - the state has no trap: a DEBUG or ERR trap runs in the shell around
-//!   the command, a signal trap could be triggered by it.
+//!   (`c?` could expand to `cd`), not starting with `%` (a job) or `~`
+//!   (`~` is `$HOME`, which may name a builtin), neither a reserved word nor
+//!   an alias nor a function of the state, and, if a builtin, one that
+//!   changes nothing: `true`, `false`, `:`, `echo`; any other name is a
+//!   program, which runs in a child of the shell;
+//! - the state has no trap (a DEBUG or ERR trap runs in the shell around
+//!   the command, a signal trap could be triggered by it), neither `xtrace`
+//!   (`PS4` is expanded in the shell and can assign) nor `keyword` (`set -k`
+//!   makes `NAME=value` arguments assignments) on, and the request sets no
+//!   env (which may define functions, `BASH_FUNC_name%%`).
 //!
 //! Such a command still gets the full restore and an (empty) EXIT trap, so
 //! bash forks it exactly as on the full path (an EXIT trap keeps bash from
 //! exec'ing a lone command in its own place) and ends with its status.
 
+use super::shell::EnvMap;
 use super::terminal::{ShellDefaults, TerminalState};
 
-/// Builtins that change no state of the shell that runs them.
-/// (Not `pwd`: in posix mode `pwd -P` sets `$PWD`, the cwd carried.)
-const SAFE_BUILTINS: &[&[u8]] = &[b"true", b"false", b":", b"echo", b"test", b"["];
+/// Builtins that change no state of the shell that runs them. Not `pwd`:
+/// in posix mode `pwd -P` sets `$PWD`, the cwd carried. Not `test` or `[`:
+/// `-v 'a[i=1]'` evaluates its subscript, and can assign.
+const SAFE_BUILTINS: &[&[u8]] = &[b"true", b"false", b":", b"echo"];
 
-/// Whether `command`, run in `state`, can change nothing of the terminal
-/// state but `$?` (see the module's doc). `false` whenever unsure.
-pub fn keeps_state(command: &str, state: &TerminalState, defaults: &ShellDefaults) -> bool {
-    if !defaults.knows_commands() || !state.traps.is_empty() {
+/// `set -o` options under which even a plain command can assign: `xtrace`
+/// expands `PS4` (`$((n++))`) in the shell before each command, `keyword`
+/// makes any `NAME=value` argument an assignment.
+const ASSIGNING_OPTIONS: &[&[u8]] = &[b"xtrace", b"keyword"];
+
+/// Whether `command`, run in `state` with `request_env` on top, can change
+/// nothing of the terminal state but `$?` (see the module's doc). `false`
+/// whenever unsure.
+pub fn keeps_state(
+    command: &str,
+    state: &TerminalState,
+    request_env: &EnvMap,
+    defaults: &ShellDefaults,
+) -> bool {
+    let assigning = state
+        .set_options
+        .iter()
+        .flatten()
+        .any(|o| ASSIGNING_OPTIONS.contains(&o.as_slice()));
+    if !defaults.knows_commands() || !state.traps.is_empty() || assigning {
+        return false;
+    }
+    // The request's env may define functions the state does not know of.
+    if !request_env.is_empty() {
         return false;
     }
     let Some(words) = plain_words(command.as_bytes()) else {
@@ -44,10 +70,9 @@ pub fn keeps_state(command: &str, state: &TerminalState, defaults: &ShellDefault
     let Some(name) = words.first() else {
         return false;
     };
-    // No `=` (an assignment), no glob character (`c?` could expand to `cd`),
-    // no leading `%` (a job, for `fg`).
-    let plain_name = *name == b"["
-        || (!name.starts_with(b"%") && name.iter().all(|b| is_plain(*b) && !b"=*?[]".contains(b)));
+    let plain_name = !name.starts_with(b"%")
+        && !name.starts_with(b"~")
+        && name.iter().all(|b| is_plain(*b) && !b"=*?[]".contains(b));
     plain_name
         && !defaults.is_keyword(name)
         && !state.aliases.iter().any(|(alias, _)| alias == name)
@@ -114,6 +139,7 @@ mod tests {
     fn plain_commands_keep_the_state() {
         let d = defaults();
         let state = TerminalState::default();
+        let none = EnvMap::new();
         for command in [
             "true",
             "false",
@@ -126,10 +152,9 @@ mod tests {
             "/usr/bin/env",
             "make CC=gcc -j4",
             "  echo  ",
-            "[ -d /tmp ]",
             "python3 -c 'print(1)'",
         ] {
-            assert!(keeps_state(command, &state, &d), "{command:?}");
+            assert!(keeps_state(command, &state, &none, &d), "{command:?}");
         }
     }
 
@@ -137,6 +162,7 @@ mod tests {
     fn anything_that_could_change_the_state_takes_the_full_path() {
         let d = defaults();
         let state = TerminalState::default();
+        let none = EnvMap::new();
         for command in [
             "",
             "   ",
@@ -155,6 +181,11 @@ mod tests {
             "exit 3",
             "pwd -P",
             "%1",
+            "[ -d /tmp ]",
+            "[ -v a[i=1] ]",
+            "test -v 'arr[i++]'",
+            "~ /usr",
+            "~-",
             "exec ls",
             "eval true",
             "ls; cd /",
@@ -184,7 +215,7 @@ mod tests {
             "c? /tmp",
             "[[",
         ] {
-            assert!(!keeps_state(command, &state, &d), "{command:?}");
+            assert!(!keeps_state(command, &state, &none, &d), "{command:?}");
         }
     }
 
@@ -196,13 +227,23 @@ mod tests {
             aliases: vec![(b"ll".to_vec(), b"'cd /'".to_vec())],
             ..TerminalState::default()
         };
-        assert!(!keeps_state("deactivate", &state, &d));
-        assert!(!keeps_state("ll", &state, &d));
-        assert!(keeps_state("ls", &state, &d));
+        let none = EnvMap::new();
+        assert!(!keeps_state("deactivate", &state, &none, &d));
+        assert!(!keeps_state("ll", &state, &none, &d));
+        assert!(keeps_state("ls", &state, &none, &d));
         let trapped = TerminalState {
             traps: vec![(b"'e=1'".to_vec(), b"ERR".to_vec())],
             ..TerminalState::default()
         };
-        assert!(!keeps_state("false", &trapped, &d));
+        assert!(!keeps_state("false", &trapped, &none, &d));
+        for option in ["xtrace", "keyword"] {
+            let on = TerminalState {
+                set_options: Some(vec![option.as_bytes().to_vec()]),
+                ..TerminalState::default()
+            };
+            assert!(!keeps_state("true", &on, &none, &d), "{option}");
+        }
+        let env: EnvMap = [(b"BASH_FUNC_ls%%".to_vec(), b"() { cd /; }".to_vec())].into();
+        assert!(!keeps_state("ls", &TerminalState::default(), &env, &d));
     }
 }
