@@ -85,3 +85,13 @@ pub static FAIL_NEXT_SPAWN: AtomicBool = AtomicBool::new(false);
 pub fn take_spawn_failure() -> bool {
     FAIL_NEXT_SPAWN.swap(false, Ordering::SeqCst)
 }
+
+/// Set in the daemon's environment: its start fails once the cgroups (and
+/// the socket) are set up, as a failure of the actor tree would, so tests
+/// can check that a failed start leaves nothing behind.
+pub const FAIL_START_ENV: &str = "SESSIOND_FAULT_START";
+
+/// Whether this start must fail after the cgroup setup.
+pub fn start_fails() -> bool {
+    std::env::var_os(FAIL_START_ENV).is_some()
+}

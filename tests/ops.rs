@@ -521,6 +521,42 @@ fn a_failed_second_daemon_removes_nothing_and_leaves_no_socket() {
     first.stop();
 }
 
+/// A start that fails after the cgroups were set up (the actor tree, say)
+/// removes them as a stop does: a restart in the same place finds nothing
+/// of it, and no socket.
+#[test]
+#[ignore = "needs root and a usable cgroup hierarchy"]
+fn a_start_that_fails_after_the_cgroup_setup_removes_the_cgroups() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("failed.sock");
+    let parent = format!("sessiond-test-failed-{}", uuid::Uuid::new_v4().simple());
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        format!("[cgroups]\nmode = \"auto\"\nparent = \"{parent}\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .arg("--socket")
+        .arg(&socket)
+        .env(sessiond::fault::FAIL_START_ENV, "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("cgroups on"), "the cgroups were set up: {log}");
+    assert!(log.contains(sessiond::fault::FAIL_START_ENV), "{log}");
+    assert_eq!(
+        support::cgroup_dirs_named(&parent),
+        Vec::<std::path::PathBuf>::new(),
+        "the failed start left its cgroups"
+    );
+    assert!(!socket.exists(), "the failed start left its socket");
+}
+
 /// Runs `sessiond serve` with `config` (written into `dir`) on `socket` until it exits.
 fn serve_to_the_end(
     dir: &tempfile::TempDir,

@@ -47,6 +47,14 @@ fn main() {
             Box::pin(a_daemon_stopped_cleanly_restarts_in_the_same_delegated_cgroup()),
         ),
         (
+            "a_start_that_fails_after_the_setup_leaves_its_delegated_cgroup_as_it_was",
+            Box::pin(
+                a_start_that_fails_after_the_setup_leaves_its_delegated_cgroup_as_it_was(
+                    base.clone(),
+                ),
+            ),
+        ),
+        (
             "a_daemon_at_a_cgroup_namespace_root_uses_v2",
             Box::pin(a_daemon_at_a_cgroup_namespace_root_uses_v2(base)),
         ),
@@ -111,6 +119,83 @@ async fn a_daemon_stopped_cleanly_restarts_in_the_same_delegated_cgroup() {
     );
     drop(c);
     d.stop();
+}
+
+/// In a delegated cgroup of its own, a daemon whose start fails after the
+/// v2 setup (it moved into `<own>/daemon` and enabled controllers on
+/// `<own>`) undoes it: no `daemon` leaf, no subtree, no controllers left
+/// enabled, so a daemon started there next works.
+async fn a_start_that_fails_after_the_setup_leaves_its_delegated_cgroup_as_it_was(base: PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let own = base.join(format!("failed-{}", std::process::id()));
+    std::fs::create_dir(&own).unwrap();
+    let socket = dir.path().join("failed.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsocket = \"{}\"\n[sessions]\ndefault_cwd = \"{}\"\n[cgroups]\nmode = \"v2\"\n",
+            socket.display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let serve = |fail: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sessiond"));
+        command.args(["serve", "--config"]).arg(&config);
+        if fail {
+            command.env(sessiond::fault::FAIL_START_ENV, "1");
+        }
+        in_cgroup(command, &own)
+    };
+    let out = serve(true).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("cgroups on"), "the v2 setup ran: {log}");
+    let left: Vec<_> = std::fs::read_dir(&own)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "cgroups left in {}: {left:?}",
+        own.display()
+    );
+    let enabled = std::fs::read_to_string(own.join("cgroup.subtree_control")).unwrap();
+    assert_eq!(
+        enabled.trim(),
+        "",
+        "controllers left enabled on {}",
+        own.display()
+    );
+    assert!(!socket.exists(), "the failed start left its socket");
+    // The same cgroup serves a daemon that starts.
+    let mut daemon = serve(false)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = KillOnDrop(vec![daemon.id()]);
+    wait_until("the next daemon serves", Duration::from_secs(60), || {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the next daemon exited"
+        );
+        socket.exists()
+    });
+    let c = Client::connect(&socket).await.unwrap();
+    assert_eq!(c.stats().await.unwrap().runtime.cgroups, "v2");
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.wait().unwrap().success());
+    guard.0.clear();
+    std::fs::remove_dir(&own).unwrap();
 }
 
 /// A process set to start in the cgroup `dir` (its `cgroup.procs` is

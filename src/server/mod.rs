@@ -334,24 +334,44 @@ pub async fn run(
     if ctx.subreaper {
         tokio::spawn(reap_on_sigchld(ctx.clone()));
     }
-    let tree = ActorTree::start(ctx.clone())
-        .await
-        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    // From here on the cgroups (and isolation) are set up: a failed start
+    // releases them as a stop does, rather than leaving them to the next start.
+    let started = async {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault::start_fails() {
+            return Err(ServeError::Actors(format!(
+                "{} is set: failing the start after the cgroup setup",
+                crate::fault::FAIL_START_ENV
+            )));
+        }
+        let tree = ActorTree::start(ctx.clone())
+            .await
+            .map_err(|e| ServeError::Actors(e.to_string()))?;
+        let listener =
+            UnixListener::from_std(socket.listener.try_clone().map_err(|e| ServeError::Io {
+                action: "use",
+                path: socket.path.clone(),
+                source: e,
+            })?)
+            .map_err(|e| ServeError::Io {
+                action: "listen on",
+                path: socket.path.clone(),
+                source: e,
+            })?;
+        Ok((tree, listener))
+    }
+    .await;
+    let (tree, listener) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            release_kernel_layers(&ctx).await;
+            return Err(e);
+        }
+    };
     let daemon = Daemon {
         ctx: ctx.clone(),
         tree: tree.clone(),
     };
-    let listener =
-        UnixListener::from_std(socket.listener.try_clone().map_err(|e| ServeError::Io {
-            action: "use",
-            path: socket.path.clone(),
-            source: e,
-        })?)
-        .map_err(|e| ServeError::Io {
-            action: "listen on",
-            path: socket.path.clone(),
-            source: e,
-        })?;
     if let Some(listener) = metrics {
         let addr = listener.local_addr().ok();
         tracing::info!(listen = ?addr, "metrics: GET /metrics in the Prometheus text format");
@@ -448,14 +468,7 @@ pub async fn run(
     if left > 0 {
         tracing::warn!(groups = left, "killed process groups still alive at exit");
     }
-    if let Some(cgroups) = ctx.cgroups.clone() {
-        // Sessions ended cleanly remove their own cgroups; this catches a forced stop.
-        let _ = tokio::task::spawn_blocking(move || cgroups.teardown()).await;
-    }
-    if let Some(isolation) = ctx.isolation.clone() {
-        // Sessions that ended cleanly freed their uids; this catches a forced stop.
-        let _ = tokio::task::spawn_blocking(move || isolation.release_all()).await;
-    }
+    release_kernel_layers(&ctx).await;
     socket.remove();
     tracing::info!(?exit, "sessiond stopped");
     Ok(exit)
@@ -603,6 +616,19 @@ fn become_subreaper(wanted: bool) -> bool {
             tracing::warn!(error = %e, "cannot become a child subreaper");
             false
         }
+    }
+}
+
+/// At the end (a stop, or a start that failed after the setup): removes our
+/// cgroup subtree and restores our own cgroup, frees the session uids.
+async fn release_kernel_layers(ctx: &Context) {
+    if let Some(cgroups) = ctx.cgroups.clone() {
+        // Sessions ended cleanly remove their own cgroups; this catches a forced stop.
+        let _ = tokio::task::spawn_blocking(move || cgroups.teardown()).await;
+    }
+    if let Some(isolation) = ctx.isolation.clone() {
+        // Sessions that ended cleanly freed their uids; this catches a forced stop.
+        let _ = tokio::task::spawn_blocking(move || isolation.release_all()).await;
     }
 }
 

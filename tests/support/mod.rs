@@ -379,25 +379,7 @@ SESSIOND_TEST_TAG = "{tag}"
 
     /// Every directory named for this daemon's subtree under /sys/fs/cgroup.
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        let parent = self.cgroup_parent();
-        let mut found = Vec::new();
-        let mut todo = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
-        while let Some((dir, depth)) = todo.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                if e.file_name().to_string_lossy() == parent {
-                    found.push(e.path());
-                } else if depth < 3 {
-                    todo.push((e.path(), depth + 1));
-                }
-            }
-        }
-        found
+        cgroup_dirs_named(&self.cgroup_parent())
     }
 
     /// The `cmd-*` leaves of this daemon's sessions, in every hierarchy.
@@ -964,4 +946,26 @@ pub fn as_nobody(d: &TestDaemon, args: &[&str]) -> std::process::Output {
 pub fn open_to_everyone(d: &TestDaemon) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Every directory named `parent` under /sys/fs/cgroup (three levels down).
+pub fn cgroup_dirs_named(parent: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((dir, depth)) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name().to_string_lossy() == parent {
+                found.push(e.path());
+            } else if depth < 3 {
+                todo.push((e.path(), depth + 1));
+            }
+        }
+    }
+    found
 }
