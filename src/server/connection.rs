@@ -528,9 +528,27 @@ impl EventSink {
         self.outbox.unsent.bytes.load(Ordering::Relaxed)
     }
 
-    /// Resolves when the writer has taken a frame off the queue (the backlog shrank).
+    /// Resolves when the writer has taken a frame off the queue (the backlog
+    /// shrank) — one missed while the caller was not waiting is not seen:
+    /// wait with a bound, or use [`Self::caught_up`].
     pub async fn progress(&self) {
         self.outbox.progress.notified().await
+    }
+
+    /// Resolves once the client is no longer behind: the queue has room for
+    /// a frame and at most `backlog` bytes are unsent. It registers for the
+    /// writer's notification before it looks, so a frame the writer takes in
+    /// between is not missed (a stream would stall until its command ended).
+    pub async fn caught_up(&self, backlog: usize) {
+        loop {
+            let progress = self.outbox.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if self.outbox.tx.capacity() > 0 && self.backlog() <= backlog {
+                return;
+            }
+            progress.await;
+        }
     }
 
     /// Resolves when the connection's writer is gone (the client went away).
@@ -613,13 +631,14 @@ mod tests {
     use crate::config::Config;
     use crate::protocol::{Event, StreamName};
 
-    /// Output events to a client that reads nothing: once the socket and the
-    /// queue are full, an offer is refused as behind at once — it never
-    /// waits for room, which only the client's reading could make.
+    /// Output events to a client that reads nothing: once the queue is full,
+    /// an offer is refused as behind at once — it never waits for room,
+    /// which only the client's reading could make. Once the client reads,
+    /// the stream learns it has caught up.
     #[tokio::test]
     async fn an_output_event_never_waits_for_room_in_the_queue() {
         let ctx = Arc::new(Context::new(Config::default()));
-        let (ours, _client) = UnixStream::pair().unwrap();
+        let (ours, mut client) = UnixStream::pair().unwrap();
         let (_read_half, write_half) = ours.into_split();
         let (outbox, writer) = Outbox::start(&ctx, write_half);
         let events = EventSink { id: 1, outbox };
@@ -646,6 +665,17 @@ mod tests {
             "refused for a full queue of frames, not for the byte budget"
         );
         assert!(queued >= RESPONSE_QUEUE, "{queued} events queued");
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while client.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            events.caught_up(64 * 1024),
+        )
+        .await
+        .expect("a reading client lets the stream catch up");
         writer.abort();
+        reader.abort();
     }
 }

@@ -145,7 +145,7 @@ async fn stream_events(record: &CommandRecord, events: &EventSink) -> bool {
                 return true;
             }
             tokio::select! {
-                _ = events.progress() => {}
+                _ = events.caught_up(EVENT_BACKLOG) => {}
                 _ = record.ended() => {}
                 _ = events.closed() => return false,
             }
