@@ -133,6 +133,11 @@ impl Unsent {
         self.drop.cancel();
         true
     }
+
+    /// Whether the connection was dropped (its token may not be cancelled yet).
+    pub fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Acquire)
+    }
 }
 
 /// Every live connection's [`Unsent`], to find the one holding the most.
@@ -157,7 +162,9 @@ impl Outboxes {
             let largest = all
                 .iter()
                 .filter_map(Weak::upgrade)
-                .filter(|u| !u.drop.is_cancelled())
+                // The flag, not the token: between the two, a loser of the
+                // race would pick the same connection again and again.
+                .filter(|u| !u.is_dropped())
                 .max_by_key(|u| u.bytes.load(Ordering::Relaxed))
                 .filter(|u| u.bytes.load(Ordering::Relaxed) > 0)?;
             if largest.drop_once() {
@@ -177,9 +184,15 @@ mod tests {
         let unsent = Arc::new(Unsent::default());
         outboxes.register(&unsent);
         unsent.bytes.store(10, Ordering::Relaxed);
+        let start = std::sync::Barrier::new(8);
         let drops: usize = std::thread::scope(|s| {
             let racers: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| unsent.drop_once() as usize))
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        unsent.drop_once() as usize
+                    })
+                })
                 .collect();
             racers.into_iter().map(|r| r.join().unwrap()).sum()
         });
