@@ -271,11 +271,14 @@ impl ShellDefaults {
             return found;
         }
         let path = shell.to_path_buf();
-        let probed = tokio::task::spawn_blocking(move || ShellDefaults::probe(&path))
-            .await
-            .ok()
-            .flatten()
-            .map(std::sync::Arc::new);
+        let Ok(Some(probed)) =
+            tokio::task::spawn_blocking(move || ShellDefaults::probe(&path)).await
+        else {
+            // Not run, or not waited for (the periodic sweep may reap a child
+            // outside the process table first): not an answer to keep.
+            return None;
+        };
+        let probed = probed.map(std::sync::Arc::new);
         let mut list = cache.lock().unwrap_or_else(|e| e.into_inner());
         // The shell is the daemon's (`commands.shell`): one entry, a few at most.
         if list.len() < 8 && !list.iter().any(|(p, _)| p == shell) {
@@ -285,24 +288,34 @@ impl ShellDefaults {
     }
 
     /// Runs `shell` as a command's shell starts (empty environment, no
-    /// BASH_ENV) and reads its variables and options.
-    fn probe(shell: &std::path::Path) -> Option<ShellDefaults> {
+    /// BASH_ENV) and reads its variables and options: `Some(None)` when the
+    /// shell ran and its answer is unusable (kept: the restore then sets
+    /// everything), `None` when it could not be run or waited for (tried
+    /// again at the next command).
+    fn probe(shell: &std::path::Path) -> Option<Option<ShellDefaults>> {
         let out = std::process::Command::new(shell)
             .env_clear()
             .env("PWD", "/")
             .current_dir("/")
             .args([
                 "-c",
-                "declare -p; printf '\\0%s\\0%s\\0' \"$SHELLOPTS\" \"$BASHOPTS\"; umask; printf '\\0'; compgen -b; printf '\\0'; compgen -k",
+                // `compgen` is missing from a bash built without programmable
+                // completion: its lists are then empty, and `:` keeps the status.
+                "declare -p; printf '\\0%s\\0%s\\0' \"$SHELLOPTS\" \"$BASHOPTS\"; umask; printf '\\0'; compgen -b; printf '\\0'; compgen -k; :",
             ])
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .output()
             .ok()?;
         if !out.status.success() {
-            return None;
+            return Some(None);
         }
-        let mut parts = out.stdout.split(|b| *b == 0);
+        Some(Self::parse_probe(&out.stdout))
+    }
+
+    /// What the probe printed, read into defaults (`None` if malformed).
+    fn parse_probe(stdout: &[u8]) -> Option<ShellDefaults> {
+        let mut parts = stdout.split(|b| *b == 0);
         let (vars, set_on, shopt_on) = (parts.next()?, parts.next()?, parts.next()?);
         let (umask, builtins, keywords) = (parts.next()?, parts.next()?, parts.next()?);
         let lines = |list: &[u8]| -> BTreeSet<Vec<u8>> {
@@ -1162,10 +1175,23 @@ mod tests {
 
     fn probed() -> Option<&'static ShellDefaults> {
         static DEFAULTS: std::sync::OnceLock<Option<ShellDefaults>> = std::sync::OnceLock::new();
-        let defaults =
-            DEFAULTS.get_or_init(|| ShellDefaults::probe(std::path::Path::new("/bin/bash")));
+        let defaults = DEFAULTS
+            .get_or_init(|| ShellDefaults::probe(std::path::Path::new("/bin/bash")).flatten());
         assert!(defaults.is_some(), "probing /bin/bash failed");
         defaults.as_ref()
+    }
+
+    /// A bash without `compgen` prints empty lists: its defaults are kept,
+    /// only the builtins and reserved words are unknown (no plain-command path).
+    #[test]
+    fn a_probe_without_command_lists_keeps_its_defaults() {
+        let printed = b"declare -- OPTERR=\"1\"\n\0braceexpand:hashall\0extquote\x000022\n\0\0";
+        let defaults = ShellDefaults::parse_probe(printed).expect("usable defaults");
+        assert!(!defaults.knows_commands());
+        assert_eq!(defaults.umask, b"0022");
+        assert!(defaults.vars.contains_key(&b"OPTERR"[..]));
+        let real = probed().expect("bash is probed");
+        assert!(real.knows_commands() && real.is_builtin(b"cd") && real.is_keyword(b"if"));
     }
 
     fn chain_with(
