@@ -65,11 +65,30 @@ fn adopted_orphans_are_children_of_the_main_thread_and_reaped_from_there() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     let table = Arc::new(ProcessTable::default());
-    // sh starts a child that outlives it, says its pid and exits: the child is ours now.
-    let out = std::process::Command::new("/bin/sh")
-        .args(["-c", "/bin/true >/dev/null & echo $!"])
-        .output()
-        .unwrap();
+    // sh starts a child that outlives it (a `cat` of a pipe this test holds
+    // open, so sh cannot have reaped it), says its pid and exits: the child
+    // is ours now.
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut sh = std::process::Command::new("/bin/sh");
+    sh.args(["-c", "cat <&3 >/dev/null 2>&1 & echo $!"]);
+    let from = std::os::fd::AsRawFd::as_raw_fd(&read_end);
+    // SAFETY: dup2 and fcntl are async-signal-safe; `read_end` stays open until sh has exec'd.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut sh, move || {
+            // dup2 onto itself would keep close-on-exec: clear it instead.
+            let ok = if from == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(from, 3) >= 0
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = sh.output().unwrap();
+    drop(read_end);
     let orphan: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let me = std::process::id();
     let main_children = format!("/proc/self/task/{me}/children");
@@ -85,7 +104,9 @@ fn adopted_orphans_are_children_of_the_main_thread_and_reaped_from_there() {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    // A child exits before it is adopted or after: wait for its zombie either way.
+    assert_eq!(reap_adopted(&table), Some(0), "a live orphan is left alone");
+    // Its pipe closes: it exits, a zombie of ours.
+    drop(write_end);
     while !std::fs::read_to_string(format!("/proc/{orphan}/stat")).is_ok_and(|s| {
         s.rsplit(')')
             .next()
@@ -100,4 +121,15 @@ fn adopted_orphans_are_children_of_the_main_thread_and_reaped_from_there() {
     assert_eq!(reap_adopted(&table), Some(1));
     assert!(!std::path::Path::new(&format!("/proc/{orphan}")).exists());
     assert_eq!(reap_adopted(&table), Some(0), "nothing left to reap");
+    // A child of this (non-main) thread whose waiter gave up on it: not in
+    // the main thread's list, found as released all the same.
+    let abandoned = zombie_child();
+    table
+        .spawn_owned(1, || Ok::<_, ()>(nix::unistd::Pid::from_raw(abandoned)))
+        .unwrap();
+    assert_eq!(reap_adopted(&table), Some(0), "its waiter still owns it");
+    table.release(nix::unistd::Pid::from_raw(abandoned));
+    assert_eq!(reap_adopted(&table), Some(1));
+    assert!(!std::path::Path::new(&format!("/proc/{abandoned}")).exists());
+    assert!(table.released().is_empty(), "a reaped child is forgotten");
 }

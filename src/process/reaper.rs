@@ -30,10 +30,17 @@ pub fn reap_orphans(table: &Arc<ProcessTable>) -> u64 {
 pub fn reap_adopted(table: &Arc<ProcessTable>) -> Option<u64> {
     let me = std::process::id();
     let list = std::fs::read_to_string(format!("/proc/self/task/{me}/children")).ok()?;
-    let children: Vec<i32> = list
+    let mut children: Vec<i32> = list
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect();
+    // Many live orphans (background jobs left running): each would be a
+    // waitpid under the table's lock; the full scan looks at zombies only.
+    if children.len() > ADOPTED_INLINE {
+        return None;
+    }
+    // Children whose waiter gave up on them are children of their spawning thread.
+    children.extend(table.released());
     if children.is_empty() {
         return Some(0);
     }
@@ -41,28 +48,36 @@ pub fn reap_adopted(table: &Arc<ProcessTable>) -> Option<u64> {
     Some(reap_unwaited(table, children))
 }
 
+/// Most adopted children `reap_adopted` waits for inline.
+const ADOPTED_INLINE: usize = 64;
+
 /// `waitpid(pid, WNOHANG)` on each of `pids` that no waiter owns.
 fn reap_unwaited(table: &Arc<ProcessTable>, pids: Vec<i32>) -> u64 {
     if pids.is_empty() {
         return 0;
     }
     // A spawn in progress: skip this round (SIGCHLD or the next sweep comes again).
-    table
-        .with_locked(|is_waited| {
-            let mut reaped = 0;
-            for pid in pids {
-                if is_waited(pid) {
-                    continue;
-                }
-                let mut status = 0;
-                // SAFETY: waitpid on a specific pid with WNOHANG; status is a valid local.
-                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-                    reaped += 1;
-                }
+    let Some(done) = table.with_locked(|is_waited| {
+        let mut done = Vec::new();
+        for pid in pids {
+            if is_waited(pid) {
+                continue;
             }
-            reaped
-        })
-        .unwrap_or(0)
+            let mut status = 0;
+            // SAFETY: waitpid on a specific pid with WNOHANG; status is a valid local.
+            match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+                0 => {}
+                // Reaped (pid), or not a child of ours any more (-1, ECHILD).
+                reaped => done.push((pid, reaped == pid)),
+            }
+        }
+        done
+    }) else {
+        return 0;
+    };
+    let gone: Vec<i32> = done.iter().map(|(pid, _)| *pid).collect();
+    table.forget_released(&gone);
+    done.iter().filter(|(_, reaped)| *reaped).count() as u64
 }
 
 fn zombie_children(parent: i32) -> Vec<i32> {

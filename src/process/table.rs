@@ -39,6 +39,10 @@ pub struct ProcessTable {
 #[derive(Debug, Default)]
 struct TableInner {
     waited: HashSet<i32>,
+    /// Children whose waiter gave up on them (`release`): the reaper's to
+    /// take once they exit. A child of the thread that spawned it, so not in
+    /// the main thread's list the SIGCHLD reaper reads.
+    released: HashSet<i32>,
     groups: HashMap<i32, SessionKey>,
 }
 
@@ -84,7 +88,22 @@ impl ProcessTable {
 
     /// The waiter gave up on `pid` (its owner was dropped): the reaper may take it now.
     pub fn release(&self, pid: Pid) {
-        self.lock().waited.remove(&pid.as_raw());
+        let mut inner = self.lock();
+        inner.waited.remove(&pid.as_raw());
+        inner.released.insert(pid.as_raw());
+    }
+
+    /// The children released by their waiters and not yet reaped.
+    pub fn released(&self) -> Vec<i32> {
+        self.lock().released.iter().copied().collect()
+    }
+
+    /// Forgets released children that were reaped or are no longer ours.
+    pub fn forget_released(&self, pids: &[i32]) {
+        let mut inner = self.lock();
+        for pid in pids {
+            inner.released.remove(pid);
+        }
     }
 
     /// Runs `f` with no spawn in progress and the table locked, for the
