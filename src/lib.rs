@@ -18,7 +18,8 @@
 
 // Public is what others build on: clients (`client`, `protocol`), the daemon
 // binary (`config`, `server`) and the integration tests (`process`: the
-// process table, reaper and procfs scans; `fault`). The rest is internal.
+// process table, reaper and procfs scans; `fault`; `cgroup_dirs_named`, for
+// the tests and the benchmark to find what a daemon left). The rest is internal.
 pub(crate) mod actors;
 pub(crate) mod budget;
 pub(crate) mod cgroup;
@@ -36,3 +37,5 @@ pub mod server;
 pub(crate) mod socket_dir;
 pub(crate) mod stats;
 pub(crate) mod timing;
+
+pub use cgroup::fs::dirs_named as cgroup_dirs_named;

@@ -251,18 +251,6 @@ fn a_ping_is_answered_at_the_global_connection_cap() {
     d.stop();
 }
 
-/// Several requests as one write, as a pipelining client sends them.
-fn one_write(conn: &mut support::RawConn, requests: &[Value]) {
-    let mut bytes = Vec::new();
-    for r in requests {
-        let mut body = Vec::new();
-        rmpv::encode::write_value(&mut body, r).unwrap();
-        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        bytes.extend_from_slice(&body);
-    }
-    conn.write_bytes(&bytes);
-}
-
 /// Issue 14, row "the doc's own pipelined `exec.run` then `exec.cancel` in
 /// one write → the cancel runs first; two pipelined `exec.run` → the first
 /// gets SESSION_BUSY": requests of one connection reach their actors in the
@@ -289,7 +277,7 @@ fn pipelined_requests_start_in_the_order_sent() {
             "exec.cancel",
             vec![("session_id", session.as_str().into())],
         );
-        one_write(&mut conn, &[run(run_id, "sleep 30"), cancel]);
+        conn.send_in_one_write(&[run(run_id, "sleep 30"), cancel]);
         let got = support::scenarios::final_frames(&mut conn, &[run_id, cancel_id]);
         let cancelled = get(get(&got[&cancel_id], "result"), "cancelled");
         assert_eq!(
@@ -308,7 +296,7 @@ fn pipelined_requests_start_in_the_order_sent() {
     }
     for round in 0..5u64 {
         let (first, second, cancel_id) = (200 + 3 * round, 201 + 3 * round, 202 + 3 * round);
-        one_write(&mut conn, &[run(first, "sleep 30"), run(second, "true")]);
+        conn.send_in_one_write(&[run(first, "sleep 30"), run(second, "true")]);
         let got = support::scenarios::final_frames(&mut conn, &[second]);
         assert_eq!(
             error_code(&got[&second]).as_deref(),
@@ -364,7 +352,7 @@ fn pipelined_writes_apply_in_the_order_sent() {
                 )
             })
             .collect();
-        one_write(&mut conn, &writes);
+        conn.send_in_one_write(&writes);
         let ids: Vec<u64> = (10..10 + n).collect();
         for (id, r) in support::scenarios::final_frames(&mut conn, &ids) {
             assert!(error_code(&r).is_none(), "write {id}: {r}");

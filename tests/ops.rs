@@ -550,7 +550,7 @@ fn a_start_that_fails_after_the_cgroup_setup_removes_the_cgroups() {
     assert!(log.contains("cgroups on"), "the cgroups were set up: {log}");
     assert!(log.contains(sessiond::fault::FAIL_START_ENV), "{log}");
     assert_eq!(
-        support::cgroup_dirs_named(&parent),
+        sessiond::cgroup_dirs_named(&parent),
         Vec::<std::path::PathBuf>::new(),
         "the failed start left its cgroups"
     );

@@ -163,13 +163,7 @@ async fn a_start_that_fails_after_the_setup_leaves_its_delegated_cgroup_as_it_wa
         "cgroups left in {}: {left:?}",
         own.display()
     );
-    let enabled = std::fs::read_to_string(own.join("cgroup.subtree_control")).unwrap();
-    assert_eq!(
-        enabled.trim(),
-        "",
-        "controllers left enabled on {}",
-        own.display()
-    );
+    support::assert_no_controllers_enabled(&own);
     assert!(!socket.exists(), "the failed start left its socket");
     // The same cgroup serves a daemon that starts.
     let mut daemon = serve(false)

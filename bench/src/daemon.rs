@@ -171,7 +171,7 @@ impl BenchDaemon {
         .await?;
         let parent = cgroup_parent(&self.tag);
         wait_for("its cgroups to be removed", move || {
-            let left = cgroup_dirs(&parent);
+            let left = sessiond::cgroup_dirs_named(&parent);
             left.is_empty().then_some(()).ok_or(left)
         })
         .await
@@ -210,28 +210,6 @@ async fn wait_for<T: std::fmt::Debug>(
 /// The cgroup subtree a daemon with `tag` creates its sessions' cgroups under.
 fn cgroup_parent(tag: &str) -> String {
     format!("sessiond-bench-{tag}")
-}
-
-/// Every directory named `name` under /sys/fs/cgroup (hierarchies of v1, the unified mount, and v2 subtrees).
-fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
-    while let Some((dir, depth)) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            if e.file_name().to_string_lossy() == name {
-                found.push(e.path());
-            } else if depth < 3 {
-                todo.push((e.path(), depth + 1));
-            }
-        }
-    }
-    found
 }
 
 /// Live (non-zombie) processes whose environment holds `SESSIOND_BENCH_TAG=tag`.

@@ -106,9 +106,7 @@ async fn sequential_exec(
     scale: Scale,
 ) -> Result<f64, BenchError> {
     let workload = format!("exec.run true, sequential (cgroups {mode})");
-    let s = c.create_session(CreateParams::default()).await?;
-    let lat = sorted_us(time_execs(c, &s, "true", scale.exec_runs).await?);
-    c.destroy_session(&s).await?;
+    let lat = in_fresh_session(c, "true", scale.exec_runs).await?;
     let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     // A cgroup per command costs a leaf in every hierarchy: a looser goal.
     let goal = if mode == "off" { 1.25 } else { 1.5 };
@@ -123,6 +121,15 @@ async fn sequential_exec(
         p50 / floor_p50 <= goal,
     );
     Ok(p50)
+}
+
+/// `command` run back to back `n` times in a session of its own: sorted
+/// latencies (µs).
+async fn in_fresh_session(c: &Client, command: &str, n: usize) -> Result<Vec<f64>, BenchError> {
+    let s = c.create_session(CreateParams::default()).await?;
+    let lat = sorted_us(time_execs(c, &s, command, n).await?);
+    c.destroy_session(&s).await?;
+    Ok(lat)
 }
 
 /// A command bash cannot tell from its text to keep the state (a builtin
@@ -141,9 +148,7 @@ async fn saving_exec(
 ) -> Result<(), BenchError> {
     let workload =
         format!("exec.run `{SAVING_COMMAND}` (state saved), sequential (cgroups {mode})");
-    let s = c.create_session(CreateParams::default()).await?;
-    let lat = sorted_us(time_execs(c, &s, SAVING_COMMAND, scale.exec_runs).await?);
-    c.destroy_session(&s).await?;
+    let lat = in_fresh_session(c, SAVING_COMMAND, scale.exec_runs).await?;
     let p50 = percentile(&lat, 0.5);
     report.info(&workload, "p50", p50, "µs");
     report.info(&workload, "p50 / floor p50", p50 / floor_p50, "×");

@@ -1,7 +1,7 @@
 //! Cgroup file helpers shared by both backends: create, write, read, kill, wait, list, and the lock on our subtree. All blocking.
 
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::error::{CgroupError, io_err};
@@ -123,6 +123,31 @@ pub(crate) fn lock_subtree(dir: &Path) -> Result<OwnedFd, CgroupError> {
     } else {
         Err(CgroupError::InUse(dir.to_path_buf()))
     }
+}
+
+/// Every directory named `name` under /sys/fs/cgroup, three levels down (the
+/// v1 hierarchies, the unified mount and v2 subtrees): where a daemon's
+/// subtree of that name lives, for tools that check one left nothing (the
+/// benchmark, the tests).
+pub fn dirs_named(name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
+    while let Some((dir, depth)) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name().to_string_lossy() == name {
+                found.push(e.path());
+            } else if depth < 3 {
+                todo.push((e.path(), depth + 1));
+            }
+        }
+    }
+    found
 }
 
 #[cfg(test)]

@@ -88,38 +88,34 @@ fn is_plain(b: u8) -> bool {
 /// The words of a simple command made of plain bytes and quoted strings
 /// only; `None` for anything else (an empty command included).
 fn plain_words(text: &[u8]) -> Option<Vec<&[u8]>> {
-    let mut words = Vec::new();
-    let mut i = 0;
-    while i < text.len() {
-        if text[i] == b' ' || text[i] == b'\t' {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < text.len() && text[i] != b' ' && text[i] != b'\t' {
-            match text[i] {
-                b'\'' => {
-                    let close = text[i + 1..].iter().position(|b| *b == b'\'')?;
-                    i += close + 2;
-                }
-                b'"' => {
-                    let close = text[i + 1..].iter().position(|b| *b == b'"')?;
-                    let inside = &text[i + 1..i + 1 + close];
-                    if inside.iter().any(|b| b"$`\\!".contains(b)) {
-                        return None;
-                    }
-                    i += close + 2;
-                }
-                b if is_plain(b) => i += 1,
-                _ => return None,
+    let words = super::terminal::words(text)?;
+    let plain = !words.is_empty() && words.iter().all(|w| is_plain_word(w));
+    plain.then_some(words)
+}
+
+/// Whether a word (as [`super::terminal::words`] splits it) is plain bytes
+/// and quoted strings: `'…'`, or `"…"` with no `$`, backquote, backslash or `!`.
+fn is_plain_word(word: &[u8]) -> bool {
+    let mut rest = word;
+    while let Some(&b) = rest.first() {
+        let quote = match b {
+            b'\'' | b'"' => b,
+            b if is_plain(b) => {
+                rest = &rest[1..];
+                continue;
             }
+            _ => return false,
+        };
+        let Some(close) = rest[1..].iter().position(|c| *c == quote) else {
+            return false;
+        };
+        let inside = &rest[1..1 + close];
+        if quote == b'"' && inside.iter().any(|c| b"$`\\!".contains(c)) {
+            return false;
         }
-        words.push(&text[start..i]);
+        rest = &rest[close + 2..];
     }
-    if words.is_empty() {
-        return None;
-    }
-    Some(words)
+    true
 }
 
 #[cfg(test)]

@@ -900,7 +900,7 @@ fn skip_ansi(text: &[u8], mut i: usize) -> Option<usize> {
 }
 
 /// Splits one line into words, keeping each word's quoting as written.
-fn words(line: &[u8]) -> Option<Vec<&[u8]>> {
+pub(super) fn words(line: &[u8]) -> Option<Vec<&[u8]>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < line.len() {

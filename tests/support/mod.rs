@@ -363,13 +363,7 @@ SESSIOND_TEST_TAG = "{tag}"
             "{}/daemon left behind",
             own.display()
         );
-        let enabled = std::fs::read_to_string(own.join("cgroup.subtree_control")).unwrap();
-        assert_eq!(
-            enabled.trim(),
-            "",
-            "controllers left enabled on {}",
-            own.display()
-        );
+        assert_no_controllers_enabled(own);
     }
 
     /// This daemon's cgroup subtree name (unique per test daemon).
@@ -379,7 +373,7 @@ SESSIOND_TEST_TAG = "{tag}"
 
     /// Every directory named for this daemon's subtree under /sys/fs/cgroup.
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        cgroup_dirs_named(&self.cgroup_parent())
+        sessiond::cgroup_dirs_named(&self.cgroup_parent())
     }
 
     /// The `cmd-*` leaves of this daemon's sessions, in every hierarchy.
@@ -619,6 +613,18 @@ impl RawConn {
     /// Writes one frame: length prefix, then `body`.
     pub fn write_frame(&mut self, body: &[u8]) {
         self.write_bytes(&frame(body));
+    }
+
+    /// Several requests as one write, as a pipelining client sends them.
+    pub fn send_in_one_write(&mut self, requests: &[rmpv::Value]) {
+        let mut bytes = Vec::new();
+        for r in requests {
+            let mut body = Vec::new();
+            rmpv::encode::write_value(&mut body, r).unwrap();
+            bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(&body);
+        }
+        self.write_bytes(&bytes);
     }
 
     /// Writes a request given as an rmpv map.
@@ -948,24 +954,14 @@ pub fn open_to_everyone(d: &TestDaemon) {
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// Every directory named `parent` under /sys/fs/cgroup (three levels down).
-pub fn cgroup_dirs_named(parent: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![(PathBuf::from("/sys/fs/cgroup"), 0)];
-    while let Some((dir, depth)) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            if e.file_name().to_string_lossy() == parent {
-                found.push(e.path());
-            } else if depth < 3 {
-                todo.push((e.path(), depth + 1));
-            }
-        }
-    }
-    found
+/// A cgroup v2 directory enables no controller for its children (as a
+/// daemon found it, before it enabled any).
+pub fn assert_no_controllers_enabled(dir: &Path) {
+    let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap();
+    assert_eq!(
+        enabled.trim(),
+        "",
+        "controllers left enabled on {}",
+        dir.display()
+    );
 }

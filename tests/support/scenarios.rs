@@ -1491,18 +1491,6 @@ fn encoded_size(value: &rmpv::Value) -> usize {
     bytes.len()
 }
 
-/// Several requests as one write, as a pipelining client sends them.
-fn one_write(conn: &mut RawConn, requests: &[rmpv::Value]) {
-    let mut bytes = Vec::new();
-    for r in requests {
-        let mut body = Vec::new();
-        rmpv::encode::write_value(&mut body, r).unwrap();
-        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        bytes.extend_from_slice(&body);
-    }
-    conn.write_bytes(&bytes);
-}
-
 /// Reads frames until every id in `ids` has its final frame (events are skipped).
 pub fn final_frames(
     conn: &mut RawConn,
@@ -1838,7 +1826,7 @@ pub fn pipelined_run_then_cancel(socket: &Path) {
         )
     };
     let cancel = |id: u64| request(id, "exec.cancel", vec![("session_id", s())]);
-    one_write(&mut conn, &[run(2, "sleep 30"), cancel(3)]);
+    conn.send_in_one_write(&[run(2, "sleep 30"), cancel(3)]);
     let got = final_frames(&mut conn, &[2, 3]);
     assert_eq!(
         get(get(&got[&3], "result"), "cancelled").as_bool(),
@@ -1852,7 +1840,7 @@ pub fn pipelined_run_then_cancel(socket: &Path) {
         "{}",
         got[&2]
     );
-    one_write(&mut conn, &[run(4, "sleep 30"), run(5, "echo second")]);
+    conn.send_in_one_write(&[run(4, "sleep 30"), run(5, "echo second")]);
     let got = final_frames(&mut conn, &[5]);
     assert_eq!(
         error_code(&got[&5]).as_deref(),
