@@ -185,6 +185,22 @@ impl Context {
         }
     }
 
+    /// Charges `bytes` a request holds until it is answered (an `exec.read`
+    /// copy, an `exec.write`'s data): when the budget is full, the
+    /// connection with the most unsent answers is dropped first (counted as a
+    /// slow reader); `OVERLOADED` if they still do not fit.
+    pub fn charge_request(&self, bytes: u64) -> Result<Charge, crate::protocol::RequestError> {
+        if let Some(charge) = self.budget.try_charge(bytes) {
+            return Ok(charge);
+        }
+        if self.outboxes.drop_largest().is_some() {
+            crate::stats::Stats::bump(&self.stats.slow_readers_dropped);
+        }
+        self.budget
+            .try_charge(bytes)
+            .ok_or_else(|| self.overloaded())
+    }
+
     /// Evicts the oldest retained command still holding output; false when none is left.
     fn evict_oldest_retained(&self) -> bool {
         let mut retained = self.retained.lock().unwrap_or_else(|p| p.into_inner());

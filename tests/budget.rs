@@ -357,3 +357,60 @@ async fn a_lowered_budget_refuses_new_work_until_use_falls() {
     let r = c.exec(exec(&s, "echo fits")).await.expect("fits again");
     assert_eq!(r.stdout.as_ref(), b"fits\n");
 }
+
+/// An `exec.write` waiting its turn before a command that does not read holds
+/// its data: charged to the budget from when it is read, so writes piling up
+/// are refused with OVERLOADED once the budget is full (before, each of up to
+/// 64 per connection held up to `max_stdin_bytes` uncharged).
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_writes_are_charged_and_refused_past_the_budget() {
+    let d = TestDaemon::start(
+        "[server]\nmemory_budget = \"16 MiB\"\n\
+         [commands]\nmax_output_bytes = \"1 MiB\"\nmax_stdin_bytes = \"1 MiB\"\n",
+    );
+    let c = std::sync::Arc::new(d.client().await);
+    let s = new_session(&c).await;
+    let id = c
+        .start(ExecParams {
+            stdin_open: true,
+            ..exec(&s, "sleep 60")
+        })
+        .await
+        .expect("started");
+    // Each waits its turn (5 s at most each, the first for the full pipe):
+    // 24 MiB of data against a 16 MiB budget.
+    let mut writes = tokio::task::JoinSet::new();
+    for _ in 0..24 {
+        let (c, id) = (c.clone(), id.clone());
+        writes.spawn(async move { c.write(&id, &vec![b'x'; MIB as usize], false).await });
+    }
+    wait_until_async(
+        "writes past the budget refused",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.overloaded_total > 0 },
+    )
+    .await;
+    let used = c.stats().await.unwrap().runtime.memory_used_bytes;
+    assert!(
+        used <= 16 * MIB,
+        "the waiting writes within the budget: {used}"
+    );
+    assert!(used >= 8 * MIB, "the waiting writes charged: {used}");
+    // Its end answers the writes still waiting (nothing more written).
+    c.cancel(&s).await.unwrap();
+    let mut overloaded = 0;
+    while let Some(answer) = writes.join_next().await {
+        match answer.unwrap() {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("OVERLOADED") => overloaded += 1,
+            Err(e) => assert_eq!(e.code(), Some("INVALID_REQUEST"), "{e:?}"),
+        }
+    }
+    assert!(overloaded > 0, "some writes refused");
+    wait_until_async(
+        "the writes' charges back",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.memory_used_bytes < 2 * MIB },
+    )
+    .await;
+}

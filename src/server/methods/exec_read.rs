@@ -57,17 +57,7 @@ async fn read(
         let news = !stdout.data.is_empty() || !stderr.data.is_empty();
         if news || outcome.is_some() || tokio::time::Instant::now() >= deadline {
             let bytes = 2 * (stdout.data.len() + stderr.data.len()) as u64;
-            let _charge = match ctx.budget.try_charge(bytes) {
-                Some(charge) => charge,
-                None => {
-                    if ctx.outboxes.drop_largest().is_some() {
-                        crate::stats::Stats::bump(&ctx.stats.slow_readers_dropped);
-                    }
-                    ctx.budget
-                        .try_charge(bytes)
-                        .ok_or_else(|| ctx.overloaded())?
-                }
-            };
+            let _charge = ctx.charge_request(bytes)?;
             let result = match outcome {
                 Some(Err(e)) => return Err(e.clone()),
                 Some(Ok(result)) => Some(result.clone()),

@@ -26,6 +26,9 @@ pub(super) fn dispatch(
             limit,
         });
     }
+    // Held until written (a command that does not read keeps each write
+    // waiting its turn, up to 64 per connection): charged from here on.
+    let charge = daemon.ctx.charge_request(p.data.len() as u64)?;
     let mut ticket = writes.take(&p.command_id);
     let record = find(daemon, uid, p.command_id)?;
     Ok(Box::pin(async move {
@@ -36,6 +39,7 @@ pub(super) fn dispatch(
             .write(&p.data, p.eof, Duration::from_secs(WRITE_TIMEOUT_S))
             .await
             .map_err(|refused| RequestError::InvalidRequest(format!("cannot write: {refused}")))?;
+        drop(charge);
         Ok(WriteResult { written })
     }))
 }
