@@ -185,10 +185,9 @@ impl Context {
         }
     }
 
-    /// Charges `bytes` a request holds until it is answered (an `exec.read`
-    /// copy, an `exec.write`'s data): when the budget is full, the
-    /// connection with the most unsent answers is dropped first (counted as a
-    /// slow reader); `OVERLOADED` if they still do not fit.
+    /// Charges `bytes` an `exec.read` holds until it is answered: when the
+    /// budget is full, the connection with the most unsent answers is dropped
+    /// first (counted as a slow reader); `OVERLOADED` if they still do not fit.
     pub fn charge_request(&self, bytes: u64) -> Result<Charge, crate::protocol::RequestError> {
         if let Some(charge) = self.budget.try_charge(bytes) {
             return Ok(charge);

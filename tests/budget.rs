@@ -154,14 +154,17 @@ fn vm_hwm(pid: i32) -> u64 {
 
 /// Issue 14's attacks at once (unread answers on many connections, streaming
 /// to clients that never read, many large retained results, partial request
-/// frames): the daemon's peak RSS stays within the budget plus the stated
-/// fixed overhead of 96 MiB, and it still answers.
+/// frames, 16 commands flooding both streams to the 4 MiB cap, oversized
+/// values echoed in errors, idle connections, background writers, writes
+/// piled before a command that does not read): the daemon's peak RSS stays
+/// within the budget plus the stated fixed overhead of 96 MiB, and it still
+/// answers.
 #[test]
 fn combined_attack_stays_within_budget_plus_overhead() {
     use support::request;
     const BUDGET_MIB: u64 = 128;
     let d = TestDaemon::start(&format!(
-        "[server]\nmemory_budget = \"{BUDGET_MIB} MiB\"\n[sessions]\nmax_sessions_per_client = 16\n[commands]\nmax_per_session = 4\n"
+        "[server]\nmemory_budget = \"{BUDGET_MIB} MiB\"\n[sessions]\nmax_sessions_per_client = 40\n[commands]\nmax_per_session = 4\n"
     ));
     let pid = d.pid();
     let idle = vm_hwm(pid);
@@ -173,6 +176,72 @@ fn combined_attack_stays_within_budget_plus_overhead() {
         next_id
     };
     let big = "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2";
+
+    // Oversized values echoed in errors: a 1.5 MiB env key, a cwd of control bytes.
+    // First, while the budget has room for their frames: each is refused
+    // with a short message (it was a 5x larger one).
+    let mut echoes = Vec::new();
+    for (key, value) in [
+        (
+            "env",
+            rmpv::Value::Map(vec![("K".repeat(3 << 19).into(), "v".into())]),
+        ),
+        ("cwd", rmpv::Value::from("\u{1}".repeat(3 << 19))),
+    ] {
+        let mut conn = d.raw();
+        conn.send(&request(1, "session.create", vec![(key, value)]));
+        let r = conn.read().expect("an error");
+        assert_eq!(error_code(&r).as_deref(), Some("INVALID_REQUEST"), "{r}");
+        assert!(
+            r.to_string().len() < 1024,
+            "a short error: {} bytes",
+            r.to_string().len()
+        );
+        echoes.push(conn);
+    }
+
+    // Background writers left running after their command's answer.
+    let background = ctl.create_session(id());
+    ctl.send(&request(
+        id(),
+        "exec.run",
+        vec![
+            ("session_id", background.as_str().into()),
+            ("command", "(yes &); (yes >&2 &); true".into()),
+        ],
+    ));
+    assert!(get(&ctl.read().expect("an answer"), "result").is_map());
+
+    // Writes of 1 MiB piled before a command that does not read its stdin.
+    let mut writer = d.raw();
+    let s = writer.create_session(1);
+    writer.send(&request(
+        2,
+        "exec.start",
+        vec![
+            ("session_id", s.as_str().into()),
+            ("command", "sleep 60".into()),
+            ("stdin_open", true.into()),
+        ],
+    ));
+    let r = writer.read().expect("started");
+    let stalled = get(get(&r, "result"), "command_id")
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string();
+    let writes: Vec<_> = (0..24)
+        .map(|k| {
+            request(
+                10 + k,
+                "exec.write",
+                vec![
+                    ("command_id", stalled.as_str().into()),
+                    ("data", rmpv::Value::Binary(vec![b'x'; 1 << 20])),
+                ],
+            )
+        })
+        .collect();
+    writer.send_in_one_write(&writes);
 
     // Many retained results of 8 MiB each.
     let mut retained = Vec::new();
@@ -235,6 +304,22 @@ fn combined_attack_stays_within_budget_plus_overhead() {
         partial.push(conn);
     }
 
+    // 16 commands flooding both streams to the cap at once, their answers unread.
+    let mut floods = Vec::new();
+    for _ in 0..16 {
+        let mut conn = d.raw();
+        let s = conn.create_session(1);
+        conn.send(&request(
+            2,
+            "exec.run",
+            vec![("session_id", s.as_str().into()), ("command", big.into())],
+        ));
+        floods.push(conn);
+    }
+
+    // Idle connections, up to the uid's share.
+    let idle_conns: Vec<_> = (0..16).map(|_| d.raw()).collect();
+
     // Commands keep coming while all of it is held.
     let s = ctl.create_session(id());
     for _ in 0..8 {
@@ -251,7 +336,14 @@ fn combined_attack_stays_within_budget_plus_overhead() {
             "{r}"
         );
     }
-    // The streaming commands run to their end with nobody reading.
+    // The stalled writes' command goes; the streaming ones run to their end
+    // with nobody reading.
+    ctl.send(&request(
+        id(),
+        "exec.cancel",
+        vec![("command_id", stalled.as_str().into())],
+    ));
+    assert!(get(&ctl.read().expect("cancelled"), "result").is_map());
     support::wait_until("streaming commands ended", Duration::from_secs(60), || {
         ctl.send(&request(1, "system.stats", vec![]));
         let r = ctl.read().expect("stats");
@@ -278,10 +370,12 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     );
     ctl.send(&request(3, "system.ping", vec![]));
     assert!(get(&ctl.read().expect("pong"), "result").is_map());
-    drop((streamers, unread, partial));
+    drop((
+        streamers, unread, partial, floods, idle_conns, writer, echoes,
+    ));
 
     // Memory comes back after the spike: with every session gone and nothing
-    // charged, RSS is back near idle.
+    // charged, RSS is back near idle within the minute the bound allows.
     ctl.send(&request(4, "session.list", vec![]));
     let list = ctl.read().expect("list");
     for session in get(get(&list, "result"), "sessions").as_array().unwrap() {
@@ -304,7 +398,7 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     });
     let bound = idle_rss + (idle_rss / 10).max(16 * MIB);
     let mut rss = 0;
-    support::wait_until("RSS back near idle", Duration::from_secs(10), || {
+    support::wait_until("RSS back near idle", Duration::from_secs(60), || {
         rss = support::rss_of(pid);
         rss <= bound
     });
@@ -413,4 +507,57 @@ async fn waiting_writes_are_charged_and_refused_past_the_budget() {
         || async { c.stats().await.unwrap().runtime.memory_used_bytes < 2 * MIB },
     )
     .await;
+}
+
+/// The shedding order end to end: when an answer needs room the budget does
+/// not have, the connection with the most unsent answers is dropped (counted
+/// in `slow_readers_dropped_total`), its queue is given back, and the command
+/// it asked about stays readable by its id from another connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connection_with_most_unsent_answers_is_dropped_for_room() {
+    use support::request;
+    let d = TestDaemon::start(BUDGET);
+    let c = d.client().await;
+    let s = new_session(&c).await;
+    let big = "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2";
+    let id = c.start(exec(&s, big)).await.expect("started");
+    wait_until_async("the command ended", Duration::from_secs(30), || async {
+        c.stats().await.unwrap().commands.running == 0
+    })
+    .await;
+    // A client asks for the 8 MiB of output again and again and never reads.
+    let mut hoarder = d.raw();
+    let reads: Vec<_> = (0..6u64)
+        .map(|k| request(k, "exec.read", vec![("command_id", id.as_str().into())]))
+        .collect();
+    hoarder.send_in_one_write(&reads);
+    wait_until_async("the hoarder dropped", Duration::from_secs(10), || async {
+        c.stats().await.unwrap().clients.slow_readers_dropped_total == 1
+    })
+    .await;
+    let mut hoarder = support::blocking(move || {
+        let _ = hoarder.read_until_closed();
+        hoarder
+    })
+    .await;
+    assert!(hoarder.is_closed());
+    // Its queue is back: another connection reads the whole output (once the
+    // dropped writer has let go of it, OVERLOADED until then).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let read = loop {
+        let params = ReadParams {
+            command_id: id.clone(),
+            ..Default::default()
+        };
+        match c.read(params).await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert_eq!(e.code(), Some("OVERLOADED"), "{e:?}");
+                assert!(std::time::Instant::now() < deadline, "still {e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(read.stdout.len(), 4 << 20);
+    assert_eq!(read.stderr.len(), 4 << 20);
 }

@@ -27,8 +27,14 @@ pub(super) fn dispatch(
         });
     }
     // Held until written (a command that does not read keeps each write
-    // waiting its turn, up to 64 per connection): charged from here on.
-    let charge = daemon.ctx.charge_request(p.data.len() as u64)?;
+    // waiting its turn, up to 64 per connection): charged from here on. No
+    // room is OVERLOADED at once: the writer piling up data is the one to
+    // wait, not a reader to be dropped for it.
+    let charge = daemon
+        .ctx
+        .budget
+        .try_charge(p.data.len() as u64)
+        .ok_or_else(|| daemon.ctx.overloaded())?;
     let mut ticket = writes.take(&p.command_id);
     let record = find(daemon, uid, p.command_id)?;
     Ok(Box::pin(async move {
