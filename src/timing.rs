@@ -47,3 +47,7 @@ pub const UID_KILL_ROUNDS: u32 = 200;
 /// bytes (for a streaming reader that has not read them yet) before it is cut
 /// to what the result keeps.
 pub const TRIM_AFTER_END: Duration = Duration::from_millis(500);
+
+/// How long `session.create` waits for its `cwd` to be stat'ed (a path on a
+/// stalled mount): the connection reads its next frame only after it.
+pub const CWD_CHECK: Duration = Duration::from_secs(5);

@@ -316,6 +316,41 @@ fn pipelined_requests_start_in_the_order_sent() {
     d.stop();
 }
 
+/// Issue 14, item 6, for `session.create` too: its cwd check (a stat off the
+/// workers) happens before the next frame is read, so of two pipelined
+/// creates at a share of one session, the first (with a cwd) is admitted and
+/// the second refused (the second, with nothing to check, used to overtake it).
+#[test]
+fn pipelined_session_creates_are_admitted_in_the_order_sent() {
+    let d = TestDaemon::start("[sessions]\nmax_sessions_per_client = 1\n");
+    let mut conn = d.raw();
+    for round in 0..5u64 {
+        let (first, second) = (10 * round + 1, 10 * round + 2);
+        let with_cwd = request(first, "session.create", vec![("cwd", "/tmp".into())]);
+        let without = request(second, "session.create", vec![]);
+        conn.send_in_one_write(&[with_cwd, without]);
+        let got = support::scenarios::final_frames(&mut conn, &[first, second]);
+        let created = get(get(&got[&first], "result"), "session_id")
+            .as_str()
+            .unwrap_or_else(|| panic!("round {round}: the first is admitted: {}", got[&first]))
+            .to_string();
+        assert_eq!(
+            error_code(&got[&second]).as_deref(),
+            Some("CLIENT_SESSION_LIMIT"),
+            "round {round}: {}",
+            got[&second]
+        );
+        conn.send(&request(
+            10 * round + 3,
+            "session.destroy",
+            vec![("session_id", created.as_str().into())],
+        ));
+        let done = support::scenarios::final_frames(&mut conn, &[10 * round + 3]);
+        assert!(get(&done[&(10 * round + 3)], "result").is_map());
+    }
+    d.stop();
+}
+
 /// Issue 14, item 6 (and the "Open differences" line it removes): `exec.write`s
 /// pipelined on one connection reach the command's stdin in the order sent.
 #[test]

@@ -135,12 +135,9 @@ pub async fn dispatch(
         Some(Method::Ping) => answered(&ctx, encode(id, system::ping(&ctx))),
         Some(Method::Stats) => answered(&ctx, encode(id, system::stats(&ctx))),
         Some(Method::SessionCreate) => {
-            // Its cwd is checked off the async workers before it goes to the
-            // registry: the one request that may reach it after a later one.
-            let (daemon, params) = (daemon.clone(), params.clone());
-            let pending: Pending<_> =
-                Box::pin(async move { session_create::serve(&daemon, uid, &params).await });
-            waiting(ctx, timed, Ok(pending))
+            // Its cwd is checked (off the async workers) before the next frame is read.
+            let dispatched = session_create::dispatch(daemon, uid, params).await;
+            waiting(ctx, timed, dispatched)
         }
         Some(Method::SessionDestroy) => {
             waiting(ctx, timed, session_destroy::dispatch(daemon, uid, params))
@@ -239,6 +236,7 @@ fn encode<T: Serialize>(id: u64, result: T) -> Bytes {
 
 /// Sends a message built around a fresh reply port to the registry and awaits the answer.
 /// A registry that is gone or drops the port (its actor failed) is `INTERNAL`.
+#[cfg(feature = "fault-injection")]
 async fn ask<T: Send + 'static>(
     daemon: &Daemon,
     build: impl FnOnce(RpcReplyPort<T>) -> RegistryMsg,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{ask, env_param};
+use super::{Pending, cast, env_param};
 use crate::actors::registry::{CreateRequest, RegistryMsg};
 use crate::cgroup::{CgroupLimits, MIN_CPU_CORES, MIN_MEMORY_BYTES, MIN_PIDS};
 use crate::config::Config;
@@ -14,18 +14,21 @@ use crate::protocol::{
 };
 use crate::server::Daemon;
 
-pub(super) async fn serve(
+/// Checks every param (the cwd's stat included) and sends the request to
+/// the registry before returning, so a request sent after it on the same
+/// connection reaches its actor after it.
+pub(super) async fn dispatch(
     daemon: &Daemon,
     uid: u32,
     params: &[u8],
-) -> Result<CreateResult, RequestError> {
+) -> Result<Pending<CreateResult>, RequestError> {
     let request = parse(&daemon.ctx.live(), daemon.ctx.cgroups.is_some(), params).await?;
-    ask(daemon, |reply| RegistryMsg::Create {
+    let reply = cast(daemon, |reply| RegistryMsg::Create {
         uid,
         request,
         reply,
-    })
-    .await?
+    })?;
+    Ok(Box::pin(async move { reply.await? }))
 }
 
 /// Every param check of `session.create`.
@@ -39,11 +42,14 @@ async fn parse(
         None => None,
         Some(cwd) => {
             let path = PathBuf::from(&cwd);
-            // stat off the async workers: a path on a stalled mount can block.
+            // stat off the async workers: a path on a stalled mount can
+            // block, and holds this connection's next frame at most
+            // CWD_CHECK (then it is refused; the stuck stat is left behind).
             let probe = path.clone();
-            let is_dir = tokio::task::spawn_blocking(move || probe.is_dir())
+            let check = tokio::task::spawn_blocking(move || probe.is_dir());
+            let is_dir = tokio::time::timeout(crate::timing::CWD_CHECK, check)
                 .await
-                .unwrap_or(false);
+                .is_ok_and(|r| r.unwrap_or(false));
             // Under uid-per-session, whether the session's uid may enter it is
             // checked by the session's setup: the uid is not known before.
             if !path.is_absolute() || !is_dir {
