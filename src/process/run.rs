@@ -127,21 +127,17 @@ pub async fn run_command(
         keeps_state = defaults.as_deref().is_some_and(|d| {
             simple_command::keeps_state(&spec.command, &spec.state, &spec.request_env, d)
         });
-        let mut env = spec.request_env.clone();
+        // The state's plain exported variables come in the environment,
+        // the request's `env` over them; the script restores the rest.
+        let mut env = terminal::exec_env(&spec.state, &spec.request_env, defaults.as_deref());
+        env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let restore =
+            terminal::restore_script(&spec.state, &nonce, &env, defaults.as_deref(), !keeps_state);
         env.insert(
             b"BASH_ENV".to_vec(),
             format!("/dev/fd/{}", terminal::RESTORE_FD).into_bytes(),
         );
-        (
-            terminal::restore_script(
-                &spec.state,
-                &nonce,
-                &spec.request_env,
-                defaults.as_deref(),
-                !keeps_state,
-            ),
-            env,
-        )
+        (restore, env)
     } else {
         let mut env = spec.state.env();
         env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));

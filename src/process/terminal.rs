@@ -678,6 +678,99 @@ fn plain_assignment<'a>(name: &[u8], decl: &'a [u8]) -> Option<(&'a [u8], bool)>
     value_follows.then_some((rest, exported))
 }
 
+/// Variables bash treats specially when it finds them in its environment at
+/// start (options, startup files, values it owns or recomputes): always
+/// restored by the script, never passed in the environment.
+const NOT_FROM_ENV: &[&str] = &[
+    "ENV",
+    "SHELLOPTS",
+    "POSIXLY_CORRECT",
+    "PWD",
+    "OLDPWD",
+    "SHLVL",
+    "PS1",
+    "PS2",
+    "PS3",
+    "PS4",
+    "_",
+    "UID",
+    "EUID",
+    "PPID",
+    "GROUPS",
+    "OPTIND",
+    "OPTARG",
+    "OPTERR",
+    "HISTCMD",
+    "LINENO",
+    "RANDOM",
+    "SRANDOM",
+    "SECONDS",
+    "EPOCHSECONDS",
+    "EPOCHREALTIME",
+    "COLUMNS",
+    "LINES",
+    "HOSTNAME",
+    "HOSTTYPE",
+    "MACHTYPE",
+    "OSTYPE",
+    "DIRSTACK",
+    "FUNCNAME",
+    "PIPESTATUS",
+];
+
+/// A value passed in the environment at most this long (`NAME=value`), and
+/// all of them at most [`EXEC_ENV_TOTAL`]: exec refuses a string over
+/// 128 KiB and an environment over a quarter of the stack limit (E2BIG);
+/// the rest goes through the script, which has no such limit.
+const EXEC_ENV_VALUE: usize = 4 * 1024;
+const EXEC_ENV_TOTAL: usize = 32 * 1024;
+
+/// The state's exported variables that go to bash in its environment at
+/// exec instead of through the restore script (pass them as the restore's
+/// `skip`): plain exported scalars, with no attribute a fresh shell would
+/// not give them, that bash takes from its environment as they are. Bash
+/// imports them in a fraction of what parsing an assignment costs, and with
+/// `SHELL` and `HOME` set it does not look up the user's passwd entry at
+/// start (~90 µs of `exec.run true`, docs/benchmarks.md). `skip` names
+/// (the request's `env`) are left to the caller; without probed defaults
+/// nothing is passed (the restore then sets everything, as before).
+pub fn exec_env(state: &TerminalState, skip: &EnvMap, defaults: Option<&ShellDefaults>) -> EnvMap {
+    let mut env = EnvMap::new();
+    let Some(defaults) = defaults else {
+        return env;
+    };
+    let mut total = 0;
+    for (name, var) in &state.vars {
+        let Some(value) = var.value.as_ref() else {
+            continue;
+        };
+        let special = name.starts_with(b"BASH")
+            || name.starts_with(b"LC_")
+            || LATE
+                .iter()
+                .chain(NOT_FROM_ENV)
+                .any(|n| n.as_bytes() == name.as_slice());
+        // A fresh shell has it without attributes, or not at all.
+        let plain = defaults
+            .vars
+            .get(name)
+            .is_none_or(|fresh| fresh.starts_with(b"declare -- "));
+        let size = name.len() + 1 + value.len();
+        if special
+            || !plain
+            || skip.contains_key(name)
+            || !matches!(plain_assignment(name, &var.decl), Some((_, true)))
+            || size > EXEC_ENV_VALUE
+            || total + size > EXEC_ENV_TOTAL
+        {
+            continue;
+        }
+        total += size;
+        env.insert(name.clone(), value.clone());
+    }
+    env
+}
+
 /// The options of `all` to turn on and to turn off so that exactly `on` are
 /// on, given those on already (`None`: unknown, so every one is set).
 fn option_changes(
@@ -1096,12 +1189,12 @@ pub fn carry_over(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::process::CommandExt;
 
-    /// Runs `command` as the daemon does (bash -c, restore on fd 62, save on
-    /// fd 63) from `state`; returns stdout, stderr, exit code and the saved state.
     /// Runs `command` as the daemon does (bash -c, restore on fd 62, save on
     /// fd 63, save code on fd 61) from `state`, with the given shell defaults
     /// (`None`: the restore sets everything); returns stdout, stderr, exit
@@ -1117,9 +1210,11 @@ mod tests {
         Result<Option<TerminalState>, StateError>,
     ) {
         let n = nonce();
+        // As the daemon does: the plain exported variables in the environment.
+        let env = exec_env(state, &EnvMap::new(), defaults);
         let mut restore = tempfile::tempfile().unwrap();
         restore
-            .write_all(&restore_script(state, &n, &EnvMap::new(), defaults, true))
+            .write_all(&restore_script(state, &n, &env, defaults, true))
             .unwrap();
         restore.rewind().unwrap();
         let mut code = tempfile::tempfile().unwrap();
@@ -1129,6 +1224,10 @@ mod tests {
         let (r, w, c) = (restore.as_raw_fd(), save.as_raw_fd(), code.as_raw_fd());
         let mut cmd = std::process::Command::new("/bin/bash");
         cmd.env_clear()
+            .envs(
+                env.iter()
+                    .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
+            )
             .env("BASH_ENV", "/dev/fd/62")
             .args(["-c", command, "bash"])
             .current_dir(&state.cwd);
@@ -1275,6 +1374,52 @@ mod tests {
         assert!(script.contains("\nPATH=\"/usr/bin:/bin\"\n"), "{script}");
         assert!(script.contains("\nSHELL=\"/bin/bash\"\n"), "{script}");
         assert!(script.contains("\nexport PATH\n"), "{script}");
+    }
+
+    #[test]
+    fn plain_exported_variables_go_in_the_environment_and_the_rest_in_the_script() {
+        let big = "v".repeat(EXEC_ENV_VALUE);
+        let (_, err, state) = chain(&[&format!(
+            "export E=plain PS4='+x ' BIG={big} LANG=C; declare -ix N=3; declare -x U; L=local"
+        )]);
+        assert_eq!(text(&err), "");
+        let env = exec_env(&state, &EnvMap::new(), probed());
+        let names: Vec<&str> = env
+            .keys()
+            .map(|k| std::str::from_utf8(k).unwrap())
+            .collect();
+        // The session's PATH, and E; not PS4 (bash special),
+        // LANG (changes how the rest parses: restored last), N (an
+        // attribute), U (no value), L (not exported), BIG (past the size).
+        assert!(names.contains(&"PATH"), "{names:?}");
+        assert!(names.contains(&"E"), "{names:?}");
+        for kept in ["PS4", "LANG", "N", "U", "L", "BIG"] {
+            assert!(!names.contains(&kept), "{kept} in {names:?}");
+        }
+        let script = text(&restore_script(&state, "n", &env, probed(), true));
+        assert!(!script.contains("\nPATH="), "{script}");
+        assert!(!script.contains("\nE="), "{script}");
+        assert!(script.contains("PS4="), "{script}");
+        assert!(script.contains("BIG="), "{script}");
+        assert!(script.contains("declare -ix N="), "{script}");
+        // And without probed defaults nothing is assumed: all in the script.
+        assert!(exec_env(&state, &EnvMap::new(), None).is_empty());
+        // The request's env is the caller's: not taken from the state.
+        let request: EnvMap = [(b"E".to_vec(), b"r".to_vec())].into();
+        assert!(!exec_env(&state, &request, probed()).contains_key(&b"E"[..]));
+        // Carried as before: the next command sees every one of them.
+        let (out, err, _) = chain(&[
+            &format!("export E=plain PS4='+x ' BIG={big}; declare -ix N=3; declare -x U; L=local"),
+            "printf '%s|' \"$E\" \"$PS4\" \"${#BIG}\" \"$N\" \"${U-unset}\" \"$L\"; declare -p N U | tr '\\n' ' '; printenv E",
+        ]);
+        assert_eq!(text(&err), "");
+        assert_eq!(
+            text(&out),
+            format!(
+                "plain|+x |{}|3|unset|local|declare -ix N=\"3\" declare -x U plain\n",
+                EXEC_ENV_VALUE
+            )
+        );
     }
 
     #[test]
