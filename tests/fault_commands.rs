@@ -161,8 +161,9 @@ impl Drop for KillOnDrop {
 }
 
 /// The harness itself: a test that fails while a command that is only its
-/// shell spins (a builtin loop; the shell's environment holds no tag, so
-/// `tagged_pids` cannot see it) leaves nothing behind: dropping its
+/// shell spins (a builtin loop, in a session that unset the tag, so the
+/// shell's environment holds none and `tagged_pids` cannot see it) leaves
+/// nothing behind: dropping its
 /// `TestDaemon`, as a panicking test does, kills the shell, with cgroups on
 /// and off. (It once left the spinners of a failed measurement, and a failed
 /// soak's TERM-ignoring loop, running for good.)
@@ -172,6 +173,7 @@ async fn a_failed_test_leaves_no_command_shell_behind() {
         let d = TestDaemon::start(extra);
         let c = d.client().await;
         let s = sc::session(&c, None).await;
+        c.run(&s, "unset SESSIOND_TEST_TAG").await.expect("unset");
         let pidfile = d.work_dir().join("spin.pid");
         c.start(sessiond::protocol::ExecParams {
             session_id: s,

@@ -55,10 +55,11 @@ use error::io_err;
 pub trait Backend: std::fmt::Debug + Send + Sync {
     /// "v1" or "v2".
     fn name(&self) -> &'static str;
-    /// Creates the node `rel` (an existing one is an error); with `limits`
-    /// (a session), writes them.
+    /// Creates the node `rel` (an existing one is an error): with `limits`
+    /// a session, and they are written; without, a command's leaf (v1 makes
+    /// it only in the hierarchies where it counts or kills something).
     fn create(&self, rel: &str, limits: Option<&CgroupLimits>) -> Result<(), CgroupError>;
-    /// The `cgroup.procs` files a process writes "0" to, to join `rel`.
+    /// The `cgroup.procs` files a process writes "0" to, to join command leaf `rel`.
     fn procs_files(&self, rel: &str) -> Vec<PathBuf>;
     /// Kills every process in `rel` and below, and waits until it is empty.
     fn kill(&self, rel: &str) -> Result<(), CgroupError>;

@@ -1,6 +1,6 @@
 //! A session's command leaves, made ahead: the SessionActor's [`SessionLeaves`] keeps [`POOL_SIZE`] fresh leaf ready (made on the blocking pool), which a command's run takes at spawn; the leaf's counters are read at its end from files opened with it.
 //!
-//! Why: making a leaf (mkdir in every hierarchy), opening its join files,
+//! Why: making a leaf (mkdir in each hierarchy it has), opening its join files,
 //! reading its counters and removing it cost ~325 µs per command on v1,
 //! about half of `exec.run true` (docs/design-notes.md, "The cgroup path").
 //! A leaf cannot be reused: its peak memory (`memory.peak`,
@@ -21,8 +21,8 @@ use super::{CgroupError, CgroupNode, Cgroups};
 /// Fresh leaves kept ready per session. One is enough for commands run one
 /// after another (the next is made while the current one runs); the second
 /// of a burst of `exec.start`s makes its own on its path, as every command
-/// did before. Each ready leaf holds a cgroup in the kernel and 8 open files
-/// on v1 (5 join files, 3 counters), 4 on v2.
+/// did before. Each ready leaf holds a cgroup in the kernel (on v1, in three
+/// hierarchies) and 8 open files on v1 (5 join files, 3 counters), 4 on v2.
 pub const POOL_SIZE: usize = 1;
 
 /// Where a node's counters are (per backend).

@@ -321,7 +321,7 @@ pub async fn run_command(
     }
     // What the kernel says of the command's leaf (from files open since the
     // leaf was made); then the leaf goes, unless background processes still
-    // live in it. Removing it (rmdir in every hierarchy, the slowest part on
+    // live in it. Removing it (rmdir in each of its hierarchies, the slowest part on
     // v1) need not delay the answer.
     let reading = leaf.as_ref().map(CommandLeaf::finish);
     if let Some(leaf) = leaf {

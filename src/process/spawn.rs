@@ -371,7 +371,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 
 /// The child's setup, in order. Returns the step that failed (errno is set).
 ///
-/// 0. Join the command's cgroup (every hierarchy), so this process and all
+/// 0. Join the command's cgroup (in every hierarchy: its leaf, or on v1
+///    its session's node where it has no leaf), so this process and all
 ///    it will ever fork are inside it before the first instruction of the
 ///    command (adding the pid after spawn lets early grandchildren escape).
 /// 1. Every signal back to its default disposition (the daemon ignores

@@ -384,6 +384,17 @@ SESSIOND_TEST_TAG = "{tag}"
             .collect()
     }
 
+    /// How many command leaves there are, whatever hierarchies each is made
+    /// in (on v1, those where it counts or kills something of its own).
+    pub fn command_leaves(&self) -> usize {
+        let names: std::collections::BTreeSet<_> = self
+            .command_cgroups()
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+            .collect();
+        names.len()
+    }
+
     /// Panics when a cgroup of this daemon's subtree is left.
     pub fn assert_no_cgroups_left(&self) {
         let left = self.cgroup_dirs();
@@ -517,10 +528,10 @@ pub fn tagged_pids(tag: &str) -> Vec<i32> {
 }
 
 /// Live (non-zombie) processes of a test daemon's commands, found three
-/// ways, because a command's own shell carries no tag: it starts with an
-/// environment of `BASH_ENV` and `PWD` only (the session's state comes in
-/// through `BASH_ENV`), so a command that is only its shell (a builtin loop)
-/// is invisible to [`tagged_pids`]. Hence also the descendants of the
+/// ways, because a command's own shell may carry no tag: the session may
+/// have unset it (its shell starts with the session's exported variables),
+/// so a command that is only its shell (a builtin loop) can be invisible to
+/// [`tagged_pids`]. Hence also the descendants of the
 /// daemon process `daemon` while it lives (its commands, and orphans it
 /// adopted as subreaper), and every process in its cgroup subtree
 /// (`cgroup_dirs`, cgroups on; found even after the daemon died).
@@ -781,11 +792,10 @@ impl Invariants {
         c.run(&control, "true").await.expect("control session runs");
         // The control session's next leaf is made ahead, in the background:
         // the baseline counts its open files.
-        let hierarchies = d.cgroup_dirs().len();
         wait_until(
             "the control session's next leaf is made ahead",
             Duration::from_secs(5),
-            || d.command_cgroups().len() == hierarchies,
+            || d.command_leaves() == 1,
         );
         Invariants {
             control,

@@ -586,7 +586,7 @@ pub async fn command_actor_panic_with_setsid_child(c: &Arc<Client>, d: &super::T
         ),
     );
     let escaped = read_pid_file(&pidfile).await;
-    // The command's leaf, in every hierarchy: the `cmd-*` cgroups holding the child.
+    // The command's leaf, in every hierarchy it is made in: the `cmd-*` cgroups holding the child.
     let leaf: Vec<_> = d
         .command_cgroups()
         .into_iter()
