@@ -59,13 +59,14 @@ fn the_benchmark_runs_every_workload() {
             "missing {expected}: {workloads:?}"
         );
     }
-    // Both daemons ran it, three figures each (the second daemon has cgroups
-    // on where the machine has them, so its label may say either).
+    // Both daemons ran it, five figures each (p50, p99, its floor, the ratio
+    // to the run's floor and to its own; the second daemon has cgroups on
+    // where the machine has them, so its label may say either).
     let sequential = workloads
         .iter()
         .filter(|w| w.starts_with("exec.run true, sequential (cgroups "))
         .count();
-    assert_eq!(sequential, 6, "{workloads:?}");
+    assert_eq!(sequential, 10, "{workloads:?}");
     assert_eq!(report["concurrency"].as_array().unwrap().len(), 5);
     for plot in ["concurrency.svg", "rss.svg"] {
         let svg = std::fs::read_to_string(out.path().join(plot)).unwrap();
