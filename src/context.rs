@@ -171,9 +171,10 @@ impl Context {
         }
     }
 
-    /// Reserves `bytes` of the memory budget for a command, evicting retained
-    /// output (oldest first, in any session) until they fit; `OVERLOADED`
-    /// when they do not fit even with nothing retained.
+    /// Reserves `bytes` of the memory budget for a command (or the data of a
+    /// waiting `exec.write`), evicting retained output (oldest first, in any
+    /// session) until they fit; `OVERLOADED` when they do not fit even with
+    /// nothing retained.
     pub fn reserve(&self, bytes: u64) -> Result<Charge, crate::protocol::RequestError> {
         loop {
             if let Some(charge) = self.budget.try_charge(bytes) {
@@ -189,6 +190,11 @@ impl Context {
     /// budget is full, the connection with the most unsent answers is dropped
     /// first (counted as a slow reader); `OVERLOADED` if they still do not fit.
     pub fn charge_request(&self, bytes: u64) -> Result<Charge, crate::protocol::RequestError> {
+        // Nothing to hold (no new output, or the result alone): never
+        // refused, even with the budget cut below what is in use.
+        if bytes == 0 {
+            return Ok(self.budget.empty());
+        }
         if let Some(charge) = self.budget.try_charge(bytes) {
             return Ok(charge);
         }

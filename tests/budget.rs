@@ -561,3 +561,69 @@ async fn the_connection_with_most_unsent_answers_is_dropped_for_room() {
     assert_eq!(read.stdout.len(), 4 << 20);
     assert_eq!(read.stderr.len(), 4 << 20);
 }
+
+/// A write that does not fit evicts retained output first, as a command's
+/// reservation does; and an `eof` alone holds nothing, so it closes stdin
+/// even with the budget cut below what is in use (as a read that finds no
+/// new output, or only the result, is answered).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_evicts_retained_output_and_an_eof_is_never_refused() {
+    let d = TestDaemon::start(&format!(
+        "{BUDGET}max_stdin_bytes = \"4 MiB\"\nretain_per_session = 16\n"
+    ));
+    let c = d.client().await;
+    let s = new_session(&c).await;
+    let id = c
+        .start(ExecParams {
+            stdin_open: true,
+            ..exec(&s, "cat >/dev/null; echo closed")
+        })
+        .await
+        .expect("started");
+    // Retained output of ended commands fills what the running one leaves.
+    let other = new_session(&c).await;
+    let big = "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2";
+    for _ in 0..4 {
+        c.exec(exec(&other, big)).await.expect("fits, evicting");
+    }
+    // Room for the write's frame while it is read, not for its data beside it.
+    let used = c.stats().await.unwrap().runtime.memory_used_bytes;
+    assert!(used + 4 * MIB <= 56 * MIB, "{used}");
+    assert!(
+        used + 8 * MIB > 56 * MIB,
+        "no room for the write as it is: {used}"
+    );
+    let written = c
+        .write(&id, &vec![b'x'; 4 << 20], false)
+        .await
+        .expect("fits by evicting");
+    assert_eq!(written, 4 << 20);
+    // Cut the budget below what running commands hold (nothing left to
+    // evict would make room): new work is refused, an eof is not.
+    c.start(exec(&other, "sleep 60"))
+        .await
+        .expect("fits, evicting");
+    let path = d.dir.path().join("config.toml");
+    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("memory_budget".into(), "20 MiB".into());
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until_async(
+        "the new budget in force",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.memory_budget_bytes == 20 * MIB },
+    )
+    .await;
+    let refused = c.write(&id, b"more", false).await.unwrap_err();
+    assert_eq!(refused.code(), Some("OVERLOADED"), "{refused:?}");
+    assert_eq!(c.write(&id, b"", true).await.expect("eof"), 0);
+    // cat saw its stdin close: the command ends by itself (the sleep runs on).
+    wait_until_async("cat ended at its eof", Duration::from_secs(10), || async {
+        c.stats().await.unwrap().commands.running == 1
+    })
+    .await;
+    c.cancel(&other).await.unwrap();
+}

@@ -27,6 +27,9 @@ pub struct V1 {
     freezer: Option<PathBuf>,
     /// `<cgroup2 mount>/<parent>`, when the host has one.
     unified: Option<PathBuf>,
+    /// Whether its cgroups have `cgroup.kill` (Linux 5.14 on): without it a
+    /// command's tree is killed by freezing, and its leaf is made in freezer too.
+    unified_kills: bool,
 }
 
 impl V1 {
@@ -46,10 +49,19 @@ impl V1 {
             pids: pids.join(parent),
             freezer: freezer.map(|f| f.join(parent)),
             unified: unified.map(|u| u.join(parent)),
+            unified_kills: false,
         };
         for dir in v1.bases() {
             mkdir(&dir)?;
         }
+        let unified_kills = v1
+            .unified
+            .as_ref()
+            .is_some_and(|u| u.join("cgroup.kill").exists());
+        let v1 = V1 {
+            unified_kills,
+            ..v1
+        };
         write(&v1.cpu.join("cpu.shares"), &SESSIONS_CPU_SHARES.to_string())?;
         Ok(v1)
     }
@@ -67,17 +79,16 @@ impl V1 {
 
     /// The hierarchies a command's own leaf is made in: memory (its peak and
     /// OOM kills), pids (its refused forks: v1 counts them in the forking
-    /// task's cgroup), and the unified one to kill its tree with — or,
-    /// without a unified mount, freezer, which that kill then freezes. In
-    /// the others (cpu; freezer beside a unified mount) the command joins its
-    /// session's node: a leaf there would hold nothing of its own and cost a
-    /// mkdir, an open and an rmdir per command (≈ 40% of the leaf's cost).
+    /// task's cgroup), the unified one (tracking, and the kill of its tree
+    /// by `cgroup.kill`) and, where that kill is not available, freezer
+    /// (which the fallback kill freezes). In the others (cpu; freezer beside
+    /// `cgroup.kill`) the command joins its session's node: a leaf there
+    /// would hold nothing of its own and cost a mkdir and an rmdir per command.
     fn leaf_bases(&self) -> Vec<PathBuf> {
         let mut out = vec![self.memory.clone(), self.pids.clone()];
-        match (&self.unified, &self.freezer) {
-            (Some(unified), _) => out.push(unified.clone()),
-            (None, Some(freezer)) => out.push(freezer.clone()),
-            (None, None) => {}
+        out.extend(self.unified.clone());
+        if !self.unified_kills {
+            out.extend(self.freezer.clone());
         }
         out
     }
@@ -251,6 +262,11 @@ mod tests {
         };
         let (memory, cpu, pids, freezer) = (m("memory"), m("cpu"), m("pids"), m("freezer"));
         let unified = unified.then(|| m("unified"));
+        if let Some(u) = &unified {
+            // As a kernel with cgroup.kill (5.14 on) shows it in our parent.
+            std::fs::create_dir(u.join("sessiond")).unwrap();
+            std::fs::write(u.join("sessiond/cgroup.kill"), "").unwrap();
+        }
         let v1 = V1::setup(
             &memory,
             &cpu,
@@ -334,6 +350,34 @@ mod tests {
     }
 
     #[test]
+    fn without_cgroup_kill_in_unified_a_leaf_is_made_in_freezer_too() {
+        let (root, _first) = fake_tree(true);
+        std::fs::remove_file(root.path().join("unified/sessiond/cgroup.kill")).unwrap();
+        // Set up again on a kernel without cgroup.kill (before 5.14).
+        let m = |c: &str| root.path().join(c);
+        let v1 = V1::setup(
+            &m("memory"),
+            &m("cpu"),
+            &m("pids"),
+            Some(&m("freezer")),
+            Some(&m("unified")),
+            "sessiond",
+        )
+        .unwrap();
+        v1.create("s-1", Some(&limits())).unwrap();
+        v1.create("s-1/cmd-1", None).unwrap();
+        let dir = |c: &str| root.path().join(c).join("sessiond/s-1");
+        for own in ["memory", "pids", "unified", "freezer"] {
+            assert!(dir(own).join("cmd-1").is_dir(), "{own}");
+        }
+        assert!(!dir("cpu").join("cmd-1").exists());
+        let procs = v1.procs_files("s-1/cmd-1");
+        assert_eq!(procs.len(), 5);
+        assert!(procs.contains(&dir("freezer").join("cmd-1/cgroup.procs")));
+        assert!(procs.contains(&dir("cpu").join("cgroup.procs")));
+    }
+
+    #[test]
     fn without_a_unified_mount_a_leaf_is_made_in_freezer_for_the_kill() {
         let (root, v1) = fake_tree(false);
         v1.create("s-1", Some(&limits())).unwrap();
@@ -411,7 +455,16 @@ mod tests {
     #[test]
     fn remove_takes_the_node_out_of_every_hierarchy() {
         let (root, v1) = fake_tree(true);
-        v1.create("s-1", None).unwrap();
+        // A session: in all five (its limit files are real files here, not
+        // the kernel's, and go first).
+        v1.create("s-1", Some(&limits())).unwrap();
+        for c in ["memory", "cpu", "pids", "freezer", "unified"] {
+            let dir = root.path().join(c).join("sessiond/s-1");
+            assert!(dir.is_dir(), "{c}");
+            for file in std::fs::read_dir(&dir).unwrap() {
+                std::fs::remove_file(file.unwrap().path()).unwrap();
+            }
+        }
         v1.remove("s-1").unwrap();
         for c in ["memory", "cpu", "pids", "freezer", "unified"] {
             assert!(!root.path().join(c).join("sessiond/s-1").exists(), "{c}");

@@ -678,95 +678,63 @@ fn plain_assignment<'a>(name: &[u8], decl: &'a [u8]) -> Option<(&'a [u8], bool)>
     value_follows.then_some((rest, exported))
 }
 
-/// Variables bash treats specially when it finds them in its environment at
-/// start (options, startup files, values it owns or recomputes): always
-/// restored by the script, never passed in the environment.
-const NOT_FROM_ENV: &[&str] = &[
-    "ENV",
-    "SHELLOPTS",
-    "POSIXLY_CORRECT",
-    "PWD",
-    "OLDPWD",
-    "SHLVL",
-    "PS1",
-    "PS2",
-    "PS3",
-    "PS4",
-    "_",
-    "UID",
-    "EUID",
-    "PPID",
-    "GROUPS",
-    "OPTIND",
-    "OPTARG",
-    "OPTERR",
-    "HISTCMD",
-    "LINENO",
-    "RANDOM",
-    "SRANDOM",
-    "SECONDS",
-    "EPOCHSECONDS",
-    "EPOCHREALTIME",
-    "COLUMNS",
-    "LINES",
-    "HOSTNAME",
-    "HOSTTYPE",
-    "MACHTYPE",
-    "OSTYPE",
-    "DIRSTACK",
-    "FUNCNAME",
-    "PIPESTATUS",
+/// The variables that may reach bash in its environment at exec rather than
+/// through the restore script: common ones bash takes from its environment
+/// exactly as from an assignment. An allowlist, because many names act
+/// otherwise when bash finds them there at start: `SSH_CLIENT` makes
+/// Debian's bash read `~/.bashrc` instead of `BASH_ENV`, `POSIX_PEDANTIC`
+/// starts it in posix mode (no `BASH_ENV` either), `EXECIGNORE` and
+/// `CHILD_MAX` apply only when assigned, `LD_*` and `GLIBC_TUNABLES` would
+/// load into the wrapper shell itself, `SHELLOPTS`/`BASHOPTS` set options.
+/// Every other variable is restored by the script, as before.
+const FROM_ENV: &[&str] = &[
+    "PATH", "HOME", "SHELL", "USER", "LOGNAME", "TERM", "TMPDIR", "TZ", "EDITOR", "VISUAL", "PAGER",
 ];
 
-/// A value passed in the environment at most this long (`NAME=value`), and
-/// all of them at most [`EXEC_ENV_TOTAL`]: exec refuses a string over
-/// 128 KiB and an environment over a quarter of the stack limit (E2BIG);
-/// the rest goes through the script, which has no such limit.
-const EXEC_ENV_VALUE: usize = 4 * 1024;
-const EXEC_ENV_TOTAL: usize = 32 * 1024;
+/// All variables passed in the environment, at most this long together
+/// (`NAME=value` each): exec refuses an environment over a quarter of the
+/// stack limit (E2BIG); what does not fit goes through the script, which
+/// has no such limit.
+const EXEC_ENV_TOTAL: usize = 16 * 1024;
 
-/// The state's exported variables that go to bash in its environment at
-/// exec instead of through the restore script (pass them as the restore's
-/// `skip`): plain exported scalars, with no attribute a fresh shell would
-/// not give them, that bash takes from its environment as they are. Bash
-/// imports them in a fraction of what parsing an assignment costs, and with
-/// `SHELL` and `HOME` set it does not look up the user's passwd entry at
-/// start (~90 µs of `exec.run true`, docs/benchmarks.md). `skip` names
-/// (the request's `env`) are left to the caller; without probed defaults
-/// nothing is passed (the restore then sets everything, as before).
+/// The state's variables that go to bash in its environment at exec instead
+/// of through the restore script (pass them as the restore's `skip`): those
+/// of [`FROM_ENV`] that are plain exported scalars, with no attribute a
+/// fresh shell would not give them. Bash imports them for less than it
+/// parses an assignment, and with `SHELL` set it does not look up the
+/// user's passwd entry at start (~90 µs of `exec.run true`,
+/// docs/benchmarks.md). `skip` names (the request's `env`) are left to the
+/// caller; without probed defaults nothing is passed (the restore then sets
+/// everything).
 pub fn exec_env(state: &TerminalState, skip: &EnvMap, defaults: Option<&ShellDefaults>) -> EnvMap {
     let mut env = EnvMap::new();
     let Some(defaults) = defaults else {
         return env;
     };
     let mut total = 0;
-    for (name, var) in &state.vars {
+    for name in FROM_ENV {
+        let name = name.as_bytes();
+        let Some(var) = state.vars.get(name) else {
+            continue;
+        };
         let Some(value) = var.value.as_ref() else {
             continue;
         };
-        let special = name.starts_with(b"BASH")
-            || name.starts_with(b"LC_")
-            || LATE
-                .iter()
-                .chain(NOT_FROM_ENV)
-                .any(|n| n.as_bytes() == name.as_slice());
         // A fresh shell has it without attributes, or not at all.
         let plain = defaults
             .vars
             .get(name)
             .is_none_or(|fresh| fresh.starts_with(b"declare -- "));
         let size = name.len() + 1 + value.len();
-        if special
-            || !plain
+        if !plain
             || skip.contains_key(name)
             || !matches!(plain_assignment(name, &var.decl), Some((_, true)))
-            || size > EXEC_ENV_VALUE
             || total + size > EXEC_ENV_TOTAL
         {
             continue;
         }
         total += size;
-        env.insert(name.clone(), value.clone());
+        env.insert(name.to_vec(), value.clone());
     }
     env
 }
@@ -1377,10 +1345,11 @@ mod tests {
     }
 
     #[test]
-    fn plain_exported_variables_go_in_the_environment_and_the_rest_in_the_script() {
-        let big = "v".repeat(EXEC_ENV_VALUE);
+    fn common_exported_variables_go_in_the_environment_and_the_rest_in_the_script() {
+        let big = "v".repeat(EXEC_ENV_TOTAL);
         let (_, err, state) = chain(&[&format!(
-            "export E=plain PS4='+x ' BIG={big} LANG=C; declare -ix N=3; declare -x U; L=local"
+            "export E=plain TERM=xterm SSH_CLIENT='1 2 3' POSIX_PEDANTIC=1 EXECIGNORE='*/ls' \
+             PAGER={big} LANG=C; declare -ix N=3; declare -x TZ; USER=local"
         )]);
         assert_eq!(text(&err), "");
         let env = exec_env(&state, &EnvMap::new(), probed());
@@ -1388,37 +1357,43 @@ mod tests {
             .keys()
             .map(|k| std::str::from_utf8(k).unwrap())
             .collect();
-        // The session's PATH, and E; not PS4 (bash special),
-        // LANG (changes how the rest parses: restored last), N (an
-        // attribute), U (no value), L (not exported), BIG (past the size).
-        assert!(names.contains(&"PATH"), "{names:?}");
-        assert!(names.contains(&"E"), "{names:?}");
-        for kept in ["PS4", "LANG", "N", "U", "L", "BIG"] {
-            assert!(!names.contains(&kept), "{kept} in {names:?}");
-        }
+        // The session's PATH and TERM; nothing outside the allowlist (E,
+        // SSH_CLIENT, POSIX_PEDANTIC, EXECIGNORE, LANG, N), nor TZ (no
+        // value), USER (not exported), PAGER (past the size).
+        assert_eq!(names, ["PATH", "TERM"], "{names:?}");
         let script = text(&restore_script(&state, "n", &env, probed(), true));
         assert!(!script.contains("\nPATH="), "{script}");
-        assert!(!script.contains("\nE="), "{script}");
-        assert!(script.contains("PS4="), "{script}");
-        assert!(script.contains("BIG="), "{script}");
+        for kept in [
+            "E=",
+            "SSH_CLIENT=",
+            "POSIX_PEDANTIC=",
+            "EXECIGNORE=",
+            "PAGER=",
+        ] {
+            assert!(script.contains(kept), "{kept} not in {script}");
+        }
         assert!(script.contains("declare -ix N="), "{script}");
-        // And without probed defaults nothing is assumed: all in the script.
+        // Without probed defaults nothing is assumed: all in the script.
         assert!(exec_env(&state, &EnvMap::new(), None).is_empty());
         // The request's env is the caller's: not taken from the state.
-        let request: EnvMap = [(b"E".to_vec(), b"r".to_vec())].into();
-        assert!(!exec_env(&state, &request, probed()).contains_key(&b"E"[..]));
-        // Carried as before: the next command sees every one of them.
+        let request: EnvMap = [(b"TERM".to_vec(), b"r".to_vec())].into();
+        assert!(!exec_env(&state, &request, probed()).contains_key(&b"TERM"[..]));
+        // Carried as before: the next command sees every one of them, its
+        // restore ran (SSH_CLIENT and POSIX_PEDANTIC in bash's environment
+        // would have skipped BASH_ENV), and EXECIGNORE still applies.
         let (out, err, _) = chain(&[
-            &format!("export E=plain PS4='+x ' BIG={big}; declare -ix N=3; declare -x U; L=local"),
-            "printf '%s|' \"$E\" \"$PS4\" \"${#BIG}\" \"$N\" \"${U-unset}\" \"$L\"; declare -p N U | tr '\\n' ' '; printenv E",
+            &format!(
+                "export E=plain TERM=xterm SSH_CLIENT='1 2 3' POSIX_PEDANTIC=1 PAGER={big}; \
+                 declare -ix N=3; declare -x TZ; USER=local; x=restored"
+            ),
+            "export EXECIGNORE='*/ls'",
+            "printf '%s|' \"$E\" \"$TERM\" \"$SSH_CLIENT\" \"${#PAGER}\" \"$N\" \"${TZ-unset}\" \"$USER\" \"$x\"; \
+             shopt -oq posix && echo posix; ls / >/dev/null 2>&1 || echo ignored; printenv E",
         ]);
         assert_eq!(text(&err), "");
         assert_eq!(
             text(&out),
-            format!(
-                "plain|+x |{}|3|unset|local|declare -ix N=\"3\" declare -x U plain\n",
-                EXEC_ENV_VALUE
-            )
+            format!("plain|xterm|1 2 3|{EXEC_ENV_TOTAL}|3|unset|local|restored|ignored\nplain\n")
         );
     }
 

@@ -27,14 +27,14 @@ pub(super) fn dispatch(
         });
     }
     // Held until written (a command that does not read keeps each write
-    // waiting its turn, up to 64 per connection): charged from here on. No
-    // room is OVERLOADED at once: the writer piling up data is the one to
-    // wait, not a reader to be dropped for it.
-    let charge = daemon
-        .ctx
-        .budget
-        .try_charge(p.data.len() as u64)
-        .ok_or_else(|| daemon.ctx.overloaded())?;
+    // waiting its turn, up to 64 per connection): charged from here on, as
+    // a command's reservation is — evicting retained output first, then
+    // OVERLOADED (the writer piling up data is the one to wait; no reader
+    // is dropped for it). An `eof` alone holds nothing and is never refused.
+    let charge = match p.data.len() as u64 {
+        0 => daemon.ctx.budget.empty(),
+        bytes => daemon.ctx.reserve(bytes)?,
+    };
     let mut ticket = writes.take(&p.command_id);
     let record = find(daemon, uid, p.command_id)?;
     Ok(Box::pin(async move {

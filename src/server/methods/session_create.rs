@@ -1,6 +1,7 @@
 //! `session.create`: params → a validated [`CreateRequest`] (cwd, env, limits that may only tighten) → the registry, which admits it and starts a SessionActor.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::{Pending, cast, env_param};
@@ -42,17 +43,9 @@ async fn parse(
         None => None,
         Some(cwd) => {
             let path = PathBuf::from(&cwd);
-            // stat off the async workers: a path on a stalled mount can
-            // block, and holds this connection's next frame at most
-            // CWD_CHECK (then it is refused; the stuck stat is left behind).
-            let probe = path.clone();
-            let check = tokio::task::spawn_blocking(move || probe.is_dir());
-            let is_dir = tokio::time::timeout(crate::timing::CWD_CHECK, check)
-                .await
-                .is_ok_and(|r| r.unwrap_or(false));
             // Under uid-per-session, whether the session's uid may enter it is
             // checked by the session's setup: the uid is not known before.
-            if !path.is_absolute() || !is_dir {
+            if !path.is_absolute() || !is_dir(&path, &cwd).await? {
                 return Err(RequestError::InvalidRequest(format!(
                     "param `cwd`: {} is not an absolute path to an existing directory",
                     quote(&cwd)
@@ -77,6 +70,42 @@ async fn parse(
         cgroup_limits: limits.cgroup,
         init: p.init,
     })
+}
+
+/// `session.create` cwd checks whose stat has not returned yet, daemon-wide.
+static CWD_CHECKS: AtomicUsize = AtomicUsize::new(0);
+
+/// At most this many at once: a stat stuck on a mount that does not answer
+/// keeps its blocking-pool thread until the mount does, and clients must not
+/// be able to take the pool (which spawns every command) with them.
+const MAX_CWD_CHECKS: usize = 16;
+
+/// Whether `path` is a directory: a stat off the async workers (a path on a
+/// stalled mount can block), which holds the connection's next frame at
+/// most `timing::CWD_CHECK`; refused when it did not answer by then, or when
+/// [`MAX_CWD_CHECKS`] earlier ones still have not.
+async fn is_dir(path: &Path, cwd: &str) -> Result<bool, RequestError> {
+    let stuck =
+        |why: String| RequestError::InvalidRequest(format!("param `cwd`: {} {why}", quote(cwd)));
+    if CWD_CHECKS.fetch_add(1, Ordering::AcqRel) >= MAX_CWD_CHECKS {
+        CWD_CHECKS.fetch_sub(1, Ordering::AcqRel);
+        return Err(stuck(format!(
+            "cannot be checked now: {MAX_CWD_CHECKS} earlier checks wait on a filesystem that does not answer"
+        )));
+    }
+    let probe = path.to_path_buf();
+    let check = tokio::task::spawn_blocking(move || {
+        let is_dir = probe.is_dir();
+        CWD_CHECKS.fetch_sub(1, Ordering::AcqRel);
+        is_dir
+    });
+    match tokio::time::timeout(crate::timing::CWD_CHECK, check).await {
+        Ok(done) => Ok(done.unwrap_or(false)),
+        Err(_) => Err(stuck(format!(
+            "did not answer within {} s (a mount that does not answer?)",
+            crate::timing::CWD_CHECK.as_secs()
+        ))),
+    }
 }
 
 /// Everything a session's `limits` resolve to.
