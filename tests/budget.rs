@@ -409,6 +409,25 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     );
 }
 
+/// Sets `server.memory_budget` to `mib` MiB in the daemon's config file and
+/// reloads it with SIGHUP; returns once it is in force.
+async fn reload_budget(d: &TestDaemon, c: &Client, mib: u64) {
+    let path = d.dir.path().join("config.toml");
+    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("memory_budget".into(), format!("{mib} MiB").into());
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until_async(
+        "the new budget in force",
+        Duration::from_secs(10),
+        || async { c.stats().await.unwrap().runtime.memory_budget_bytes == mib * MIB },
+    )
+    .await;
+}
+
 /// `server.memory_budget` is reloaded by SIGHUP: cut below what is in use,
 /// new commands are refused until use falls; nothing running is killed.
 #[tokio::test(flavor = "multi_thread")]
@@ -418,20 +437,7 @@ async fn a_lowered_budget_refuses_new_work_until_use_falls() {
     let (a, b) = (new_session(&c).await, new_session(&c).await);
     c.start(exec(&a, "sleep 60")).await.unwrap();
     c.start(exec(&b, "sleep 60")).await.unwrap();
-    let path = d.dir.path().join("config.toml");
-    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["server"]
-        .as_table_mut()
-        .unwrap()
-        .insert("memory_budget".into(), "20 MiB".into());
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-    d.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_until_async(
-        "the new budget in force",
-        Duration::from_secs(10),
-        || async { c.stats().await.unwrap().runtime.memory_budget_bytes == 20 * MIB },
-    )
-    .await;
+    reload_budget(&d, &c, 20).await;
     let s = new_session(&c).await;
     let refused = c.start(exec(&s, "true")).await.unwrap_err();
     assert_eq!(refused.code(), Some("OVERLOADED"), "{refused:?}");
@@ -603,20 +609,7 @@ async fn a_write_evicts_retained_output_and_an_eof_is_never_refused() {
     c.start(exec(&other, "sleep 60"))
         .await
         .expect("fits, evicting");
-    let path = d.dir.path().join("config.toml");
-    let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["server"]
-        .as_table_mut()
-        .unwrap()
-        .insert("memory_budget".into(), "20 MiB".into());
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-    d.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_until_async(
-        "the new budget in force",
-        Duration::from_secs(10),
-        || async { c.stats().await.unwrap().runtime.memory_budget_bytes == 20 * MIB },
-    )
-    .await;
+    reload_budget(&d, &c, 20).await;
     let refused = c.write(&id, b"more", false).await.unwrap_err();
     assert_eq!(refused.code(), Some("OVERLOADED"), "{refused:?}");
     assert_eq!(c.write(&id, b"", true).await.expect("eof"), 0);
