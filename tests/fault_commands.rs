@@ -161,9 +161,9 @@ impl Drop for KillOnDrop {
 }
 
 /// The harness itself: a test that fails while a command that is only its
-/// shell spins (a builtin loop, in a session that unset the tag, so the
-/// shell's environment holds none and `tagged_pids` cannot see it) leaves
-/// nothing behind: dropping its
+/// shell spins (a builtin loop; its shell's environment holds no tag — the
+/// session unsets it too, should the tag ever travel there — so
+/// `tagged_pids` cannot see it) leaves nothing behind: dropping its
 /// `TestDaemon`, as a panicking test does, kills the shell, with cgroups on
 /// and off. (It once left the spinners of a failed measurement, and a failed
 /// soak's TERM-ignoring loop, running for good.)
