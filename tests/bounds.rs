@@ -359,20 +359,7 @@ fn pipelined_writes_apply_in_the_order_sent() {
     let mut conn = d.raw();
     let session = conn.create_session(1);
     for round in 0..3u64 {
-        conn.send(&request(
-            2,
-            "exec.start",
-            vec![
-                ("session_id", session.as_str().into()),
-                ("command", "cat".into()),
-                ("stdin_open", true.into()),
-            ],
-        ));
-        let r = conn.read().unwrap();
-        let command_id = get(get(&r, "result"), "command_id")
-            .as_str()
-            .unwrap_or_else(|| panic!("{r}"))
-            .to_string();
+        let command_id = conn.start_command(2, &session, "cat", true);
         let n = 60u64;
         let writes: Vec<Value> = (0..n)
             .map(|i| {

@@ -215,20 +215,7 @@ fn combined_attack_stays_within_budget_plus_overhead() {
     // Writes of 1 MiB piled before a command that does not read its stdin.
     let mut writer = d.raw();
     let s = writer.create_session(1);
-    writer.send(&request(
-        2,
-        "exec.start",
-        vec![
-            ("session_id", s.as_str().into()),
-            ("command", "sleep 60".into()),
-            ("stdin_open", true.into()),
-        ],
-    ));
-    let r = writer.read().expect("started");
-    let stalled = get(get(&r, "result"), "command_id")
-        .as_str()
-        .unwrap_or_else(|| panic!("{r}"))
-        .to_string();
+    let stalled = writer.start_command(2, &s, "sleep 60", true);
     let writes: Vec<_> = (0..24)
         .map(|k| {
             request(

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use sessiond::process::ProcessTable;
+use sessiond::process::procfs;
 use sessiond::process::reaper::{reap_adopted, reap_orphans};
 
 /// The two tests count what they reap, so they never run at once.
@@ -14,20 +15,26 @@ fn zombie_child() -> i32 {
     let pid = child.id() as i32;
     // Dropping a std Child neither waits nor kills: it becomes a zombie of ours.
     drop(child);
-    let stat = format!("/proc/{pid}/stat");
+    wait_for(&format!("child {pid} to become a zombie"), || {
+        is_zombie(pid)
+    });
+    pid
+}
+
+fn is_zombie(pid: i32) -> bool {
+    procfs::stat(pid).is_some_and(|s| s.is_zombie())
+}
+
+/// Polls `cond` until it holds; fails after 10 s.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !std::fs::read_to_string(&stat).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
-    }) {
+    while !cond() {
         assert!(
             std::time::Instant::now() < deadline,
-            "child {pid} never became a zombie"
+            "timed out waiting for {what}"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    pid
 }
 
 #[test]
@@ -92,32 +99,19 @@ fn adopted_orphans_are_children_of_the_main_thread_and_reaped_from_there() {
     let orphan: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let me = std::process::id();
     let main_children = format!("/proc/self/task/{me}/children");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !std::fs::read_to_string(&main_children)
-        .unwrap()
-        .split_whitespace()
-        .any(|p| p == orphan.to_string())
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "orphan {orphan} never became a child of the main thread"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for(
+        &format!("orphan {orphan} to be a child of the main thread"),
+        || {
+            std::fs::read_to_string(&main_children)
+                .unwrap()
+                .split_whitespace()
+                .any(|p| p == orphan.to_string())
+        },
+    );
     assert_eq!(reap_adopted(&table), Some(0), "a live orphan is left alone");
     // Its pipe closes: it exits, a zombie of ours.
     drop(write_end);
-    while !std::fs::read_to_string(format!("/proc/{orphan}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
-    }) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "orphan {orphan} never exited"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for(&format!("orphan {orphan} to exit"), || is_zombie(orphan));
     assert_eq!(reap_adopted(&table), Some(1));
     assert!(!std::path::Path::new(&format!("/proc/{orphan}")).exists());
     assert_eq!(reap_adopted(&table), Some(0), "nothing left to reap");

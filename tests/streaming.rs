@@ -480,19 +480,7 @@ async fn bad_read_and_cancel_params_are_invalid_and_named() {
     let d = TestDaemon::start("");
     let mut conn = d.raw();
     let s = conn.create_session(1);
-    conn.send(&request(
-        2,
-        "exec.start",
-        vec![
-            ("session_id", s.as_str().into()),
-            ("command", "sleep 5".into()),
-        ],
-    ));
-    let r = conn.read().unwrap();
-    let id = get(get(&r, "result"), "command_id")
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = conn.start_command(2, &s, "sleep 5", false);
     for (n, wait) in [
         (3u64, rmpv::Value::from(61)),
         (4, (-1).into()),

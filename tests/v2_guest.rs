@@ -129,17 +129,7 @@ async fn a_start_that_fails_after_the_setup_leaves_its_delegated_cgroup_as_it_wa
     let dir = tempfile::tempdir().unwrap();
     let own = base.join(format!("failed-{}", std::process::id()));
     std::fs::create_dir(&own).unwrap();
-    let socket = dir.path().join("failed.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nsocket = \"{}\"\n[sessions]\ndefault_cwd = \"{}\"\n[cgroups]\nmode = \"v2\"\n",
-            socket.display(),
-            dir.path().display()
-        ),
-    )
-    .unwrap();
+    let (socket, config) = one_off_config(dir.path(), "failed.sock", "v2");
     let serve = |fail: bool| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sessiond"));
         command.args(["serve", "--config"]).arg(&config);
@@ -194,6 +184,23 @@ async fn a_start_that_fails_after_the_setup_leaves_its_delegated_cgroup_as_it_wa
 
 /// A process set to start in the cgroup `dir` (its `cgroup.procs` is
 /// written between fork and exec).
+/// A config for a daemon started by hand in `dir` (its socket `socket_name`
+/// there, cgroups `mode`): the socket's path and the config's.
+fn one_off_config(dir: &Path, socket_name: &str, mode: &str) -> (PathBuf, PathBuf) {
+    let socket = dir.join(socket_name);
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nsocket = \"{}\"\n[sessions]\ndefault_cwd = \"{}\"\n[cgroups]\nmode = \"{mode}\"\n",
+            socket.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    (socket, config)
+}
+
 fn in_cgroup(mut command: Command, dir: &Path) -> Command {
     let procs = std::fs::OpenOptions::new()
         .write(true)
@@ -272,17 +279,7 @@ async fn a_daemon_at_a_cgroup_namespace_root_uses_v2(base: PathBuf) {
     )
     .spawn()
     .unwrap();
-    let socket = dir.path().join("ctr.sock");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nsocket = \"{}\"\n[sessions]\ndefault_cwd = \"{}\"\n[cgroups]\nmode = \"auto\"\n",
-            socket.display(),
-            dir.path().display()
-        ),
-    )
-    .unwrap();
+    let (socket, config) = one_off_config(dir.path(), "ctr.sock", "auto");
     let log = dir.path().join("daemon.log");
     // A failed check leaves nothing running (the VM goes on with other tests).
     let mut left = KillOnDrop(vec![init.id()]);

@@ -43,7 +43,7 @@ impl V1 {
         unified: Option<&Path>,
         parent: &str,
     ) -> Result<V1, CgroupError> {
-        let v1 = V1 {
+        let mut v1 = V1 {
             memory: memory.join(parent),
             cpu: cpu.join(parent),
             pids: pids.join(parent),
@@ -54,14 +54,10 @@ impl V1 {
         for dir in v1.bases() {
             mkdir(&dir)?;
         }
-        let unified_kills = v1
+        v1.unified_kills = v1
             .unified
             .as_ref()
             .is_some_and(|u| u.join("cgroup.kill").exists());
-        let v1 = V1 {
-            unified_kills,
-            ..v1
-        };
         write(&v1.cpu.join("cpu.shares"), &SESSIONS_CPU_SHARES.to_string())?;
         Ok(v1)
     }

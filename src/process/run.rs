@@ -121,13 +121,12 @@ pub async fn run_command(
     // The state goes in and out through two memfds (not argv: E2BIG past 128 KiB).
     let nonce = terminal::nonce();
     let bash = shell::is_bash(&spec.shell);
-    let mut keeps_state = false;
-    let (restore, env) = if bash {
+    let (restore, env, keeps_state) = if bash {
         let defaults = terminal::ShellDefaults::of(&spec.shell).await;
-        keeps_state = defaults.as_deref().is_some_and(|d| {
+        let keeps_state = defaults.as_deref().is_some_and(|d| {
             simple_command::keeps_state(&spec.command, &spec.state, &spec.request_env, d)
         });
-        // The state's plain exported variables come in the environment,
+        // Common exported variables of the state come in the environment,
         // the request's `env` over them; the script restores the rest.
         let mut env = terminal::exec_env(&spec.state, &spec.request_env, defaults.as_deref());
         env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -137,13 +136,14 @@ pub async fn run_command(
             b"BASH_ENV".to_vec(),
             format!("/dev/fd/{}", terminal::RESTORE_FD).into_bytes(),
         );
-        (restore, env)
+        (restore, env, keeps_state)
     } else {
         let mut env = spec.state.env();
         env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         (
             shell::sh_restore_script(&spec.state, &nonce, &spec.request_env),
             env,
+            false,
         )
     };
     let save_code = if bash && !keeps_state {

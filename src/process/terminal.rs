@@ -332,7 +332,6 @@ impl ShellDefaults {
             keywords: lines(keywords),
             ..ShellDefaults::default()
         };
-
         for line in shell_lines(vars)? {
             let entry = parse_declare(line)?;
             let owned = BASH_OWNED.iter().any(|o| o.as_bytes() == entry.name);
@@ -343,9 +342,15 @@ impl ShellDefaults {
         }
         Some(defaults)
     }
-}
 
-impl ShellDefaults {
+    /// Whether a fresh shell has `name` without attributes, or not at all
+    /// (so a plain assignment, or the environment, gives it as it was).
+    fn has_plain(&self, name: &[u8]) -> bool {
+        self.vars
+            .get(name)
+            .is_none_or(|fresh| fresh.starts_with(b"declare -- "))
+    }
+
     /// Whether the probe listed the builtins and reserved words (a bash
     /// without `compgen` does not).
     pub fn knows_commands(&self) -> bool {
@@ -541,11 +546,7 @@ pub fn restore_script(
                 // has without attributes or not at all, is a plain assignment:
                 // bash runs one in a third of the time of a `declare` (2 000 of
                 // them: 33 vs 80 million instructions); one `export` names them all.
-                let plain = defaults.is_some_and(|d| {
-                    d.vars
-                        .get(name)
-                        .is_none_or(|fresh| fresh.starts_with(b"declare -- "))
-                });
+                let plain = defaults.is_some_and(|d| d.has_plain(name));
                 match plain_assignment(name, &var.decl).filter(|_| plain) {
                     Some((assignment, exported)) => {
                         s.extend_from_slice(assignment);
@@ -720,13 +721,8 @@ pub fn exec_env(state: &TerminalState, skip: &EnvMap, defaults: Option<&ShellDef
         let Some(value) = var.value.as_ref() else {
             continue;
         };
-        // A fresh shell has it without attributes, or not at all.
-        let plain = defaults
-            .vars
-            .get(name)
-            .is_none_or(|fresh| fresh.starts_with(b"declare -- "));
         let size = name.len() + 1 + value.len();
-        if !plain
+        if !defaults.has_plain(name)
             || skip.contains_key(name)
             || !matches!(plain_assignment(name, &var.decl), Some((_, true)))
             || total + size > EXEC_ENV_TOTAL
@@ -1178,7 +1174,7 @@ mod tests {
         Result<Option<TerminalState>, StateError>,
     ) {
         let n = nonce();
-        // As the daemon does: the plain exported variables in the environment.
+        // As the daemon does: the common exported variables in the environment.
         let env = exec_env(state, &EnvMap::new(), defaults);
         let mut restore = tempfile::tempfile().unwrap();
         restore

@@ -661,6 +661,27 @@ impl RawConn {
             .to_string()
     }
 
+    /// `exec.start` of `command` in `session` (stdin kept open for
+    /// `exec.write` with `stdin_open`); its command id.
+    pub fn start_command(
+        &mut self,
+        id: u64,
+        session: &str,
+        command: &str,
+        stdin_open: bool,
+    ) -> String {
+        let mut params = vec![("session_id", session.into()), ("command", command.into())];
+        if stdin_open {
+            params.push(("stdin_open", true.into()));
+        }
+        self.send(&request(id, "exec.start", params));
+        let r = self.read().expect("an answer");
+        get(get(&r, "result"), "command_id")
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"))
+            .to_string()
+    }
+
     /// Reads one frame and decodes it; `None` on EOF.
     pub fn read(&mut self) -> Option<rmpv::Value> {
         let mut len = [0u8; 4];

@@ -738,8 +738,9 @@ pub struct StreamBudgets {
 impl StreamBudgets {
     /// Whether a streaming non-reader's connection is dropped when its result
     /// comes. Its events stop once more than `EVENT_BACKLOG` is unsent (or the
-    /// queue holds 64 frames), so when the command ends its queue holds at most
-    /// that and one event more, and something; the result (a capped stream: `output_cap` bytes plus envelope) is
+    /// queue holds 64 frames), so when the command ends its queue holds at
+    /// most that and one event more; the result (a capped stream:
+    /// `output_cap` bytes plus envelope) is
     /// queued only if it fits in the budget on top of them, else the
     /// connection is dropped as a slow reader. Budgets between the two bounds
     /// could go either way and are refused.

@@ -2,7 +2,7 @@
 
 #![cfg(feature = "fault-injection")]
 
-use super::ask;
+use super::cast;
 use crate::actors::registry::RegistryMsg;
 use crate::actors::supervisor::SupervisorMsg;
 use crate::fault::{FAIL_NEXT_SPAWN, Fault, FaultParams, FaultResult, FaultTarget};
@@ -30,13 +30,13 @@ pub(super) async fn serve(
         }
         target => {
             let session_id = p.session_id.unwrap_or_default();
-            let injected = ask(daemon, |reply| RegistryMsg::Fault {
+            let injected = cast(daemon, |reply| RegistryMsg::Fault {
                 uid,
                 target,
                 session_id,
                 fault,
                 reply,
-            })
+            })?
             .await??;
             Ok(FaultResult { injected })
         }

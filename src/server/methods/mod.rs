@@ -234,18 +234,10 @@ fn encode<T: Serialize>(id: u64, result: T) -> Bytes {
     encode_result(id, &result)
 }
 
-/// Sends a message built around a fresh reply port to the registry and awaits the answer.
-/// A registry that is gone or drops the port (its actor failed) is `INTERNAL`.
-#[cfg(feature = "fault-injection")]
-async fn ask<T: Send + 'static>(
-    daemon: &Daemon,
-    build: impl FnOnce(RpcReplyPort<T>) -> RegistryMsg,
-) -> Result<T, RequestError> {
-    cast(daemon, build)?.await
-}
-
-/// The first half of [`ask`]: sends the message now (so messages reach the
-/// registry in the order of these calls) and returns the wait for its answer.
+/// Sends a message built around a fresh reply port to the registry now (so
+/// messages reach it in the order of these calls) and returns the wait for
+/// its answer. A registry that is gone or drops the port (its actor failed)
+/// is `INTERNAL`.
 fn cast<T: Send + 'static>(
     daemon: &Daemon,
     build: impl FnOnce(RpcReplyPort<T>) -> RegistryMsg,

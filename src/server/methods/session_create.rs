@@ -1,7 +1,6 @@
 //! `session.create`: params → a validated [`CreateRequest`] (cwd, env, limits that may only tighten) → the registry, which admits it and starts a SessionActor.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::{Pending, cast, env_param};
@@ -72,13 +71,14 @@ async fn parse(
     })
 }
 
-/// `session.create` cwd checks whose stat has not returned yet, daemon-wide.
-static CWD_CHECKS: AtomicUsize = AtomicUsize::new(0);
-
-/// At most this many at once: a stat stuck on a mount that does not answer
+/// At most this many `session.create` cwd checks whose stat has not
+/// returned yet, daemon-wide: a stat stuck on a mount that does not answer
 /// keeps its blocking-pool thread until the mount does, and clients must not
 /// be able to take the pool (which spawns every command) with them.
 const MAX_CWD_CHECKS: usize = 16;
+
+/// One permit per cwd check in progress, held until its stat returns.
+static CWD_CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CWD_CHECKS);
 
 /// Whether `path` is a directory: a stat off the async workers (a path on a
 /// stalled mount can block), which holds the connection's next frame at
@@ -87,17 +87,15 @@ const MAX_CWD_CHECKS: usize = 16;
 async fn is_dir(path: &Path, cwd: &str) -> Result<bool, RequestError> {
     let stuck =
         |why: String| RequestError::InvalidRequest(format!("param `cwd`: {} {why}", quote(cwd)));
-    if CWD_CHECKS.fetch_add(1, Ordering::AcqRel) >= MAX_CWD_CHECKS {
-        CWD_CHECKS.fetch_sub(1, Ordering::AcqRel);
-        return Err(stuck(format!(
+    let permit = CWD_CHECKS.try_acquire().map_err(|_| {
+        stuck(format!(
             "cannot be checked now: {MAX_CWD_CHECKS} earlier checks wait on a filesystem that does not answer"
-        )));
-    }
+        ))
+    })?;
     let probe = path.to_path_buf();
     let check = tokio::task::spawn_blocking(move || {
-        let is_dir = probe.is_dir();
-        CWD_CHECKS.fetch_sub(1, Ordering::AcqRel);
-        is_dir
+        let _held_until_the_stat_returns = permit;
+        probe.is_dir()
     });
     match tokio::time::timeout(crate::timing::CWD_CHECK, check).await {
         Ok(done) => Ok(done.unwrap_or(false)),
