@@ -167,41 +167,88 @@ async fn a_detached_fork_bomb_is_reported_by_its_session_and_in_stats() {
     d.stop();
 }
 
-/// Each command gets a fresh leaf of its own, made ahead: its peak memory is
-/// its own (not an earlier command's), a session keeps one leaf ready once it
-/// ran a command, and none is left after the session.
+/// The leaf a command's shell is in (`cmd-N`), printed before `then`.
+fn in_leaf(then: &str) -> String {
+    format!("grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u; {then}")
+}
+
+/// Each command's figures are its own, whether its leaf was made for it
+/// (v2) or used before and reset (v1): a command run after a 50 MiB one,
+/// an OOM-killed one and one whose forks the pids limit refused, in the same
+/// leaf, reports its own small peak, no OOM kill and no refused fork. A session keeps its leaves
+/// made ahead once it ran a command (on v1 two, used in turn; on v2 one
+/// fresh one ready), and none is left after the session.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root and a usable cgroup hierarchy"]
-async fn every_command_gets_a_fresh_leaf_made_ahead() {
+async fn each_command_counts_only_itself_in_a_leaf_made_ahead_or_reset() {
     let d = daemon_with_cgroups().await;
     let c = d.client().await;
-    let s = c.create_session(CreateParams::default()).await.unwrap();
-    let leaves = || d.command_leaves();
-    assert_eq!(leaves(), 0, "a session that ran nothing has no leaf");
-    let own_leaf = "grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u";
-    let first = c.run(&s, own_leaf).await.unwrap();
-    // Generous: under emulation (the v2 CI guest) a leaf takes a while.
-    support::wait_until(
-        "the next leaf is made ahead",
-        Duration::from_secs(30),
-        || leaves() == 1,
-    );
-    let big = c
-        .run(&s, "head -c 50M /dev/zero | tail > /dev/null")
+    let kept = support::leaves_kept(&c).await;
+    let reuses = c.stats().await.unwrap().runtime.cgroups == "v1";
+    let s = c
+        .create_session(limits(SessionLimits {
+            memory_max_bytes: Some(64 << 20),
+            pids_max: Some(8),
+            ..Default::default()
+        }))
         .await
         .unwrap();
-    assert!(big.max_rss_bytes.unwrap() > 40 << 20, "{big:?}");
-    let after = c.run(&s, own_leaf).await.unwrap();
-    assert!(
-        after.max_rss_bytes.unwrap() < 20 << 20,
-        "a fresh peak, not the previous command's: {after:?}"
-    );
-    assert!(!first.stdout.is_empty());
-    assert_ne!(first.stdout, after.stdout, "a leaf is never reused");
+    let leaves = || d.command_leaves();
+    assert_eq!(leaves(), 0, "a session that ran nothing has no leaf");
+    let leaf_of = |r: &sessiond::protocol::ExecResult| {
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        out.lines().next().unwrap_or_default().to_string()
+    };
+    let heavy = [
+        ("a 50 MiB peak", "head -c 50M /dev/zero | tail > /dev/null"),
+        ("an OOM kill", "head -c 300M /dev/zero | tail > /dev/null"),
+        (
+            "refused forks",
+            "for i in $(seq 9); do sleep 0.2 & done; wait",
+        ),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for (what, command) in heavy {
+        let r = c.exec(exec(&s, &in_leaf(command), 30.0)).await.unwrap();
+        let leaf = leaf_of(&r);
+        assert!(leaf.starts_with("cmd-"), "{what}: {r:?}");
+        seen.insert(leaf.clone());
+        match what {
+            "a 50 MiB peak" => assert!(r.max_rss_bytes.unwrap() > 40 << 20, "{r:?}"),
+            "an OOM kill" => assert_eq!(r.killed_by, Some(KilledBy::MemoryLimit), "{r:?}"),
+            _ => assert!(r.pids_limit_hits.unwrap() > 0, "{r:?}"),
+        }
+        // The next commands until one runs in the same leaf (on v1 the
+        // second one: two leaves in turn; on v2 none does).
+        let mut again = None;
+        for _ in 0..kept + 1 {
+            let r = c.exec(exec(&s, &in_leaf("true"), 30.0)).await.unwrap();
+            assert_eq!(
+                (r.exit_code, r.killed_by),
+                (Some(0), None),
+                "after {what}: {r:?}"
+            );
+            assert!(r.max_rss_bytes.unwrap() < 20 << 20, "after {what}: {r:?}");
+            assert_eq!(r.pids_limit_hits, Some(0), "after {what}: {r:?}");
+            seen.insert(leaf_of(&r));
+            if leaf_of(&r) == leaf {
+                again = Some(r);
+            }
+        }
+        assert_eq!(
+            again.is_some(),
+            reuses,
+            "after {what}: a leaf is used again on v1 only (leaves seen: {seen:?})"
+        );
+    }
+    let commands = heavy.len() * (kept + 2);
+    let expected = if reuses { kept } else { commands };
+    assert_eq!(seen.len(), expected, "leaves used: {seen:?}");
+    // Generous: under emulation (the v2 CI guest) a leaf takes a while.
     support::wait_until(
-        "ended commands' leaves go; one stays ready",
+        "ended commands' leaves go; those kept ahead stay",
         Duration::from_secs(30),
-        || leaves() == 1,
+        || leaves() == kept,
     );
     c.destroy_session(&s).await.unwrap();
     assert!(

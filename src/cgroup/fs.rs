@@ -100,8 +100,7 @@ pub(crate) fn child_dirs(dir: &Path) -> Vec<String> {
     out
 }
 
-/// A file holding one number (memory.peak, memory.max_usage_in_bytes).
-#[cfg(test)]
+/// A file holding one number (memory.peak, memory.usage_in_bytes).
 pub(crate) fn read_u64(file: &Path) -> Option<u64> {
     std::fs::read_to_string(file).ok()?.trim().parse().ok()
 }

@@ -83,6 +83,17 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn memory_peak(&self, rel: &str) -> Option<u64> {
         fs::read_u64(&self.counter_files(rel).peak)
     }
+    /// Whether [`Backend::reset_leaf`] can ever succeed.
+    fn reuses_leaves(&self) -> bool {
+        false
+    }
+    /// Makes the empty command leaf `rel` as good as fresh for another
+    /// command, if the kernel lets its peak memory start over from nothing:
+    /// whether it did. Its OOM and fork counters keep counting (the pool
+    /// reads their growth).
+    fn reset_leaf(&self, _rel: &str) -> bool {
+        false
+    }
     /// The child nodes of `rel` ("" for the sessions), for recovery and teardown.
     fn children(&self, rel: &str) -> Vec<String>;
     /// The base directories of our subtree; the first is the one we lock.

@@ -1,12 +1,20 @@
-//! A session's command leaves, made ahead: the SessionActor's [`SessionLeaves`] keeps [`POOL_SIZE`] fresh leaf ready (made on the blocking pool), which a command's run takes at spawn; the leaf's counters are read at its end from files opened with it.
+//! A session's command leaves, made ahead and, where the kernel allows, used again: the SessionActor's [`SessionLeaves`] keeps a leaf ready, which a command's run takes at spawn and gives back at its end; the leaf's counters are read at its end from files opened with it.
 //!
 //! Why: making a leaf (mkdir in each hierarchy it has), opening its join files,
 //! reading its counters and removing it cost ~325 µs per command on v1,
 //! about half of `exec.run true` (docs/design-notes.md, "The cgroup path").
-//! A leaf cannot be reused: its peak memory (`memory.peak`,
-//! `memory.max_usage_in_bytes`) and its OOM and pids counters only grow
-//! (memory.peak is resettable from Linux 6.12 only), so every command still
-//! gets a fresh, empty leaf of its own — made before it is asked for.
+//! Made ahead, that work is off the command's path but still competes with it
+//! for the CPUs, and a process joining a leaf made moments before costs more
+//! than joining one that has held processes before.
+//!
+//! A leaf is used again only where the backend can make it as good as fresh
+//! ([`super::Backend::reset_leaf`]: on v1, an empty leaf whose command left
+//! little charged is emptied of charges and its peak reset): its OOM and
+//! refused-fork counters only grow, so each command's figures are the
+//! counters' growth from when it took the leaf. Where the backend cannot (v2:
+//! `memory.peak` is resettable from Linux 6.12 only), or the leaf still holds
+//! background processes, every command gets a fresh leaf, made before it is
+//! asked for.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,16 +22,34 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use super::{CgroupError, CgroupNode, Cgroups};
 
-/// Fresh leaves kept ready per session. One is enough for commands run one
-/// after another (the next is made while the current one runs); the second
-/// of a burst of `exec.start`s makes its own on its path, as every command
-/// did before. Each ready leaf holds a cgroup in the kernel (on v1, in three
-/// hierarchies) and 8 open files on v1 (5 join files, 3 counters), 4 on v2.
-pub const POOL_SIZE: usize = 1;
+/// Leaves a session keeps, ready or with a command, where leaves are used
+/// again: two, so a command takes one ready while its predecessor's is
+/// being reset (a reset is a few cgroup file writes and reads on the
+/// blocking pool, ≈ 100 µs, which a command sent as soon as the previous
+/// one was answered would otherwise wait for). Each holds a cgroup in the
+/// kernel (in three hierarchies on v1) and 8 open files (5 join files, 3
+/// counters).
+pub const REUSED_LEAVES: usize = 2;
+
+/// Leaves kept ready per session where each command needs a fresh one: one
+/// is enough for commands run one after another (the next is made while the
+/// current one runs). 4 open files each on v2.
+pub const FRESH_LEAVES_READY: usize = 1;
+
+// Either way the second of a burst of `exec.start`s makes its own leaf on
+// its path, as every command did before.
+
+/// How long a command's spawn waits for the leaf of the session's previous
+/// command to come back before it makes one of its own. Giving a leaf back
+/// is a few writes and reads of cgroup files on the blocking pool, queued
+/// before that command was answered; the bound only covers a blocking pool
+/// that is busy elsewhere.
+const RETURN_WAIT: Duration = Duration::from_millis(20);
 
 /// Where a node's counters are (per backend).
 #[derive(Debug, Clone)]
@@ -44,6 +70,10 @@ struct Counters {
     oom_key: &'static str,
     peak: Option<File>,
     pids: Option<File>,
+    /// The OOM kills and refused forks counted before the leaf's current
+    /// command (by earlier commands of a leaf used again).
+    oom_before: u64,
+    pids_before: u64,
 }
 
 impl Counters {
@@ -53,7 +83,29 @@ impl Counters {
             oom_key: files.oom.1,
             peak: File::open(&files.peak).ok(),
             pids: File::open(&files.pids).ok(),
+            oom_before: 0,
+            pids_before: 0,
         }
+    }
+
+    /// OOM kills in the leaf since it was made.
+    fn oom_kills(&self) -> u64 {
+        self.oom
+            .as_ref()
+            .and_then(pread)
+            .and_then(|t| super::fs::key_value(&t, self.oom_key))
+            .unwrap_or(0)
+    }
+
+    /// Refused forks counted in the leaf since it was made.
+    fn pids_hits(&self) -> u64 {
+        pids_hits(self.pids.as_ref())
+    }
+
+    /// The leaf starts over for its next command: what it counts from now.
+    fn start_over(&mut self) {
+        self.oom_before = self.oom_kills();
+        self.pids_before = self.pids_hits();
     }
 }
 
@@ -75,8 +127,15 @@ pub struct SessionLeaves {
     session: String,
     /// The session's memory limit: a leaf's peak is reported at most this.
     memory_max: u64,
-    ready: Mutex<VecDeque<Prepared>>,
-    /// Held while a leaf is being made, so `finish` can wait one out.
+    ready: Mutex<Ready>,
+    /// Signalled when a leaf is given back (or will not be).
+    given_back: Condvar,
+    /// Whether the backend can make a used leaf as good as fresh.
+    reuses: bool,
+    /// [`REUSED_LEAVES`] (ready or out) or [`FRESH_LEAVES_READY`] (ready).
+    size: usize,
+    /// Held while a leaf is being made or given back, so `finish` can wait
+    /// one out.
     making: Mutex<()>,
     /// A refill task is queued or running.
     refilling: AtomicBool,
@@ -95,6 +154,17 @@ pub struct SessionLeaves {
     reported: AtomicU64,
 }
 
+/// The ready leaves, and those out with a command.
+#[derive(Debug, Default)]
+struct Ready {
+    leaves: VecDeque<Prepared>,
+    /// Leaves taken by commands not yet given back (running, or ended and
+    /// being reset), which the backend may make ready again.
+    out: usize,
+    /// Of those, the ones whose command has ended: a spawn waits for these.
+    returning: usize,
+}
+
 /// What the kernel says of a command's leaf at the command's end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeafReading {
@@ -108,10 +178,13 @@ pub struct LeafReading {
 /// A command's own leaf, taken from its session's pool.
 #[derive(Debug)]
 pub struct CommandLeaf {
-    prepared: Prepared,
+    /// `None` once given back.
+    prepared: Option<Prepared>,
     session: Arc<SessionLeaves>,
     /// The session's count when the command started (where the session counts).
     session_hits_before: u64,
+    /// The command has ended ([`CommandLeaf::finish`]).
+    ended: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,7 +219,14 @@ impl SessionLeaves {
             cgroups: cgroups.clone(),
             session: session.name().to_string(),
             memory_max,
-            ready: Mutex::new(VecDeque::with_capacity(POOL_SIZE)),
+            ready: Mutex::new(Ready::default()),
+            given_back: Condvar::new(),
+            reuses: cgroups.reuses_leaves(),
+            size: if cgroups.reuses_leaves() {
+                REUSED_LEAVES
+            } else {
+                FRESH_LEAVES_READY
+            },
             making: Mutex::new(()),
             refilling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -156,28 +236,65 @@ impl SessionLeaves {
         })
     }
 
-    /// A fresh leaf for a command (blocking): a ready one, else the one
-    /// being made (sooner ready than a new one, and no work done twice),
-    /// else one made now; either way the next is made in the background.
+    /// A leaf for a command (blocking): a ready one, else the previous
+    /// command's once it is given back, else the one being made (sooner
+    /// ready than a new one, and no work done twice), else one made now.
+    /// Unless a leaf out with a command may come back, the next is made in
+    /// the background.
     pub fn take(self: &Arc<Self>) -> Result<CommandLeaf, CgroupError> {
-        let ready = lock(&self.ready).pop_front();
+        let ready = self.ready_or_returned();
         let prepared = match ready {
             Some(p) => p,
             None => {
                 let _making = lock(&self.making);
-                let made_meanwhile = lock(&self.ready).pop_front();
+                let made_meanwhile = lock(&self.ready).leaves.pop_front();
                 match made_meanwhile {
                     Some(p) => p,
                     None => self.prepare()?,
                 }
             }
         };
-        self.refill();
+        let wanted = {
+            let mut ready = lock(&self.ready);
+            ready.out += 1;
+            self.wants_more(&ready)
+        };
+        if wanted {
+            self.refill();
+        }
         Ok(CommandLeaf {
-            prepared,
+            prepared: Some(prepared),
             session: self.clone(),
             session_hits_before: pids_hits(self.session_pids.as_ref()),
+            ended: false,
         })
+    }
+
+    /// Whether a leaf is to be made: fewer ready than the session keeps
+    /// (counting, where leaves come back, those out with commands).
+    fn wants_more(&self, ready: &Ready) -> bool {
+        ready.leaves.len() + if self.reuses { ready.out } else { 0 } < self.size
+    }
+
+    /// A ready leaf, waiting (at most [`RETURN_WAIT`]) for one an ended
+    /// command is giving back.
+    fn ready_or_returned(&self) -> Option<Prepared> {
+        let mut ready = lock(&self.ready);
+        let waited = std::time::Instant::now();
+        loop {
+            if let Some(p) = ready.leaves.pop_front() {
+                return Some(p);
+            }
+            let left = RETURN_WAIT.checked_sub(waited.elapsed())?;
+            if ready.returning == 0 {
+                return None;
+            }
+            ready = self
+                .given_back
+                .wait_timeout(ready, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Makes one leaf: the node, its join files and counters open (blocking).
@@ -193,7 +310,7 @@ impl SessionLeaves {
         })
     }
 
-    /// Tops the ready leaves up to [`POOL_SIZE`] on the blocking pool (one
+    /// Tops the leaves up (see [`SessionLeaves::wants_more`]) on the blocking pool (one
     /// task at a time), never on a command's path nor in the session's actor.
     fn refill(self: &Arc<Self>) {
         if self.closed.load(Ordering::Acquire) || self.refilling.swap(true, Ordering::AcqRel) {
@@ -211,7 +328,7 @@ impl SessionLeaves {
                 if leaves.closed.load(Ordering::Acquire) {
                     break;
                 }
-                if lock(&leaves.ready).len() >= POOL_SIZE {
+                if !leaves.wants_more(&lock(&leaves.ready)) {
                     full = true;
                     break;
                 }
@@ -221,7 +338,10 @@ impl SessionLeaves {
                     Ok(p) if leaves.closed.load(Ordering::Acquire) => {
                         let _ = p.node.destroy();
                     }
-                    Ok(p) => lock(&leaves.ready).push_back(p),
+                    Ok(p) => {
+                        lock(&leaves.ready).leaves.push_back(p);
+                        leaves.given_back.notify_all();
+                    }
                     Err(e) => {
                         tracing::warn!(session = %leaves.session, error = %e, "cannot make a command leaf ahead");
                         break;
@@ -231,7 +351,7 @@ impl SessionLeaves {
             leaves.refilling.store(false, Ordering::Release);
             // A take between the check above and now saw the flag still set
             // and left the refill to us.
-            if full && lock(&leaves.ready).len() < POOL_SIZE {
+            if full && leaves.wants_more(&lock(&leaves.ready)) {
                 leaves.refill();
             }
         });
@@ -259,12 +379,14 @@ impl SessionLeaves {
         self.closed.store(true, Ordering::Release);
         let unused: Vec<Prepared> = {
             let _making = lock(&self.making);
-            lock(&self.ready).drain(..).collect()
+            lock(&self.ready).leaves.drain(..).collect()
         };
+        // Counted while the unused leaves are still there: one used again
+        // holds the refused forks of its earlier commands.
+        let total = self.pids_limit_hits();
         for p in unused {
             let _ = p.node.destroy();
         }
-        let total = self.pids_limit_hits();
         let reported = self.reported.swap(total, Ordering::AcqRel);
         self.cgroups
             .count_pids_limit_hits(total.saturating_sub(reported));
@@ -303,46 +425,48 @@ impl Drop for SessionLeavesHandle {
 }
 
 impl CommandLeaf {
+    fn prepared(&self) -> &Prepared {
+        self.prepared
+            .as_ref()
+            .expect("a leaf is given back only by release")
+    }
+
     /// The leaf's node (to kill the command's whole tree).
     pub fn node(&self) -> &CgroupNode {
-        &self.prepared.node
+        &self.prepared().node
     }
 
-    /// Its `cgroup.procs` files, open for the spawn child to join.
+    /// Its `cgroup.procs` files, open for the spawn child to join (kept open
+    /// for the leaf's next command).
     pub fn procs(&self) -> Vec<RawFd> {
-        self.prepared.procs.iter().map(|f| f.as_raw_fd()).collect()
-    }
-
-    /// The child has joined: the join files are closed.
-    pub fn joined(&mut self) {
-        self.prepared.procs.clear();
+        self.prepared()
+            .procs
+            .iter()
+            .map(|f| f.as_raw_fd())
+            .collect()
     }
 
     /// What the kernel says of the leaf at the command's end: a few reads of
     /// files already open, which only format counters the kernel keeps
     /// (never waiting on I/O), so done inline on the answer's path. Counts
-    /// the command's refused forks into the daemon's total.
+    /// the command's refused forks into the daemon's total. From here the
+    /// session's next command may wait for this leaf to be given back.
     ///
     /// The peak is the leaf's, at most the session's `memory_max`: the
     /// kernel charges a leaf before its session and records the leaf's peak
     /// even when the session's limit then refuses the charge (a batch of
     /// pages or a huge page), so a leaf's recorded peak can pass the limit by
     /// memory never held (67–69 MB under 64 MiB measured on a v2 6.1 kernel).
-    pub fn finish(&self) -> LeafReading {
-        let c = &self.prepared.counters;
-        let oom_kills = c
-            .oom
-            .as_ref()
-            .and_then(pread)
-            .and_then(|t| super::fs::key_value(&t, c.oom_key))
-            .unwrap_or(0);
+    pub fn finish(&mut self) -> LeafReading {
+        let c = &self.prepared().counters;
+        let oom_kills = c.oom_kills().saturating_sub(c.oom_before);
         let memory_peak = c
             .peak
             .as_ref()
             .and_then(pread)
             .and_then(|t| t.trim().parse::<u64>().ok())
             .map(|p| p.min(self.session.memory_max));
-        let in_leaf = pids_hits(c.pids.as_ref());
+        let in_leaf = c.pids_hits().saturating_sub(c.pids_before);
         let at_session =
             pids_hits(self.session.session_pids.as_ref()).saturating_sub(self.session_hits_before);
         let pids_limit_hits = in_leaf.max(at_session);
@@ -350,6 +474,10 @@ impl CommandLeaf {
             .reported
             .fetch_add(pids_limit_hits, Ordering::AcqRel);
         self.session.cgroups.count_pids_limit_hits(pids_limit_hits);
+        if self.session.reuses && !self.ended {
+            lock(&self.session.ready).returning += 1;
+        }
+        self.ended = true;
         LeafReading {
             oom_kills,
             memory_peak,
@@ -357,24 +485,72 @@ impl CommandLeaf {
         }
     }
 
-    /// The command is done with its leaf (blocking): removed now if empty,
-    /// its refused forks kept in the session's count; one still holding
-    /// background processes is left to the session's end.
-    pub fn release(self) {
-        let CommandLeaf {
-            prepared, session, ..
-        } = self;
-        let Prepared { node, counters, .. } = prepared;
-        let mut retired = lock(&session.retired);
-        let hits = pids_hits(counters.pids.as_ref());
-        drop(counters);
-        if node.release() {
-            *retired += hits;
+    /// The command is done with its leaf (blocking). An empty leaf the
+    /// backend can reset goes back to the session's ready ones, if there is
+    /// room; else it is removed now if empty, its refused forks kept in the
+    /// session's count, and one still holding background processes is left
+    /// to the session's end.
+    pub fn release(mut self) {
+        let Some(mut prepared) = self.prepared.take() else {
+            return;
+        };
+        let session = self.session.clone();
+        if session.reuses {
+            let _making = lock(&session.making);
+            let room = lock(&session.ready).leaves.len() < session.size;
+            if room
+                && !session.closed.load(Ordering::Acquire)
+                && !session.cgroups.populated(prepared.node.name())
+                && session.cgroups.reset_leaf(prepared.node.name())
+            {
+                prepared.counters.start_over();
+                lock(&session.ready).leaves.push_back(prepared);
+                // `self` drops here: counted in, and waiters woken.
+                return;
+            }
         }
+        let Prepared { node, counters, .. } = prepared;
+        {
+            let mut retired = lock(&session.retired);
+            let hits = counters.pids_hits();
+            drop(counters);
+            if node.release() {
+                *retired += hits;
+            }
+        }
+        drop(self);
+        // Nothing comes back for the session's next command: make it one.
+        session.refill();
+    }
+}
+
+/// A leaf leaves its command: it is no longer out, and a spawn waiting for
+/// it is woken (to take it, or to make its own).
+impl Drop for CommandLeaf {
+    fn drop(&mut self) {
+        {
+            let mut ready = lock(&self.session.ready);
+            ready.out = ready.out.saturating_sub(1);
+            if self.session.reuses && self.ended {
+                ready.returning = ready.returning.saturating_sub(1);
+            }
+        }
+        self.session.given_back.notify_all();
     }
 }
 
 impl Cgroups {
+    /// Whether the backend can make a used command leaf as good as fresh.
+    pub(crate) fn reuses_leaves(&self) -> bool {
+        self.backend.reuses_leaves()
+    }
+
+    /// Makes the empty leaf `rel` as good as fresh for its next command,
+    /// where the backend can (blocking): whether it did.
+    pub(crate) fn reset_leaf(&self, rel: &str) -> bool {
+        self.backend.reset_leaf(rel)
+    }
+
     /// Where a session's own pids.events counts its refused forks: on kernels
     /// with pids.events.local (hierarchical counting, v2 only). `None`
     /// where the leaves count them.

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use super::fs::{
-    all_pids_below, child_dirs, kill_by_file, mkdir, mkdir_new, read_key, rmdir, wait_empty, write,
+    all_pids_below, child_dirs, key_value, kill_by_file, mkdir, mkdir_new, read_key, read_u64,
+    rmdir, wait_empty, write,
 };
 use super::{Backend, CgroupError, CgroupLimits};
 
@@ -12,6 +13,21 @@ use super::{Backend, CgroupError, CgroupLimits};
 /// under load the daemon keeps CPU while every session spins. Shares only
 /// matter when CPU is short; idle, the sessions may use it all.
 pub const SESSIONS_CPU_SHARES: u64 = 128;
+
+/// A command leaf is used again only if its command left at most this much
+/// charged to it: kernel objects of its processes that the kernel frees
+/// after an RCU grace period (≈ 70 KiB per process, measured), a charge
+/// batch held for it, a small file's pages. Resetting empties its charges,
+/// which drops such pages from the page cache; a command that left more
+/// (files a build wrote) keeps them cached: its leaf is removed instead.
+pub const REUSE_LEFT_CHARGED_MAX: u64 = 2 << 20;
+
+/// What may still be charged to a leaf once emptied for its next command:
+/// kernel objects not yet freed (emptying cannot reclaim them; they go
+/// within a second). The next command's peak counts from there, so it may
+/// include up to this much that was never its own — a fresh leaf's peak
+/// runs ahead of what was used too, by up to a charge batch (64 pages).
+pub const REUSE_START_CHARGED_MAX: u64 = 1 << 20;
 
 /// The v1 hierarchies a node is created in, plus the cgroup2 ("unified")
 /// mount of a hybrid host, used to track every process and to kill them all
@@ -221,6 +237,51 @@ impl Backend for V1 {
         }
     }
 
+    fn reuses_leaves(&self) -> bool {
+        true
+    }
+
+    /// v1 can empty a leaf's charges (`memory.force_empty`, allowed once no
+    /// process is in it) and start its peak over from what is then left
+    /// (`memory.max_usage_in_bytes`, reset to the usage by a write). Only a
+    /// leaf whose command left at most [`REUSE_LEFT_CHARGED_MAX`] charged,
+    /// none of it dirty or under writeback (reclaiming such pages waits for
+    /// the disk), is emptied; it is used again if at most
+    /// [`REUSE_START_CHARGED_MAX`] then remains, and, where the kill
+    /// freezes, if it is not left frozen. Its OOM count
+    /// (`memory.oom_control`) and refused forks (`pids.events`) go on
+    /// counting: the pool reads their growth.
+    fn reset_leaf(&self, rel: &str) -> bool {
+        let memory = self.memory.join(rel);
+        let left = read_u64(&memory.join("memory.usage_in_bytes"));
+        if left.is_none_or(|b| b > REUSE_LEFT_CHARGED_MAX) {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(memory.join("memory.stat")) else {
+            return false;
+        };
+        let waits_on_disk = ["dirty", "writeback"]
+            .iter()
+            .any(|k| key_value(&stat, k).is_none_or(|b| b > 0));
+        if waits_on_disk || std::fs::write(memory.join("memory.force_empty"), "0").is_err() {
+            return false;
+        }
+        let start = read_u64(&memory.join("memory.usage_in_bytes"));
+        if start.is_none_or(|b| b > REUSE_START_CHARGED_MAX) {
+            return false;
+        }
+        if !self.unified_kills {
+            let thawed = self.freezer.as_ref().is_none_or(|f| {
+                std::fs::read_to_string(f.join(rel).join("freezer.state"))
+                    .is_ok_and(|s| s.trim() == "THAWED")
+            });
+            if !thawed {
+                return false;
+            }
+        }
+        std::fs::write(memory.join("memory.max_usage_in_bytes"), "0").is_ok()
+    }
+
     /// The child nodes of `rel` found in any hierarchy.
     fn children(&self, rel: &str) -> Vec<String> {
         children_in_any(&self.dirs(rel))
@@ -343,6 +404,58 @@ mod tests {
         }
         v1.remove("s-1/cmd-1").unwrap();
         assert!(!dir("memory").join("cmd-1").exists());
+    }
+
+    /// A leaf `s-1/cmd-1` whose command left `usage` bytes charged, with
+    /// `dirty` of them dirty, and a peak of 50 MiB.
+    fn used_leaf(unified: bool, usage: u64, dirty: u64) -> (tempfile::TempDir, V1, PathBuf) {
+        let (root, v1) = fake_tree(unified);
+        v1.create("s-1", Some(&limits())).unwrap();
+        v1.create("s-1/cmd-1", None).unwrap();
+        let memory = root.path().join("memory/sessiond/s-1/cmd-1");
+        std::fs::write(memory.join("memory.usage_in_bytes"), format!("{usage}\n")).unwrap();
+        std::fs::write(memory.join("memory.max_usage_in_bytes"), "52428800\n").unwrap();
+        std::fs::write(
+            memory.join("memory.stat"),
+            format!("cache 0\nrss 0\ndirty {dirty}\nwriteback 0\ntotal_dirty {dirty}\n"),
+        )
+        .unwrap();
+        (root, v1, memory)
+    }
+
+    #[test]
+    fn a_leaf_left_nearly_empty_is_emptied_and_its_peak_reset() {
+        let (_root, v1, memory) = used_leaf(true, 300 << 10, 0);
+        assert!(v1.reuses_leaves());
+        assert!(v1.reset_leaf("s-1/cmd-1"));
+        assert_eq!(read(&memory.join("memory.force_empty")), "0");
+        assert_eq!(read(&memory.join("memory.max_usage_in_bytes")), "0");
+    }
+
+    #[test]
+    fn a_leaf_holding_more_or_dirty_pages_or_frozen_is_not_reset() {
+        // More left: cached files, kept by removing the leaf.
+        let (_root, v1, memory) = used_leaf(true, REUSE_LEFT_CHARGED_MAX + 4096, 0);
+        assert!(!v1.reset_leaf("s-1/cmd-1"));
+        assert!(!memory.join("memory.force_empty").exists(), "never emptied");
+        assert_eq!(
+            read(&memory.join("memory.max_usage_in_bytes")),
+            "52428800\n"
+        );
+        // Dirty pages: emptying would wait on the disk.
+        let (_root, v1, memory) = used_leaf(true, 100 << 10, 4096);
+        assert!(!v1.reset_leaf("s-1/cmd-1"));
+        assert!(!memory.join("memory.force_empty").exists(), "never emptied");
+        // Still charged after emptying (the fake usage file does not change).
+        let (_root, v1, _memory) = used_leaf(true, REUSE_START_CHARGED_MAX + 4096, 0);
+        assert!(!v1.reset_leaf("s-1/cmd-1"));
+        // Left frozen by the freezing kill (no cgroup.kill).
+        let (root, v1, _memory) = used_leaf(false, 0, 0);
+        let state = root.path().join("freezer/sessiond/s-1/cmd-1/freezer.state");
+        std::fs::write(&state, "FROZEN\n").unwrap();
+        assert!(!v1.reset_leaf("s-1/cmd-1"));
+        std::fs::write(&state, "THAWED\n").unwrap();
+        assert!(v1.reset_leaf("s-1/cmd-1"));
     }
 
     #[test]

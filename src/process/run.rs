@@ -198,7 +198,7 @@ pub async fn run_command(
         // The command's own leaf, made ahead by the session with its
         // cgroup.procs files open for the child to join. On any error below,
         // dropping the leaf removes it.
-        let mut leaf = place.as_ref().map(SessionLeaves::take).transpose()?;
+        let leaf = place.as_ref().map(SessionLeaves::take).transpose()?;
         let procs: Vec<i32> = leaf.as_ref().map(CommandLeaf::procs).unwrap_or_default();
         let pty = pty_size
             .map(|size| Pty::open(size, credentials.map(|c| (c.uid, c.gid))))
@@ -217,15 +217,12 @@ pub async fn run_command(
             state_fds: state_at,
         };
         let (child, pipes) = spawn::spawn(&spawn_table, session, &request)?;
-        if let Some(leaf) = &mut leaf {
-            leaf.joined();
-        }
         // The slave closes here: the daemon holds only the master.
         Ok((child, pipes, leaf, pty.map(|p| p.master)))
     })
     .await
     .map_err(|e| RunError::Wait(std::io::Error::other(e)))?;
-    let (mut child, mut pipes, leaf, master) = spawned?;
+    let (mut child, mut pipes, mut leaf, master) = spawned?;
     let output = spec.output.clone();
     let terminal = master.is_some();
     let (mut stdout_rx, mut stderr_rx) = match master {
@@ -320,10 +317,11 @@ pub async fn run_command(
         );
     }
     // What the kernel says of the command's leaf (from files open since the
-    // leaf was made); then the leaf goes, unless background processes still
-    // live in it. Removing it (rmdir in each of its hierarchies, the slowest part on
-    // v1) need not delay the answer.
-    let reading = leaf.as_ref().map(CommandLeaf::finish);
+    // leaf was made); then the leaf is given back to the session (used again,
+    // or removed unless background processes still live in it). Either
+    // (cgroup file writes, rmdir in each of its hierarchies) need not delay
+    // the answer.
+    let reading = leaf.as_mut().map(CommandLeaf::finish);
     if let Some(leaf) = leaf {
         tokio::task::spawn_blocking(move || leaf.release());
     }

@@ -800,6 +800,9 @@ pub fn rss_of(pid: i32) -> u64 {
 pub struct Invariants {
     control: String,
     baseline_fds: usize,
+    /// Leaves a session keeps once it ran a command: two used in turn on
+    /// v1, where a leaf is reset and used again; one made ahead on v2.
+    leaves_kept: usize,
     pub ping_bound: Duration,
     pub rss_bound: u64,
 }
@@ -812,16 +815,18 @@ impl Invariants {
             .await
             .expect("control session");
         c.run(&control, "true").await.expect("control session runs");
+        let leaves_kept = leaves_kept(c).await;
         // The control session's next leaf is made ahead, in the background:
         // the baseline counts its open files.
         wait_until(
             "the control session's next leaf is made ahead",
             Duration::from_secs(5),
-            || d.command_leaves() == 1,
+            || d.command_leaves() == leaves_kept,
         );
         Invariants {
             control,
             baseline_fds: fd_count(d.pid()),
+            leaves_kept,
             ping_bound: Duration::from_secs(1),
             rss_bound: 256 << 20,
         }
@@ -855,7 +860,7 @@ impl Invariants {
 
     /// At a moment when no scenario runs: exactly `live` sessions (the control
     /// session included) and as many session cgroups exist, no command runs
-    /// (and no command cgroup is left but each session's one leaf made ahead,
+    /// (and no command cgroup is left but each session's leaves kept,
     /// empty), the daemon has at most `connections` more fds than at the
     /// baseline (open client connections) besides the other sessions' leaves
     /// made ahead, and no process of any session survives (idle sessions run
@@ -870,7 +875,7 @@ impl Invariants {
             "(sessions, running commands) when nothing runs"
         );
         settles(
-            "one session cgroup per live session, no command cgroup but one empty leaf made ahead per session",
+            "one session cgroup per live session, no command cgroup but its empty leaves kept per session",
             || {
                 let found: Vec<_> = d
                     .cgroup_dirs()
@@ -879,7 +884,7 @@ impl Invariants {
                     .collect();
                 let ok = found.iter().all(|(sessions, commands)| {
                     sessions.len() as u64 == live
-                        && commands.len() as u64 <= live
+                        && commands.len() <= live as usize * self.leaves_kept
                         && commands.iter().all(|leaf| {
                             std::fs::read_to_string(leaf.join("cgroup.procs"))
                                 .is_ok_and(|p| p.trim().is_empty())
@@ -893,8 +898,9 @@ impl Invariants {
             },
         )
         .await;
-        let bound =
-            self.baseline_fds + connections + live.saturating_sub(1) as usize * ready_leaf_fds(d);
+        let bound = self.baseline_fds
+            + connections
+            + live.saturating_sub(1) as usize * self.leaves_kept * ready_leaf_fds(d);
         settles("daemon fds back to baseline + open connections", || {
             let now = fd_count(d.pid());
             if now <= bound {
@@ -919,6 +925,16 @@ impl Invariants {
     /// are counted as open connections by [`Invariants::check_quiescent`]).
     pub fn discount_connections(&mut self, n: usize) {
         self.baseline_fds = self.baseline_fds.saturating_sub(n);
+    }
+}
+
+/// Leaves a session keeps once it ran a command (ready, or out with a
+/// command): two on v1, where leaves are reset and used in turn; one on v2.
+pub async fn leaves_kept(c: &Client) -> usize {
+    match c.stats().await.expect("stats").runtime.cgroups.as_str() {
+        "v1" => 2,
+        "off" => 0,
+        _ => 1,
     }
 }
 
