@@ -207,6 +207,13 @@ async fn each_command_counts_only_itself_in_a_leaf_made_ahead_or_reset() {
             "for i in $(seq 9); do sleep 0.2 & done; wait",
         ),
     ];
+    // Once first: what the commands read for the first time since boot
+    // (their programs) is charged to the leaf that read it, whose reset
+    // would evict it from the page cache — such a leaf is removed instead.
+    for (_, command) in heavy {
+        c.exec(exec(&s, &in_leaf(command), 30.0)).await.unwrap();
+    }
+    let warm = leaves();
     let mut seen = std::collections::BTreeSet::new();
     for (what, command) in heavy {
         let r = c.exec(exec(&s, &in_leaf(command), 30.0)).await.unwrap();
@@ -220,7 +227,7 @@ async fn each_command_counts_only_itself_in_a_leaf_made_ahead_or_reset() {
         }
         // The next commands until one runs in the same leaf (on v1 the
         // second one: two leaves in turn; on v2 none does).
-        let mut again = None;
+        let mut reused = false;
         for _ in 0..kept + 1 {
             let r = c.exec(exec(&s, &in_leaf("true"), 30.0)).await.unwrap();
             assert_eq!(
@@ -230,20 +237,21 @@ async fn each_command_counts_only_itself_in_a_leaf_made_ahead_or_reset() {
             );
             assert!(r.max_rss_bytes.unwrap() < 20 << 20, "after {what}: {r:?}");
             assert_eq!(r.pids_limit_hits, Some(0), "after {what}: {r:?}");
+            reused |= leaf_of(&r) == leaf;
             seen.insert(leaf_of(&r));
-            if leaf_of(&r) == leaf {
-                again = Some(r);
-            }
         }
         assert_eq!(
-            again.is_some(),
-            reuses,
+            reused, reuses,
             "after {what}: a leaf is used again on v1 only (leaves seen: {seen:?})"
         );
     }
     let commands = heavy.len() * (kept + 2);
     let expected = if reuses { kept } else { commands };
-    assert_eq!(seen.len(), expected, "leaves used: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        expected,
+        "leaves used: {seen:?} (after warming up: {warm})"
+    );
     // Generous: under emulation (the v2 CI guest) a leaf takes a while.
     support::wait_until(
         "ended commands' leaves go; those kept ahead stay",
@@ -315,12 +323,36 @@ async fn daemonized_children_die_with_the_command_or_the_session() {
         .unwrap();
     wait_dead(pid, "the daemonized child of the killed command dies");
     // Outlives its command (it ended by itself), dies with the session.
-    c.run(&s, &daemonize("d.pid")).await.unwrap();
+    let own_leaf = "grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u";
+    let r = c
+        .run(&s, &format!("{own_leaf}; {}", daemonize("d.pid")))
+        .await
+        .unwrap();
     let pid: i32 = std::fs::read_to_string(d.work_dir().join("d.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
+    // Its leaf, which still holds it, is never another command's (on v1,
+    // where leaves are reset and used again, nor there): a later command's
+    // cancel, which kills its own leaf, leaves it alive.
+    let background_leaf = r.stdout.to_vec();
+    for _ in 0..4 {
+        let r = c.run(&s, own_leaf).await.unwrap();
+        assert_ne!(
+            r.stdout, background_leaf,
+            "a command in the background's leaf"
+        );
+    }
+    let later = support::spawn_run(&c, &s, &format!("{own_leaf} > later.leaf; sleep 300"));
+    let leaf_file = d.work_dir().join("later.leaf");
+    support::wait_until("the later command runs", Duration::from_secs(60), || {
+        std::fs::read(&leaf_file).is_ok_and(|l| !l.is_empty())
+    });
+    assert_ne!(std::fs::read(&leaf_file).unwrap(), background_leaf);
+    assert!(c.cancel(&s).await.unwrap());
+    let r = later.await.unwrap().unwrap();
+    assert_eq!(r.killed_by, Some(KilledBy::Cancelled), "{r:?}");
     assert!(
         alive(pid),
         "a background process lives until the session ends"

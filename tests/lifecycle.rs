@@ -219,3 +219,68 @@ fn a_uid_that_is_not_allowed_gets_permission_denied() {
     );
     d.stop();
 }
+
+/// The daemon raises its soft limit of open files to its hard limit: its
+/// files grow with what it hosts (two command leaves of 8 files per session
+/// on cgroup v1) past the 1 024 a service often starts with.
+#[test]
+fn the_daemon_raises_its_open_file_limit_to_the_hard_limit() {
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .1;
+    let soft = 256.min(hard);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[cgroups]\nmode = \"off\"\n").unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sessiond"));
+    command
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let lowered = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    /// Killed if the test fails before it stops the daemon.
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Daemon(command.spawn().unwrap());
+    let child = &mut daemon.0;
+    wait_until("the daemon serves", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // "Max open files <soft> <hard> files"
+    assert_eq!(open_files[3], hard.to_string(), "soft limit: {limits}");
+    assert_ne!(soft, hard, "the test started it lower");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -88,7 +88,8 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
         false
     }
     /// Makes the empty command leaf `rel` as good as fresh for another
-    /// command, if the kernel lets its peak memory start over from nothing:
+    /// command, if the kernel lets its peak memory start over from (near)
+    /// nothing:
     /// whether it did. Its OOM and fork counters keep counting (the pool
     /// reads their growth).
     fn reset_leaf(&self, _rel: &str) -> bool {

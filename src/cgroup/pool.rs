@@ -30,7 +30,8 @@ use super::{CgroupError, CgroupNode, Cgroups};
 /// Leaves a session keeps, ready or with a command, where leaves are used
 /// again: two, so a command takes one ready while its predecessor's is
 /// being reset (a reset is a few cgroup file writes and reads on the
-/// blocking pool, ≈ 100 µs, which a command sent as soon as the previous
+/// blocking pool — `memory.force_empty` reclaims, from ≈ 0.1 ms to a few ms —
+/// which a command sent as soon as the previous
 /// one was answered would otherwise wait for). Each holds a cgroup in the
 /// kernel (in three hierarchies on v1) and 8 open files (5 join files, 3
 /// counters).
@@ -41,8 +42,9 @@ pub const REUSED_LEAVES: usize = 2;
 /// current one runs). 4 open files each on v2.
 pub const FRESH_LEAVES_READY: usize = 1;
 
-// Either way the second of a burst of `exec.start`s makes its own leaf on
-// its path, as every command did before.
+// Either way the second of a burst of `exec.start`s (with
+// `max_per_session` above 1) waits up to `RETURN_WAIT` for a leaf being
+// given back, else makes its own on its path, as every command did before.
 
 /// How long a command's spawn waits for the leaf of the session's previous
 /// command to come back before it makes one of its own. Giving a leaf back
@@ -88,13 +90,17 @@ impl Counters {
         }
     }
 
-    /// OOM kills in the leaf since it was made.
+    /// OOM kills in the leaf since it was made (`None`: its open file
+    /// cannot be read; 0 where the kernel has no such file).
+    fn read_oom_kills(&self) -> Option<u64> {
+        match &self.oom {
+            Some(file) => pread(file).and_then(|t| super::fs::key_value(&t, self.oom_key)),
+            None => Some(0),
+        }
+    }
+
     fn oom_kills(&self) -> u64 {
-        self.oom
-            .as_ref()
-            .and_then(pread)
-            .and_then(|t| super::fs::key_value(&t, self.oom_key))
-            .unwrap_or(0)
+        self.read_oom_kills().unwrap_or(0)
     }
 
     /// Refused forks counted in the leaf since it was made.
@@ -103,9 +109,20 @@ impl Counters {
     }
 
     /// The leaf starts over for its next command: what it counts from now.
-    fn start_over(&mut self) {
-        self.oom_before = self.oom_kills();
-        self.pids_before = self.pids_hits();
+    /// `false` if a counter cannot be read (the next command would count
+    /// its predecessors' kills and forks as its own: the leaf is not used).
+    fn start_over(&mut self) -> bool {
+        let pids = match &self.pids {
+            Some(file) => pread(file).and_then(|t| super::fs::key_value(&t, "max")),
+            None => Some(0),
+        };
+        match (self.read_oom_kills(), pids) {
+            (Some(oom), Some(pids)) => {
+                (self.oom_before, self.pids_before) = (oom, pids);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -313,7 +330,10 @@ impl SessionLeaves {
     /// Tops the leaves up (see [`SessionLeaves::wants_more`]) on the blocking pool (one
     /// task at a time), never on a command's path nor in the session's actor.
     fn refill(self: &Arc<Self>) {
-        if self.closed.load(Ordering::Acquire) || self.refilling.swap(true, Ordering::AcqRel) {
+        if self.closed.load(Ordering::Acquire)
+            || !self.wants_more(&lock(&self.ready))
+            || self.refilling.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -489,38 +509,47 @@ impl CommandLeaf {
     /// backend can reset goes back to the session's ready ones, if there is
     /// room; else it is removed now if empty, its refused forks kept in the
     /// session's count, and one still holding background processes is left
-    /// to the session's end.
+    /// to the session's end. The reset (which may take milliseconds: it
+    /// reclaims) holds no lock a spawn or the session's end waits on.
     pub fn release(mut self) {
         let Some(mut prepared) = self.prepared.take() else {
             return;
         };
         let session = self.session.clone();
-        if session.reuses {
+        let room = || lock(&session.ready).leaves.len() < session.size;
+        if session.reuses
+            && room()
+            && !session.closed.load(Ordering::Acquire)
+            && !session.cgroups.populated(prepared.node.name())
+            && session.cgroups.reset_leaf(prepared.node.name())
+            && prepared.counters.start_over()
+        {
+            // The session's end (`finish`) drains the ready leaves under
+            // `making` once `closed` is set: either it finds this one, or
+            // this finds `closed`.
             let _making = lock(&session.making);
-            let room = lock(&session.ready).leaves.len() < session.size;
-            if room
-                && !session.closed.load(Ordering::Acquire)
-                && !session.cgroups.populated(prepared.node.name())
-                && session.cgroups.reset_leaf(prepared.node.name())
-            {
-                prepared.counters.start_over();
+            if !session.closed.load(Ordering::Acquire) && room() {
                 lock(&session.ready).leaves.push_back(prepared);
                 // `self` drops here: counted in, and waiters woken.
                 return;
             }
         }
-        let Prepared { node, counters, .. } = prepared;
-        {
-            let mut retired = lock(&session.retired);
-            let hits = counters.pids_hits();
-            drop(counters);
-            if node.release() {
-                *retired += hits;
-            }
-        }
+        retire(&session, prepared);
         drop(self);
         // Nothing comes back for the session's next command: make it one.
         session.refill();
+    }
+}
+
+/// Removes a leaf a command is done with, if empty (else the session's end
+/// does), keeping its refused forks in the session's count (blocking).
+fn retire(session: &SessionLeaves, prepared: Prepared) {
+    let Prepared { node, counters, .. } = prepared;
+    let mut retired = lock(&session.retired);
+    let hits = counters.pids_hits();
+    drop(counters);
+    if node.release() {
+        *retired += hits;
     }
 }
 
@@ -528,6 +557,27 @@ impl CommandLeaf {
 /// it is woken (to take it, or to make its own).
 impl Drop for CommandLeaf {
     fn drop(&mut self) {
+        // Not given back (its command's spawn failed, or its run ended in
+        // an error): it goes, with whatever refused forks of earlier
+        // commands it counted, and the session gets another.
+        if let Some(prepared) = self.prepared.take() {
+            let leaves = self.session.clone();
+            let gone = move || {
+                let Prepared { node, counters, .. } = prepared;
+                let mut retired = lock(&leaves.retired);
+                let hits = counters.pids_hits();
+                drop(counters);
+                if node.destroy().is_ok() {
+                    *retired += hits;
+                }
+                drop(retired);
+                leaves.refill();
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(gone)),
+                Err(_) => gone(),
+            }
+        }
         {
             let mut ready = lock(&self.session.ready);
             ready.out = ready.out.saturating_sub(1);

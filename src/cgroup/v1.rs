@@ -15,12 +15,16 @@ use super::{Backend, CgroupError, CgroupLimits};
 pub const SESSIONS_CPU_SHARES: u64 = 128;
 
 /// A command leaf is used again only if its command left at most this much
-/// charged to it: kernel objects of its processes that the kernel frees
-/// after an RCU grace period (≈ 70 KiB per process, measured), a charge
-/// batch held for it, a small file's pages. Resetting empties its charges,
-/// which drops such pages from the page cache; a command that left more
-/// (files a build wrote) keeps them cached: its leaf is removed instead.
+/// charged to it, none of it in the page cache (see [`V1::reset_leaf`]):
+/// kernel objects of its processes that the kernel frees after an RCU grace
+/// period (≈ 70 KiB per process, measured) and a charge batch held for it.
 pub const REUSE_LEFT_CHARGED_MAX: u64 = 2 << 20;
+
+/// Page cache a leaf may hold and still be emptied for reuse (emptying
+/// evicts it: a page or a few a command read first, read from disk again
+/// by a later command). A command that read more keeps it cached: its leaf
+/// is removed instead.
+pub const REUSE_CACHED_MAX: u64 = 64 * 1024;
 
 /// What may still be charged to a leaf once emptied for its next command:
 /// kernel objects not yet freed (emptying cannot reclaim them; they go
@@ -245,10 +249,14 @@ impl Backend for V1 {
     /// process is in it) and start its peak over from what is then left
     /// (`memory.max_usage_in_bytes`, reset to the usage by a write). Only a
     /// leaf whose command left at most [`REUSE_LEFT_CHARGED_MAX`] charged,
-    /// none of it dirty or under writeback (reclaiming such pages waits for
-    /// the disk), is emptied; it is used again if at most
-    /// [`REUSE_START_CHARGED_MAX`] then remains, and, where the kill
-    /// freezes, if it is not left frozen. Its OOM count
+    /// at most [`REUSE_CACHED_MAX`] of it in the page cache and none dirty,
+    /// under writeback or in tmpfs or shared memory, is emptied: emptying
+    /// reclaims page cache, so a file the command read first would be read
+    /// from disk again by the next command (removing the leaf instead keeps
+    /// it cached); dirty pages wait for the disk; and `shmem` cannot be
+    /// reclaimed without swap — it would stay in every later peak. It is used again
+    /// if at most [`REUSE_START_CHARGED_MAX`] then remains, and, where the
+    /// kill freezes, if it is not left frozen. Its OOM count
     /// (`memory.oom_control`) and refused forks (`pids.events`) go on
     /// counting: the pool reads their growth.
     fn reset_leaf(&self, rel: &str) -> bool {
@@ -260,10 +268,10 @@ impl Backend for V1 {
         let Ok(stat) = std::fs::read_to_string(memory.join("memory.stat")) else {
             return false;
         };
-        let waits_on_disk = ["dirty", "writeback"]
-            .iter()
-            .any(|k| key_value(&stat, k).is_none_or(|b| b > 0));
-        if waits_on_disk || std::fs::write(memory.join("memory.force_empty"), "0").is_err() {
+        let over = |key: &str, max: u64| key_value(&stat, key).is_none_or(|b| b > max);
+        let cached = over("cache", REUSE_CACHED_MAX)
+            || ["shmem", "dirty", "writeback"].iter().any(|k| over(k, 0));
+        if cached || std::fs::write(memory.join("memory.force_empty"), "0").is_err() {
             return false;
         }
         let start = read_u64(&memory.join("memory.usage_in_bytes"));
@@ -406,9 +414,9 @@ mod tests {
         assert!(!dir("memory").join("cmd-1").exists());
     }
 
-    /// A leaf `s-1/cmd-1` whose command left `usage` bytes charged, with
-    /// `dirty` of them dirty, and a peak of 50 MiB.
-    fn used_leaf(unified: bool, usage: u64, dirty: u64) -> (tempfile::TempDir, V1, PathBuf) {
+    /// A leaf `s-1/cmd-1` whose command left `usage` bytes charged, `cache`
+    /// of them in the page cache, and a peak of 50 MiB.
+    fn used_leaf(unified: bool, usage: u64, cache: u64) -> (tempfile::TempDir, V1, PathBuf) {
         let (root, v1) = fake_tree(unified);
         v1.create("s-1", Some(&limits())).unwrap();
         v1.create("s-1/cmd-1", None).unwrap();
@@ -417,7 +425,9 @@ mod tests {
         std::fs::write(memory.join("memory.max_usage_in_bytes"), "52428800\n").unwrap();
         std::fs::write(
             memory.join("memory.stat"),
-            format!("cache 0\nrss 0\ndirty {dirty}\nwriteback 0\ntotal_dirty {dirty}\n"),
+            format!(
+                "cache {cache}\nrss 0\nshmem 0\nmapped_file 0\ndirty 0\nwriteback 0\ntotal_cache {cache}\n"
+            ),
         )
         .unwrap();
         (root, v1, memory)
@@ -425,7 +435,8 @@ mod tests {
 
     #[test]
     fn a_leaf_left_nearly_empty_is_emptied_and_its_peak_reset() {
-        let (_root, v1, memory) = used_leaf(true, 300 << 10, 0);
+        // A page it read first is evicted with the rest.
+        let (_root, v1, memory) = used_leaf(true, 300 << 10, 4096);
         assert!(v1.reuses_leaves());
         assert!(v1.reset_leaf("s-1/cmd-1"));
         assert_eq!(read(&memory.join("memory.force_empty")), "0");
@@ -433,8 +444,8 @@ mod tests {
     }
 
     #[test]
-    fn a_leaf_holding_more_or_dirty_pages_or_frozen_is_not_reset() {
-        // More left: cached files, kept by removing the leaf.
+    fn a_leaf_holding_more_or_cached_pages_or_frozen_is_not_reset() {
+        // More left charged than processes leave behind.
         let (_root, v1, memory) = used_leaf(true, REUSE_LEFT_CHARGED_MAX + 4096, 0);
         assert!(!v1.reset_leaf("s-1/cmd-1"));
         assert!(!memory.join("memory.force_empty").exists(), "never emptied");
@@ -442,8 +453,8 @@ mod tests {
             read(&memory.join("memory.max_usage_in_bytes")),
             "52428800\n"
         );
-        // Dirty pages: emptying would wait on the disk.
-        let (_root, v1, memory) = used_leaf(true, 100 << 10, 4096);
+        // Page cache (a file the command read first): kept by removing the leaf.
+        let (_root, v1, memory) = used_leaf(true, 200 << 10, REUSE_CACHED_MAX + 4096);
         assert!(!v1.reset_leaf("s-1/cmd-1"));
         assert!(!memory.join("memory.force_empty").exists(), "never emptied");
         // Still charged after emptying (the fake usage file does not change).

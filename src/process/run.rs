@@ -317,14 +317,8 @@ pub async fn run_command(
         );
     }
     // What the kernel says of the command's leaf (from files open since the
-    // leaf was made); then the leaf is given back to the session (used again,
-    // or removed unless background processes still live in it). Either
-    // (cgroup file writes, rmdir in each of its hierarchies) need not delay
-    // the answer.
+    // leaf was made); it is given back below.
     let reading = leaf.as_mut().map(CommandLeaf::finish);
-    if let Some(leaf) = leaf {
-        tokio::task::spawn_blocking(move || leaf.release());
-    }
     let oom_kills = reading.map_or(0, |r| r.oom_kills);
     let killed_by = killed_by.or_else(|| kill::attribute(&exit, oom_kills, &spec.rlimits));
 
@@ -341,6 +335,15 @@ pub async fn run_command(
         Ok(state) => (state.map(Box::new), None),
         Err(e) => (None, Some(e.to_string())),
     };
+    // The saved state's pages were charged to the leaf by the shell that
+    // wrote them: freed first, so a leaf reset for its next command is
+    // empty. Then the leaf is given back to the session (used again, or
+    // removed unless background processes still live in it); neither the
+    // cgroup writes nor rmdir need delay the answer.
+    drop(save);
+    if let Some(leaf) = leaf {
+        tokio::task::spawn_blocking(move || leaf.release());
+    }
     let cwd = state.as_ref().map_or(&spec.state.cwd, |s| &s.cwd).clone();
     Ok(RunReport {
         exit,

@@ -287,6 +287,7 @@ pub async fn run(
     let metrics = bind_metrics(&config)?;
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
+    raise_open_files();
     // uid-per-session: lock the state directory, then kill and remove what the
     // sessions of a dead daemon left under their uids, before any session starts.
     if ctx.config.commands.isolation == IsolationMode::UidPerSession {
@@ -596,6 +597,33 @@ fn shield_from_oom(score: i32) {
             error = ?written.err().map(|e| e.to_string()),
             "cannot set the daemon's oom_score_adj to the configured value; it stays at `kept`"
         ),
+    }
+}
+
+/// Raises the daemon's soft limit of open files to its hard limit. The
+/// daemon's own files grow with what it hosts — per connection a socket,
+/// per running command its pipes and pidfd, per session on cgroup v1 two
+/// command leaves of 8 open files each (1 024 at the default 64 sessions) —
+/// and the soft limit a service inherits is often 1 024. Commands get
+/// `rlimits.nofile`, set in each spawn, whatever the daemon's own is.
+fn raise_open_files() {
+    let (soft, hard) = crate::limits::current(libc::RLIMIT_NOFILE);
+    if soft >= hard {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we pass; nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        tracing::info!(
+            from = soft,
+            to = hard,
+            "daemon's open-file limit raised to its hard limit"
+        );
+    } else {
+        tracing::warn!(soft, hard, error = %std::io::Error::last_os_error(), "cannot raise the daemon's open-file limit");
     }
 }
 

@@ -930,6 +930,8 @@ impl Invariants {
 
 /// Leaves a session keeps once it ran a command (ready, or out with a
 /// command): two on v1, where leaves are reset and used in turn; one on v2.
+/// (The daemon's `REUSED_LEAVES` and `FRESH_LEAVES_READY`, in
+/// src/cgroup/pool.rs, which the crate does not export.)
 pub async fn leaves_kept(c: &Client) -> usize {
     match c.stats().await.expect("stats").runtime.cgroups.as_str() {
         "v1" => 2,
