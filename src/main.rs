@@ -238,6 +238,7 @@ fn serve(config_path: Option<PathBuf>, socket: Option<PathBuf>, log_format: LogF
     }
     let path = config.socket_path();
     server::block_stop_signals();
+    server::raise_open_files();
     // Socket activation: systemd's listening socket instead of our own.
     let bound = match server::systemd::take_listener() {
         Some(Ok(listener)) => {

@@ -287,7 +287,6 @@ pub async fn run(
     let metrics = bind_metrics(&config)?;
     let mut ctx = Context::new(config);
     shield_from_oom(ctx.config.server.oom_score_adj);
-    raise_open_files();
     // uid-per-session: lock the state directory, then kill and remove what the
     // sessions of a dead daemon left under their uids, before any session starts.
     if ctx.config.commands.isolation == IsolationMode::UidPerSession {
@@ -606,7 +605,8 @@ fn shield_from_oom(score: i32) {
 /// command leaves of 8 open files each (1 024 at the default 64 sessions) —
 /// and the soft limit a service inherits is often 1 024. Commands get
 /// `rlimits.nofile`, set in each spawn, whatever the daemon's own is.
-fn raise_open_files() {
+/// Called before the socket is bound.
+pub fn raise_open_files() {
     let (soft, hard) = crate::limits::current(libc::RLIMIT_NOFILE);
     if soft >= hard {
         return;
