@@ -30,7 +30,7 @@ use super::{CgroupError, CgroupNode, Cgroups};
 /// Leaves a session keeps, ready or with a command, where leaves are used
 /// again: two, so a command takes one ready while its predecessor's is
 /// being reset (a reset is a few cgroup file writes and reads on the
-/// blocking pool — `memory.force_empty` reclaims, from ≈ 0.1 ms to a few ms —
+/// blocking pool, behind whatever else the blocking pool has queued —
 /// which a command sent as soon as the previous
 /// one was answered would otherwise wait for). Each holds a cgroup in the
 /// kernel (in three hierarchies on v1) and 8 open files (5 join files, 3
@@ -73,9 +73,11 @@ struct Counters {
     peak: Option<File>,
     pids: Option<File>,
     /// The OOM kills and refused forks counted before the leaf's current
-    /// command (by earlier commands of a leaf used again).
+    /// command (by earlier commands of a leaf used again), and the usage
+    /// its peak was reset to.
     oom_before: u64,
     pids_before: u64,
+    peak_before: u64,
 }
 
 impl Counters {
@@ -87,6 +89,7 @@ impl Counters {
             pids: File::open(&files.pids).ok(),
             oom_before: 0,
             pids_before: 0,
+            peak_before: 0,
         }
     }
 
@@ -108,17 +111,30 @@ impl Counters {
         pids_hits(self.pids.as_ref())
     }
 
-    /// The leaf starts over for its next command: what it counts from now.
-    /// `false` if a counter cannot be read (the next command would count
-    /// its predecessors' kills and forks as its own: the leaf is not used).
+    /// The peak since the leaf was made or last reset.
+    fn read_peak(&self) -> Option<u64> {
+        self.peak
+            .as_ref()
+            .and_then(pread)
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    }
+
+    /// The leaf starts over for its next command (its peak just reset to
+    /// the usage): what it counts from now. `false` if a counter cannot be
+    /// read (the next command would count its predecessors' kills, forks
+    /// or memory as its own: the leaf is not used).
     fn start_over(&mut self) -> bool {
         let pids = match &self.pids {
             Some(file) => pread(file).and_then(|t| super::fs::key_value(&t, "max")),
             None => Some(0),
         };
-        match (self.read_oom_kills(), pids) {
-            (Some(oom), Some(pids)) => {
-                (self.oom_before, self.pids_before) = (oom, pids);
+        let peak = match &self.peak {
+            Some(_) => self.read_peak(),
+            None => Some(0),
+        };
+        match (self.read_oom_kills(), pids, peak) {
+            (Some(oom), Some(pids), Some(peak)) => {
+                (self.oom_before, self.pids_before, self.peak_before) = (oom, pids, peak);
                 true
             }
             _ => false,
@@ -151,8 +167,9 @@ pub struct SessionLeaves {
     reuses: bool,
     /// [`REUSED_LEAVES`] (ready or out) or [`FRESH_LEAVES_READY`] (ready).
     size: usize,
-    /// Held while a leaf is being made or given back, so `finish` can wait
-    /// one out.
+    /// Held while a leaf is being made or put back among the ready ones,
+    /// so `finish` can wait one out (a leaf being reset finds `closed` set
+    /// when it takes this, and goes).
     making: Mutex<()>,
     /// A refill task is queued or running.
     refilling: AtomicBool,
@@ -472,7 +489,10 @@ impl CommandLeaf {
     /// the command's refused forks into the daemon's total. From here the
     /// session's next command may wait for this leaf to be given back.
     ///
-    /// The peak is the leaf's, at most the session's `memory_max`: the
+    /// The peak is the leaf's — in a leaf used again, its growth over the
+    /// usage it was reset to (what earlier commands left charged: kernel
+    /// objects awaiting their freeing, cached directory entries) — at most
+    /// the session's `memory_max`: the
     /// kernel charges a leaf before its session and records the leaf's peak
     /// even when the session's limit then refuses the charge (a batch of
     /// pages or a huge page), so a leaf's recorded peak can pass the limit by
@@ -481,11 +501,8 @@ impl CommandLeaf {
         let c = &self.prepared().counters;
         let oom_kills = c.oom_kills().saturating_sub(c.oom_before);
         let memory_peak = c
-            .peak
-            .as_ref()
-            .and_then(pread)
-            .and_then(|t| t.trim().parse::<u64>().ok())
-            .map(|p| p.min(self.session.memory_max));
+            .read_peak()
+            .map(|p| p.saturating_sub(c.peak_before).min(self.session.memory_max));
         let in_leaf = c.pids_hits().saturating_sub(c.pids_before);
         let at_session =
             pids_hits(self.session.session_pids.as_ref()).saturating_sub(self.session_hits_before);
@@ -557,27 +574,7 @@ fn retire(session: &SessionLeaves, prepared: Prepared) {
 /// it is woken (to take it, or to make its own).
 impl Drop for CommandLeaf {
     fn drop(&mut self) {
-        // Not given back (its command's spawn failed, or its run ended in
-        // an error): it goes, with whatever refused forks of earlier
-        // commands it counted, and the session gets another.
-        if let Some(prepared) = self.prepared.take() {
-            let leaves = self.session.clone();
-            let gone = move || {
-                let Prepared { node, counters, .. } = prepared;
-                let mut retired = lock(&leaves.retired);
-                let hits = counters.pids_hits();
-                drop(counters);
-                if node.destroy().is_ok() {
-                    *retired += hits;
-                }
-                drop(retired);
-                leaves.refill();
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(gone)),
-                Err(_) => gone(),
-            }
-        }
+        let unreturned = self.prepared.take();
         {
             let mut ready = lock(&self.session.ready);
             ready.out = ready.out.saturating_sub(1);
@@ -586,6 +583,36 @@ impl Drop for CommandLeaf {
             }
         }
         self.session.given_back.notify_all();
+        // Not given back (its command's spawn failed, or its run ended in
+        // an error or was aborted): it goes, killed first, with whatever
+        // refused forks of earlier commands it counted, and the session
+        // gets another.
+        let Some(prepared) = unreturned else {
+            return;
+        };
+        let leaves = self.session.clone();
+        let gone = move || {
+            let Prepared { node, counters, .. } = prepared;
+            if let Err(e) = node.kill() {
+                tracing::error!(cgroup = %node.name(), error = %e, "cannot kill a dropped command leaf");
+            }
+            let mut retired = lock(&leaves.retired);
+            let hits = counters.pids_hits();
+            drop(counters);
+            let name = node.name().to_string();
+            match node.destroy() {
+                Ok(()) => *retired += hits,
+                Err(e) => {
+                    tracing::error!(cgroup = %name, error = %e, "cannot remove a dropped command leaf")
+                }
+            }
+            drop(retired);
+            leaves.refill();
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(gone)),
+            Err(_) => gone(),
+        }
     }
 }
 

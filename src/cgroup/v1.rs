@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use super::fs::{
-    all_pids_below, child_dirs, key_value, kill_by_file, mkdir, mkdir_new, read_key, read_u64,
-    rmdir, wait_empty, write,
+    all_pids_below, child_dirs, kill_by_file, mkdir, mkdir_new, read_key, read_u64, rmdir,
+    wait_empty, write,
 };
 use super::{Backend, CgroupError, CgroupLimits};
 
@@ -14,24 +14,15 @@ use super::{Backend, CgroupError, CgroupLimits};
 /// matter when CPU is short; idle, the sessions may use it all.
 pub const SESSIONS_CPU_SHARES: u64 = 128;
 
-/// A command leaf is used again only if its command left at most this much
-/// charged to it, none of it in the page cache (see [`V1::reset_leaf`]):
-/// kernel objects of its processes that the kernel frees after an RCU grace
-/// period (≈ 70 KiB per process, measured) and a charge batch held for it.
+/// A command leaf is used again only if at most this much is charged to it
+/// once its command has ended: kernel objects of its processes awaiting an
+/// RCU grace period (≈ 70 KiB per process, measured), the directory entries
+/// and inodes it looked up first, a charge batch, a small file's pages. Its
+/// next command's peak is read as growth over what is charged at the reset,
+/// so what stays charged does not count; what is freed during that command
+/// may hide up to as much of its own use. A leaf holding more is removed,
+/// as every leaf used to be.
 pub const REUSE_LEFT_CHARGED_MAX: u64 = 2 << 20;
-
-/// Page cache a leaf may hold and still be emptied for reuse (emptying
-/// evicts it: a page or a few a command read first, read from disk again
-/// by a later command). A command that read more keeps it cached: its leaf
-/// is removed instead.
-pub const REUSE_CACHED_MAX: u64 = 64 * 1024;
-
-/// What may still be charged to a leaf once emptied for its next command:
-/// kernel objects not yet freed (emptying cannot reclaim them; they go
-/// within a second). The next command's peak counts from there, so it may
-/// include up to this much that was never its own — a fresh leaf's peak
-/// runs ahead of what was used too, by up to a charge batch (64 pages).
-pub const REUSE_START_CHARGED_MAX: u64 = 1 << 20;
 
 /// The v1 hierarchies a node is created in, plus the cgroup2 ("unified")
 /// mount of a hybrid host, used to track every process and to kill them all
@@ -245,37 +236,20 @@ impl Backend for V1 {
         true
     }
 
-    /// v1 can empty a leaf's charges (`memory.force_empty`, allowed once no
-    /// process is in it) and start its peak over from what is then left
-    /// (`memory.max_usage_in_bytes`, reset to the usage by a write). Only a
-    /// leaf whose command left at most [`REUSE_LEFT_CHARGED_MAX`] charged,
-    /// at most [`REUSE_CACHED_MAX`] of it in the page cache and none dirty,
-    /// under writeback or in tmpfs or shared memory, is emptied: emptying
-    /// reclaims page cache, so a file the command read first would be read
-    /// from disk again by the next command (removing the leaf instead keeps
-    /// it cached); dirty pages wait for the disk; and `shmem` cannot be
-    /// reclaimed without swap — it would stay in every later peak. It is used again
-    /// if at most [`REUSE_START_CHARGED_MAX`] then remains, and, where the
-    /// kill freezes, if it is not left frozen. Its OOM count
+    /// v1 can start a leaf's peak over: a write to
+    /// `memory.max_usage_in_bytes` resets it to the current usage, which the
+    /// pool then reads as its baseline. Nothing is reclaimed
+    /// (`memory.force_empty` would also drop the page cache, directory
+    /// entries and inodes the command brought in, and every later command
+    /// would read them from disk again). Only a leaf with at most
+    /// [`REUSE_LEFT_CHARGED_MAX`] charged is reset, and, where the kill
+    /// freezes, one that is not left frozen. Its OOM count
     /// (`memory.oom_control`) and refused forks (`pids.events`) go on
-    /// counting: the pool reads their growth.
+    /// counting: the pool reads their growth too.
     fn reset_leaf(&self, rel: &str) -> bool {
         let memory = self.memory.join(rel);
         let left = read_u64(&memory.join("memory.usage_in_bytes"));
         if left.is_none_or(|b| b > REUSE_LEFT_CHARGED_MAX) {
-            return false;
-        }
-        let Ok(stat) = std::fs::read_to_string(memory.join("memory.stat")) else {
-            return false;
-        };
-        let over = |key: &str, max: u64| key_value(&stat, key).is_none_or(|b| b > max);
-        let cached = over("cache", REUSE_CACHED_MAX)
-            || ["shmem", "dirty", "writeback"].iter().any(|k| over(k, 0));
-        if cached || std::fs::write(memory.join("memory.force_empty"), "0").is_err() {
-            return false;
-        }
-        let start = read_u64(&memory.join("memory.usage_in_bytes"));
-        if start.is_none_or(|b| b > REUSE_START_CHARGED_MAX) {
             return false;
         }
         if !self.unified_kills {
@@ -414,54 +388,40 @@ mod tests {
         assert!(!dir("memory").join("cmd-1").exists());
     }
 
-    /// A leaf `s-1/cmd-1` whose command left `usage` bytes charged, `cache`
-    /// of them in the page cache, and a peak of 50 MiB.
-    fn used_leaf(unified: bool, usage: u64, cache: u64) -> (tempfile::TempDir, V1, PathBuf) {
+    /// A leaf `s-1/cmd-1` whose command left `usage` bytes charged and a
+    /// peak of 50 MiB.
+    fn used_leaf(unified: bool, usage: u64) -> (tempfile::TempDir, V1, PathBuf) {
         let (root, v1) = fake_tree(unified);
         v1.create("s-1", Some(&limits())).unwrap();
         v1.create("s-1/cmd-1", None).unwrap();
         let memory = root.path().join("memory/sessiond/s-1/cmd-1");
         std::fs::write(memory.join("memory.usage_in_bytes"), format!("{usage}\n")).unwrap();
         std::fs::write(memory.join("memory.max_usage_in_bytes"), "52428800\n").unwrap();
-        std::fs::write(
-            memory.join("memory.stat"),
-            format!(
-                "cache {cache}\nrss 0\nshmem 0\nmapped_file 0\ndirty 0\nwriteback 0\ntotal_cache {cache}\n"
-            ),
-        )
-        .unwrap();
         (root, v1, memory)
     }
 
     #[test]
-    fn a_leaf_left_nearly_empty_is_emptied_and_its_peak_reset() {
-        // A page it read first is evicted with the rest.
-        let (_root, v1, memory) = used_leaf(true, 300 << 10, 4096);
+    fn a_leaf_left_with_little_charged_has_its_peak_reset_and_nothing_reclaimed() {
+        let (_root, v1, memory) = used_leaf(true, 300 << 10);
         assert!(v1.reuses_leaves());
         assert!(v1.reset_leaf("s-1/cmd-1"));
-        assert_eq!(read(&memory.join("memory.force_empty")), "0");
         assert_eq!(read(&memory.join("memory.max_usage_in_bytes")), "0");
+        assert!(
+            !memory.join("memory.force_empty").exists(),
+            "its cache is left alone"
+        );
     }
 
     #[test]
-    fn a_leaf_holding_more_or_cached_pages_or_frozen_is_not_reset() {
-        // More left charged than processes leave behind.
-        let (_root, v1, memory) = used_leaf(true, REUSE_LEFT_CHARGED_MAX + 4096, 0);
+    fn a_leaf_holding_more_or_frozen_is_not_reset() {
+        let (_root, v1, memory) = used_leaf(true, REUSE_LEFT_CHARGED_MAX + 4096);
         assert!(!v1.reset_leaf("s-1/cmd-1"));
-        assert!(!memory.join("memory.force_empty").exists(), "never emptied");
         assert_eq!(
             read(&memory.join("memory.max_usage_in_bytes")),
             "52428800\n"
         );
-        // Page cache (a file the command read first): kept by removing the leaf.
-        let (_root, v1, memory) = used_leaf(true, 200 << 10, REUSE_CACHED_MAX + 4096);
-        assert!(!v1.reset_leaf("s-1/cmd-1"));
-        assert!(!memory.join("memory.force_empty").exists(), "never emptied");
-        // Still charged after emptying (the fake usage file does not change).
-        let (_root, v1, _memory) = used_leaf(true, REUSE_START_CHARGED_MAX + 4096, 0);
-        assert!(!v1.reset_leaf("s-1/cmd-1"));
         // Left frozen by the freezing kill (no cgroup.kill).
-        let (root, v1, _memory) = used_leaf(false, 0, 0);
+        let (root, v1, _memory) = used_leaf(false, 0);
         let state = root.path().join("freezer/sessiond/s-1/cmd-1/freezer.state");
         std::fs::write(&state, "FROZEN\n").unwrap();
         assert!(!v1.reset_leaf("s-1/cmd-1"));
