@@ -7,11 +7,11 @@
 //! for the CPUs, and a process joining a leaf made moments before costs more
 //! than joining one that has held processes before.
 //!
-//! A leaf is used again only where the backend can make it as good as fresh
+//! A leaf is used again only where the backend can start its peak over
 //! ([`super::Backend::reset_leaf`]: on v1, an empty leaf whose command left
-//! little charged is emptied of charges and its peak reset): its OOM and
-//! refused-fork counters only grow, so each command's figures are the
-//! counters' growth from when it took the leaf. Where the backend cannot (v2:
+//! little charged has its peak reset to its usage): its OOM and
+//! refused-fork counters only grow, so each command's figures — its peak
+//! too — are their growth from the leaf's reset. Where the backend cannot (v2:
 //! `memory.peak` is resettable from Linux 6.12 only), or the leaf still holds
 //! background processes, every command gets a fresh leaf, made before it is
 //! asked for.
