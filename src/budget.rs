@@ -41,8 +41,13 @@ impl Budget {
     }
 
     /// Takes `bytes` if they fit under the limit (atomically: two callers
-    /// can never both take the last bytes).
+    /// can never both take the last bytes). Nothing always fits, even with
+    /// the limit cut below what is in use: a request that holds no bytes is
+    /// never refused for room.
     fn take(&self, bytes: u64) -> bool {
+        if bytes == 0 {
+            return true;
+        }
         let limit = self.limit();
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
@@ -82,7 +87,7 @@ impl Charge {
 
     /// Grows by `more` if it fits; false (and unchanged) when it does not.
     pub fn try_grow(&mut self, more: u64) -> bool {
-        if more == 0 || self.budget.take(more) {
+        if self.budget.take(more) {
             self.bytes += more;
             true
         } else {

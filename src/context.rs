@@ -190,11 +190,7 @@ impl Context {
     /// budget is full, the connection with the most unsent answers is dropped
     /// first (counted as a slow reader); `OVERLOADED` if they still do not fit.
     pub fn charge_request(&self, bytes: u64) -> Result<Charge, crate::protocol::RequestError> {
-        // Nothing to hold (no new output, or the result alone): never
-        // refused, even with the budget cut below what is in use.
-        if bytes == 0 {
-            return Ok(self.budget.empty());
-        }
+        // Nothing to hold (no new output, or the result alone) always fits.
         if let Some(charge) = self.budget.try_charge(bytes) {
             return Ok(charge);
         }

@@ -32,6 +32,16 @@ fn exec(session: &str, command: &str) -> ExecParams {
     }
 }
 
+/// Starts `command` with its stdin open for `exec.write`s; its id.
+async fn start_with_stdin(c: &Client, session: &str, command: &str) -> String {
+    c.start(ExecParams {
+        stdin_open: true,
+        ..exec(session, command)
+    })
+    .await
+    .expect("started")
+}
+
 #[tokio::test]
 async fn commands_past_the_budget_are_overloaded_until_reservations_end() {
     let d = TestDaemon::start(&format!("{BUDGET}retain_per_session = 0\n"));
@@ -457,13 +467,7 @@ async fn waiting_writes_are_charged_and_refused_past_the_budget() {
     );
     let c = std::sync::Arc::new(d.client().await);
     let s = new_session(&c).await;
-    let id = c
-        .start(ExecParams {
-            stdin_open: true,
-            ..exec(&s, "sleep 60")
-        })
-        .await
-        .expect("started");
+    let id = start_with_stdin(&c, &s, "sleep 60").await;
     // Each waits its turn (5 s at most each, the first for the full pipe):
     // 24 MiB of data against a 16 MiB budget.
     let mut writes = tokio::task::JoinSet::new();
@@ -566,13 +570,7 @@ async fn a_write_evicts_retained_output_and_an_eof_is_never_refused() {
     ));
     let c = d.client().await;
     let s = new_session(&c).await;
-    let id = c
-        .start(ExecParams {
-            stdin_open: true,
-            ..exec(&s, "cat >/dev/null; echo closed")
-        })
-        .await
-        .expect("started");
+    let id = start_with_stdin(&c, &s, "cat >/dev/null; echo closed").await;
     // Retained output of ended commands fills what the running one leaves.
     let other = new_session(&c).await;
     let big = "head -c 4194304 /dev/zero; head -c 4194304 /dev/zero >&2";

@@ -255,33 +255,19 @@ async fn each_command_counts_only_itself_in_a_leaf_made_ahead_or_reset() {
     // Generous: under emulation (the v2 CI guest) a leaf takes a while. A
     // leaf whose processes had not all gone when its command's end was seen
     // stays until the session ends, as with background processes: only
-    // empty ones are counted, and what is found is named if it fails.
-    let empty_leaves = || {
-        let all = d.command_cgroups();
-        let held: std::collections::BTreeSet<_> = all
-            .iter()
-            .filter(|p| {
-                std::fs::read_to_string(p.join("cgroup.procs")).is_ok_and(|t| !t.trim().is_empty())
-            })
-            .filter_map(|p| p.file_name().map(|n| n.to_owned()))
-            .collect();
-        let names: std::collections::BTreeSet<_> = all
-            .iter()
-            .filter_map(|p| p.file_name().map(|n| n.to_owned()))
-            .collect();
-        (names.difference(&held).count(), names, held)
-    };
-    let settled = (0..3000).any(|_| {
-        let ok = empty_leaves().0 == kept;
-        if !ok {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        ok
-    });
-    assert!(
-        settled,
-        "ended commands' leaves go, those kept ahead stay: {:?}",
-        empty_leaves()
+    // empty ones are counted.
+    support::wait_for(
+        "ended commands' leaves go, those kept ahead stay",
+        Duration::from_secs(30),
+        || {
+            let (all, held) = d.command_leaves_held();
+            let empty = all.difference(&held).count();
+            if empty == kept {
+                Ok(())
+            } else {
+                Err(format!("leaves {all:?}, holding processes {held:?}"))
+            }
+        },
     );
     c.destroy_session(&s).await.unwrap();
     assert!(

@@ -87,11 +87,10 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn reuses_leaves(&self) -> bool {
         false
     }
-    /// Makes the empty command leaf `rel` as good as fresh for another
-    /// command, if the kernel lets its peak memory start over from (near)
-    /// nothing:
-    /// whether it did. Its OOM and fork counters keep counting (the pool
-    /// reads their growth).
+    /// Starts the peak of the empty command leaf `rel` over, for another
+    /// command, where the kernel allows it: whether it did. Its OOM and
+    /// fork counters keep counting, and the pool reads all three as growth
+    /// from the reset.
     fn reset_leaf(&self, _rel: &str) -> bool {
         false
     }

@@ -93,13 +93,9 @@ impl Counters {
         }
     }
 
-    /// OOM kills in the leaf since it was made (`None`: its open file
-    /// cannot be read; 0 where the kernel has no such file).
+    /// OOM kills in the leaf since it was made.
     fn read_oom_kills(&self) -> Option<u64> {
-        match &self.oom {
-            Some(file) => pread(file).and_then(|t| super::fs::key_value(&t, self.oom_key)),
-            None => Some(0),
-        }
+        read_counter(self.oom.as_ref(), |t| super::fs::key_value(t, self.oom_key))
     }
 
     fn oom_kills(&self) -> u64 {
@@ -111,12 +107,10 @@ impl Counters {
         pids_hits(self.pids.as_ref())
     }
 
-    /// The peak since the leaf was made or last reset.
+    /// The peak since the leaf was made or last reset (0 where the kernel
+    /// reports none).
     fn read_peak(&self) -> Option<u64> {
-        self.peak
-            .as_ref()
-            .and_then(pread)
-            .and_then(|t| t.trim().parse::<u64>().ok())
+        read_counter(self.peak.as_ref(), |t| t.trim().parse().ok())
     }
 
     /// The leaf starts over for its next command (its peak just reset to
@@ -124,15 +118,8 @@ impl Counters {
     /// read (the next command would count its predecessors' kills, forks
     /// or memory as its own: the leaf is not used).
     fn start_over(&mut self) -> bool {
-        let pids = match &self.pids {
-            Some(file) => pread(file).and_then(|t| super::fs::key_value(&t, "max")),
-            None => Some(0),
-        };
-        let peak = match &self.peak {
-            Some(_) => self.read_peak(),
-            None => Some(0),
-        };
-        match (self.read_oom_kills(), pids, peak) {
+        let pids = read_counter(self.pids.as_ref(), |t| super::fs::key_value(t, "max"));
+        match (self.read_oom_kills(), pids, self.read_peak()) {
             (Some(oom), Some(pids), Some(peak)) => {
                 (self.oom_before, self.pids_before, self.peak_before) = (oom, pids, peak);
                 true
@@ -163,10 +150,8 @@ pub struct SessionLeaves {
     ready: Mutex<Ready>,
     /// Signalled when a leaf is given back (or will not be).
     given_back: Condvar,
-    /// Whether the backend can make a used leaf as good as fresh.
+    /// Whether the backend can start a used leaf's peak over.
     reuses: bool,
-    /// [`REUSED_LEAVES`] (ready or out) or [`FRESH_LEAVES_READY`] (ready).
-    size: usize,
     /// Held while a leaf is being made or put back among the ready ones,
     /// so `finish` can wait one out (a leaf being reset finds `closed` set
     /// when it takes this, and goes).
@@ -233,11 +218,18 @@ fn pread(file: &File) -> Option<String> {
     String::from_utf8(buf[..n].to_vec()).ok()
 }
 
+/// A counter in an open cgroup file, by `parse`: `None` if the file cannot
+/// be read, 0 where the kernel has no such file (it was not opened).
+fn read_counter(file: Option<&File>, parse: impl Fn(&str) -> Option<u64>) -> Option<u64> {
+    match file {
+        Some(file) => pread(file).and_then(|t| parse(&t)),
+        None => Some(0),
+    }
+}
+
 /// Refused forks in an open pids.events (`max N`).
 fn pids_hits(file: Option<&File>) -> u64 {
-    file.and_then(pread)
-        .and_then(|t| super::fs::key_value(&t, "max"))
-        .unwrap_or(0)
+    read_counter(file, |t| super::fs::key_value(t, "max")).unwrap_or(0)
 }
 
 impl SessionLeaves {
@@ -256,11 +248,6 @@ impl SessionLeaves {
             ready: Mutex::new(Ready::default()),
             given_back: Condvar::new(),
             reuses: cgroups.reuses_leaves(),
-            size: if cgroups.reuses_leaves() {
-                REUSED_LEAVES
-            } else {
-                FRESH_LEAVES_READY
-            },
             making: Mutex::new(()),
             refilling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -304,10 +291,20 @@ impl SessionLeaves {
         })
     }
 
+    /// The leaves the session keeps: [`REUSED_LEAVES`] (ready or out) or
+    /// [`FRESH_LEAVES_READY`] (ready).
+    fn size(&self) -> usize {
+        if self.reuses {
+            REUSED_LEAVES
+        } else {
+            FRESH_LEAVES_READY
+        }
+    }
+
     /// Whether a leaf is to be made: fewer ready than the session keeps
     /// (counting, where leaves come back, those out with commands).
     fn wants_more(&self, ready: &Ready) -> bool {
-        ready.leaves.len() + if self.reuses { ready.out } else { 0 } < self.size
+        ready.leaves.len() + if self.reuses { ready.out } else { 0 } < self.size()
     }
 
     /// A ready leaf, waiting (at most [`RETURN_WAIT`]) for one an ended
@@ -501,7 +498,9 @@ impl CommandLeaf {
         let c = &self.prepared().counters;
         let oom_kills = c.oom_kills().saturating_sub(c.oom_before);
         let memory_peak = c
-            .read_peak()
+            .peak
+            .as_ref()
+            .and(c.read_peak())
             .map(|p| p.saturating_sub(c.peak_before).min(self.session.memory_max));
         let in_leaf = c.pids_hits().saturating_sub(c.pids_before);
         let at_session =
@@ -526,14 +525,14 @@ impl CommandLeaf {
     /// backend can reset goes back to the session's ready ones, if there is
     /// room; else it is removed now if empty, its refused forks kept in the
     /// session's count, and one still holding background processes is left
-    /// to the session's end. The reset (which may take milliseconds: it
-    /// reclaims) holds no lock a spawn or the session's end waits on.
+    /// to the session's end. The reset (cgroup file I/O) holds no lock a
+    /// spawn or the session's end waits on.
     pub fn release(mut self) {
         let Some(mut prepared) = self.prepared.take() else {
             return;
         };
         let session = self.session.clone();
-        let room = || lock(&session.ready).leaves.len() < session.size;
+        let room = || lock(&session.ready).leaves.len() < session.size();
         if session.reuses
             && room()
             && !session.closed.load(Ordering::Acquire)
@@ -551,21 +550,46 @@ impl CommandLeaf {
                 return;
             }
         }
-        retire(&session, prepared);
+        retire(&session, prepared, Retire::IfEmpty);
         drop(self);
         // Nothing comes back for the session's next command: make it one.
         session.refill();
     }
 }
 
-/// Removes a leaf a command is done with, if empty (else the session's end
-/// does), keeping its refused forks in the session's count (blocking).
-fn retire(session: &SessionLeaves, prepared: Prepared) {
+/// How a leaf leaves its session's pool.
+#[derive(Clone, Copy)]
+enum Retire {
+    /// Its command ended by itself: removed if empty, else left to the
+    /// session's end with the background processes in it.
+    IfEmpty,
+    /// Its command's run failed or was aborted: killed and removed.
+    Destroy,
+}
+
+/// Removes a leaf, keeping its refused forks (of every command it served)
+/// in the session's count once it is gone (blocking).
+fn retire(session: &SessionLeaves, prepared: Prepared, how: Retire) {
     let Prepared { node, counters, .. } = prepared;
+    if let Retire::Destroy = how {
+        // Before the count's lock: a kill waits for the leaf to empty.
+        if let Err(e) = node.kill() {
+            tracing::error!(cgroup = %node.name(), error = %e, "cannot kill a dropped command leaf");
+        }
+    }
     let mut retired = lock(&session.retired);
     let hits = counters.pids_hits();
     drop(counters);
-    if node.release() {
+    let gone = match how {
+        Retire::IfEmpty => node.release(),
+        Retire::Destroy => {
+            let name = node.name().to_string();
+            node.destroy()
+                .map_err(|e| tracing::error!(cgroup = %name, error = %e, "cannot remove a dropped command leaf"))
+                .is_ok()
+        }
+    };
+    if gone {
         *retired += hits;
     }
 }
@@ -592,21 +616,7 @@ impl Drop for CommandLeaf {
         };
         let leaves = self.session.clone();
         let gone = move || {
-            let Prepared { node, counters, .. } = prepared;
-            if let Err(e) = node.kill() {
-                tracing::error!(cgroup = %node.name(), error = %e, "cannot kill a dropped command leaf");
-            }
-            let mut retired = lock(&leaves.retired);
-            let hits = counters.pids_hits();
-            drop(counters);
-            let name = node.name().to_string();
-            match node.destroy() {
-                Ok(()) => *retired += hits,
-                Err(e) => {
-                    tracing::error!(cgroup = %name, error = %e, "cannot remove a dropped command leaf")
-                }
-            }
-            drop(retired);
+            retire(&leaves, prepared, Retire::Destroy);
             leaves.refill();
         };
         match tokio::runtime::Handle::try_current() {
@@ -617,12 +627,12 @@ impl Drop for CommandLeaf {
 }
 
 impl Cgroups {
-    /// Whether the backend can make a used command leaf as good as fresh.
+    /// Whether the backend can start a used command leaf's peak over.
     pub(crate) fn reuses_leaves(&self) -> bool {
         self.backend.reuses_leaves()
     }
 
-    /// Makes the empty leaf `rel` as good as fresh for its next command,
+    /// Starts the peak of the empty leaf `rel` over for its next command,
     /// where the backend can (blocking): whether it did.
     pub(crate) fn reset_leaf(&self, rel: &str) -> bool {
         self.backend.reset_leaf(rel)

@@ -291,8 +291,14 @@ mod tests {
     use super::*;
 
     /// Fake mounts under a temp dir: memory, cpu, pids, freezer, and a
-    /// unified (cgroup2) one when `unified`; the backend set up in them.
+    /// unified (cgroup2) one when `unified`, whose cgroups have
+    /// `cgroup.kill` (Linux 5.14 on); the backend set up in them.
     fn fake_tree(unified: bool) -> (tempfile::TempDir, V1) {
+        fake_tree_with(unified, true)
+    }
+
+    /// [`fake_tree`], on a kernel with or without `cgroup.kill`.
+    fn fake_tree_with(unified: bool, cgroup_kill: bool) -> (tempfile::TempDir, V1) {
         let root = tempfile::tempdir().unwrap();
         let m = |c: &str| {
             let dir = root.path().join(c);
@@ -301,7 +307,7 @@ mod tests {
         };
         let (memory, cpu, pids, freezer) = (m("memory"), m("cpu"), m("pids"), m("freezer"));
         let unified = unified.then(|| m("unified"));
-        if let Some(u) = &unified {
+        if let Some(u) = unified.as_ref().filter(|_| cgroup_kill) {
             // As a kernel with cgroup.kill (5.14 on) shows it in our parent.
             std::fs::create_dir(u.join("sessiond")).unwrap();
             std::fs::write(u.join("sessiond/cgroup.kill"), "").unwrap();
@@ -431,19 +437,8 @@ mod tests {
 
     #[test]
     fn without_cgroup_kill_in_unified_a_leaf_is_made_in_freezer_too() {
-        let (root, _first) = fake_tree(true);
-        std::fs::remove_file(root.path().join("unified/sessiond/cgroup.kill")).unwrap();
-        // Set up again on a kernel without cgroup.kill (before 5.14).
-        let m = |c: &str| root.path().join(c);
-        let v1 = V1::setup(
-            &m("memory"),
-            &m("cpu"),
-            &m("pids"),
-            Some(&m("freezer")),
-            Some(&m("unified")),
-            "sessiond",
-        )
-        .unwrap();
+        // A kernel without cgroup.kill (before 5.14).
+        let (root, v1) = fake_tree_with(true, false);
         v1.create("s-1", Some(&limits())).unwrap();
         v1.create("s-1/cmd-1", None).unwrap();
         let dir = |c: &str| root.path().join(c).join("sessiond/s-1");

@@ -336,8 +336,8 @@ pub async fn run_command(
         Err(e) => (None, Some(e.to_string())),
     };
     // The saved state's pages were charged to the leaf by the shell that
-    // wrote them: freed first, so a leaf reset for its next command is
-    // empty. Then the leaf is given back to the session (used again, or
+    // wrote them: freed first, so they are not in the usage the leaf's next
+    // command's peak is counted from. Then the leaf is given back to the session (used again, or
     // removed unless background processes still live in it); neither the
     // cgroup writes nor rmdir need delay the answer.
     drop(save);

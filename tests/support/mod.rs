@@ -17,11 +17,28 @@ use sessiond::protocol::ExecResult;
 
 /// Waits until `cond` holds, polling, or panics after `limit` naming `what`.
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, limit, || {
+        if cond() { Ok(()) } else { Err(String::new()) }
+    });
+}
+
+/// [`wait_until`] for a check that says what it found when it does not
+/// hold: the last finding is in the panic.
+pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + limit;
-    while !cond() {
+    loop {
+        let finding = match check() {
+            Ok(()) => return,
+            Err(finding) => finding,
+        };
         assert!(
             Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
+            "timed out after {limit:?} waiting for: {what}{}",
+            if finding.is_empty() {
+                String::new()
+            } else {
+                format!(" (found: {finding})")
+            }
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -387,12 +404,32 @@ SESSIOND_TEST_TAG = "{tag}"
     /// How many command leaves there are, whatever hierarchies each is made
     /// in (on v1, those where it counts or kills something of its own).
     pub fn command_leaves(&self) -> usize {
-        let names: std::collections::BTreeSet<_> = self
-            .command_cgroups()
-            .iter()
-            .filter_map(|p| p.file_name().map(|n| n.to_owned()))
-            .collect();
-        names.len()
+        self.command_leaves_held().0.len()
+    }
+
+    /// The command leaves by name, and those of them holding a process (in
+    /// any of their hierarchies).
+    pub fn command_leaves_held(
+        &self,
+    ) -> (
+        std::collections::BTreeSet<std::ffi::OsString>,
+        std::collections::BTreeSet<std::ffi::OsString>,
+    ) {
+        let (mut all, mut held) = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for leaf in self.command_cgroups() {
+            let Some(name) = leaf.file_name().map(|n| n.to_owned()) else {
+                continue;
+            };
+            let procs = std::fs::read_to_string(leaf.join("cgroup.procs"));
+            if procs.is_ok_and(|p| !p.trim().is_empty()) {
+                held.insert(name.clone());
+            }
+            all.insert(name);
+        }
+        (all, held)
     }
 
     /// Panics when a cgroup of this daemon's subtree is left.

@@ -31,10 +31,7 @@ pub(super) fn dispatch(
     // a command's reservation is — evicting retained output first, then
     // OVERLOADED (the writer piling up data is the one to wait; no reader
     // is dropped for it). An `eof` alone holds nothing and is never refused.
-    let charge = match p.data.len() as u64 {
-        0 => daemon.ctx.budget.empty(),
-        bytes => daemon.ctx.reserve(bytes)?,
-    };
+    let charge = daemon.ctx.reserve(p.data.len() as u64)?;
     let mut ticket = writes.take(&p.command_id);
     let record = find(daemon, uid, p.command_id)?;
     Ok(Box::pin(async move {
