@@ -323,6 +323,85 @@ async fn plain_commands_keep_the_state(c: &Client, s: &str) {
 }
 in_both_modes!(plain_commands_keep_the_state);
 
+/// The environment the wrapper shell of a plain command was started with
+/// (its parent's, read by a child `sh`), one `NAME=value` per line.
+const WRAPPER_ENV: &str = r#"sh -c 'tr "\0" "\n" < /proc/$PPID/environ'"#;
+
+/// A plain command in a session whose visible state all travels in the
+/// environment starts without the restore (no `BASH_ENV`), and shows
+/// exactly what the full path shows: its environment (OLDPWD included),
+/// output, errors, a signal's report, exit status. An OLDPWD that no longer
+/// names a directory, which bash would drop from its environment, takes the
+/// restore instead; so does any OLDPWD under another identity, for which
+/// the daemon cannot tell.
+async fn bare_starts_show_what_the_full_path_shows(c: &Client, s: &str) {
+    let has = |out: &[u8], line: &str| text(out).lines().any(|l| l == line);
+    let as_daemon_user =
+        text(&run(c, s, "id -u").await.stdout) == format!("{}\n", nix::unistd::geteuid());
+    run(c, s, "export FOO='a  b' LANG=C.UTF-8").await;
+    let wrapper_env = run(c, s, WRAPPER_ENV).await.stdout;
+    assert!(
+        !text(&wrapper_env).contains("BASH_ENV="),
+        "{}",
+        text(&wrapper_env)
+    );
+    assert!(has(&wrapper_env, "FOO=a  b"), "{}", text(&wrapper_env));
+    run(c, s, "cd /usr; cd /tmp").await;
+    let wrapper_env = run(c, s, WRAPPER_ENV).await.stdout;
+    let bare = !text(&wrapper_env).contains("BASH_ENV=");
+    assert_eq!(bare, as_daemon_user, "{}", text(&wrapper_env));
+    assert_eq!(
+        has(&wrapper_env, "OLDPWD=/usr"),
+        bare,
+        "{}",
+        text(&wrapper_env)
+    );
+    let same_as_full_path = |command: &'static str| async move {
+        let bare = run(c, s, command).await;
+        let full = run(c, s, &format!("{command}; exit $?")).await;
+        // Pids differ from run to run.
+        let scrub = |b: &[u8]| text(b).replace(|ch: char| ch.is_ascii_digit(), "");
+        assert_eq!(
+            text(&bare.stdout),
+            text(&full.stdout),
+            "stdout of {command:?}"
+        );
+        assert_eq!(
+            scrub(&bare.stderr),
+            scrub(&full.stderr),
+            "stderr of {command:?}"
+        );
+        assert_eq!(bare.exit_code, full.exit_code, "exit of {command:?}");
+        assert_eq!(bare.signal, full.signal, "signal of {command:?}");
+        bare
+    };
+    let env = same_as_full_path("env").await;
+    assert!(has(&env.stdout, "OLDPWD=/usr"), "{env:?}");
+    same_as_full_path("printenv LANG FOO").await;
+    same_as_full_path("ls -d /tm* /no-such-path").await;
+    same_as_full_path("echo plain  words").await;
+    same_as_full_path("no-such-program-here").await;
+    let killed = same_as_full_path("/bin/sh -c 'kill -SEGV $$'").await;
+    assert!(
+        text(&killed.stderr).contains("Segmentation fault"),
+        "{killed:?}"
+    );
+    assert_eq!(killed.exit_code, Some(139));
+    expect(c, s, "echo $?; echo $OLDPWD", "139\n/usr\n", "").await;
+
+    run(c, s, "d=$(mktemp -d); cd $d; cd /tmp; rmdir $d").await;
+    let wrapper_env = run(c, s, WRAPPER_ENV).await.stdout;
+    assert!(
+        has(&wrapper_env, "BASH_ENV=/dev/fd/62"),
+        "{}",
+        text(&wrapper_env)
+    );
+    let gone = same_as_full_path("printenv OLDPWD").await;
+    let expected = text(&run(c, s, "echo $d").await.stdout);
+    assert_eq!(text(&gone.stdout), expected);
+}
+in_both_modes!(bare_starts_show_what_the_full_path_shows);
+
 /// A library of 300 functions sourced once is there for every later command.
 async fn function_library(c: &Client, s: &str) {
     let mut lib = String::new();

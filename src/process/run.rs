@@ -6,6 +6,7 @@
 //! session's [`super::background`] drains (docs/design-notes.md, "Ending a
 //! command": EOF waited for `sleep 2 &`).
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -121,22 +122,27 @@ pub async fn run_command(
     // The state goes in and out through two memfds (not argv: E2BIG past 128 KiB).
     let nonce = terminal::nonce();
     let bash = shell::is_bash(&spec.shell);
-    let (restore, env, keeps_state) = if bash {
+    let (restore, env, keeps_state, bare) = if bash {
         let defaults = terminal::ShellDefaults::of(&spec.shell).await;
         let keeps_state = defaults.as_deref().is_some_and(|d| {
             simple_command::keeps_state(&spec.command, &spec.state, &spec.request_env, d)
         });
-        // Common exported variables of the state come in the environment,
-        // the request's `env` over them; the script restores the rest.
+        // Exported variables of the state come in the environment where bash
+        // takes them as from an assignment, the request's `env` over them;
+        // the script restores the rest.
         let mut env = terminal::exec_env(&spec.state, &spec.request_env, defaults.as_deref());
         env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let restore =
-            terminal::restore_script(&spec.state, &nonce, &env, defaults.as_deref(), !keeps_state);
+            terminal::restore(&spec.state, &nonce, &env, defaults.as_deref(), !keeps_state);
+        let bare = match restore.bare.filter(|_| keeps_state) {
+            Some(b) => BareStart::new(&spec, &env, b)?,
+            None => None,
+        };
         env.insert(
             b"BASH_ENV".to_vec(),
             format!("/dev/fd/{}", terminal::RESTORE_FD).into_bytes(),
         );
-        (restore, env, keeps_state)
+        (restore.script, env, keeps_state, bare)
     } else {
         let mut env = spec.state.env();
         env.extend(spec.request_env.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -144,6 +150,7 @@ pub async fn run_command(
             shell::sh_restore_script(&spec.state, &nonce, &spec.request_env),
             env,
             false,
+            None,
         )
     };
     let save_code = if bash && !keeps_state {
@@ -151,7 +158,6 @@ pub async fn run_command(
     } else {
         None
     };
-    let restore = state_memfd(&restore)?;
     let save = if keeps_state {
         None
     } else {
@@ -165,8 +171,7 @@ pub async fn run_command(
     } else {
         (shell::SH_RESTORE_FD, shell::SH_SAVE_FD)
     };
-    let state_at = [
-        (restore.as_raw_fd(), at_restore),
+    let save_at = [
         save.as_ref()
             .map_or((-1, -1), |fd| (fd.as_raw_fd(), at_save)),
         save_code
@@ -203,10 +208,21 @@ pub async fn run_command(
         let pty = pty_size
             .map(|size| Pty::open(size, credentials.map(|c| (c.uid, c.gid))))
             .transpose()?;
+        // Bare when OLDPWD, if carried, still names a directory (checked
+        // here, off the async workers, like the cwd); else with the restore.
+        let bare = bare.filter(BareStart::oldpwd_holds);
+        let restore = match bare {
+            Some(_) => None,
+            None => Some(state_memfd(&restore)?),
+        };
+        let (argv, envp) = bare.as_ref().map_or((&argv, &envp), |b| (&b.argv, &b.envp));
+        let restore_at = restore
+            .as_ref()
+            .map_or((-1, -1), |fd| (fd.as_raw_fd(), at_restore));
         let request = SpawnRequest {
             program: &argv[0],
-            argv: &argv,
-            envp: &envp,
+            argv,
+            envp,
             cwd: &cwd,
             with_stdin,
             terminal: pty.as_ref().map(|p| p.slave.as_raw_fd()),
@@ -214,7 +230,7 @@ pub async fn run_command(
             oom_score_adj: Some(&oom_score_adj),
             credentials,
             cgroup_procs: &procs,
-            state_fds: state_at,
+            state_fds: [restore_at, save_at[0], save_at[1]],
         };
         let (child, pipes) = spawn::spawn(&spawn_table, session, &request)?;
         // The slave closes here: the daemon holds only the master.
@@ -357,6 +373,51 @@ pub async fn run_command(
         state,
         state_error,
     })
+}
+
+/// How a command that keeps the state starts when nothing of the state it
+/// could see needs the restore (see [`terminal::Restore::bare`]): no
+/// `BASH_ENV`, and its `-c` string after the empty EXIT trap. This saves
+/// bash reading a restore file, ≈ 60–70 µs of `exec.run true`
+/// (docs/benchmarks.md).
+struct BareStart {
+    argv: Vec<std::ffi::CString>,
+    envp: Vec<std::ffi::CString>,
+    oldpwd: Option<PathBuf>,
+}
+
+impl BareStart {
+    fn new(
+        spec: &RunSpec,
+        env: &EnvMap,
+        bare: terminal::Bare,
+    ) -> Result<Option<BareStart>, RunError> {
+        // The daemon can check that OLDPWD is a directory only as itself;
+        // the shell of another identity might not reach it any more.
+        if bare.oldpwd.is_some() && spec.credentials.is_some() {
+            return Ok(None);
+        }
+        let command = terminal::bare_command(&spec.command);
+        let argv = shell::wrapper_argv(&spec.shell, &command).map_err(RunError::BadCommand)?;
+        let mut env = env.clone();
+        if let Some(oldpwd) = &bare.oldpwd {
+            env.insert(b"OLDPWD".to_vec(), oldpwd.clone());
+        }
+        let oldpwd = bare
+            .oldpwd
+            .map(|p| PathBuf::from(std::ffi::OsString::from_vec(p)));
+        Ok(Some(BareStart {
+            argv,
+            envp: shell::envp(&env, &spec.state.cwd),
+            oldpwd,
+        }))
+    }
+
+    /// Whether bash keeps the carried OLDPWD from its environment: it
+    /// drops one that names no directory, where the restore would set it.
+    fn oldpwd_holds(&self) -> bool {
+        self.oldpwd.as_ref().is_none_or(|p| p.is_dir())
+    }
 }
 
 /// A close-on-exec memfd holding `data`, read from the start by the child.

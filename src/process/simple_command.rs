@@ -26,9 +26,11 @@
 //!   makes `NAME=value` arguments assignments) on, and the request sets no
 //!   env (which may define functions, `BASH_FUNC_name%%`).
 //!
-//! Such a command still gets the full restore and an (empty) EXIT trap, so
-//! bash forks it exactly as on the full path (an EXIT trap keeps bash from
-//! exec'ing a lone command in its own place) and ends with its status.
+//! Such a command still gets an (empty) EXIT trap, so bash forks it exactly
+//! as on the full path (an EXIT trap keeps bash from exec'ing a lone command
+//! in its own place) and ends with its status; and the restore, unless the
+//! state it could see all comes in its environment (it then starts bare:
+//! [`super::terminal::Restore::bare`]).
 
 use super::shell::EnvMap;
 use super::terminal::{ShellDefaults, TerminalState};

@@ -481,6 +481,52 @@ pub fn restore_script(
     defaults: Option<&ShellDefaults>,
     save: bool,
 ) -> Vec<u8> {
+    restore(state, n, skip, defaults, save).script
+}
+
+/// The restore of one command, and whether a command that keeps the state
+/// (`save` false) can start without it.
+#[derive(Debug)]
+pub struct Restore {
+    /// What bash reads through `BASH_ENV`.
+    pub script: Vec<u8>,
+    /// `Some` when, of the state, the script would restore only what such a
+    /// command cannot see: `$?` (it expands nothing), `expand_aliases`
+    /// with no alias, and the variables already in its environment — and
+    /// `OLDPWD`, which may come in the environment too when it names a
+    /// directory (bash drops it at start otherwise).
+    pub bare: Option<Bare>,
+}
+
+/// A start without the restore (see [`Restore::bare`] and [`bare_command`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Bare {
+    /// The state's exported `OLDPWD`, for the environment if it is a directory.
+    pub oldpwd: Option<Vec<u8>>,
+}
+
+/// What keeps bash from exec'ing a lone command in its own place when no
+/// restore sets it: the command then runs in a child and ends as on the
+/// full path (a signal's death is reported by the shell, `$$` is the
+/// shell's). On the command's own line, so its errors still read `line 1`.
+const EMPTY_EXIT_TRAP: &str = "trap -- '' EXIT; ";
+
+/// The `-c` string of a command started bare: `command` after the empty EXIT trap.
+pub fn bare_command(command: &str) -> String {
+    format!("{EMPTY_EXIT_TRAP}{command}")
+}
+
+/// [`restore_script`], and whether a plain command may do without it.
+pub fn restore(
+    state: &TerminalState,
+    n: &str,
+    skip: &EnvMap,
+    defaults: Option<&ShellDefaults>,
+    save: bool,
+) -> Restore {
+    // Whether the script restores something a plain command could see.
+    let mut visible = save;
+    let mut oldpwd = None;
     let option_env = OPTION_ENV.iter().any(|k| skip.contains_key(k.as_bytes()));
     let defaults = defaults.filter(|_| !option_env);
     let mut s: Vec<u8> = Vec::with_capacity(state.bytes + 4096);
@@ -488,12 +534,14 @@ pub fn restore_script(
     if let Some(umask) = &state.umask {
         let unchanged = defaults.is_some_and(|d| &d.umask == umask);
         if umask.iter().all(u8::is_ascii_digit) && !unchanged {
+            visible = true;
             s.extend_from_slice(b"umask ");
             s.extend_from_slice(umask);
             s.push(b'\n');
         }
     }
     for dir in state.dirstack.iter().rev() {
+        visible = true;
         s.extend_from_slice(b"pushd -n ");
         s.extend_from_slice(dir);
         s.push(b'\n');
@@ -504,6 +552,8 @@ pub fn restore_script(
         Some(on) => {
             let on = on.iter().cloned().collect();
             let (set, unset) = option_changes(SHOPT_OPTIONS, &on, defaults.map(|d| &d.shopt_on));
+            // With no alias, a plain command's words expand the same either way.
+            visible |= !unset.is_empty() || set.iter().any(|o| *o != "expand_aliases");
             for (cmd, names) in [("shopt -s", set), ("shopt -u", unset)] {
                 if !names.is_empty() {
                     s.extend_from_slice(format!("{cmd} {}\n", names.join(" ")).as_bytes());
@@ -511,6 +561,7 @@ pub fn restore_script(
             }
         }
     }
+    visible |= !state.traps.is_empty() || !state.aliases.is_empty();
     for (action, signal) in &state.traps {
         if !LATE_TRAPS.contains(&signal.as_slice()) {
             push_trap(&mut s, action, signal, "");
@@ -542,6 +593,12 @@ pub fn restore_script(
     for late in [false, true] {
         for (name, var) in &state.vars {
             if is_late(name) == late && !skip.contains_key(name) && !unchanged(name, var) {
+                match (name.as_slice(), &var.value) {
+                    (b"OLDPWD", Some(value)) if var.decl.starts_with(b"declare -x ") => {
+                        oldpwd = Some(value.clone());
+                    }
+                    _ => visible = true,
+                }
                 // A variable with no attribute but export, which a fresh shell
                 // has without attributes or not at all, is a plain assignment:
                 // bash runs one in a third of the time of a `declare` (2 000 of
@@ -560,6 +617,7 @@ pub fn restore_script(
             }
         }
         for name in gone.iter().filter(|k| is_late(k) == late) {
+            visible = true;
             s.extend_from_slice(b"unset ");
             s.extend_from_slice(name);
             s.push(b'\n');
@@ -580,6 +638,7 @@ pub fn restore_script(
         s.extend_from_slice(value);
         s.push(b'\n');
     }
+    visible |= !state.functions.is_empty();
     s.extend_from_slice(&state.functions);
     // `:` so that `$?` is 0 when nothing below sets it.
     s.extend_from_slice(b"\n:\n} >/dev/null 2>&1\n");
@@ -624,8 +683,11 @@ pub fn restore_script(
             options.push(b'\n');
         }
     }
+    // `$?` alone is nothing a plain command sees.
+    visible |= !options.is_empty() || posix_mode || posix;
+    let bare = (!visible).then_some(Bare { oldpwd });
     if options.is_empty() && !posix_mode && !posix && state.status == 0 {
-        return s;
+        return Restore { script: s, bare };
     }
     s.extend_from_slice(format!("__sd_{n}_fin() {{\n").as_bytes());
     s.extend_from_slice(&options);
@@ -664,7 +726,7 @@ pub fn restore_script(
         )
         .as_bytes(),
     );
-    s
+    Restore { script: s, bare }
 }
 
 /// `NAME=VALUE` out of a `declare -- NAME=VALUE` or `declare -x NAME=VALUE`
@@ -679,18 +741,108 @@ fn plain_assignment<'a>(name: &[u8], decl: &'a [u8]) -> Option<(&'a [u8], bool)>
     value_follows.then_some((rest, exported))
 }
 
-/// The variables that may reach bash in its environment at exec rather than
-/// through the restore script: common ones bash takes from its environment
-/// exactly as from an assignment. An allowlist, because many names act
-/// otherwise when bash finds them there at start: `SSH_CLIENT` makes
-/// Debian's bash read `~/.bashrc` instead of `BASH_ENV`, `POSIX_PEDANTIC`
-/// starts it in posix mode (no `BASH_ENV` either), `EXECIGNORE` and
-/// `CHILD_MAX` apply only when assigned, `LD_*` and `GLIBC_TUNABLES` would
-/// load into the wrapper shell itself, `SHELLOPTS`/`BASHOPTS` set options.
-/// Every other variable is restored by the script, as before.
-const FROM_ENV: &[&str] = &[
-    "PATH", "HOME", "SHELL", "USER", "LOGNAME", "TERM", "TMPDIR", "TZ", "EDITOR", "VISUAL", "PAGER",
+/// Variables that never reach bash in its environment at exec: names bash
+/// acts on when it finds them there at start otherwise than when the
+/// restore assigns and exports them (`SSH_CLIENT` makes Debian's bash read
+/// `~/.bashrc` instead of `BASH_ENV`, `POSIX_PEDANTIC` starts it in posix
+/// mode, `EXECIGNORE` and `CHILD_MAX` apply only when assigned, an invalid
+/// `LC_ALL` prints a warning at start, `OLDPWD` is dropped when it names no
+/// directory), the variables bash reads for itself, and those that would
+/// change the wrapper shell's own process (`GLIBC_TUNABLES`, `LOCPATH`…; see
+/// also [`NOT_FROM_ENV_PREFIXES`]). They go through the restore script.
+const NOT_FROM_ENV: &[&str] = &[
+    "BASHOPTS",
+    "CDPATH",
+    "CHILD_MAX",
+    "EMACS",
+    "ENV",
+    "EXECIGNORE",
+    "FCEDIT",
+    "FIGNORE",
+    "FUNCNEST",
+    "GCONV_PATH",
+    "GLIBC_TUNABLES",
+    "GLOBIGNORE",
+    "GLOBSORT",
+    "HOSTALIASES",
+    "HOSTFILE",
+    "IFS",
+    "IGNOREEOF",
+    "INPUTRC",
+    "INSIDE_EMACS",
+    "LC_ALL",
+    "LOCALDOMAIN",
+    "LOCPATH",
+    "MAIL",
+    "MAILCHECK",
+    "MAILPATH",
+    "NLSPATH",
+    "OLDPWD",
+    "OPTARG",
+    "OPTERR",
+    "OPTIND",
+    "POSIXLY_CORRECT",
+    "POSIX_PEDANTIC",
+    "PROMPT_COMMAND",
+    "PROMPT_DIRTRIM",
+    "PS0",
+    "PS1",
+    "PS2",
+    "PS3",
+    "PS4",
+    "PWD",
+    "REPLY",
+    "RES_OPTIONS",
+    "SHELLOPTS",
+    "SHLVL",
+    "SSH2_CLIENT",
+    "SSH_CLIENT",
+    "TERMCAP",
+    "TERMINFO",
+    "TEXTDOMAIN",
+    "TEXTDOMAINDIR",
+    "TIMEFORMAT",
+    "TMOUT",
+    "TZDIR",
+    "auto_resume",
+    "histchars",
+    "ignoreeof",
 ];
+
+/// Prefixes of names that never reach bash in its environment (see
+/// [`NOT_FROM_ENV`]): bash's own, completion, readline and history
+/// variables, the loader's and malloc's.
+const NOT_FROM_ENV_PREFIXES: &[&str] = &["BASH", "COMP_", "READLINE_", "HIST", "LD_", "MALLOC_"];
+
+/// Whether `name=value` of the state may reach bash in its environment
+/// instead of through the restore script: bash then imports it exactly as
+/// the restore's assignment and `export` would set it. A locale variable
+/// (`LANG`, `LC_*`) only with a C, POSIX or UTF-8 locale: it is then set
+/// before bash parses the restore, and a UTF-8 lexer reads the restore's
+/// bytes as a C one does (the restore sets any other last, after parsing
+/// the rest in the C locale).
+fn may_come_from_env(name: &[u8], value: &[u8]) -> bool {
+    let Ok(name) = std::str::from_utf8(name) else {
+        return false;
+    };
+    let identifier = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !identifier
+        || NOT_FROM_ENV.contains(&name)
+        || NOT_FROM_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+    {
+        return false;
+    }
+    if name == "LANG" || name.starts_with("LC_") {
+        let codeset = value.rsplit(|b| *b == b'.').next().unwrap_or_default();
+        let codeset = codeset.split(|b| *b == b'@').next().unwrap_or_default();
+        return matches!(value, b"C" | b"POSIX")
+            || (value.contains(&b'.')
+                && (codeset.eq_ignore_ascii_case(b"utf-8")
+                    || codeset.eq_ignore_ascii_case(b"utf8")));
+    }
+    true
+}
 
 /// All variables passed in the environment, at most this long together
 /// (`NAME=value` each): exec refuses an environment over a quarter of the
@@ -699,30 +851,28 @@ const FROM_ENV: &[&str] = &[
 const EXEC_ENV_TOTAL: usize = 16 * 1024;
 
 /// The state's variables that go to bash in its environment at exec instead
-/// of through the restore script (pass them as the restore's `skip`): those
-/// of [`FROM_ENV`] that are plain exported scalars, with no attribute a
-/// fresh shell would not give them. Bash imports them for less than it
-/// parses an assignment, and with `SHELL` set it does not look up the
-/// user's passwd entry at start (~90 µs of `exec.run true`,
-/// docs/benchmarks.md). `skip` names (the request's `env`) are left to the
-/// caller; without probed defaults nothing is passed (the restore then sets
-/// everything).
+/// of through the restore script (pass them as the restore's `skip`): the
+/// plain exported scalars, with no attribute a fresh shell would not give
+/// them, that [`may_come_from_env`]. Bash imports them for less than it
+/// parses an assignment, with `SHELL` set it does not look up the user's
+/// passwd entry at start (~90 µs of `exec.run true`, docs/benchmarks.md),
+/// and a session whose variables all come this way can start a plain
+/// command with no restore at all ([`Restore::bare`]). `skip` names (the
+/// request's `env`) are left to the caller; without probed defaults
+/// nothing is passed (the restore then sets everything).
 pub fn exec_env(state: &TerminalState, skip: &EnvMap, defaults: Option<&ShellDefaults>) -> EnvMap {
     let mut env = EnvMap::new();
     let Some(defaults) = defaults else {
         return env;
     };
     let mut total = 0;
-    for name in FROM_ENV {
-        let name = name.as_bytes();
-        let Some(var) = state.vars.get(name) else {
-            continue;
-        };
+    for (name, var) in &state.vars {
         let Some(value) = var.value.as_ref() else {
             continue;
         };
         let size = name.len() + 1 + value.len();
-        if !defaults.has_plain(name)
+        if !may_come_from_env(name, value)
+            || !defaults.has_plain(name)
             || skip.contains_key(name)
             || !matches!(plain_assignment(name, &var.decl), Some((_, true)))
             || total + size > EXEC_ENV_TOTAL
@@ -1340,8 +1490,89 @@ mod tests {
         assert!(script.contains("\nexport PATH\n"), "{script}");
     }
 
+    /// Bare only when the script would restore nothing a plain command
+    /// could see: `$?` and the exported variables in the environment are
+    /// not such things, an OLDPWD goes along; anything else is. (bash sets
+    /// SHELL unexported when its environment has none; sessions have one.)
     #[test]
-    fn common_exported_variables_go_in_the_environment_and_the_rest_in_the_script() {
+    fn a_plain_command_starts_bare_only_when_the_restore_holds_nothing_it_sees() {
+        let bare = |setup: &[&str]| {
+            let (_, err, state) = chain(&[&["export SHELL"], setup].concat());
+            assert_eq!(text(&err), "", "{setup:?}");
+            let env = exec_env(&state, &EnvMap::new(), probed());
+            restore(&state, "n", &env, probed(), false).bare
+        };
+        assert_eq!(chain(&[]).2.set_options, None, "a new session");
+        let fresh = restore(
+            &fresh(),
+            "n",
+            &exec_env(&fresh(), &EnvMap::new(), probed()),
+            probed(),
+            false,
+        );
+        assert_eq!(fresh.bare, Some(Bare { oldpwd: None }), "a new session");
+        let env_only = Some(Bare { oldpwd: None });
+        assert_eq!(bare(&["export A=1 LANG=C.UTF-8; false"]), env_only);
+        assert_eq!(
+            bare(&["cd /tmp", "cd /usr"]),
+            Some(Bare {
+                oldpwd: Some(b"/tmp".to_vec())
+            })
+        );
+        for setup in [
+            "x=1",
+            "export LC_ALL=C",
+            "export N; declare -i N=2",
+            "alias l=ls",
+            "f() { :; }",
+            "umask 0077",
+            "shopt -s dotglob",
+            "shopt -s expand_aliases; alias l=ls",
+            "set -o noglob",
+            "pushd -n /tmp >/dev/null",
+            "trap 'echo' USR1",
+            "unset PS4",
+        ] {
+            assert_eq!(bare(&[setup]), None, "{setup}");
+        }
+        // A command that saves always gets the restore.
+        let (_, _, state) = chain(&["export A=1"]);
+        let env = exec_env(&state, &EnvMap::new(), probed());
+        assert_eq!(restore(&state, "n", &env, probed(), true).bare, None);
+    }
+
+    #[test]
+    fn names_bash_acts_on_at_start_and_other_locales_stay_in_the_script() {
+        for (name, value, from_env) in [
+            ("VIRTUAL_ENV", "/v", true),
+            ("_x1", "", true),
+            ("LANG", "C.UTF-8", true),
+            ("LANG", "en_US.utf8", true),
+            ("LC_CTYPE", "de_DE.UTF-8@euro", true),
+            ("LC_TIME", "POSIX", true),
+            ("LANG", "ja_JP.SJIS", false),
+            ("LANG", "en_US", false),
+            ("LC_ALL", "C.UTF-8", false),
+            ("OLDPWD", "/tmp", false),
+            ("BASH_COMPAT", "50", false),
+            ("BASHOPTS", "extglob", false),
+            ("LD_PRELOAD", "", false),
+            ("MALLOC_ARENA_MAX", "1", false),
+            ("HISTFILE", "/h", false),
+            ("SSH_CLIENT", "1 2 3", false),
+            ("A-B", "x", false),
+            ("1A", "x", false),
+        ] {
+            assert_eq!(
+                may_come_from_env(name.as_bytes(), value.as_bytes()),
+                from_env,
+                "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn exported_variables_go_in_the_environment_unless_bash_acts_on_them_there() {
         let big = "v".repeat(EXEC_ENV_TOTAL);
         let (_, err, state) = chain(&[&format!(
             "export E=plain TERM=xterm SSH_CLIENT='1 2 3' POSIX_PEDANTIC=1 EXECIGNORE='*/ls' \
@@ -1353,19 +1584,14 @@ mod tests {
             .keys()
             .map(|k| std::str::from_utf8(k).unwrap())
             .collect();
-        // The session's PATH and TERM; nothing outside the allowlist (E,
-        // SSH_CLIENT, POSIX_PEDANTIC, EXECIGNORE, LANG, N), nor TZ (no
-        // value), USER (not exported), PAGER (past the size).
-        assert_eq!(names, ["PATH", "TERM"], "{names:?}");
+        // The session's PATH, and E, TERM, LANG (a C locale); none bash acts
+        // on when it finds it there (SSH_CLIENT, POSIX_PEDANTIC,
+        // EXECIGNORE), nor N (an attribute), TZ (no value), USER (not
+        // exported), PAGER (past the size).
+        assert_eq!(names, ["E", "LANG", "PATH", "TERM"], "{names:?}");
         let script = text(&restore_script(&state, "n", &env, probed(), true));
         assert!(!script.contains("\nPATH="), "{script}");
-        for kept in [
-            "E=",
-            "SSH_CLIENT=",
-            "POSIX_PEDANTIC=",
-            "EXECIGNORE=",
-            "PAGER=",
-        ] {
+        for kept in ["SSH_CLIENT=", "POSIX_PEDANTIC=", "EXECIGNORE=", "PAGER="] {
             assert!(script.contains(kept), "{kept} not in {script}");
         }
         assert!(script.contains("declare -ix N="), "{script}");
