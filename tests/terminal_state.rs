@@ -333,7 +333,10 @@ const WRAPPER_ENV: &str = r#"sh -c 'tr "\0" "\n" < /proc/$PPID/environ'"#;
 /// output, errors, a signal's report, exit status. An OLDPWD that no longer
 /// names a directory, which bash would drop from its environment, takes the
 /// restore instead; so does any OLDPWD under another identity, for which
-/// the daemon cannot tell.
+/// the daemon cannot tell, and a relative one (bash resolves it from the
+/// session's cwd, not the daemon's). Locale variables, all or none, and
+/// `LANGUAGE` (which glibc reads from the shell's own environment) behave
+/// as when assigned, on both paths.
 async fn bare_starts_show_what_the_full_path_shows(c: &Client, s: &str) {
     let has = |out: &[u8], line: &str| text(out).lines().any(|l| l == line);
     let as_daemon_user =
@@ -359,7 +362,7 @@ async fn bare_starts_show_what_the_full_path_shows(c: &Client, s: &str) {
     let same_as_full_path = |command: &'static str| async move {
         let bare = run(c, s, command).await;
         let full = run(c, s, &format!("{command}; exit $?")).await;
-        // Pids differ from run to run.
+        // Pids differ from run to run (the line number is checked below).
         let scrub = |b: &[u8]| text(b).replace(|ch: char| ch.is_ascii_digit(), "");
         assert_eq!(
             text(&bare.stdout),
@@ -380,8 +383,16 @@ async fn bare_starts_show_what_the_full_path_shows(c: &Client, s: &str) {
     same_as_full_path("printenv LANG FOO").await;
     same_as_full_path("ls -d /tm* /no-such-path").await;
     same_as_full_path("echo plain  words").await;
-    same_as_full_path("no-such-program-here").await;
+    let missing = same_as_full_path("no-such-program-here").await;
+    assert_eq!(
+        text(&missing.stderr),
+        "bash: line 1: no-such-program-here: command not found\n"
+    );
     let killed = same_as_full_path("/bin/sh -c 'kill -SEGV $$'").await;
+    assert!(
+        text(&killed.stderr).starts_with("bash: line 1: "),
+        "{killed:?}"
+    );
     assert!(
         text(&killed.stderr).contains("Segmentation fault"),
         "{killed:?}"
@@ -397,10 +408,56 @@ async fn bare_starts_show_what_the_full_path_shows(c: &Client, s: &str) {
         text(&wrapper_env)
     );
     let gone = same_as_full_path("printenv OLDPWD").await;
-    let expected = text(&run(c, s, "echo $d").await.stdout);
+    let expected = text(&run(c, s, "echo $d; unset d").await.stdout);
     assert_eq!(text(&gone.stdout), expected);
+
+    // `tests` is a directory from the daemon's cwd (the test's), not from the session's.
+    assert!(std::path::Path::new("tests").is_dir());
+    run(c, s, "cd $(mktemp -d); export OLDPWD=/usr").await;
+    let wrapper_env = run(c, s, WRAPPER_ENV).await.stdout;
+    assert_eq!(
+        has(&wrapper_env, "OLDPWD=/usr"),
+        as_daemon_user,
+        "bare again"
+    );
+    run(c, s, "export OLDPWD=tests").await;
+    let relative = same_as_full_path("printenv OLDPWD").await;
+    assert_eq!(text(&relative.stdout), "tests\n");
+
+    // One locale not installed: bash would keep C for every category if it
+    // found them all in its environment; assigned, LC_CTYPE still applies.
+    run(c, s, "touch é; export LANG=xx_XX.UTF-8 LC_CTYPE=C.UTF-8").await;
+    expect(c, s, "x=é; echo ${#x}; unset x", "1\n", "").await;
+    let glob = same_as_full_path("echo ?").await;
+    assert_eq!(text(&glob.stdout), "é\n");
+    // glibc translates bash's messages after LANGUAGE in the shell's environment.
+    run(c, s, "export LANG=C.UTF-8 LANGUAGE=de; unset LC_CTYPE").await;
+    let missing = same_as_full_path("no-such-program-here").await;
+    assert_eq!(
+        text(&missing.stderr),
+        "bash: line 1: no-such-program-here: command not found\n"
+    );
+    run(c, s, "rm é; d=$PWD; cd /tmp; rmdir $d").await;
 }
 in_both_modes!(bare_starts_show_what_the_full_path_shows);
+
+/// The longest command a request may carry runs, plain or not: the empty
+/// EXIT trap a bare start puts before a plain command must not take it past
+/// what exec accepts (one argument of at most 128 KiB).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_longest_command_allowed_runs_plain_or_not() {
+    let d = TestDaemon::start("");
+    let c = d.client().await;
+    let s = c.create_session(CreateParams::default()).await.unwrap();
+    for head in ["true ", "true; : "] {
+        let filler = "x".repeat(sessiond::process::shell::MAX_ARG_BYTES - head.len());
+        let r = run(&c, &s, &format!("{head}{filler}")).await;
+        assert_eq!(r.exit_code, Some(0), "{head:?}: {}", text(&r.stderr));
+    }
+    c.destroy_session(&s).await.unwrap();
+    drop(c);
+    d.stop();
+}
 
 /// A library of 300 functions sourced once is there for every later command.
 async fn function_library(c: &Client, s: &str) {

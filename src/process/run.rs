@@ -392,12 +392,17 @@ impl BareStart {
         env: &EnvMap,
         bare: terminal::Bare,
     ) -> Result<Option<BareStart>, RunError> {
-        // The daemon can check that OLDPWD is a directory only as itself;
-        // the shell of another identity might not reach it any more.
-        if bare.oldpwd.is_some() && spec.credentials.is_some() {
-            return Ok(None);
+        // The daemon can check that OLDPWD is a directory only as itself
+        // (the shell of another identity might not reach it any more), and
+        // only an absolute one (bash resolves a relative one from its cwd).
+        if let Some(oldpwd) = &bare.oldpwd {
+            if spec.credentials.is_some() || !oldpwd.starts_with(b"/") {
+                return Ok(None);
+            }
         }
-        let command = terminal::bare_command(&spec.command);
+        let Some(command) = terminal::bare_command(&spec.command) else {
+            return Ok(None);
+        };
         let argv = shell::wrapper_argv(&spec.shell, &command).map_err(RunError::BadCommand)?;
         let mut env = env.clone();
         if let Some(oldpwd) = &bare.oldpwd {

@@ -511,9 +511,12 @@ pub struct Bare {
 /// shell's). On the command's own line, so its errors still read `line 1`.
 const EMPTY_EXIT_TRAP: &str = "trap -- '' EXIT; ";
 
-/// The `-c` string of a command started bare: `command` after the empty EXIT trap.
-pub fn bare_command(command: &str) -> String {
-    format!("{EMPTY_EXIT_TRAP}{command}")
+/// The `-c` string of a command started bare: `command` after the empty
+/// EXIT trap; `None` when that would be longer than exec takes (the command
+/// then starts with the restore, as its own length allows).
+pub fn bare_command(command: &str) -> Option<String> {
+    (EMPTY_EXIT_TRAP.len() + command.len() <= super::shell::MAX_ARG_BYTES)
+        .then(|| format!("{EMPTY_EXIT_TRAP}{command}"))
 }
 
 /// [`restore_script`], and whether a plain command may do without it.
@@ -747,9 +750,11 @@ fn plain_assignment<'a>(name: &[u8], decl: &'a [u8]) -> Option<(&'a [u8], bool)>
 /// `~/.bashrc` instead of `BASH_ENV`, `POSIX_PEDANTIC` starts it in posix
 /// mode, `EXECIGNORE` and `CHILD_MAX` apply only when assigned, an invalid
 /// `LC_ALL` prints a warning at start, `OLDPWD` is dropped when it names no
-/// directory), the variables bash reads for itself, and those that would
-/// change the wrapper shell's own process (`GLIBC_TUNABLES`, `LOCPATH`…; see
-/// also [`NOT_FROM_ENV_PREFIXES`]). They go through the restore script.
+/// directory), the variables bash reads for itself, and those glibc reads
+/// from the wrapper shell's own environment, where an assignment does not
+/// reach (`LANGUAGE` translates bash's own messages, `GLIBC_TUNABLES`,
+/// `LOCPATH`…; see also [`NOT_FROM_ENV_PREFIXES`]). They go through the
+/// restore script.
 const NOT_FROM_ENV: &[&str] = &[
     "BASHOPTS",
     "CDPATH",
@@ -770,7 +775,9 @@ const NOT_FROM_ENV: &[&str] = &[
     "IGNOREEOF",
     "INPUTRC",
     "INSIDE_EMACS",
+    "LANGUAGE",
     "LC_ALL",
+    "LIBC_FATAL_STDERR_",
     "LOCALDOMAIN",
     "LOCPATH",
     "MAIL",
@@ -781,6 +788,7 @@ const NOT_FROM_ENV: &[&str] = &[
     "OPTARG",
     "OPTERR",
     "OPTIND",
+    "OUTPUT_CHARSET",
     "POSIXLY_CORRECT",
     "POSIX_PEDANTIC",
     "PROMPT_COMMAND",
@@ -814,34 +822,73 @@ const NOT_FROM_ENV: &[&str] = &[
 /// variables, the loader's and malloc's.
 const NOT_FROM_ENV_PREFIXES: &[&str] = &["BASH", "COMP_", "READLINE_", "HIST", "LD_", "MALLOC_"];
 
-/// Whether `name=value` of the state may reach bash in its environment
-/// instead of through the restore script: bash then imports it exactly as
-/// the restore's assignment and `export` would set it. A locale variable
-/// (`LANG`, `LC_*`) only with a C, POSIX or UTF-8 locale: it is then set
-/// before bash parses the restore, and a UTF-8 lexer reads the restore's
-/// bytes as a C one does (the restore sets any other last, after parsing
-/// the rest in the C locale).
-fn may_come_from_env(name: &[u8], value: &[u8]) -> bool {
+/// Whether a variable named `name` of the state may reach bash in its
+/// environment instead of through the restore script: bash then imports it
+/// exactly as the restore's assignment and `export` would set it. Locale
+/// variables are decided together, in [`exec_env`].
+fn may_come_from_env(name: &[u8]) -> bool {
     let Ok(name) = std::str::from_utf8(name) else {
         return false;
     };
     let identifier = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !identifier
-        || NOT_FROM_ENV.contains(&name)
-        || NOT_FROM_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
-    {
+    identifier
+        && !NOT_FROM_ENV.contains(&name)
+        && !NOT_FROM_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// `LANG` and the `LC_*` variables.
+fn is_locale_var(name: &[u8]) -> bool {
+    name == b"LANG" || name.starts_with(b"LC_")
+}
+
+/// Longest locale name asked of glibc, and how many answers are kept: the
+/// values come from clients, so a value past either bound is taken as not
+/// installed (its variables then go through the script, as before).
+const LOCALE_NAME_MAX: usize = 128;
+const LOCALES_KNOWN_MAX: usize = 32;
+
+/// Whether `value` names a locale bash finds at start as an assignment would:
+/// C, POSIX, or an installed UTF-8 locale. Only UTF-8 among the rest, so the
+/// restore, then parsed in that locale, reads as in the C locale (a multibyte
+/// encoding such as SJIS has `\` as a second byte). Installed means glibc's
+/// `newlocale` finds it, as bash's own `setlocale` would; asked once per value.
+fn locale_installed(value: &[u8]) -> bool {
+    if matches!(value, b"C" | b"POSIX") {
+        return true;
+    }
+    let codeset = value.rsplit(|b| *b == b'.').next().unwrap_or_default();
+    let codeset = codeset.split(|b| *b == b'@').next().unwrap_or_default();
+    let utf8 = codeset.eq_ignore_ascii_case(b"utf-8") || codeset.eq_ignore_ascii_case(b"utf8");
+    if !utf8 || !value.contains(&b'.') || value.len() > LOCALE_NAME_MAX {
         return false;
     }
-    if name == "LANG" || name.starts_with("LC_") {
-        let codeset = value.rsplit(|b| *b == b'.').next().unwrap_or_default();
-        let codeset = codeset.split(|b| *b == b'@').next().unwrap_or_default();
-        return matches!(value, b"C" | b"POSIX")
-            || (value.contains(&b'.')
-                && (codeset.eq_ignore_ascii_case(b"utf-8")
-                    || codeset.eq_ignore_ascii_case(b"utf8")));
+    static KNOWN: std::sync::Mutex<BTreeMap<Vec<u8>, bool>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let known = |k: &BTreeMap<Vec<u8>, bool>| k.get(value).copied();
+    if let Some(installed) = KNOWN.lock().ok().as_deref().and_then(known) {
+        return installed;
     }
-    true
+    let Ok(mut cache) = KNOWN.lock() else {
+        return false;
+    };
+    if cache.len() >= LOCALES_KNOWN_MAX {
+        return false;
+    }
+    let Ok(name) = std::ffi::CString::new(value) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated name and no base locale; the locale
+    // object, when there is one, is freed at once.
+    let installed = unsafe {
+        let locale = libc::newlocale(libc::LC_ALL_MASK, name.as_ptr(), std::ptr::null_mut());
+        !locale.is_null() && {
+            libc::freelocale(locale);
+            true
+        }
+    };
+    cache.insert(value.to_vec(), installed);
+    installed
 }
 
 /// All variables passed in the environment, at most this long together
@@ -866,21 +913,50 @@ pub fn exec_env(state: &TerminalState, skip: &EnvMap, defaults: Option<&ShellDef
         return env;
     };
     let mut total = 0;
+    let mut fits = |name: &[u8], value: &[u8]| {
+        let size = name.len() + 1 + value.len();
+        let fits = total + size <= EXEC_ENV_TOTAL;
+        if fits {
+            total += size;
+        }
+        fits
+    };
+    let mut locales = Vec::new();
     for (name, var) in &state.vars {
         let Some(value) = var.value.as_ref() else {
             continue;
         };
-        let size = name.len() + 1 + value.len();
-        if !may_come_from_env(name, value)
+        if !may_come_from_env(name)
             || !defaults.has_plain(name)
             || skip.contains_key(name)
             || !matches!(plain_assignment(name, &var.decl), Some((_, true)))
-            || total + size > EXEC_ENV_TOTAL
         {
             continue;
         }
-        total += size;
-        env.insert(name.to_vec(), value.clone());
+        if is_locale_var(name) {
+            locales.push((name, value));
+        } else if fits(name, value) {
+            env.insert(name.to_vec(), value.clone());
+        }
+    }
+    // Locale variables come all or none: bash's start-up `setlocale(LC_ALL,
+    // "")` fails as a whole if one of those in its environment (the
+    // request's too) names a locale not installed, and then keeps C for every
+    // category, where assignments set each category on its own. A LOCPATH of
+    // the session's would change where the restore's assignments look.
+    let request_locales = skip.iter().filter(|(k, _)| is_locale_var(k));
+    let all_installed = !state.vars.contains_key(&b"LOCPATH"[..])
+        && locales
+            .iter()
+            .map(|(_, v)| v.as_slice())
+            .chain(request_locales.map(|(_, v)| v.as_slice()))
+            .all(locale_installed);
+    if all_installed {
+        for (name, value) in locales {
+            if fits(name, value) {
+                env.insert(name.to_vec(), value.clone());
+            }
+        }
     }
     env
 }
@@ -1543,32 +1619,56 @@ mod tests {
 
     #[test]
     fn names_bash_acts_on_at_start_and_other_locales_stay_in_the_script() {
-        for (name, value, from_env) in [
-            ("VIRTUAL_ENV", "/v", true),
-            ("_x1", "", true),
-            ("LANG", "C.UTF-8", true),
-            ("LANG", "en_US.utf8", true),
-            ("LC_CTYPE", "de_DE.UTF-8@euro", true),
-            ("LC_TIME", "POSIX", true),
-            ("LANG", "ja_JP.SJIS", false),
-            ("LANG", "en_US", false),
-            ("LC_ALL", "C.UTF-8", false),
-            ("OLDPWD", "/tmp", false),
-            ("BASH_COMPAT", "50", false),
-            ("BASHOPTS", "extglob", false),
-            ("LD_PRELOAD", "", false),
-            ("MALLOC_ARENA_MAX", "1", false),
-            ("HISTFILE", "/h", false),
-            ("SSH_CLIENT", "1 2 3", false),
-            ("A-B", "x", false),
-            ("1A", "x", false),
+        for (name, from_env) in [
+            ("VIRTUAL_ENV", true),
+            ("_x1", true),
+            ("LANG", true),
+            ("LC_CTYPE", true),
+            ("LC_ALL", false),
+            ("LANGUAGE", false),
+            ("OLDPWD", false),
+            ("BASH_COMPAT", false),
+            ("BASHOPTS", false),
+            ("LD_PRELOAD", false),
+            ("MALLOC_ARENA_MAX", false),
+            ("HISTFILE", false),
+            ("SSH_CLIENT", false),
+            ("A-B", false),
+            ("1A", false),
         ] {
-            assert_eq!(
-                may_come_from_env(name.as_bytes(), value.as_bytes()),
-                from_env,
-                "{name}={value}"
-            );
+            assert_eq!(may_come_from_env(name.as_bytes()), from_env, "{name}");
         }
+        // C.UTF-8 is installed wherever these tests run (Debian has it).
+        for (value, installed) in [
+            ("C", true),
+            ("POSIX", true),
+            ("C.UTF-8", true),
+            ("C.utf8", true),
+            ("xx_XX.UTF-8", false),
+            ("ja_JP.SJIS", false),
+            ("en_US", false),
+        ] {
+            assert_eq!(locale_installed(value.as_bytes()), installed, "{value}");
+        }
+        // All or none: one locale not installed keeps them all in the script.
+        let (_, err, state) = chain(&["export LANG=C.UTF-8 LC_CTYPE=C.UTF-8 LC_TIME=POSIX A=1"]);
+        assert_eq!(text(&err), "");
+        let names = |env: EnvMap| -> Vec<String> {
+            env.keys()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .filter(|k| k.starts_with("L"))
+                .collect()
+        };
+        assert_eq!(
+            names(exec_env(&state, &EnvMap::new(), probed())),
+            ["LANG", "LC_CTYPE", "LC_TIME"]
+        );
+        let request: EnvMap = [(b"LC_NUMERIC".to_vec(), b"xx_XX.UTF-8".to_vec())].into();
+        assert!(names(exec_env(&state, &request, probed())).is_empty());
+        let (_, _, mixed) = chain(&["export LANG=xx_XX.UTF-8 LC_CTYPE=C.UTF-8 A=1"]);
+        let env = exec_env(&mixed, &EnvMap::new(), probed());
+        assert!(names(env.clone()).is_empty(), "{env:?}");
+        assert!(env.contains_key(&b"A"[..]), "{env:?}");
     }
 
     #[test]
