@@ -338,6 +338,11 @@ const WRAPPER_ENV: &str = r#"sh -c 'tr "\0" "\n" < /proc/$PPID/environ'"#;
 /// `LANGUAGE` (which glibc reads from the shell's own environment) behave
 /// as when assigned, on both paths.
 async fn bare_starts_show_what_the_full_path_shows(c: &Client, s: &str) {
+    // Debian installs C.UTF-8 (glibc's own C.utf8); the sessions here use it.
+    assert!(
+        std::path::Path::new("/usr/lib/locale/C.utf8").is_dir(),
+        "this test needs the C.UTF-8 locale installed"
+    );
     let has = |out: &[u8], line: &str| text(out).lines().any(|l| l == line);
     let as_daemon_user =
         text(&run(c, s, "id -u").await.stdout) == format!("{}\n", nix::unistd::geteuid());

@@ -163,7 +163,6 @@ pub async fn run_command(
     } else {
         Some(state_memfd(b"")?)
     };
-    let envp = shell::envp(&env, &spec.state.cwd);
     let cwd = std::ffi::CString::new(spec.state.cwd.as_os_str().as_encoded_bytes())
         .map_err(|_| RunError::BadCommand("cwd holds a NUL byte".into()))?;
     let (at_restore, at_save) = if bash {
@@ -215,7 +214,14 @@ pub async fn run_command(
             Some(_) => None,
             None => Some(state_memfd(&restore)?),
         };
-        let (argv, envp) = bare.as_ref().map_or((&argv, &envp), |b| (&b.argv, &b.envp));
+        let with_restore;
+        let (argv, envp) = match &bare {
+            Some(b) => (&b.argv, &b.envp),
+            None => {
+                with_restore = shell::envp(&env, &cwd_path);
+                (&argv, &with_restore)
+            }
+        };
         let restore_at = restore
             .as_ref()
             .map_or((-1, -1), |fd| (fd.as_raw_fd(), at_restore));
@@ -378,7 +384,7 @@ pub async fn run_command(
 /// How a command that keeps the state starts when nothing of the state it
 /// could see needs the restore (see [`terminal::Restore::bare`]): no
 /// `BASH_ENV`, and its `-c` string after the empty EXIT trap. This saves
-/// bash reading a restore file, ≈ 60–70 µs of `exec.run true`
+/// bash reading a restore file, ≈ 100 µs of `exec.run true`
 /// (docs/benchmarks.md).
 struct BareStart {
     argv: Vec<std::ffi::CString>,
@@ -392,13 +398,10 @@ impl BareStart {
         env: &EnvMap,
         bare: terminal::Bare,
     ) -> Result<Option<BareStart>, RunError> {
-        // The daemon can check that OLDPWD is a directory only as itself
-        // (the shell of another identity might not reach it any more), and
-        // only an absolute one (bash resolves a relative one from its cwd).
-        if let Some(oldpwd) = &bare.oldpwd {
-            if spec.credentials.is_some() || !oldpwd.starts_with(b"/") {
-                return Ok(None);
-            }
+        // The daemon can check that OLDPWD is a directory only as itself:
+        // the shell of another identity might not reach it any more.
+        if bare.oldpwd.is_some() && spec.credentials.is_some() {
+            return Ok(None);
         }
         let Some(command) = terminal::bare_command(&spec.command) else {
             return Ok(None);

@@ -457,23 +457,7 @@ pub(super) fn single_quote(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The restore script for the next command, which `bash` reads through
-/// `BASH_ENV` before the command. `skip` names the variables the request's own
-/// `env` sets for this command (they come from the environment instead).
-/// With the shell's `defaults`, what a fresh shell already has is left out
-/// and variables of a fresh shell that the state no longer has are unset.
-///
-/// Order, so that nothing restored can break the restore: first what only
-/// builtins do (umask, directory stack, shopt, traps that cannot fire now, our
-/// EXIT trap), then variables (those that change parsing — IFS, LANG, LC_*,
-/// BASH_COMPAT, FUNCNEST, GLOBIGNORE — last), aliases by assignment to
-/// BASH_ALIASES (no command a function could take over), the functions, their
-/// attributes in posix mode; last a function of ours that sets DEBUG, ERR and
-/// RETURN traps and the `set -o` options (errexit, nounset, xtrace…) and
-/// returns the carried `$?`, with its stderr (where xtrace goes) on /dev/null.
-/// Posix mode (so that `set`, `unset`, `export`… are found before functions)
-/// is entered only when the state has functions, and that function only
-/// when there is something for it to do.
+/// [`restore`]'s script alone.
 pub fn restore_script(
     state: &TerminalState,
     n: &str,
@@ -492,16 +476,17 @@ pub struct Restore {
     pub script: Vec<u8>,
     /// `Some` when, of the state, the script would restore only what such a
     /// command cannot see: `$?` (it expands nothing), `expand_aliases`
-    /// with no alias, and the variables already in its environment — and
-    /// `OLDPWD`, which may come in the environment too when it names a
-    /// directory (bash drops it at start otherwise).
+    /// with no alias, and the variables already in its environment — and an
+    /// absolute `OLDPWD`, which may come in the environment too when it
+    /// names a directory (bash drops it at start otherwise).
     pub bare: Option<Bare>,
 }
 
 /// A start without the restore (see [`Restore::bare`] and [`bare_command`]).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Bare {
-    /// The state's exported `OLDPWD`, for the environment if it is a directory.
+    /// The state's exported, absolute `OLDPWD`, for the environment if it
+    /// is a directory.
     pub oldpwd: Option<Vec<u8>>,
 }
 
@@ -509,17 +494,34 @@ pub struct Bare {
 /// restore sets it: the command then runs in a child and ends as on the
 /// full path (a signal's death is reported by the shell, `$$` is the
 /// shell's). On the command's own line, so its errors still read `line 1`.
-const EMPTY_EXIT_TRAP: &str = "trap -- '' EXIT; ";
+const EMPTY_EXIT_TRAP: &str = "trap -- '' EXIT";
 
 /// The `-c` string of a command started bare: `command` after the empty
 /// EXIT trap; `None` when that would be longer than exec takes (the command
 /// then starts with the restore, as its own length allows).
 pub fn bare_command(command: &str) -> Option<String> {
-    (EMPTY_EXIT_TRAP.len() + command.len() <= super::shell::MAX_ARG_BYTES)
-        .then(|| format!("{EMPTY_EXIT_TRAP}{command}"))
+    let bare = format!("{EMPTY_EXIT_TRAP}; {command}");
+    (bare.len() <= super::shell::MAX_ARG_BYTES).then_some(bare)
 }
 
-/// [`restore_script`], and whether a plain command may do without it.
+/// The restore script for the next command, which `bash` reads through
+/// `BASH_ENV` before the command. `skip` names the variables the request's own
+/// `env` sets for this command (they come from the environment instead).
+/// With the shell's `defaults`, what a fresh shell already has is left out
+/// and variables of a fresh shell that the state no longer has are unset.
+///
+/// Order, so that nothing restored can break the restore: first what only
+/// builtins do (umask, directory stack, shopt, traps that cannot fire now, our
+/// EXIT trap), then variables (those that change parsing — IFS, LANG, LC_*,
+/// BASH_COMPAT, FUNCNEST, GLOBIGNORE — last), aliases by assignment to
+/// BASH_ALIASES (no command a function could take over), the functions, their
+/// attributes in posix mode; last a function of ours that sets DEBUG, ERR and
+/// RETURN traps and the `set -o` options (errexit, nounset, xtrace…) and
+/// returns the carried `$?`, with its stderr (where xtrace goes) on /dev/null.
+/// Posix mode (so that `set`, `unset`, `export`… are found before functions)
+/// is entered only when the state has functions, and that function only
+/// when there is something for it to do. `save` false: a command that keeps
+/// the state (no save trap), which may then start bare ([`Restore::bare`]).
 pub fn restore(
     state: &TerminalState,
     n: &str,
@@ -578,7 +580,7 @@ pub fn restore(
         // A command that cannot change the state (super::simple_command):
         // an empty EXIT trap still keeps bash from exec'ing it in its place,
         // so it runs and ends as on the full path.
-        s.extend_from_slice(b"trap -- '' EXIT\n");
+        s.extend_from_slice(format!("{EMPTY_EXIT_TRAP}\n").as_bytes());
     }
     let is_late = |k: &[u8]| LATE.iter().any(|l| l.as_bytes() == k) || k.starts_with(b"LC_");
     let unchanged =
@@ -596,8 +598,12 @@ pub fn restore(
     for late in [false, true] {
         for (name, var) in &state.vars {
             if is_late(name) == late && !skip.contains_key(name) && !unchanged(name, var) {
+                // Only an absolute OLDPWD: bash resolves a relative one from
+                // its cwd, where the daemon cannot check it.
                 match (name.as_slice(), &var.value) {
-                    (b"OLDPWD", Some(value)) if var.decl.starts_with(b"declare -x ") => {
+                    (b"OLDPWD", Some(value))
+                        if var.decl.starts_with(b"declare -x ") && value.starts_with(b"/") =>
+                    {
                         oldpwd = Some(value.clone());
                     }
                     _ => visible = true,
@@ -834,25 +840,48 @@ fn may_come_from_env(name: &[u8]) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     identifier
         && !NOT_FROM_ENV.contains(&name)
+        && !BASH_OWNED.contains(&name)
         && !NOT_FROM_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
-/// `LANG` and the `LC_*` variables.
+/// `LANG` and glibc's locale categories (`LC_ALL` never comes in the
+/// environment; an `LC_TERMINAL` is an ordinary variable).
+const LOCALE_VARS: &[&str] = &[
+    "LANG",
+    "LC_ADDRESS",
+    "LC_COLLATE",
+    "LC_CTYPE",
+    "LC_IDENTIFICATION",
+    "LC_MEASUREMENT",
+    "LC_MESSAGES",
+    "LC_MONETARY",
+    "LC_NAME",
+    "LC_NUMERIC",
+    "LC_PAPER",
+    "LC_TELEPHONE",
+    "LC_TIME",
+];
+
 fn is_locale_var(name: &[u8]) -> bool {
-    name == b"LANG" || name.starts_with(b"LC_")
+    LOCALE_VARS.iter().any(|l| l.as_bytes() == name)
 }
 
-/// Longest locale name asked of glibc, and how many answers are kept: the
-/// values come from clients, so a value past either bound is taken as not
-/// installed (its variables then go through the script, as before).
+/// Longest locale name asked of glibc; how many answers are kept (the
+/// oldest goes first), and for how long (a locale installed or removed
+/// since is seen within it). The values come from clients: a name past the
+/// bound is taken as not installed (its variables then go through the
+/// script, as before), and one client's names can push out others' answers
+/// but not grow the cache.
 const LOCALE_NAME_MAX: usize = 128;
 const LOCALES_KNOWN_MAX: usize = 32;
+const LOCALE_ANSWER_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether `value` names a locale bash finds at start as an assignment would:
 /// C, POSIX, or an installed UTF-8 locale. Only UTF-8 among the rest, so the
 /// restore, then parsed in that locale, reads as in the C locale (a multibyte
 /// encoding such as SJIS has `\` as a second byte). Installed means glibc's
-/// `newlocale` finds it, as bash's own `setlocale` would; asked once per value.
+/// `newlocale` finds it, as bash's own `setlocale` would (not when the
+/// daemon itself runs with a `LOCPATH`, which bash would not have).
 fn locale_installed(value: &[u8]) -> bool {
     if matches!(value, b"C" | b"POSIX") {
         return true;
@@ -863,32 +892,40 @@ fn locale_installed(value: &[u8]) -> bool {
     if !utf8 || !value.contains(&b'.') || value.len() > LOCALE_NAME_MAX {
         return false;
     }
-    static KNOWN: std::sync::Mutex<BTreeMap<Vec<u8>, bool>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    let known = |k: &BTreeMap<Vec<u8>, bool>| k.get(value).copied();
-    if let Some(installed) = KNOWN.lock().ok().as_deref().and_then(known) {
-        return installed;
-    }
-    let Ok(mut cache) = KNOWN.lock() else {
+    type Answer = (Vec<u8>, bool, std::time::Instant);
+    static KNOWN: std::sync::Mutex<Vec<Answer>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut known) = KNOWN.lock() else {
         return false;
     };
-    if cache.len() >= LOCALES_KNOWN_MAX {
-        return false;
+    known.retain(|(_, _, at)| at.elapsed() < LOCALE_ANSWER_AGE);
+    if let Some((_, installed, _)) = known.iter().find(|(v, _, _)| v == value) {
+        return *installed;
     }
-    let Ok(name) = std::ffi::CString::new(value) else {
+    drop(known);
+    let installed = std::env::var_os("LOCPATH").is_none() && newlocale_finds(value);
+    if let Ok(mut known) = KNOWN.lock() {
+        if known.len() >= LOCALES_KNOWN_MAX {
+            known.remove(0);
+        }
+        known.push((value.to_vec(), installed, std::time::Instant::now()));
+    }
+    installed
+}
+
+/// Whether glibc's `newlocale` loads the locale `name` for every category.
+fn newlocale_finds(name: &[u8]) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
         return false;
     };
     // SAFETY: a valid NUL-terminated name and no base locale; the locale
     // object, when there is one, is freed at once.
-    let installed = unsafe {
+    unsafe {
         let locale = libc::newlocale(libc::LC_ALL_MASK, name.as_ptr(), std::ptr::null_mut());
         !locale.is_null() && {
             libc::freelocale(locale);
             true
         }
-    };
-    cache.insert(value.to_vec(), installed);
-    installed
+    }
 }
 
 /// All variables passed in the environment, at most this long together
@@ -913,8 +950,8 @@ pub fn exec_env(state: &TerminalState, skip: &EnvMap, defaults: Option<&ShellDef
         return env;
     };
     let mut total = 0;
-    let mut fits = |name: &[u8], value: &[u8]| {
-        let size = name.len() + 1 + value.len();
+    let size = |name: &[u8], value: &[u8]| name.len() + 1 + value.len();
+    let mut fits = |size: usize| {
         let fits = total + size <= EXEC_ENV_TOTAL;
         if fits {
             total += size;
@@ -935,28 +972,24 @@ pub fn exec_env(state: &TerminalState, skip: &EnvMap, defaults: Option<&ShellDef
         }
         if is_locale_var(name) {
             locales.push((name, value));
-        } else if fits(name, value) {
+        } else if fits(size(name, value)) {
             env.insert(name.to_vec(), value.clone());
         }
     }
     // Locale variables come all or none: bash's start-up `setlocale(LC_ALL,
     // "")` fails as a whole if one of those in its environment (the
     // request's too) names a locale not installed, and then keeps C for every
-    // category, where assignments set each category on its own. A LOCPATH of
-    // the session's would change where the restore's assignments look.
+    // category, where assignments set each category on its own. A request's
+    // LOCPATH would change where that start-up call looks.
     let request_locales = skip.iter().filter(|(k, _)| is_locale_var(k));
-    let all_installed = !state.vars.contains_key(&b"LOCPATH"[..])
+    let all_installed = !skip.contains_key(&b"LOCPATH"[..])
         && locales
             .iter()
             .map(|(_, v)| v.as_slice())
             .chain(request_locales.map(|(_, v)| v.as_slice()))
             .all(locale_installed);
-    if all_installed {
-        for (name, value) in locales {
-            if fits(name, value) {
-                env.insert(name.to_vec(), value.clone());
-            }
-        }
+    if all_installed && fits(locales.iter().map(|(n, v)| size(n, v)).sum()) {
+        env.extend(locales.into_iter().map(|(n, v)| (n.clone(), v.clone())));
     }
     env
 }
@@ -1400,7 +1433,7 @@ mod tests {
         Result<Option<TerminalState>, StateError>,
     ) {
         let n = nonce();
-        // As the daemon does: the common exported variables in the environment.
+        // As the daemon does: the exported variables bash takes there in the environment.
         let env = exec_env(state, &EnvMap::new(), defaults);
         let mut restore = tempfile::tempfile().unwrap();
         restore
@@ -1589,6 +1622,7 @@ mod tests {
         assert_eq!(fresh.bare, Some(Bare { oldpwd: None }), "a new session");
         let env_only = Some(Bare { oldpwd: None });
         assert_eq!(bare(&["export A=1 LANG=C.UTF-8; false"]), env_only);
+        assert_eq!(bare(&["export LC_TERMINAL=iTerm2 LANG=C.UTF-8"]), env_only);
         assert_eq!(
             bare(&["cd /tmp", "cd /usr"]),
             Some(Bare {
@@ -1608,6 +1642,10 @@ mod tests {
             "pushd -n /tmp >/dev/null",
             "trap 'echo' USR1",
             "unset PS4",
+            "set -o posix",
+            "export BIG=$(head -c 17000 /dev/zero | tr '\\0' x)",
+            "export LANG=xx_XX.UTF-8",
+            "export OLDPWD=relative",
         ] {
             assert_eq!(bare(&[setup]), None, "{setup}");
         }
@@ -1622,6 +1660,9 @@ mod tests {
         for (name, from_env) in [
             ("VIRTUAL_ENV", true),
             ("_x1", true),
+            ("LC_TERMINAL", true),
+            ("UID", false),
+            ("RANDOM", false),
             ("LANG", true),
             ("LC_CTYPE", true),
             ("LC_ALL", false),
@@ -1638,7 +1679,12 @@ mod tests {
         ] {
             assert_eq!(may_come_from_env(name.as_bytes()), from_env, "{name}");
         }
-        // C.UTF-8 is installed wherever these tests run (Debian has it).
+        // Debian installs C.UTF-8 (glibc's own C.utf8); the tests need it.
+        assert!(
+            std::path::Path::new("/usr/lib/locale/C.utf8").is_dir(),
+            "these tests need the C.UTF-8 locale installed"
+        );
+        assert!(!is_locale_var(b"LC_TERMINAL") && !is_locale_var(b"LC_ALL"));
         for (value, installed) in [
             ("C", true),
             ("POSIX", true),
@@ -1664,6 +1710,9 @@ mod tests {
             ["LANG", "LC_CTYPE", "LC_TIME"]
         );
         let request: EnvMap = [(b"LC_NUMERIC".to_vec(), b"xx_XX.UTF-8".to_vec())].into();
+        assert!(names(exec_env(&state, &request, probed())).is_empty());
+        // A request's LOCPATH moves where bash's start-up setlocale looks.
+        let request: EnvMap = [(b"LOCPATH".to_vec(), b"/nowhere".to_vec())].into();
         assert!(names(exec_env(&state, &request, probed())).is_empty());
         let (_, _, mixed) = chain(&["export LANG=xx_XX.UTF-8 LC_CTYPE=C.UTF-8 A=1"]);
         let env = exec_env(&mixed, &EnvMap::new(), probed());

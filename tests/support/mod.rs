@@ -565,11 +565,11 @@ pub fn tagged_pids(tag: &str) -> Vec<i32> {
 }
 
 /// Live (non-zombie) processes of a test daemon's commands, found three
-/// ways, because a command's own shell carries no tag: it starts with
-/// `BASH_ENV`, `PWD` and a few common variables (`PATH`, `HOME`…) only (the
-/// rest of the session's state comes in through `BASH_ENV`), so a command
-/// that is only its shell (a builtin loop) is invisible to
-/// [`tagged_pids`]. Hence also the descendants of the
+/// ways, because a command's own shell may carry no tag: a session whose
+/// tag is not exported, or whose variables do not all come in the shell's
+/// environment, hands it over through `BASH_ENV`, so a command that is only
+/// its shell (a builtin loop) can be invisible to [`tagged_pids`]. Hence
+/// also the descendants of the
 /// daemon process `daemon` while it lives (its commands, and orphans it
 /// adopted as subreaper), and every process in its cgroup subtree
 /// (`cgroup_dirs`, cgroups on; found even after the daemon died).
