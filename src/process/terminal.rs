@@ -457,17 +457,6 @@ pub(super) fn single_quote(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// [`restore`]'s script alone.
-pub fn restore_script(
-    state: &TerminalState,
-    n: &str,
-    skip: &EnvMap,
-    defaults: Option<&ShellDefaults>,
-    save: bool,
-) -> Vec<u8> {
-    restore(state, n, skip, defaults, save).script
-}
-
 /// The restore of one command, and whether a command that keeps the state
 /// (`save` false) can start without it.
 #[derive(Debug)]
@@ -1435,10 +1424,9 @@ mod tests {
         let n = nonce();
         // As the daemon does: the exported variables bash takes there in the environment.
         let env = exec_env(state, &EnvMap::new(), defaults);
+        let script = restore(state, &n, &env, defaults, true).script;
         let mut restore = tempfile::tempfile().unwrap();
-        restore
-            .write_all(&restore_script(state, &n, &env, defaults, true))
-            .unwrap();
+        restore.write_all(&script).unwrap();
         restore.rewind().unwrap();
         let mut code = tempfile::tempfile().unwrap();
         code.write_all(&save_code(&n)).unwrap();
@@ -1577,7 +1565,7 @@ mod tests {
     #[test]
     fn the_restore_of_an_untouched_state_sets_nothing_a_fresh_shell_has() {
         let (_, _, state) = chain(&["true"]);
-        let script = restore_script(&state, "n", &EnvMap::new(), probed(), true);
+        let script = restore(&state, "n", &EnvMap::new(), probed(), true).script;
         let script = text(&script);
         let script = script.replace(&text(&single_quote(save_trap("n").as_bytes())), "");
         // Only what differs from `bash -c`: aliases expanded, the session's
@@ -1738,7 +1726,7 @@ mod tests {
         // EXECIGNORE), nor N (an attribute), TZ (no value), USER (not
         // exported), PAGER (past the size).
         assert_eq!(names, ["E", "LANG", "PATH", "TERM"], "{names:?}");
-        let script = text(&restore_script(&state, "n", &env, probed(), true));
+        let script = text(&restore(&state, "n", &env, probed(), true).script);
         assert!(!script.contains("\nPATH="), "{script}");
         for kept in ["SSH_CLIENT=", "POSIX_PEDANTIC=", "EXECIGNORE=", "PAGER="] {
             assert!(script.contains(kept), "{kept} not in {script}");
