@@ -167,9 +167,12 @@ async fn a_detached_fork_bomb_is_reported_by_its_session_and_in_stats() {
     d.stop();
 }
 
-/// The leaf a command's shell is in (`cmd-N`), printed before `then`.
+/// Prints the leaf a command's shell is in (`cmd-N`).
+const OWN_LEAF: &str = "grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u";
+
+/// [`OWN_LEAF`], then `then`.
 fn in_leaf(then: &str) -> String {
-    format!("grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u; {then}")
+    format!("{OWN_LEAF}; {then}")
 }
 
 /// Each command's figures are its own, whether its leaf was made for it
@@ -334,11 +337,7 @@ async fn daemonized_children_die_with_the_command_or_the_session() {
         .unwrap();
     wait_dead(pid, "the daemonized child of the killed command dies");
     // Outlives its command (it ended by itself), dies with the session.
-    let own_leaf = "grep -o 'cmd-[0-9]*' /proc/self/cgroup | sort -u";
-    let r = c
-        .run(&s, &format!("{own_leaf}; {}", daemonize("d.pid")))
-        .await
-        .unwrap();
+    let r = c.run(&s, &in_leaf(&daemonize("d.pid"))).await.unwrap();
     let pid: i32 = std::fs::read_to_string(d.work_dir().join("d.pid"))
         .unwrap()
         .trim()
@@ -349,13 +348,13 @@ async fn daemonized_children_die_with_the_command_or_the_session() {
     // cancel, which kills its own leaf, leaves it alive.
     let background_leaf = r.stdout.to_vec();
     for _ in 0..4 {
-        let r = c.run(&s, own_leaf).await.unwrap();
+        let r = c.run(&s, OWN_LEAF).await.unwrap();
         assert_ne!(
             r.stdout, background_leaf,
             "a command in the background's leaf"
         );
     }
-    let later = support::spawn_run(&c, &s, &format!("{own_leaf} > later.leaf; sleep 300"));
+    let later = support::spawn_run(&c, &s, &format!("{OWN_LEAF} > later.leaf; sleep 300"));
     let leaf_file = d.work_dir().join("later.leaf");
     support::wait_until("the later command runs", Duration::from_secs(60), || {
         std::fs::read(&leaf_file).is_ok_and(|l| !l.is_empty())

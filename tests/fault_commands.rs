@@ -10,7 +10,7 @@ mod support;
 use sessiond::client::Client;
 use sessiond::protocol::StatsResult;
 use support::scenarios::{self as sc};
-use support::{Invariants, TestDaemon};
+use support::{Invariants, KillOnDrop, TestDaemon};
 
 /// A `system.stats` counter, by name.
 type Counter = (&'static str, fn(&StatsResult) -> u64);
@@ -147,19 +147,6 @@ async fn a_command_cannot_touch_another_session() {
     d.stop();
 }
 
-/// Kills a process when dropped: this test leaks nothing even when what it
-/// checks is broken.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
 /// The harness itself: a test that fails while a command that is only its
 /// shell spins (a builtin loop; its shell's environment holds no tag — the
 /// session unsets it too, should the tag ever travel there — so
@@ -184,7 +171,7 @@ async fn a_failed_test_leaves_no_command_shell_behind() {
         .await
         .expect("exec.start");
         let shell = sc::read_pid_file(&pidfile).await;
-        let _kill = KillOnDrop(shell);
+        let _kill = KillOnDrop(vec![shell as u32]);
         assert!(
             !support::tagged_pids(&d.tag).contains(&shell),
             "the shell carries the tag: this test would prove nothing"

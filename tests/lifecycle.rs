@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use sessiond::protocol::{CreateParams, KilledBy};
-use support::{TestDaemon, alive, spawn_run, wait_until, wait_until_async};
+use support::{KillOnDrop, TestDaemon, alive, spawn_run, wait_until, wait_until_async};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_running_commands_finish_within_the_grace() {
@@ -258,16 +258,9 @@ fn the_daemon_raises_its_open_file_limit_to_the_hard_limit() {
             }
         });
     }
-    /// Killed if the test fails before it stops the daemon.
-    struct Daemon(std::process::Child);
-    impl Drop for Daemon {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut daemon = Daemon(command.spawn().unwrap());
-    let child = &mut daemon.0;
+    let mut child = command.spawn().unwrap();
+    // Killed if the test fails before it stops the daemon.
+    let mut guard = KillOnDrop(vec![child.id()]);
     wait_until("the daemon serves", Duration::from_secs(10), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
@@ -286,4 +279,5 @@ fn the_daemon_raises_its_open_file_limit_to_the_hard_limit() {
     )
     .unwrap();
     assert!(child.wait().unwrap().success());
+    guard.0.clear();
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use sessiond::client::Client;
 use sessiond::protocol::{CreateParams, ExecParams, KilledBy, SessionLimits};
-use support::{DELEGATE_ENV, TestDaemon, wait_until};
+use support::{DELEGATE_ENV, KillOnDrop, TestDaemon, wait_until};
 
 const GUEST_ENV: &str = "SESSIOND_V2_GUEST";
 
@@ -238,20 +238,6 @@ fn serve_in_namespace(ctr: &Path, config: &Path, log: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
     in_cgroup(command, ctr).spawn().unwrap()
-}
-
-/// SIGKILLs its pids when dropped (a failed check unwinding).
-struct KillOnDrop(Vec<u32>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 fn procs(dir: &Path) -> Vec<u32> {

@@ -118,8 +118,11 @@ impl Counters {
     /// read (the next command would count its predecessors' kills, forks
     /// or memory as its own: the leaf is not used).
     fn start_over(&mut self) -> bool {
-        let pids = read_counter(self.pids.as_ref(), |t| super::fs::key_value(t, "max"));
-        match (self.read_oom_kills(), pids, self.read_peak()) {
+        match (
+            self.read_oom_kills(),
+            read_pids_hits(self.pids.as_ref()),
+            self.read_peak(),
+        ) {
             (Some(oom), Some(pids), Some(peak)) => {
                 (self.oom_before, self.pids_before, self.peak_before) = (oom, pids, peak);
                 true
@@ -227,9 +230,14 @@ fn read_counter(file: Option<&File>, parse: impl Fn(&str) -> Option<u64>) -> Opt
     }
 }
 
-/// Refused forks in an open pids.events (`max N`).
+/// Refused forks in an open pids.events (`max N`); `None` if unreadable.
+fn read_pids_hits(file: Option<&File>) -> Option<u64> {
+    read_counter(file, |t| super::fs::key_value(t, "max"))
+}
+
+/// [`read_pids_hits`], 0 if unreadable.
 fn pids_hits(file: Option<&File>) -> u64 {
-    read_counter(file, |t| super::fs::key_value(t, "max")).unwrap_or(0)
+    read_pids_hits(file).unwrap_or(0)
 }
 
 impl SessionLeaves {

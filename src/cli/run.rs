@@ -108,12 +108,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     let (name, value) = s
         .split_once('=')
         .ok_or_else(|| format!("`{s}` is not NAME=VALUE"))?;
-    let mut chars = name.chars();
-    let valid = chars
-        .next()
-        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
-        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric());
-    if !valid {
+    if !sessiond::process::shell::is_variable_name(name.as_bytes()) {
         return Err(format!(
             "`{name}` is not a variable name (letters, digits and _, not starting with a digit)"
         ));

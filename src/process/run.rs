@@ -407,18 +407,18 @@ impl BareStart {
             return Ok(None);
         };
         let argv = shell::wrapper_argv(&spec.shell, &command).map_err(RunError::BadCommand)?;
-        let mut env = env.clone();
+        // The environment has no OLDPWD of its own (it never comes there but
+        // here, and a request `env` makes a command not plain).
+        let mut envp = shell::envp(env, &spec.state.cwd);
         if let Some(oldpwd) = &bare.oldpwd {
-            env.insert(b"OLDPWD".to_vec(), oldpwd.clone());
+            envp.extend(std::ffi::CString::new(
+                [b"OLDPWD=", oldpwd.as_slice()].concat(),
+            ));
         }
         let oldpwd = bare
             .oldpwd
             .map(|p| PathBuf::from(std::ffi::OsString::from_vec(p)));
-        Ok(Some(BareStart {
-            argv,
-            envp: shell::envp(&env, &spec.state.cwd),
-            oldpwd,
-        }))
+        Ok(Some(BareStart { argv, envp, oldpwd }))
     }
 
     /// Whether bash keeps the carried OLDPWD from its environment: it

@@ -28,6 +28,14 @@ pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
 pub const SH_RESTORE_FD: i32 = 8;
 pub const SH_SAVE_FD: i32 = 9;
 
+/// Whether `name` is a shell variable name: letters, digits and `_`, not
+/// starting with a digit.
+pub fn is_variable_name(name: &[u8]) -> bool {
+    name.first()
+        .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+        && name.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
 /// Whether `shell` is bash (full terminal state) rather than a POSIX sh.
 pub fn is_bash(shell: &Path) -> bool {
     shell.file_name() == Some(OsStr::new("bash"))

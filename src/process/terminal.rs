@@ -825,9 +825,7 @@ fn may_come_from_env(name: &[u8]) -> bool {
     let Ok(name) = std::str::from_utf8(name) else {
         return false;
     };
-    let identifier = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    identifier
+    super::shell::is_variable_name(name.as_bytes())
         && !NOT_FROM_ENV.contains(&name)
         && !BASH_OWNED.contains(&name)
         && !NOT_FROM_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
@@ -883,16 +881,18 @@ fn locale_installed(value: &[u8]) -> bool {
     }
     type Answer = (Vec<u8>, bool, std::time::Instant);
     static KNOWN: std::sync::Mutex<Vec<Answer>> = std::sync::Mutex::new(Vec::new());
-    let Ok(mut known) = KNOWN.lock() else {
+    let fresh = |(v, _, at): &Answer| v == value && at.elapsed() < LOCALE_ANSWER_AGE;
+    let Ok(known) = KNOWN.lock() else {
         return false;
     };
-    known.retain(|(_, _, at)| at.elapsed() < LOCALE_ANSWER_AGE);
-    if let Some((_, installed, _)) = known.iter().find(|(v, _, _)| v == value) {
+    if let Some((_, installed, _)) = known.iter().find(|a| fresh(a)) {
         return *installed;
     }
     drop(known);
+    // Asked without the lock: glibc reads the locale's files.
     let installed = std::env::var_os("LOCPATH").is_none() && newlocale_finds(value);
     if let Ok(mut known) = KNOWN.lock() {
+        known.retain(|(v, _, _)| v != value);
         if known.len() >= LOCALES_KNOWN_MAX {
             known.remove(0);
         }

@@ -15,6 +15,21 @@ use sessiond::client::{Client, ClientError};
 use sessiond::process::procfs;
 use sessiond::protocol::ExecResult;
 
+/// SIGKILLs its pids when dropped: a test leaks no process it started even
+/// when a check fails and unwinds.
+pub struct KillOnDrop(pub Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Waits until `cond` holds, polling, or panics after `limit` naming `what`.
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     wait_for(what, limit, || {
